@@ -1,0 +1,195 @@
+//! Causal grouped-query self-attention with RoPE, optional q/k norms, and a KV cache.
+//!
+//! Dimensions: `T` = new tokens, `S` = cached + new positions, `Hq` = query heads,
+//! `Hkv` = key/value heads, `Dh` = head_dim, `H` = hidden.
+
+use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
+
+use crate::config::{ModelConfig, QkNorm};
+use crate::error::Result;
+use crate::kernels::{linear, rms_norm, softmax};
+use crate::rope::RopeTables;
+use crate::weights::{Weight, WeightIndex};
+
+/// Keys and values of one layer for every position so far: `[S, Hkv * Dh]` each.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// The KV cache of every layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+    /// Number of positions cached.
+    pub len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![LayerKv::default(); layers],
+            len: 0,
+        }
+    }
+}
+
+/// Weights and shape of one attention block.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Weight,
+    k_proj: Weight,
+    v_proj: Weight,
+    o_proj: Weight,
+    q_bias: Option<Vec<f32>>,
+    k_bias: Option<Vec<f32>>,
+    v_bias: Option<Vec<f32>>,
+    o_bias: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    qk_norm: QkNorm,
+    clip_qkv: Option<f32>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    sliding_window: Option<usize>,
+}
+
+impl Attention {
+    /// Loads `model.layers.{l}.self_attn.*`, checking every shape against the config.
+    pub fn load(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Self> {
+        let p = format!("model.layers.{l}.self_attn.");
+        let (h, qw, kvw) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width());
+        let vec = |name: &str, n: usize| -> Result<Vec<f32>> {
+            Ok(w.get(&format!("{p}{name}"), &[n])?.to_f32_vec())
+        };
+        let bias = |name: &str, n: usize, present: bool| -> Result<Option<Vec<f32>>> {
+            if present { vec(name, n).map(Some) } else { Ok(None) }
+        };
+        let (q_norm, k_norm) = match cfg.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(vec("q_norm.weight", cfg.head_dim)?),
+                Some(vec("k_norm.weight", cfg.head_dim)?),
+            ),
+            QkNorm::FullWidth => (Some(vec("q_norm.weight", qw)?), Some(vec("k_norm.weight", kvw)?)),
+        };
+        Ok(Self {
+            q_proj: w.get(&format!("{p}q_proj.weight"), &[qw, h])?,
+            k_proj: w.get(&format!("{p}k_proj.weight"), &[kvw, h])?,
+            v_proj: w.get(&format!("{p}v_proj.weight"), &[kvw, h])?,
+            o_proj: w.get(&format!("{p}o_proj.weight"), &[h, qw])?,
+            q_bias: bias("q_proj.bias", qw, cfg.qkv_bias)?,
+            k_bias: bias("k_proj.bias", kvw, cfg.qkv_bias)?,
+            v_bias: bias("v_proj.bias", kvw, cfg.qkv_bias)?,
+            o_bias: bias("o_proj.bias", h, cfg.o_bias)?,
+            q_norm,
+            k_norm,
+            qk_norm: cfg.qk_norm,
+            clip_qkv: cfg.clip_qkv,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps,
+            sliding_window: cfg.sliding_windows[l],
+        })
+    }
+
+    /// Attends the `T` new rows of `x` (`[T, H]`, already normalised) at `positions` to the
+    /// cache plus themselves; appends their keys and values to `kv`. `positions` must continue
+    /// the cache: `kv` holds positions `0..positions[0]`.
+    pub fn forward(
+        &self,
+        x: ArrayView2<'_, f32>,
+        rope: &RopeTables,
+        positions: &[usize],
+        kv: &mut LayerKv,
+    ) -> Array2<f32> {
+        let t = x.nrows();
+        let dh = self.head_dim;
+        let mut q = linear(x, &self.q_proj, self.q_bias.as_deref()); // (T, Hq*Dh)
+        let mut k = linear(x, &self.k_proj, self.k_bias.as_deref()); // (T, Hkv*Dh)
+        let mut v = linear(x, &self.v_proj, self.v_bias.as_deref()); // (T, Hkv*Dh)
+
+        for (m, norm) in [(&mut q, &self.q_norm), (&mut k, &self.k_norm)] {
+            let Some(norm) = norm else { continue };
+            for mut row in m.rows_mut() {
+                let row = row.as_slice_mut().expect("standard layout");
+                match self.qk_norm {
+                    QkNorm::FullWidth => rms_norm(row, norm, self.eps),
+                    QkNorm::PerHead => row.chunks_mut(dh).for_each(|hv| rms_norm(hv, norm, self.eps)),
+                    QkNorm::None => {}
+                }
+            }
+        }
+        if let Some(c) = self.clip_qkv {
+            for m in [&mut q, &mut k, &mut v] {
+                m.mapv_inplace(|x| x.clamp(-c, c));
+            }
+        }
+        for (ti, (mut qr, mut kr)) in q.rows_mut().into_iter().zip(k.rows_mut()).enumerate() {
+            let qr = qr.as_slice_mut().expect("standard layout");
+            qr.chunks_mut(dh).for_each(|hv| rope.apply(hv, ti));
+            let kr = kr.as_slice_mut().expect("standard layout");
+            kr.chunks_mut(dh).for_each(|hv| rope.apply(hv, ti));
+        }
+
+        debug_assert_eq!(kv.k.len() / (self.kv_heads * dh), positions[0]);
+        kv.k.extend_from_slice(k.as_slice().expect("standard layout"));
+        kv.v.extend_from_slice(v.as_slice().expect("standard layout"));
+
+        let out = self.attend(q.as_slice().expect("standard layout"), t, positions, kv); // (T, Hq*Dh)
+        let out = Array2::from_shape_vec((t, self.heads * dh), out).expect("shape");
+        linear(out.view(), &self.o_proj, self.o_bias.as_deref())
+    }
+
+    /// Softmax(q·kᵀ/√Dh)·v per head over the causal (and, if set, sliding) window.
+    fn attend(&self, q: &[f32], t: usize, positions: &[usize], kv: &LayerKv) -> Vec<f32> {
+        let dh = self.head_dim;
+        let (hq, hkv) = (self.heads, self.kv_heads);
+        let group = hq / hkv;
+        let kvw = hkv * dh;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let head = |h: usize| -> Vec<f32> {
+            let kh = h / group;
+            let mut out = vec![0.0f32; t * dh];
+            let mut scores = Vec::new();
+            for ti in 0..t {
+                let p = positions[ti];
+                let lo = self.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
+                let qv = &q[ti * hq * dh + h * dh..][..dh];
+                scores.clear();
+                scores.extend((lo..=p).map(|s| {
+                    let kvec = &kv.k[s * kvw + kh * dh..][..dh];
+                    crate::kernels::dot(qv, kvec) * scale
+                }));
+                softmax(&mut scores);
+                let o = &mut out[ti * dh..(ti + 1) * dh];
+                for (s, &a) in (lo..=p).zip(&scores) {
+                    let vvec = &kv.v[s * kvw + kh * dh..][..dh];
+                    for (oo, vv) in o.iter_mut().zip(vvec) {
+                        *oo += a * vv;
+                    }
+                }
+            }
+            out
+        };
+        let work = t * (positions[t - 1] + 1) * dh;
+        let per_head: Vec<Vec<f32>> = if work * hq >= 1 << 16 {
+            (0..hq).into_par_iter().map(head).collect()
+        } else {
+            (0..hq).map(head).collect()
+        };
+        let mut out = vec![0.0f32; t * hq * dh];
+        for (h, ho) in per_head.iter().enumerate() {
+            for ti in 0..t {
+                out[ti * hq * dh + h * dh..][..dh].copy_from_slice(&ho[ti * dh..(ti + 1) * dh]);
+            }
+        }
+        out
+    }
+}

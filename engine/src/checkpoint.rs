@@ -1,0 +1,101 @@
+//! A Hugging Face checkpoint directory: `config.json`, the safetensors weights,
+//! `generation_config.json` where present; the tokenizer is opened on demand.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::hub::resolve_model;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightIndex;
+
+/// The parts of `generation_config.json` the engine uses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+}
+
+impl GenerationConfig {
+    /// Reads `path` if it exists; an absent file gives the defaults.
+    pub fn open(path: &Path) -> Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(EngineError::io(path, e)),
+        };
+        let v: Value = serde_json::from_str(&text).map_err(|e| EngineError::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let eos_token_ids = match v.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
+            Some(_) => {
+                return Err(EngineError::field(path, "eos_token_id", "expected an id or a list of ids"));
+            }
+        };
+        Ok(Self {
+            eos_token_ids,
+            do_sample: v.get("do_sample").and_then(Value::as_bool),
+            temperature: v.get("temperature").and_then(Value::as_f64).map(|x| x as f32),
+            top_k: v.get("top_k").and_then(Value::as_u64).map(|x| x as usize),
+            top_p: v.get("top_p").and_then(Value::as_f64).map(|x| x as f32),
+        })
+    }
+}
+
+/// An opened checkpoint: configuration read and validated, weights indexed and memory-mapped.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub weights: WeightIndex,
+    pub generation: GenerationConfig,
+}
+
+impl Checkpoint {
+    /// Opens a `--model` value: a directory, or a hub id in the local Hugging Face cache.
+    pub fn open(model: &str) -> Result<Self> {
+        Self::open_dir(&resolve_model(model)?)
+    }
+
+    /// Opens the checkpoint in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = WeightIndex::open_dir(dir)?;
+        let generation = GenerationConfig::open(&dir.join("generation_config.json"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+            generation,
+        })
+    }
+
+    /// Builds the model with every expert resident.
+    pub fn load_model(&self) -> Result<Model> {
+        Model::load(self.config.clone(), &self.weights)
+    }
+
+    /// Opens the tokenizer and chat template.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Tokenizer::open(&self.dir)
+    }
+
+    /// Stop tokens: generation_config.json's `eos_token_id`, else config.json's.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        if self.generation.eos_token_ids.is_empty() {
+            self.config.eos_token_ids.clone()
+        } else {
+            self.generation.eos_token_ids.clone()
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! `config.json` of a Hugging Face MoE checkpoint, read into one typed [`ModelConfig`].
+//!
+//! Field names are the checkpoint's own. Keys that transformers renamed between releases are
+//! accepted under both spellings (`num_experts` / `num_local_experts`, `rope_parameters` /
+//! `rope_scaling` + `rope_theta`). Where a key is absent, the default is the one transformers'
+//! config class for that `model_type` uses, so a config that transformers loads loads here too.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{EngineError, Result};
+use crate::rope::RopeConfig;
+
+/// The architectures the engine runs, by `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    Qwen3Moe,
+    Olmoe,
+    Mixtral,
+    Qwen2Moe,
+}
+
+impl Arch {
+    /// Every supported `model_type` string, in the order of the README table.
+    pub const SUPPORTED: [&'static str; 4] = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"];
+
+    /// The architecture for a `model_type` string, if supported.
+    pub fn from_model_type(s: &str) -> Option<Self> {
+        Some(match s {
+            "qwen3_moe" => Arch::Qwen3Moe,
+            "olmoe" => Arch::Olmoe,
+            "mixtral" => Arch::Mixtral,
+            "qwen2_moe" => Arch::Qwen2Moe,
+            _ => return None,
+        })
+    }
+
+    /// The `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Olmoe => "olmoe",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen2Moe => "qwen2_moe",
+        }
+    }
+
+    /// Default `rope_theta` of transformers' config class.
+    fn default_theta(self) -> f64 {
+        match self {
+            Arch::Mixtral => 1_000_000.0,
+            _ => 10_000.0,
+        }
+    }
+
+    /// Default `rms_norm_eps` of transformers' config class.
+    fn default_eps(self) -> f64 {
+        match self {
+            Arch::Olmoe | Arch::Mixtral => 1e-5,
+            Arch::Qwen3Moe | Arch::Qwen2Moe => 1e-6,
+        }
+    }
+}
+
+/// Where the query/key RMSNorms sit, if the architecture has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head's `head_dim` after the reshape (Qwen3).
+    PerHead,
+    /// Over the whole projection width before the reshape (OLMoE).
+    FullWidth,
+}
+
+/// What the feed-forward block of one layer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    Dense,
+    Moe,
+}
+
+/// The typed configuration of one checkpoint.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub rope: RopeConfig,
+    /// Bias on q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    pub qk_norm: QkNorm,
+    /// OLMoE's `clip_qkv`: clamp q, k, v to ±this.
+    pub clip_qkv: Option<f32>,
+    /// Dense FFN width (dense layers of qwen*_moe).
+    pub intermediate_size: usize,
+    /// Routed expert FFN width.
+    pub moe_intermediate_size: usize,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub norm_topk_prob: bool,
+    /// Shared expert FFN width (qwen2_moe), with its sigmoid gate.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Per layer: dense or MoE feed-forward.
+    pub mlp_kinds: Vec<MlpKind>,
+    /// Per layer: the sliding attention window, if the layer has one.
+    pub sliding_windows: Vec<Option<usize>>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The file this was read from.
+    pub path: PathBuf,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => EngineError::MissingFile {
+                path: path.to_path_buf(),
+                what: "the model's config.json",
+            },
+            _ => EngineError::io(path, e),
+        })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses `config.json` text; `path` is used in error messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|e| EngineError::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let Value::Object(map) = value else {
+            return Err(EngineError::field(path, "<root>", "expected a JSON object"));
+        };
+        parse(&Fields { map: &map, path })
+    }
+
+    /// Indices of the layers whose feed-forward is a MoE block, in order.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.num_hidden_layers)
+            .filter(|&l| self.mlp_kinds[l] == MlpKind::Moe)
+            .collect()
+    }
+
+    /// Width of the query projection (`heads * head_dim`).
+    pub fn q_width(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Width of the key/value projections (`kv_heads * head_dim`).
+    pub fn kv_width(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+}
+
+/// Typed access to the JSON object, with errors that name the file and field.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    /// The first of `keys` present (and not null).
+    fn lookup<'k>(&self, keys: &[&'k str]) -> Option<(&'k str, &Value)> {
+        keys.iter().find_map(|k| match self.map.get(*k) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some((*k, v)),
+        })
+    }
+
+    fn usize_opt(&self, keys: &[&str]) -> Result<Option<usize>> {
+        match self.lookup(keys) {
+            None => Ok(None),
+            Some((k, v)) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| EngineError::field(self.path, k, "expected a non-negative integer")),
+        }
+    }
+
+    fn usize(&self, keys: &[&str]) -> Result<usize> {
+        self.usize_opt(keys)?.ok_or_else(|| {
+            EngineError::field(self.path, keys.join(" / "), "missing (required by this model_type)")
+        })
+    }
+
+    fn positive(&self, keys: &[&str]) -> Result<usize> {
+        let n = self.usize(keys)?;
+        if n == 0 {
+            return Err(EngineError::field(self.path, keys[0], "must be at least 1"));
+        }
+        Ok(n)
+    }
+
+    fn f64_opt(&self, keys: &[&str]) -> Result<Option<f64>> {
+        match self.lookup(keys) {
+            None => Ok(None),
+            Some((k, v)) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| EngineError::field(self.path, k, "expected a number")),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.lookup(&[key]) {
+            None => Ok(default),
+            Some((k, v)) => v
+                .as_bool()
+                .ok_or_else(|| EngineError::field(self.path, k, "expected true or false")),
+        }
+    }
+
+    fn str_opt(&self, key: &str) -> Result<Option<&str>> {
+        match self.lookup(&[key]) {
+            None => Ok(None),
+            Some((k, v)) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| EngineError::field(self.path, k, "expected a string")),
+        }
+    }
+
+    fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
+        match self.lookup(&[key]) {
+            None => Ok(Vec::new()),
+            Some((k, Value::Array(items))) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                        EngineError::field(self.path, k, "expected a list of integers")
+                    })
+                })
+                .collect(),
+            Some((k, _)) => Err(EngineError::field(self.path, k, "expected a list of integers")),
+        }
+    }
+
+    /// An integer or a list of integers (`eos_token_id`).
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.lookup(&[key]) {
+            None => Ok(Vec::new()),
+            Some((_, Value::Number(n))) if n.as_u64().is_some() => {
+                Ok(vec![n.as_u64().unwrap_or_default() as u32])
+            }
+            Some((k, Value::Array(_))) => Ok(self
+                .usize_list(k)?
+                .into_iter()
+                .map(|n| n as u32)
+                .collect()),
+            Some((k, _)) => Err(EngineError::field(
+                self.path,
+                k,
+                "expected a token id or a list of token ids",
+            )),
+        }
+    }
+}
+
+fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
+    let model_type = f
+        .str_opt("model_type")?
+        .ok_or_else(|| EngineError::field(f.path, "model_type", "missing"))?;
+    let arch = Arch::from_model_type(model_type).ok_or_else(|| {
+        EngineError::UnsupportedModelType {
+            path: f.path.to_path_buf(),
+            got: model_type.to_string(),
+            supported: Arch::SUPPORTED.to_vec(),
+        }
+    })?;
+
+    if let Some(act) = f.str_opt("hidden_act")?
+        && act != "silu"
+    {
+        return Err(EngineError::field(
+            f.path,
+            "hidden_act",
+            format!("`{act}` is not supported (expected \"silu\")"),
+        ));
+    }
+
+    let hidden_size = f.positive(&["hidden_size"])?;
+    let num_hidden_layers = f.positive(&["num_hidden_layers"])?;
+    let num_attention_heads = f.positive(&["num_attention_heads"])?;
+    let num_key_value_heads = f
+        .usize_opt(&["num_key_value_heads"])?
+        .unwrap_or(num_attention_heads);
+    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        return Err(EngineError::field(
+            f.path,
+            "num_key_value_heads",
+            format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
+        ));
+    }
+    let head_dim = f
+        .usize_opt(&["head_dim"])?
+        .unwrap_or(hidden_size / num_attention_heads);
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(EngineError::field(f.path, "head_dim", "must be a positive even number"));
+    }
+    let max_position_embeddings = f.positive(&["max_position_embeddings"])?;
+
+    let num_experts = f.positive(&["num_experts", "num_local_experts"])?;
+    let num_experts_per_tok = f.positive(&["num_experts_per_tok"])?;
+    if num_experts_per_tok > num_experts {
+        return Err(EngineError::field(
+            f.path,
+            "num_experts_per_tok",
+            format!("{num_experts_per_tok} exceeds the number of experts ({num_experts})"),
+        ));
+    }
+
+    // Expert width: qwen*_moe name it moe_intermediate_size; mixtral and olmoe use
+    // intermediate_size for their experts (they have no dense layers).
+    let (intermediate_size, moe_intermediate_size) = match arch {
+        Arch::Qwen3Moe | Arch::Qwen2Moe => (
+            f.usize_opt(&["intermediate_size"])?.unwrap_or(0),
+            f.positive(&["moe_intermediate_size"])?,
+        ),
+        Arch::Mixtral | Arch::Olmoe => {
+            let i = f.positive(&["intermediate_size"])?;
+            (i, i)
+        }
+    };
+
+    let mlp_kinds = mlp_kinds(f, arch, num_hidden_layers, num_experts)?;
+    if intermediate_size == 0 && mlp_kinds.contains(&MlpKind::Dense) {
+        return Err(EngineError::field(
+            f.path,
+            "intermediate_size",
+            "missing (required: some layers are dense)",
+        ));
+    }
+
+    let (qkv_bias, o_bias) = match arch {
+        Arch::Qwen2Moe => (f.bool_or("qkv_bias", true)?, false),
+        Arch::Mixtral => (false, false),
+        Arch::Qwen3Moe | Arch::Olmoe => {
+            let b = f.bool_or("attention_bias", false)?;
+            (b, b)
+        }
+    };
+    let qk_norm = match arch {
+        Arch::Qwen3Moe => QkNorm::PerHead,
+        Arch::Olmoe => QkNorm::FullWidth,
+        Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
+    };
+    if arch == Arch::Olmoe && hidden_size != num_attention_heads * head_dim {
+        return Err(EngineError::field(
+            f.path,
+            "head_dim",
+            "olmoe needs head_dim = hidden_size / num_attention_heads",
+        ));
+    }
+
+    let rope = RopeConfig::from_config(f.map, f.path, arch.default_theta(), head_dim)?;
+    let sliding_windows = sliding_windows(f, arch, num_hidden_layers)?;
+
+    Ok(ModelConfig {
+        arch,
+        vocab_size: f.positive(&["vocab_size"])?,
+        hidden_size,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        rms_norm_eps: f.f64_opt(&["rms_norm_eps"])?.unwrap_or(arch.default_eps()) as f32,
+        max_position_embeddings,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        rope,
+        qkv_bias,
+        o_bias,
+        qk_norm,
+        clip_qkv: match arch {
+            Arch::Olmoe => f.f64_opt(&["clip_qkv"])?.map(|c| c as f32),
+            _ => None,
+        },
+        intermediate_size,
+        moe_intermediate_size,
+        num_experts,
+        num_experts_per_tok,
+        norm_topk_prob: match arch {
+            Arch::Mixtral => true,
+            _ => f.bool_or("norm_topk_prob", false)?,
+        },
+        shared_expert_intermediate_size: match arch {
+            Arch::Qwen2Moe => Some(f.positive(&["shared_expert_intermediate_size"])?),
+            _ => None,
+        },
+        mlp_kinds,
+        sliding_windows,
+        bos_token_id: f.usize_opt(&["bos_token_id"])?.map(|n| n as u32),
+        eos_token_ids: f.token_ids("eos_token_id")?,
+        path: f.path.to_path_buf(),
+    })
+}
+
+/// Dense or MoE per layer, as transformers' decoder layer decides it.
+fn mlp_kinds(f: &Fields<'_>, arch: Arch, layers: usize, experts: usize) -> Result<Vec<MlpKind>> {
+    match arch {
+        Arch::Mixtral | Arch::Olmoe => Ok(vec![MlpKind::Moe; layers]),
+        Arch::Qwen3Moe | Arch::Qwen2Moe => {
+            let only_dense = f.usize_list("mlp_only_layers")?;
+            let step = f.usize_opt(&["decoder_sparse_step"])?.unwrap_or(1);
+            if step == 0 {
+                return Err(EngineError::field(f.path, "decoder_sparse_step", "must be at least 1"));
+            }
+            Ok((0..layers)
+                .map(|l| {
+                    if !only_dense.contains(&l) && experts > 0 && (l + 1) % step == 0 {
+                        MlpKind::Moe
+                    } else {
+                        MlpKind::Dense
+                    }
+                })
+                .collect())
+        }
+    }
+}
+
+/// The sliding attention window of each layer, as transformers' config classes derive it.
+fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = f.usize_opt(&["sliding_window"])?.filter(|&w| w > 0);
+    let use_sliding = f.bool_or("use_sliding_window", false)?;
+    let explicit: Option<Vec<String>> = match f.lookup(&["layer_types"]) {
+        None => None,
+        Some((k, Value::Array(items))) => Some(
+            items
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        EngineError::field(f.path, k, "expected a list of strings")
+                    })
+                })
+                .collect::<Result<_>>()?,
+        ),
+        Some((k, _)) => return Err(EngineError::field(f.path, k, "expected a list of strings")),
+    };
+    let per_layer: Vec<bool> = match (arch, explicit) {
+        (_, Some(types)) if arch == Arch::Qwen2Moe || use_sliding => {
+            if types.len() != layers {
+                return Err(EngineError::field(
+                    f.path,
+                    "layer_types",
+                    format!("has {} entries, expected num_hidden_layers = {layers}", types.len()),
+                ));
+            }
+            types.iter().map(|t| t == "sliding_attention").collect()
+        }
+        (Arch::Qwen2Moe, None) => {
+            let max_window_layers = f.usize_opt(&["max_window_layers"])?.unwrap_or(28);
+            (0..layers)
+                .map(|i| use_sliding && (i + 1) % 2 == 1 && i < max_window_layers)
+                .collect()
+        }
+        (Arch::Qwen3Moe, _) => vec![use_sliding; layers],
+        (Arch::Mixtral, _) => vec![window.is_some(); layers],
+        (Arch::Olmoe, _) => vec![false; layers],
+        (Arch::Qwen2Moe, Some(_)) => unreachable!("handled by the first arm"),
+    };
+    Ok(per_layer
+        .into_iter()
+        .map(|sliding| if sliding { window } else { None })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json_str(s, Path::new("config.json"))
+    }
+
+    const QWEN3: &str = r#"{"model_type":"qwen3_moe","vocab_size":100,"hidden_size":32,
+        "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+        "max_position_embeddings":64,"num_experts":8,"num_experts_per_tok":2,
+        "moe_intermediate_size":16,"intermediate_size":48,"mlp_only_layers":[0],
+        "decoder_sparse_step":1,"norm_topk_prob":true,"rope_theta":1000000.0}"#;
+
+    #[test]
+    fn qwen3_dense_layers_follow_mlp_only_layers() {
+        let c = parse_str(QWEN3).unwrap();
+        assert_eq!(c.arch, Arch::Qwen3Moe);
+        assert_eq!(c.moe_layers(), vec![1, 2, 3]);
+        assert_eq!(c.qk_norm, QkNorm::PerHead);
+        assert_eq!(c.rope.theta, 1_000_000.0);
+        assert!(c.norm_topk_prob);
+    }
+
+    #[test]
+    fn renamed_keys_are_accepted() {
+        let s = QWEN3
+            .replace("\"num_experts\"", "\"num_local_experts\"")
+            .replace(
+                "\"rope_theta\":1000000.0",
+                "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":5000.0}",
+            );
+        let c = parse_str(&s).unwrap();
+        assert_eq!(c.num_experts, 8);
+        assert_eq!(c.rope.theta, 5000.0);
+    }
+
+    #[test]
+    fn unknown_model_type_lists_supported() {
+        let err = parse_str(&QWEN3.replace("qwen3_moe", "llama")).unwrap_err().to_string();
+        assert!(err.contains("unsupported model_type `llama`"), "{err}");
+        assert!(err.contains("qwen3_moe, olmoe, mixtral, qwen2_moe"), "{err}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let err = parse_str(&QWEN3.replace("\"hidden_size\":32,", "")).unwrap_err().to_string();
+        assert!(err.contains("config.json: field `hidden_size`: missing"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = parse_str(&QWEN3.replace("\"num_experts_per_tok\":2", "\"num_experts_per_tok\":\"2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`num_experts_per_tok`: expected a non-negative integer"), "{err}");
+    }
+
+    #[test]
+    fn qwen2_sliding_layers_follow_transformers_rule() {
+        let s = QWEN3
+            .replace("qwen3_moe", "qwen2_moe")
+            .replace("\"head_dim\":16,", "\"use_sliding_window\":true,\"sliding_window\":8,\"max_window_layers\":3,\"shared_expert_intermediate_size\":24,");
+        let c = parse_str(&s).unwrap();
+        assert_eq!(c.sliding_windows, vec![Some(8), None, Some(8), None]);
+        assert!(c.qkv_bias);
+    }
+}

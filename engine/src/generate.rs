@@ -1,0 +1,88 @@
+//! The generation loop: prefill the prompt in one pass, then decode one token at a time with
+//! the KV cache, timing both phases.
+
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::model::{LogitsFor, Model};
+use crate::observer::{Phase, RoutingObserver};
+use crate::sampling::{Sampler, SamplingParams};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop at these token ids (the stop token is kept in the output). Empty: never stop early.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Timings of one generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_secs: f64,
+    /// Decode steps after the first generated token (which prefill produced).
+    pub decode_steps: usize,
+    pub decode_secs: f64,
+}
+
+impl GenerationStats {
+    /// Prompt tokens per second of prefill.
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_secs.max(f64::MIN_POSITIVE)
+    }
+
+    /// Decode tokens per second, after the first token; `None` with fewer than one step.
+    pub fn decode_tok_s(&self) -> Option<f64> {
+        (self.decode_steps > 0).then(|| self.decode_steps as f64 / self.decode_secs.max(f64::MIN_POSITIVE))
+    }
+}
+
+/// Generates up to `opts.max_new_tokens` after `prompt`, calling `on_token` for each new id as
+/// soon as it is chosen. Returns the new ids and the timings.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    observer: &mut dyn RoutingObserver,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, GenerationStats)> {
+    opts.sampling.validate()?;
+    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut sampler = Sampler::new(opts.sampling);
+    let mut cache = model.new_cache();
+    let mut out = Vec::with_capacity(opts.max_new_tokens);
+    if opts.max_new_tokens == 0 {
+        return Ok((out, stats));
+    }
+
+    let start = Instant::now();
+    let logits = model.forward(prompt, &mut cache, Phase::Prefill, LogitsFor::Last, observer)?;
+    let mut next = sampler.sample(&Model::last_row(&logits));
+    stats.prefill_secs = start.elapsed().as_secs_f64();
+
+    let decode_start = Instant::now();
+    loop {
+        out.push(next);
+        on_token(next)?;
+        if out.len() >= opts.max_new_tokens || opts.eos_token_ids.contains(&next) {
+            break;
+        }
+        let logits = model.forward(&[next], &mut cache, Phase::Decode, LogitsFor::Last, observer)?;
+        next = sampler.sample(&Model::last_row(&logits));
+        stats.decode_steps += 1;
+    }
+    stats.decode_secs = decode_start.elapsed().as_secs_f64();
+    stats.generated_tokens = out.len();
+    Ok((out, stats))
+}
+
+/// Peak resident set size of this process in bytes (Linux: VmHWM), if the OS tells.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,203 @@
+//! Numeric kernels of the forward pass, on f32 activations and f32/f16/bf16 weights.
+//!
+//! Dimensions: `T` = tokens in the pass, `K` = input width, `N` = output width.
+//! Weights keep the checkpoint's `[N, K]` layout (one output row per weight row): a row-wise
+//! dot product streams each weight row once, which is what decode (T = 1) is bound by.
+
+use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
+
+use crate::weights::{DType, Weight};
+
+/// Rows of W converted and multiplied together: x[t] stays in L1 across the block.
+const ROW_BLOCK: usize = 16;
+/// Below this many multiply-adds a matmul runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// `y = x · Wᵀ (+ b)`: x is `[T, K]`, W is `[N, K]`, the result `[T, N]`.
+pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array2<f32> {
+    let (t, k) = x.dim();
+    assert_eq!(w.shape().len(), 2, "linear needs a 2-D weight");
+    let (n, wk) = (w.shape()[0], w.shape()[1]);
+    assert_eq!(k, wk, "linear: input width {k} != weight width {wk}");
+    let x = x.as_standard_layout();
+    let x = x.as_slice().expect("standard layout");
+
+    // yt is [N, T]: each block of weight rows owns a contiguous stretch of it.
+    let mut yt = vec![0.0f32; n * t];
+    let block = |(bi, out): (usize, &mut [f32])| {
+        let row0 = bi * ROW_BLOCK;
+        let rows = out.len() / t;
+        let mut buf = Vec::new();
+        let wrows: &[f32] = match w.dtype() {
+            DType::F32 => &w.as_f32()[row0 * k..(row0 + rows) * k],
+            _ => {
+                buf.resize(rows * k, 0.0);
+                w.read_f32(row0 * k, &mut buf);
+                &buf
+            }
+        };
+        for ti in 0..t {
+            let xt = &x[ti * k..(ti + 1) * k];
+            for r in 0..rows {
+                out[r * t + ti] = dot(&wrows[r * k..(r + 1) * k], xt);
+            }
+        }
+    };
+    if n * k * t >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 {
+        yt.par_chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
+    } else {
+        yt.chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
+    }
+
+    let mut y = if t == 1 {
+        Array2::from_shape_vec((1, n), yt).expect("shape")
+    } else {
+        Array2::from_shape_vec((n, t), yt).expect("shape").reversed_axes().as_standard_layout().into_owned()
+    };
+    if let Some(b) = bias {
+        for mut row in y.rows_mut() {
+            for (v, bb) in row.iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+    }
+    y
+}
+
+/// Dot product of two equal-length f32 slices.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports avx2 and fma (checked just above).
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+/// Sixteen independent accumulators so that the compiler can vectorise the loop.
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 16];
+    let (ac, at) = a.split_at(a.len() / 16 * 16);
+    let (bc, bt) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(16).zip(bc.chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0.0;
+    for (x, y) in at.iter().zip(bt) {
+        s += x * y;
+    }
+    // Pairwise reduction of the accumulators.
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0] + s
+}
+
+/// RMSNorm of each row of `x` in place: `w * x / sqrt(mean(x²) + eps)`.
+pub fn rms_norm_rows(x: &mut Array2<f32>, w: &[f32], eps: f32) {
+    for mut row in x.rows_mut() {
+        rms_norm(row.as_slice_mut().expect("standard layout"), w, eps);
+    }
+}
+
+/// RMSNorm of one vector in place.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    debug_assert_eq!(x.len(), w.len());
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for (v, g) in x.iter_mut().zip(w) {
+        *v = g * (*v * inv);
+    }
+}
+
+/// `silu(a) * b` elementwise, into `a`.
+pub fn silu_mul(a: &mut [f32], b: &[f32]) {
+    for (g, u) in a.iter_mut().zip(b) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Softmax in place (max-subtracted).
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Logistic sigmoid.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn linear_matches_naive_for_every_dtype() {
+        let (n, k, t) = (37, 19, 3);
+        let wv: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let x = Array2::from_shape_fn((t, k), |(i, j)| (i as f32 - j as f32) / 10.0);
+        let bias: Vec<f32> = (0..n).map(|i| i as f32 / 100.0).collect();
+        let w32 = Weight::from_f32(&wv, vec![n, k]);
+        let y = linear(x.view(), &w32, Some(&bias));
+        for ti in 0..t {
+            for ni in 0..n {
+                let want: f32 = (0..k).map(|j| wv[ni * k + j] * x[[ti, j]]).sum::<f32>() + bias[ni];
+                assert!((y[[ti, ni]] - want).abs() < 1e-4, "{ti},{ni}");
+            }
+        }
+        // bf16 of values that bf16 represents exactly gives the same result.
+        let bits: Vec<u8> = wv.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+        let wb = Weight::new(std::sync::Arc::new(crate::weights::AlignedBytes::copy_from(&bits)), 0, DType::BF16, vec![n, k]);
+        let wb_f32 = Weight::from_f32(&wb.to_f32_vec(), vec![n, k]);
+        assert_eq!(linear(x.view(), &wb, None), linear(x.view(), &wb_f32, None));
+        let h: Vec<u8> = wv.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let wh = Weight::new(std::sync::Arc::new(crate::weights::AlignedBytes::copy_from(&h)), 0, DType::F16, vec![n, k]);
+        let wh_f32 = Weight::from_f32(&wh.to_f32_vec(), vec![n, k]);
+        assert_eq!(linear(x.view(), &wh, None), linear(x.view(), &wh_f32, None));
+    }
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let mut x = array![[3.0f32, 4.0], [0.0, 2.0]];
+        rms_norm_rows(&mut x, &[1.0, 2.0], 0.0);
+        let r = (12.5f32).sqrt();
+        assert!((x[[0, 0]] - 3.0 / r).abs() < 1e-6);
+        assert!((x[[0, 1]] - 8.0 / r).abs() < 1e-6);
+        assert!((x[[1, 1]] - 2.0 * 2.0 / 2.0f32.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut v = [1.0, 2.0, 3.0, 1000.0];
+        softmax(&mut v);
+        assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(v[3] > 0.99);
+    }
+}

@@ -1,0 +1,51 @@
+//! shadowmoe's inference engine: Hugging Face MoE checkpoints (qwen3_moe, olmoe, mixtral,
+//! qwen2_moe) loaded through memory maps and run on the CPU.
+//!
+//! The pieces, in the order a token meets them:
+//! - [`Checkpoint`] opens `config.json` ([`ModelConfig`]), the safetensors weights
+//!   ([`WeightIndex`]) and the tokenizer with its chat template ([`Tokenizer`]).
+//! - [`Model::forward`] runs a pass: attention with a KV cache, then per layer a dense MLP or a
+//!   MoE block, where a [`Router`] makes a [`RoutingDecision`] and an [`ExpertProvider`] serves
+//!   each chosen expert's weights.
+//! - A [`RoutingObserver`] sees every decision (and, on request, the router's input).
+//! - [`generate`] prefill + decode loop with [`Sampler`].
+//!
+//! Dimension legend used in comments: `T` tokens, `S` cached positions, `H` hidden,
+//! `V` vocabulary, `E` experts, `K` top-k, `I` expert width, `Dh` head_dim.
+//!
+//! This crate never depends on burn, polars, plotters or clap.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hub;
+pub mod kernels;
+pub mod model;
+pub mod moe;
+pub mod observer;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint::{Checkpoint, GenerationConfig};
+pub use config::{Arch, MlpKind, ModelConfig};
+pub use error::{EngineError, Result};
+pub use generate::{GenerateOptions, GenerationStats, generate, peak_rss_bytes};
+pub use model::{LogitsFor, Model};
+pub use moe::{ExpertProvider, ExpertWeights, InMemoryExperts, Router, RoutingDecision};
+pub use observer::{NoObserver, Phase, RecordedRoute, RecordingObserver, RouteEvent, RoutingObserver};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
+pub use weights::{DType, Weight, WeightIndex};
+
+/// Sets the number of threads the forward pass uses (the global rayon pool). Call once, before
+/// the first forward pass; `0` means one per core.
+pub fn init_threads(threads: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| EngineError::invalid("--threads", e.to_string()))
+}

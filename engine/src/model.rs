@@ -1,0 +1,192 @@
+//! The decoder-only MoE transformer, read top to bottom: embeddings, decoder layers
+//! (attention, then a dense or MoE feed-forward, each pre-normed with a residual), final norm,
+//! LM head.
+//!
+//! Dimensions: `T` = tokens in the pass, `H` = hidden, `V` = vocabulary.
+
+use std::sync::Arc;
+
+use ndarray::{Array2, Axis, s};
+
+use crate::attention::{Attention, KvCache};
+use crate::config::{MlpKind, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::kernels::{linear, rms_norm_rows};
+use crate::moe::{ExpertProvider, InMemoryExperts, Mlp, MoeBlock, load_mlp};
+use crate::observer::{Phase, RouteEvent, RoutingObserver};
+use crate::rope::RopeTables;
+use crate::weights::{Weight, WeightIndex};
+
+/// The feed-forward half of a decoder layer.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: Vec<f32>,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Vec<f32>,
+    pub mlp: FeedForward,
+}
+
+/// Which rows of the pass need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every token of the pass (`[T, V]`).
+    All,
+    /// Only the last token (`[1, V]`): generation.
+    Last,
+}
+
+/// A loaded model: non-expert weights resident, experts served by an [`ExpertProvider`].
+pub struct Model {
+    pub config: ModelConfig,
+    embed_tokens: Weight,
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    lm_head: Weight,
+    experts: Arc<dyn ExpertProvider>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("arch", &self.config.arch)
+            .field("layers", &self.layers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Loads every non-expert weight and checks its shape; experts stay in the checkpoint and
+    /// are served by `experts`.
+    pub fn load_with(cfg: ModelConfig, w: &WeightIndex, experts: Arc<dyn ExpertProvider>) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            embed_tokens.clone()
+        } else {
+            w.get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let norm_vec = |name: &str| -> Result<Vec<f32>> { Ok(w.get(name, &[h])?.to_f32_vec()) };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}.");
+                Ok(DecoderLayer {
+                    input_layernorm: norm_vec(&format!("{p}input_layernorm.weight"))?,
+                    self_attn: Attention::load(&cfg, w, l)?,
+                    post_attention_layernorm: norm_vec(&format!("{p}post_attention_layernorm.weight"))?,
+                    mlp: match cfg.mlp_kinds[l] {
+                        MlpKind::Dense => {
+                            FeedForward::Dense(load_mlp(&cfg, w, &format!("{p}mlp."), cfg.intermediate_size)?)
+                        }
+                        MlpKind::Moe => FeedForward::Moe(MoeBlock::load(&cfg, w, l)?),
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            norm: norm_vec("model.norm.weight")?,
+            embed_tokens,
+            lm_head,
+            layers,
+            config: cfg,
+            experts,
+        })
+    }
+
+    /// Loads the model with every expert resident in memory.
+    pub fn load(cfg: ModelConfig, w: &WeightIndex) -> Result<Self> {
+        let experts = Arc::new(InMemoryExperts::load(&cfg, w)?);
+        Self::load_with(cfg, w, experts)
+    }
+
+    /// The expert provider this model asks.
+    pub fn experts(&self) -> &Arc<dyn ExpertProvider> {
+        &self.experts
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Runs `tokens` at positions `cache.len..`, appends them to `cache`, reports every routing
+    /// decision to `observer`, and returns logits (`[T, V]` or `[1, V]`).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        phase: Phase,
+        logits_for: LogitsFor,
+        observer: &mut dyn RoutingObserver,
+    ) -> Result<Array2<f32>> {
+        let cfg = &self.config;
+        if tokens.is_empty() {
+            return Err(EngineError::invalid("tokens", "no tokens to run"));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(EngineError::invalid(
+                "tokens",
+                format!("token id {bad} is outside the vocabulary (vocab_size = {})", cfg.vocab_size),
+            ));
+        }
+        let t = tokens.len();
+        let h = cfg.hidden_size;
+        let positions: Vec<usize> = (cache.len..cache.len + t).collect();
+        let rope = RopeTables::new(&cfg.rope, &positions);
+
+        let mut x = Array2::<f32>::zeros((t, h)); // (T, H)
+        for (mut row, &tok) in x.rows_mut().into_iter().zip(tokens) {
+            self.embed_tokens
+                .read_f32(tok as usize * h, row.as_slice_mut().expect("standard layout"));
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut hn = x.clone();
+            rms_norm_rows(&mut hn, &layer.input_layernorm, cfg.rms_norm_eps);
+            let attn = layer.self_attn.forward(hn.view(), &rope, &positions, &mut cache.layers[l]);
+            x += &attn;
+
+            let mut hn = x.clone();
+            rms_norm_rows(&mut hn, &layer.post_attention_layernorm, cfg.rms_norm_eps);
+            let ff = match &layer.mlp {
+                FeedForward::Dense(mlp) => mlp.forward(hn.view()),
+                FeedForward::Moe(block) => {
+                    let decision = block.router.route(hn.view());
+                    let want_hidden = observer.wants_hidden(l);
+                    for ti in 0..t {
+                        observer.on_route(&RouteEvent {
+                            position: positions[ti],
+                            token_id: tokens[ti],
+                            phase,
+                            layer: l,
+                            experts: decision.experts_of(ti),
+                            weights: decision.weights_of(ti),
+                            hidden: want_hidden.then(|| hn.row(ti).to_slice().expect("standard layout")),
+                        });
+                    }
+                    block.forward(hn.view(), &decision, self.experts.as_ref())?
+                }
+            };
+            x += &ff;
+        }
+        cache.len += t;
+
+        let mut last = match logits_for {
+            LogitsFor::All => x,
+            LogitsFor::Last => x.slice(s![t - 1.., ..]).to_owned(),
+        };
+        rms_norm_rows(&mut last, &self.norm, cfg.rms_norm_eps);
+        Ok(linear(last.view(), &self.lm_head, None))
+    }
+
+    /// Logits of the last row as a plain vector.
+    pub fn last_row(logits: &Array2<f32>) -> Vec<f32> {
+        logits.index_axis(Axis(0), logits.nrows() - 1).to_vec()
+    }
+}

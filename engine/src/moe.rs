@@ -1,0 +1,319 @@
+//! The MoE seam: a [`Router`] decides, an [`ExpertProvider`] serves weights, a [`MoeBlock`]
+//! composes them. Model code never knows where expert bytes live: the in-memory provider here
+//! and the disk tier with its cache serve the same trait.
+//!
+//! Dimensions: `T` = tokens, `H` = hidden, `E` = experts, `K` = top-k, `I` = expert width.
+
+use std::sync::Arc;
+
+use ndarray::{Array2, ArrayView2, Axis};
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::kernels::{linear, sigmoid, silu_mul, softmax};
+use crate::weights::{Weight, WeightIndex};
+
+/// The router's top-k decision for every token of a pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingDecision {
+    /// Experts per token.
+    pub k: usize,
+    /// `[T, K]` expert ids, best first.
+    pub experts: Vec<u32>,
+    /// `[T, K]` their weights, as applied to the expert outputs.
+    pub weights: Vec<f32>,
+}
+
+impl RoutingDecision {
+    /// Number of tokens.
+    pub fn tokens(&self) -> usize {
+        self.experts.len() / self.k
+    }
+
+    /// Expert ids of token `t`.
+    pub fn experts_of(&self, t: usize) -> &[u32] {
+        &self.experts[t * self.k..(t + 1) * self.k]
+    }
+
+    /// Weights of token `t`.
+    pub fn weights_of(&self, t: usize) -> &[f32] {
+        &self.weights[t * self.k..(t + 1) * self.k]
+    }
+}
+
+/// Softmax over all experts, top-k, optionally renormalised: the rule of qwen2_moe, qwen3_moe,
+/// olmoe (`norm_topk_prob` from the config) and mixtral (always renormalised).
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// `[E, H]`.
+    pub weight: Weight,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
+impl Router {
+    /// Routes every row of `x` (`[T, H]`, the normalised hidden state).
+    pub fn route(&self, x: ArrayView2<'_, f32>) -> RoutingDecision {
+        let logits = linear(x, &self.weight, None); // (T, E)
+        let k = self.top_k;
+        let mut experts = Vec::with_capacity(x.nrows() * k);
+        let mut weights = Vec::with_capacity(x.nrows() * k);
+        let mut order: Vec<u32> = Vec::new();
+        for row in logits.rows() {
+            let mut probs = row.to_vec();
+            softmax(&mut probs);
+            order.clear();
+            order.extend(0..probs.len() as u32);
+            // Descending probability; ties keep the lower id first.
+            order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+            let top = &order[..k];
+            let mut w: Vec<f32> = top.iter().map(|&e| probs[e as usize]).collect();
+            if self.norm_topk_prob {
+                let s: f32 = w.iter().sum();
+                w.iter_mut().for_each(|v| *v /= s);
+            }
+            experts.extend_from_slice(top);
+            weights.extend(w);
+        }
+        RoutingDecision { k, experts, weights }
+    }
+}
+
+/// One expert's SwiGLU weights, in the checkpoint's `[out, in]` layout.
+#[derive(Debug, Clone)]
+pub struct ExpertWeights {
+    /// `[I, H]`.
+    pub gate: Weight,
+    /// `[I, H]`.
+    pub up: Weight,
+    /// `[H, I]`.
+    pub down: Weight,
+}
+
+impl ExpertWeights {
+    /// `down(silu(gate(x)) * up(x))` for `x` of `[T, H]`.
+    pub fn forward(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
+        let mut g = linear(x, &self.gate, None); // (T, I)
+        let u = linear(x, &self.up, None); // (T, I)
+        silu_mul(
+            g.as_slice_mut().expect("standard layout"),
+            u.as_slice().expect("standard layout"),
+        );
+        linear(g.view(), &self.down, None) // (T, H)
+    }
+
+    /// Bytes of the three matrices.
+    pub fn nbytes(&self) -> usize {
+        self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
+    }
+}
+
+/// Serves expert weights by (model layer, expert id). The in-memory provider holds them all;
+/// the disk tier loads them into a bounded cache behind the same trait.
+pub trait ExpertProvider: Send + Sync {
+    /// Called once per MoE layer and pass, before any [`ExpertProvider::expert`] call, with
+    /// every expert the pass will use (ascending, deduplicated), so that a provider can start
+    /// all loads at once.
+    fn prepare(&self, _layer: usize, _experts: &[u32]) -> Result<()> {
+        Ok(())
+    }
+
+    /// The weights of one expert.
+    fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>>;
+}
+
+/// Every expert resident (memory-mapped checkpoint views; no copies).
+#[derive(Debug)]
+pub struct InMemoryExperts {
+    /// Indexed by model layer; empty for dense layers.
+    layers: Vec<Vec<Arc<ExpertWeights>>>,
+}
+
+impl InMemoryExperts {
+    /// Finds and shape-checks every expert of every MoE layer in the checkpoint.
+    pub fn load(cfg: &ModelConfig, w: &WeightIndex) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                if cfg.mlp_kinds[l] == crate::config::MlpKind::Moe {
+                    (0..cfg.num_experts).map(|e| expert_weights(cfg, w, l, e).map(Arc::new)).collect()
+                } else {
+                    Ok(Vec::new())
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+}
+
+impl ExpertProvider for InMemoryExperts {
+    fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>> {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.get(expert as usize))
+            .cloned()
+            .ok_or_else(|| EngineError::invalid("expert", format!("no expert {expert} at layer {layer}")))
+    }
+}
+
+/// The key prefix of layer `l`'s MoE block (`model.layers.{l}.mlp.` or mixtral's
+/// `block_sparse_moe.`, whichever the checkpoint has).
+pub fn moe_prefix(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> String {
+    let mlp = format!("model.layers.{l}.mlp.");
+    if cfg.arch == Arch::Mixtral {
+        let legacy = format!("model.layers.{l}.block_sparse_moe.");
+        if w.contains(&format!("{legacy}gate.weight")) {
+            return legacy;
+        }
+    }
+    mlp
+}
+
+/// Names of expert `e`'s (gate, up, down) matrices in the per-expert layout.
+fn per_expert_names(cfg: &ModelConfig, prefix: &str, e: usize) -> [String; 3] {
+    let p = format!("{prefix}experts.{e}.");
+    if cfg.arch == Arch::Mixtral {
+        [format!("{p}w1.weight"), format!("{p}w3.weight"), format!("{p}w2.weight")]
+    } else {
+        [format!("{p}gate_proj.weight"), format!("{p}up_proj.weight"), format!("{p}down_proj.weight")]
+    }
+}
+
+/// Expert `e` of layer `l`: per-expert tensors (the Hugging Face hub layout), or slices of the
+/// fused `experts.gate_up_proj` `[E, 2I, H]` / `experts.down_proj` `[E, H, I]` that
+/// transformers 5 writes with `save_original_format=False`.
+pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
+    let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    let prefix = moe_prefix(cfg, w, l);
+    let fused = format!("{prefix}experts.gate_up_proj");
+    if w.contains(&fused) {
+        let gate_up = w.get(&fused, &[cfg.num_experts, 2 * i, h])?.index(e);
+        let down = w.get(&format!("{prefix}experts.down_proj"), &[cfg.num_experts, h, i])?.index(e);
+        return Ok(ExpertWeights {
+            gate: gate_up.narrow(0, i),
+            up: gate_up.narrow(i, i),
+            down,
+        });
+    }
+    let [g, u, d] = per_expert_names(cfg, &prefix, e);
+    Ok(ExpertWeights {
+        gate: w.get(&g, &[i, h])?,
+        up: w.get(&u, &[i, h])?,
+        down: w.get(&d, &[h, i])?,
+    })
+}
+
+/// A dense SwiGLU feed-forward (dense layers, and qwen2_moe's shared expert).
+pub type Mlp = ExpertWeights;
+
+/// Loads the dense MLP under `prefix` (`gate_proj`, `up_proj`, `down_proj`) of width `width`.
+pub fn load_mlp(cfg: &ModelConfig, w: &WeightIndex, prefix: &str, width: usize) -> Result<Mlp> {
+    let h = cfg.hidden_size;
+    Ok(ExpertWeights {
+        gate: w.get(&format!("{prefix}gate_proj.weight"), &[width, h])?,
+        up: w.get(&format!("{prefix}up_proj.weight"), &[width, h])?,
+        down: w.get(&format!("{prefix}down_proj.weight"), &[h, width])?,
+    })
+}
+
+/// qwen2_moe's always-on expert, scaled by `sigmoid(x · gate)`.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub mlp: Mlp,
+    /// `[1, H]`.
+    pub gate: Weight,
+}
+
+/// One MoE feed-forward block: router, routed experts from the provider, optional shared
+/// expert.
+#[derive(Debug, Clone)]
+pub struct MoeBlock {
+    /// Model layer index.
+    pub layer: usize,
+    pub router: Router,
+    pub shared: Option<SharedExpert>,
+}
+
+impl MoeBlock {
+    /// Loads the router (and shared expert) of layer `l`; experts stay with the provider.
+    pub fn load(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Self> {
+        let prefix = moe_prefix(cfg, w, l);
+        let router = Router {
+            weight: w.get(&format!("{prefix}gate.weight"), &[cfg.num_experts, cfg.hidden_size])?,
+            top_k: cfg.num_experts_per_tok,
+            norm_topk_prob: cfg.norm_topk_prob,
+        };
+        let shared = match cfg.shared_expert_intermediate_size {
+            Some(width) => Some(SharedExpert {
+                mlp: load_mlp(cfg, w, &format!("{prefix}shared_expert."), width)?,
+                gate: w.get(&format!("{prefix}shared_expert_gate.weight"), &[1, cfg.hidden_size])?,
+            }),
+            None => None,
+        };
+        Ok(Self { layer: l, router, shared })
+    }
+
+    /// Applies the routed experts of `decision` to `x` (`[T, H]`) and adds the shared expert.
+    pub fn forward(
+        &self,
+        x: ArrayView2<'_, f32>,
+        decision: &RoutingDecision,
+        experts: &dyn ExpertProvider,
+    ) -> Result<Array2<f32>> {
+        let (t, h) = x.dim();
+        let mut out = Array2::<f32>::zeros((t, h));
+        let mut used: Vec<u32> = decision.experts.clone();
+        used.sort_unstable();
+        used.dedup();
+        experts.prepare(self.layer, &used)?;
+        // Experts in ascending id order, as transformers accumulates them.
+        for &e in &used {
+            let (rows, scales): (Vec<usize>, Vec<f32>) = (0..t)
+                .filter_map(|ti| {
+                    let k = decision.experts_of(ti).iter().position(|&x| x == e)?;
+                    Some((ti, decision.weights_of(ti)[k]))
+                })
+                .unzip();
+            let weights = experts.expert(self.layer, e)?;
+            let xe = x.select(Axis(0), &rows); // (Te, H)
+            let ye = weights.forward(xe.view()); // (Te, H)
+            for ((&ti, &s), yrow) in rows.iter().zip(&scales).zip(ye.rows()) {
+                for (o, v) in out.row_mut(ti).iter_mut().zip(yrow) {
+                    *o += v * s;
+                }
+            }
+        }
+        if let Some(shared) = &self.shared {
+            let ys = shared.mlp.forward(x); // (T, H)
+            let gates = linear(x, &shared.gate, None); // (T, 1)
+            for ti in 0..t {
+                let g = sigmoid(gates[[ti, 0]]);
+                for (o, v) in out.row_mut(ti).iter_mut().zip(ys.row(ti)) {
+                    *o += g * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn router_picks_top_k_and_renormalises() {
+        // 3 experts, hidden 2: logits are x·rows.
+        let weight = Weight::from_f32(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5], vec![3, 2]);
+        let r = Router { weight, top_k: 2, norm_topk_prob: true };
+        let d = r.route(array![[2.0f32, 0.0], [0.0, 3.0]].view());
+        assert_eq!(d.experts_of(0), &[0, 2]);
+        assert_eq!(d.experts_of(1), &[1, 2]);
+        for t in 0..2 {
+            assert!((d.weights_of(t).iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            assert!(d.weights_of(t)[0] > d.weights_of(t)[1]);
+        }
+        let raw = Router { norm_topk_prob: false, ..r }.route(array![[2.0f32, 0.0]].view());
+        assert!(raw.weights_of(0).iter().sum::<f32>() < 1.0);
+    }
+}

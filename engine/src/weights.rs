@@ -1,0 +1,521 @@
+//! Checkpoint weights: safetensors files (one, or sharded through
+//! `model.safetensors.index.json`) memory-mapped with memmap2 and indexed by tensor name.
+//!
+//! The index maps every tensor name to (file, offset, dtype, shape) and is checked against the
+//! file's bounds when the file opens, so a truncated download or a header that lies about its
+//! offsets is refused up front with the file and tensor named, never discovered mid-forward.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use crate::error::{EngineError, Result};
+
+/// Element type of a weight tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The safetensors spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+}
+
+/// Bytes that back weights: a memory map, or an owned buffer aligned for any dtype.
+pub type Backing = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// An owned byte buffer aligned to 8 bytes (for weights that are not aligned in their file,
+/// and for loads into owned memory).
+#[derive(Debug, Clone)]
+pub struct AlignedBytes {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    /// A copy of `bytes`.
+    pub fn copy_from(bytes: &[u8]) -> Self {
+        let mut out = Self::zeroed(bytes.len());
+        out.as_mut_slice().copy_from_slice(bytes);
+        out
+    }
+
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        Self {
+            words: vec![0u64; len.div_ceil(8)],
+            len,
+        }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+/// One weight tensor: a typed, shaped view into shared bytes. Cloning is cheap.
+#[derive(Clone)]
+pub struct Weight {
+    backing: Backing,
+    start: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weight")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+impl Weight {
+    /// A weight over `backing[start..start + numel * dtype.size()]`. Copies into an aligned
+    /// buffer if the bytes are not aligned for `dtype`.
+    pub fn new(backing: Backing, start: usize, dtype: DType, shape: Vec<usize>) -> Self {
+        let len = shape.iter().product::<usize>() * dtype.size();
+        let bytes = &(*backing).as_ref()[start..start + len];
+        if (bytes.as_ptr() as usize) % dtype.size() == 0 {
+            Self {
+                backing,
+                start,
+                dtype,
+                shape,
+            }
+        } else {
+            Self {
+                backing: Arc::new(AlignedBytes::copy_from(bytes)),
+                start: 0,
+                dtype,
+                shape,
+            }
+        }
+    }
+
+    /// A weight that owns f32 values.
+    pub fn from_f32(values: &[f32], shape: Vec<usize>) -> Self {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "shape mismatch");
+        let mut bytes = AlignedBytes::zeroed(values.len() * 4);
+        for (dst, v) in bytes.as_mut_slice().chunks_exact_mut(4).zip(values) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        Self::new(Arc::new(bytes), 0, DType::F32, shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size in bytes.
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &(*self.backing).as_ref()[self.start..self.start + self.nbytes()]
+    }
+
+    /// The elements as `u16` bits (f16/bf16 weights).
+    pub fn as_u16(&self) -> &[u16] {
+        debug_assert_ne!(self.dtype, DType::F32);
+        let b = self.bytes();
+        // SAFETY: alignment to 2 is guaranteed by `new`; every bit pattern is a valid u16.
+        unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u16>(), b.len() / 2) }
+    }
+
+    /// The elements as `f32` (f32 weights).
+    pub fn as_f32(&self) -> &[f32] {
+        debug_assert_eq!(self.dtype, DType::F32);
+        let b = self.bytes();
+        // SAFETY: alignment to 4 is guaranteed by `new`; every bit pattern is a valid f32.
+        unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), b.len() / 4) }
+    }
+
+    /// Converts elements `[from, from + out.len())` to f32.
+    pub fn read_f32(&self, from: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self.dtype {
+            DType::F32 => out.copy_from_slice(&self.as_f32()[from..from + n]),
+            DType::BF16 => {
+                for (o, &b) in out.iter_mut().zip(&self.as_u16()[from..from + n]) {
+                    *o = f32::from_bits((b as u32) << 16);
+                }
+            }
+            DType::F16 => {
+                use half::slice::HalfFloatSliceExt;
+                let src: &[half::f16] = {
+                    let bits = &self.as_u16()[from..from + n];
+                    // SAFETY: half::f16 is repr(transparent) over u16.
+                    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
+                };
+                src.convert_to_f32_slice(out);
+            }
+        }
+    }
+
+    /// All elements as f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.numel()];
+        self.read_f32(0, &mut out);
+        out
+    }
+
+    /// Rows `[from, from + n)` along the first axis, as a weight of shape `[n, rest...]`.
+    pub fn narrow(&self, from: usize, n: usize) -> Weight {
+        assert!(from + n <= self.shape[0], "narrow out of range");
+        let row: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = n;
+        Weight {
+            backing: self.backing.clone(),
+            start: self.start + from * row * self.dtype.size(),
+            dtype: self.dtype,
+            shape,
+        }
+    }
+
+    /// Element `i` along the first axis, with that axis removed.
+    pub fn index(&self, i: usize) -> Weight {
+        let mut w = self.narrow(i, 1);
+        w.shape.remove(0);
+        w
+    }
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub file: usize,
+    /// Byte offset of the tensor's data from the start of the file.
+    pub offset: usize,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// One opened safetensors file.
+#[derive(Debug)]
+struct MappedFile {
+    path: PathBuf,
+    map: Arc<Mmap>,
+}
+
+/// Every tensor of a checkpoint by name, over its memory-mapped files.
+#[derive(Debug)]
+pub struct WeightIndex {
+    files: Vec<MappedFile>,
+    tensors: HashMap<String, TensorEntry>,
+    /// Tensors whose dtype the engine does not compute with, by name (dtype shown in errors).
+    other_dtype: HashMap<String, (usize, String)>,
+}
+
+/// `model.safetensors.index.json`.
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// `dtype` + `shape` + `data_offsets` of one header entry, read loosely for our own checks.
+#[derive(Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+impl WeightIndex {
+    /// Opens the weights of the checkpoint in `dir`: `model.safetensors.index.json` if present,
+    /// else `model.safetensors`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        if index_path.exists() {
+            return Self::open_sharded(&index_path);
+        }
+        let single = dir.join("model.safetensors");
+        if !single.exists() {
+            return Err(EngineError::MissingFile {
+                path: single,
+                what: "the weights (model.safetensors or model.safetensors.index.json)",
+            });
+        }
+        Self::open_files(&[single])
+    }
+
+    /// Opens the shards listed by a `model.safetensors.index.json` and checks that every tensor
+    /// it lists is in the shard it names.
+    pub fn open_sharded(index_path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index_path).map_err(|e| EngineError::io(index_path, e))?;
+        let index: ShardIndex = serde_json::from_str(&text).map_err(|e| EngineError::Json {
+            path: index_path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let mut shard_names: Vec<&String> = index.weight_map.values().collect();
+        shard_names.sort();
+        shard_names.dedup();
+        let paths: Vec<PathBuf> = shard_names.iter().map(|s| dir.join(s)).collect();
+        let out = Self::open_files(&paths)?;
+        for (name, shard) in &index.weight_map {
+            let expected = dir.join(shard);
+            match out.tensors.get(name) {
+                Some(entry) if out.files[entry.file].path == expected => {}
+                _ if out.other_dtype.contains_key(name) => {}
+                _ => {
+                    return Err(EngineError::Tensor {
+                        path: expected,
+                        tensor: name.clone(),
+                        message: format!(
+                            "listed in {} but not found in this shard",
+                            index_path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens and indexes the given safetensors files.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut out = WeightIndex {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            other_dtype: HashMap::new(),
+        };
+        for path in paths {
+            let file_idx = out.files.len();
+            let (map, entries) = open_one(path)?;
+            for (name, entry) in entries {
+                match entry {
+                    Ok(mut e) => {
+                        e.file = file_idx;
+                        out.tensors.insert(name, e);
+                    }
+                    Err(dtype) => {
+                        out.other_dtype.insert(name, (file_idx, dtype));
+                    }
+                }
+            }
+            out.files.push(MappedFile {
+                path: path.clone(),
+                map: Arc::new(map),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Names of all float tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Whether a float tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Where a tensor lives.
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// Path of file `i`.
+    pub fn file_path(&self, i: usize) -> &Path {
+        &self.files[i].path
+    }
+
+    /// The mapped bytes of file `i`.
+    pub fn file_map(&self, i: usize) -> &Arc<Mmap> {
+        &self.files[i].map
+    }
+
+    /// A description of the files, for error messages about missing tensors.
+    fn where_(&self) -> PathBuf {
+        match self.files.as_slice() {
+            [one] => one.path.clone(),
+            files => PathBuf::from(format!(
+                "{} (and {} other shards)",
+                files.first().map_or(String::new(), |f| f.path.display().to_string()),
+                files.len().saturating_sub(1)
+            )),
+        }
+    }
+
+    /// The tensor `name`, which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let w = self.get_any(name)?;
+        if w.shape() != shape {
+            let entry = &self.tensors[name];
+            return Err(EngineError::Shape {
+                path: self.files[entry.file].path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                got: w.shape().to_vec(),
+            });
+        }
+        Ok(w)
+    }
+
+    /// The tensor `name`, whatever its shape.
+    pub fn get_any(&self, name: &str) -> Result<Weight> {
+        if let Some((file, dtype)) = self.other_dtype.get(name) {
+            return Err(EngineError::Tensor {
+                path: self.files[*file].path.clone(),
+                tensor: name.to_string(),
+                message: format!("dtype {dtype} is not supported (expected F32, F16 or BF16)"),
+            });
+        }
+        let entry = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
+            path: self.where_(),
+            tensor: name.to_string(),
+        })?;
+        let backing: Backing = self.files[entry.file].map.clone();
+        Ok(Weight::new(backing, entry.offset, entry.dtype, entry.shape.clone()))
+    }
+}
+
+/// Maps one file and checks its header against its length. Entries with a dtype the engine does
+/// not compute with come back as `Err(dtype name)`.
+#[allow(clippy::type_complexity)]
+fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, String>)>)> {
+    let file = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::MissingFile {
+            path: path.to_path_buf(),
+            what: "a safetensors weights file",
+        },
+        _ => EngineError::io(path, e),
+    })?;
+    // SAFETY: the map is read-only. The caller guarantees that the checkpoint files are not
+    // truncated or rewritten while the engine runs (as every mmap-based loader must); the
+    // header is checked against the length below, so all later reads are in bounds.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+    let bad = |message: String| EngineError::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let len = map.len();
+    if len < 8 {
+        return Err(bad(format!(
+            "file is {len} bytes, too short for a safetensors header (truncated?)"
+        )));
+    }
+    let n = u64::from_le_bytes(map[..8].try_into().unwrap_or_default()) as usize;
+    if n.checked_add(8).is_none_or(|end| end > len) {
+        return Err(bad(format!(
+            "header length field says {n} bytes but the file has only {len} (truncated or not safetensors)"
+        )));
+    }
+    let data_start = 8 + n;
+    let data_len = len - data_start;
+    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&map[8..data_start])
+        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let mut needed = 0usize;
+    let mut entries = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: RawInfo = serde_json::from_value(value).map_err(|e| EngineError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            message: format!("bad header entry: {e}"),
+        })?;
+        let tensor_err = |message: String| EngineError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            message,
+        };
+        let (s, e) = info.data_offsets;
+        if e < s {
+            return Err(tensor_err(format!("data_offsets [{s}, {e}] end before they start")));
+        }
+        if e > data_len {
+            return Err(tensor_err(format!(
+                "data_offsets end at {e} but the file has {data_len} bytes of data (truncated, or a header that lies about offsets)"
+            )));
+        }
+        needed = needed.max(e);
+        let dtype = match info.dtype.as_str() {
+            "F32" => Ok(DType::F32),
+            "F16" => Ok(DType::F16),
+            "BF16" => Ok(DType::BF16),
+            other => Err(other.to_string()),
+        };
+        let numel: usize = info.shape.iter().product();
+        if let Ok(d) = dtype
+            && numel * d.size() != e - s
+        {
+            return Err(tensor_err(format!(
+                "shape {:?} of {} needs {} bytes but data_offsets [{s}, {e}] span {}",
+                info.shape,
+                d.name(),
+                numel * d.size(),
+                e - s
+            )));
+        }
+        entries.push((
+            name,
+            dtype.map(|dtype| TensorEntry {
+                file: 0,
+                offset: data_start + s,
+                dtype,
+                shape: info.shape,
+            }),
+        ));
+    }
+    // The safetensors crate's own validation: contiguous, non-overlapping offsets that cover the
+    // data exactly.
+    safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
+        bad(match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => format!(
+                "tensors cover {needed} bytes of data but the file has {data_len} (truncated, or trailing bytes)"
+            ),
+            safetensors::SafeTensorError::InvalidOffset(t) => {
+                format!("tensor `{t}`: data_offsets overlap or leave a gap")
+            }
+            other => format!("{other:?}"),
+        })
+    })?;
+    Ok((map, entries))
+}

@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Makes small random Hugging Face MoE checkpoints and their golden outputs with `transformers`.
+
+The engine's parity tests read what this script writes (no Python at test time):
+
+    <out>/<arch>/config.json, generation_config.json, model.safetensors(.index.json),
+                 tokenizer.json, tokenizer_config.json, chat_template.jinja
+    <out>/<arch>/golden.safetensors   prompt_ids   i64 [T]
+                                      logits       f32 [T, V]   every prompt position
+                                      router_experts i64 [L_moe, T, K]  best first
+                                      router_weights f32 [L_moe, T, K]
+                                      generated    i64 [N]      greedy, EOS ignored
+    <out>/<arch>/golden.json          versions, seed, prompt text, chat messages, rendered chat
+                                      text and ids, smallest router top-k margin
+
+Every architecture gets features that a careless loader would get wrong: norms and biases with
+random (not unit/zero) values, routers scaled so that routing is decisive, and per fixture a
+different on-disk dtype, rope scaling, expert layout (per-expert or transformers-5 fused),
+sharding, tied embeddings, dense layers, sliding windows or a shared expert.
+
+Usage (pinned versions: see requirements.txt beside this file):
+    python engine/tests/golden/make.py --out engine/tests/golden            # the committed fixtures
+    python engine/tests/golden/make.py --out /tmp/g --seed 7 --size medium  # an independent set
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+import tokenizers
+from safetensors.torch import save_file
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"]
+GENERATE = 16
+
+# Qwen2/3's pre-tokenizer split pattern (byte-level BPE after it).
+QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+CORPUS = """\
+The expert cache keeps the most useful experts resident while the rest stay on disk.
+A mixture of experts routes every token to a few experts chosen by a small gate.
+def route(hidden, gate, k):
+    scores = softmax(gate @ hidden)
+    return topk(scores, k)
+fn main() { let x = vec![1, 2, 3]; println!("{:?}", x.iter().sum::<i32>()); }
+SELECT layer, expert, COUNT(*) FROM trace GROUP BY layer, expert ORDER BY 3 DESC;
+The integral of x^2 from 0 to 3 equals 9, and 12 * 7 = 84.
+Naïve café owners in Zürich serve crème brûlée; 東京 and 北京 are capitals. Émigrés said “hello”.
+Prefetching loads experts before they are needed, so the forward pass never waits on the disk.
+"""
+
+PROMPT = "The expert cache keeps 12 experts on disk — naïve café 東京!\nWhy?"
+CHAT = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "Which experts will layer 4 need?"},
+]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and system %}{{ '[INST] ' + system + '\\n\\n' + message['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'].strip() + ' [/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def sizes(size):
+    if size == "small":
+        return dict(vocab=384, hidden=64, heads=4, layers=4, experts=8, expert_width=32)
+    if size == "medium":
+        return dict(vocab=640, hidden=128, heads=8, layers=6, experts=24, expert_width=48)
+    raise SystemExit(f"--size: expected small or medium, got {size}")
+
+
+def arch_config(arch, s, vocab):
+    """The config of one fixture: small, with the features each architecture must get right."""
+    h, heads, layers, e, w = s["hidden"], s["heads"], s["layers"], s["experts"], s["expert_width"]
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=h,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+    )
+    if arch == "qwen3_moe":
+        return dict(
+            common,
+            model_type=arch,
+            num_key_value_heads=heads // 2,
+            head_dim=2 * h // heads,  # head_dim != hidden / heads, as in real Qwen3 MoE
+            num_experts=2 * e,
+            num_experts_per_tok=4,
+            moe_intermediate_size=w,
+            intermediate_size=3 * w,
+            mlp_only_layers=[0],
+            norm_topk_prob=True,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=1_000_000.0, factor=4.0, original_max_position_embeddings=64
+            ),
+            tie_word_embeddings=False,
+        ), torch.bfloat16
+    if arch == "olmoe":
+        return dict(
+            common,
+            model_type=arch,
+            num_key_value_heads=heads,
+            num_experts=e,
+            num_experts_per_tok=2,
+            intermediate_size=w,
+            norm_topk_prob=False,
+            clip_qkv=4.0,
+            rope_parameters=dict(rope_type="linear", rope_theta=10_000.0, factor=2.0),
+            tie_word_embeddings=True,
+        ), torch.float32
+    if arch == "mixtral":
+        return dict(
+            common,
+            model_type=arch,
+            num_key_value_heads=1,
+            num_local_experts=e,
+            num_experts_per_tok=2,
+            intermediate_size=w + 16,
+            sliding_window=9,
+            rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0),
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ), torch.float16
+    if arch == "qwen2_moe":
+        return dict(
+            common,
+            model_type=arch,
+            num_key_value_heads=heads // 2,
+            num_experts=e + 4,
+            num_experts_per_tok=3,
+            moe_intermediate_size=w - 8,
+            shared_expert_intermediate_size=h,
+            intermediate_size=w + 48,
+            decoder_sparse_step=2,
+            norm_topk_prob=False,
+            max_position_embeddings=20,  # decode runs past it: dynamic NTK rope kicks in
+            rope_parameters=dict(rope_type="dynamic", rope_theta=10_000.0, factor=2.0),
+            tie_word_embeddings=False,
+        ), torch.float32
+    raise ValueError(arch)
+
+
+def train_tokenizer(vocab, bos_style):
+    specials = ["<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    if bos_style:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
+    return tok
+
+
+def init_weights(model, gen):
+    """Non-trivial random weights: norms around 1, biases around 0 but not 0, decisive routers."""
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
+                p.copy_(3.0 * torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+
+
+class RouterRecorder:
+    """Records (indices, weights, probabilities) of every TopKRouter call."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handles = [
+            m.register_forward_hook(self.hook) for m in model.modules() if type(m).__name__.endswith("TopKRouter")
+        ]
+
+    def hook(self, module, inputs, output):
+        logits, weights, indices = output
+        probs = torch.softmax(logits.float(), dim=-1)
+        self.calls.append((indices.detach().clone(), weights.detach().float().clone(), probs.detach()))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def make_fixture(arch, out_dir, seed, size):
+    s = sizes(size)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed * 1000 + ARCHS.index(arch))
+    bos_style = arch == "mixtral"
+    tok = train_tokenizer(s["vocab"] - 32, bos_style)
+    cfg_dict, dtype = arch_config(arch, s, s["vocab"])
+    if bos_style:
+        cfg_dict["bos_token_id"] = tok.token_to_id("<s>")
+        cfg_dict["eos_token_id"] = tok.token_to_id("</s>")
+    else:
+        cfg_dict["eos_token_id"] = tok.token_to_id("<|im_end|>")
+    model_type = cfg_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    init_weights(model, gen)
+
+    out = Path(out_dir) / arch
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    save_kwargs = {}
+    if arch == "qwen3_moe":
+        save_kwargs["max_shard_size"] = "400KB"  # sharded: model.safetensors.index.json
+    if arch == "olmoe":
+        save_kwargs["save_original_format"] = False  # transformers-5 fused experts
+    model.to(dtype).save_pretrained(out, **save_kwargs)
+    # The reference is transformers loading the files just written, computing in f32 from
+    # exactly the on-disk values.
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>" if bos_style else None,
+        eos_token="</s>" if bos_style else "<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=MISTRAL_TEMPLATE if bos_style else CHATML_TEMPLATE,
+    )
+    hf_tok.save_pretrained(out)
+
+    prompt_ids = hf_tok(PROMPT)["input_ids"]
+    chat_text = hf_tok.apply_chat_template(CHAT if not bos_style else CHAT, tokenize=False, add_generation_prompt=True)
+    chat_ids = hf_tok(chat_text, add_special_tokens=False)["input_ids"]
+
+    rec = RouterRecorder(model)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    prompt_calls = list(rec.calls)
+    rec.calls.clear()
+    with torch.no_grad():
+        generated = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=GENERATE,
+            min_new_tokens=GENERATE,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(prompt_ids):]
+    rec.close()
+
+    k = config.num_experts_per_tok
+    margins = []
+    for _, _, probs in prompt_calls + rec.calls:
+        top = torch.sort(probs, dim=-1, descending=True).values
+        margins.append(float((top[:, k - 1] - top[:, k]).min()))
+    router_experts = torch.stack([c[0] for c in prompt_calls]).to(torch.int64)
+    router_weights = torch.stack([c[1] for c in prompt_calls])
+    save_file(
+        {
+            "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int64),
+            "logits": logits.contiguous(),
+            "router_experts": router_experts.contiguous(),
+            "router_weights": router_weights.contiguous(),
+            "generated": generated.to(torch.int64).contiguous(),
+        },
+        out / "golden.safetensors",
+    )
+    top2 = torch.topk(logits, 2, dim=-1).values
+    meta = {
+        "made_by": "engine/tests/golden/make.py",
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "tokenizers": tokenizers.__version__},
+        "arch": arch,
+        "seed": seed,
+        "size": size,
+        "on_disk_dtype": str(dtype).replace("torch.", ""),
+        "prompt": PROMPT,
+        "prompt_ids": prompt_ids,
+        "chat_messages": CHAT,
+        "chat_text": chat_text,
+        "chat_ids": chat_ids,
+        "generated": generated.tolist(),
+        "min_router_margin": min(margins),
+        "min_logit_top2_gap": float((top2[:, 0] - top2[:, 1]).min()),
+    }
+    (out / "golden.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    print(f"{arch}: {len(prompt_ids)} prompt tokens, min router margin {min(margins):.2e}, files in {out}")
+    if min(margins) < 1e-5:
+        print(f"warning: {arch} has a near-tie in routing (margin {min(margins):.2e}); f32 order may flip it")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory that receives one folder per architecture")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", default="small", choices=["small", "medium"])
+    ap.add_argument("--arch", default="all", help="comma list of " + ",".join(ARCHS) + ", or all")
+    args = ap.parse_args()
+    archs = ARCHS if args.arch == "all" else args.arch.split(",")
+    for a in archs:
+        if a not in ARCHS:
+            sys.exit(f"--arch: unknown {a!r}; expected one of {', '.join(ARCHS)}")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for a in archs:
+        make_fixture(a, args.out, args.seed, args.size)
+
+
+if __name__ == "__main__":
+    main()

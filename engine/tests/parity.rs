@@ -1,0 +1,132 @@
+//! Golden parity with Hugging Face transformers, per architecture.
+//!
+//! The fixtures under `tests/golden/<arch>/` were written by `tests/golden/make.py` (pinned
+//! transformers + torch): small random checkpoints in the Hugging Face layout and what
+//! transformers computed on them. No Python runs here; the engine loads the same files through
+//! its real loading code and must reproduce:
+//! - the tokenizer's ids for the prompt, and the chat template's text and ids;
+//! - logits for every prompt position, within 1e-4 absolute (the logits are O(1)–O(10));
+//! - the router's top-k experts (best first) at every MoE layer and prompt token, exactly, and
+//!   their weights within 1e-4;
+//! - 16 greedy tokens (prefill + decode with the KV cache), exactly.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Golden, fixture_dir};
+use shadowmoe_engine::{
+    Checkpoint, GenerateOptions, LogitsFor, Phase, RecordingObserver, SamplingParams, generate,
+};
+
+const LOGIT_TOL: f32 = 1e-4;
+
+fn check_arch(arch: &str) {
+    let dir = fixture_dir(arch);
+    let golden = Golden::read(&dir);
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    assert_eq!(ckpt.config.arch.model_type(), arch);
+
+    // Tokenizer and chat template.
+    let tok = ckpt.tokenizer().unwrap();
+    assert_eq!(tok.encode(&golden.prompt).unwrap(), golden.prompt_ids, "{arch}: prompt ids");
+    let chat_text = tok.render_chat(&golden.chat, true).unwrap();
+    assert_eq!(chat_text, golden.chat_text, "{arch}: rendered chat template");
+    assert_eq!(tok.encode_chat(&golden.chat).unwrap(), golden.chat_ids, "{arch}: chat ids");
+
+    // Prefill logits and routing.
+    let model = ckpt.load_model().unwrap();
+    let mut obs = RecordingObserver::default();
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward(&golden.prompt_ids, &mut cache, Phase::Prefill, LogitsFor::All, &mut obs)
+        .unwrap();
+    let (t, v) = logits.dim();
+    assert_eq!((t, v), (golden.prompt_ids.len(), golden.vocab));
+    let max_diff = logits
+        .iter()
+        .zip(&golden.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    let scale = golden.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    assert!(
+        max_diff <= LOGIT_TOL,
+        "{arch}: logits differ by {max_diff:e} (> {LOGIT_TOL:e}; logit scale {scale}); first values ours {:?} golden {:?}",
+        &logits.as_slice().unwrap()[..4],
+        &golden.logits[..4]
+    );
+
+    let moe_layers = ckpt.config.moe_layers();
+    let k = ckpt.config.num_experts_per_tok;
+    assert_eq!(obs.events.len(), moe_layers.len() * t, "{arch}: one event per (MoE layer, token)");
+    for (li, &layer) in moe_layers.iter().enumerate() {
+        for ti in 0..t {
+            let ev = &obs.events[li * t + ti];
+            assert_eq!((ev.layer, ev.position, ev.phase), (layer, ti, Phase::Prefill));
+            assert_eq!(ev.token_id, golden.prompt_ids[ti]);
+            let want = &golden.router_experts[(li * t + ti) * k..][..k];
+            assert_eq!(ev.experts, want, "{arch}: router top-{k} at layer {layer}, token {ti}");
+            let want_w = &golden.router_weights[(li * t + ti) * k..][..k];
+            for (a, b) in ev.weights.iter().zip(want_w) {
+                assert!((a - b).abs() < 1e-4, "{arch}: router weight at layer {layer}, token {ti}: {a} vs {b}");
+            }
+        }
+    }
+
+    // Greedy generation through the KV cache.
+    let opts = GenerateOptions {
+        max_new_tokens: golden.generated.len(),
+        sampling: SamplingParams::default(),
+        eos_token_ids: Vec::new(),
+    };
+    let (generated, stats) =
+        generate(&model, &golden.prompt_ids, &opts, &mut shadowmoe_engine::NoObserver, |_| Ok(())).unwrap();
+    assert_eq!(generated, golden.generated, "{arch}: greedy tokens");
+    assert_eq!(stats.decode_steps, golden.generated.len() - 1);
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check_arch("qwen3_moe");
+}
+
+#[test]
+fn olmoe_matches_transformers() {
+    check_arch("olmoe");
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check_arch("mixtral");
+}
+
+#[test]
+fn qwen2_moe_matches_transformers() {
+    check_arch("qwen2_moe");
+}
+
+/// The observer sees decode tokens too, with their positions and hidden states on request.
+#[test]
+fn observer_sees_decode_and_hidden_states() {
+    let dir = fixture_dir("qwen2_moe");
+    let golden = Golden::read(&dir);
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    let model = ckpt.load_model().unwrap();
+    let moe = ckpt.config.moe_layers();
+    let mut obs = RecordingObserver { hidden_layers: vec![moe[0]], ..Default::default() };
+    let opts = GenerateOptions { max_new_tokens: 3, sampling: SamplingParams::default(), eos_token_ids: vec![] };
+    let (generated, _) = generate(&model, &golden.prompt_ids, &opts, &mut obs, |_| Ok(())).unwrap();
+    let t = golden.prompt_ids.len();
+    // Prefill (t tokens) + 2 decode steps, for every MoE layer.
+    assert_eq!(obs.events.len(), moe.len() * (t + 2));
+    let decode: Vec<_> = obs.events.iter().filter(|e| e.phase == Phase::Decode).collect();
+    assert_eq!(decode.len(), moe.len() * 2);
+    assert_eq!(decode[0].position, t);
+    assert_eq!(decode[0].token_id, generated[0]);
+    for e in &obs.events {
+        assert_eq!(e.hidden.is_some(), e.layer == moe[0]);
+        if let Some(h) = &e.hidden {
+            assert_eq!(h.len(), ckpt.config.hidden_size);
+        }
+    }
+}
