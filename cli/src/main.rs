@@ -1,1 +1,273 @@
-fn main() {}
+//! `shadowmoe`: the umbrella binary. Subcommands:
+//! - `generate`: stream text from a checkpoint, then report prefill/decode tok/s and peak RSS;
+//! - `logits`: the engine's outside-checkable surface — logits, router choices and greedy
+//!   tokens for given token ids, written to a safetensors file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use shadowmoe_engine::{
+    ChatMessage, Checkpoint, GenerateOptions, LogitsFor, NoObserver, Phase, RecordingObserver, SamplingParams,
+    TextStream, generate, peak_rss_bytes,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "shadowmoe", version, about = "Run Mixture-of-Experts checkpoints whose experts live on SSD")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt or a chat message, streaming it as it comes.
+    Generate(GenerateArgs),
+    /// Write logits, router choices and (optionally) greedy tokens for given token ids.
+    Logits(LogitsArgs),
+}
+
+/// Flags every model-running command shares.
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// Checkpoint directory (Hugging Face layout), or a hub id (Org/Name) already in the local
+    /// Hugging Face cache. No network is used.
+    #[arg(long)]
+    model: String,
+    /// Threads for the forward pass (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Raw prompt text, tokenized as is (with the tokenizer's own special tokens).
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    prompt: Option<String>,
+    /// One user message, rendered through the checkpoint's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    /// Most tokens to generate (stops earlier at an end-of-sequence token).
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the K most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample from the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt token ids, comma-separated (e.g. 1,2,3).
+    #[arg(long)]
+    tokens: String,
+    /// Also generate N greedy tokens after the prompt (end-of-sequence tokens do not stop it).
+    #[arg(long, default_value_t = 0)]
+    generate: usize,
+    /// Output safetensors file: logits f32 [tokens, vocab], router_experts i64
+    /// [moe_layers, tokens, top_k], router_weights f32 [moe_layers, tokens, top_k], generated
+    /// i64 [N].
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,shadowmoe=info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => run_generate(a),
+        Command::Logits(a) => run_logits(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Opens the checkpoint and sets the thread count.
+fn open(args: &ModelArgs) -> Result<Checkpoint> {
+    shadowmoe_engine::init_threads(args.threads)?;
+    let start = Instant::now();
+    let ckpt = Checkpoint::open(&args.model)?;
+    let c = &ckpt.config;
+    tracing::info!(
+        "{}: {} ({} layers, {} MoE, {} experts, top-{}) opened in {:.2}s",
+        ckpt.dir.display(),
+        c.arch.model_type(),
+        c.num_hidden_layers,
+        c.moe_layers().len(),
+        c.num_experts,
+        c.num_experts_per_tok,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(ckpt)
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let ckpt = open(&a.model)?;
+    let tok = ckpt.tokenizer()?;
+    let prompt = match (&a.prompt, &a.chat) {
+        (Some(p), _) => tok.encode(p)?,
+        (None, Some(c)) => tok.encode_chat(&[ChatMessage::user(c.clone())])?,
+        (None, None) => bail!("give --prompt TEXT or --chat TEXT"),
+    };
+    if prompt.is_empty() {
+        bail!("--prompt: the prompt encodes to no tokens");
+    }
+    let model = ckpt.load_model()?;
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        eos_token_ids: ckpt.eos_token_ids(),
+    };
+    let mut stream = TextStream::default();
+    let mut stdout = std::io::stdout().lock();
+    let (_, stats) = generate(&model, &prompt, &opts, &mut NoObserver, |id| {
+        if let Some(piece) = stream.push(&tok, id)? {
+            // A closed pipe (`| head`) ends the stream quietly.
+            let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
+        }
+        Ok(())
+    })?;
+    let _ = writeln!(stdout);
+    let decode = stats
+        .decode_tok_s()
+        .map_or("n/a (one token)".to_string(), |r| format!("{r:.1} tok/s"));
+    eprintln!(
+        "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {} | peak RSS: {}",
+        stats.prompt_tokens,
+        stats.prefill_tok_s(),
+        stats.generated_tokens,
+        decode,
+        peak_rss_bytes().map_or("n/a".to_string(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64)),
+    );
+    Ok(())
+}
+
+/// Parses `1,2,3`.
+fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u32>()
+                .with_context(|| format!("--tokens: `{p}` is not a token id (expected comma-separated integers, e.g. 1,2,3)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        bail!("--tokens: no token ids given (expected comma-separated integers, e.g. 1,2,3)");
+    }
+    Ok(ids)
+}
+
+fn run_logits(a: LogitsArgs) -> Result<()> {
+    let tokens = parse_tokens(&a.tokens)?;
+    let ckpt = open(&a.model)?;
+    let cfg = &ckpt.config;
+    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        bail!("--tokens: token id {bad} is outside the vocabulary (vocab_size = {})", cfg.vocab_size);
+    }
+    let model = ckpt.load_model()?;
+    let mut obs = RecordingObserver::default();
+    let mut cache = model.new_cache();
+    let logits = model.forward(&tokens, &mut cache, Phase::Prefill, LogitsFor::All, &mut obs)?;
+
+    // Events arrive layer by layer, token by token: exactly [moe_layers, tokens, top_k].
+    let k = cfg.num_experts_per_tok;
+    let experts: Vec<i64> = obs.events.iter().flat_map(|e| e.experts.iter().map(|&x| x as i64)).collect();
+    let weights: Vec<f32> = obs.events.iter().flat_map(|e| e.weights.iter().copied()).collect();
+    let moe_layers = cfg.moe_layers().len();
+
+    let generated: Vec<i64> = if a.generate > 0 {
+        let opts = GenerateOptions {
+            max_new_tokens: a.generate,
+            sampling: SamplingParams::default(),
+            eos_token_ids: Vec::new(),
+        };
+        let (ids, _) = generate(&model, &tokens, &opts, &mut NoObserver, |_| Ok(()))?;
+        ids.into_iter().map(i64::from).collect()
+    } else {
+        Vec::new()
+    };
+
+    let mut tensors: Vec<(&str, Vec<u8>, safetensors::Dtype, Vec<usize>)> = vec![
+        (
+            "logits",
+            le_bytes(logits.iter().copied(), f32::to_le_bytes),
+            safetensors::Dtype::F32,
+            vec![tokens.len(), cfg.vocab_size],
+        ),
+        (
+            "router_experts",
+            le_bytes(experts.into_iter(), i64::to_le_bytes),
+            safetensors::Dtype::I64,
+            vec![moe_layers, tokens.len(), k],
+        ),
+        (
+            "router_weights",
+            le_bytes(weights.into_iter(), f32::to_le_bytes),
+            safetensors::Dtype::F32,
+            vec![moe_layers, tokens.len(), k],
+        ),
+    ];
+    if a.generate > 0 {
+        tensors.push((
+            "generated",
+            le_bytes(generated.into_iter(), i64::to_le_bytes),
+            safetensors::Dtype::I64,
+            vec![a.generate],
+        ));
+    }
+    write_safetensors(&a.out, &tensors)?;
+    eprintln!("wrote {} ({} tokens, {} MoE layers)", a.out.display(), tokens.len(), moe_layers);
+    Ok(())
+}
+
+fn le_bytes<T, const N: usize>(values: impl Iterator<Item = T>, f: fn(T) -> [u8; N]) -> Vec<u8> {
+    values.flat_map(f).collect()
+}
+
+/// Writes the tensors to a temporary name beside `out`, then renames it: a crash never leaves
+/// a file that looks complete.
+fn write_safetensors(out: &Path, tensors: &[(&str, Vec<u8>, safetensors::Dtype, Vec<usize>)]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, bytes, dtype, shape)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.to_string(), v))
+                .with_context(|| format!("tensor {name}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tmp = out.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, None, &tmp)
+        .with_context(|| format!("--out: cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("--out: cannot rename {} to {}", tmp.display(), out.display()))?;
+    Ok(())
+}

@@ -57,7 +57,7 @@ impl Tokenizer {
         if !path.exists() {
             return Err(EngineError::MissingFile {
                 path,
-                what: "the tokenizer (tokenizer.json); pass token ids instead, or add the file",
+                what: "the tokenizer (tokenizer.json), needed to turn text into token ids",
             });
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::Tokenizer {

@@ -277,15 +277,17 @@ def make_fixture(arch, out_dir, seed, size):
         logits = model(ids).logits[0].float()
     prompt_calls = list(rec.calls)
     rec.calls.clear()
+    # Plain greedy decoding through transformers' KV cache: argmax every step, no logits
+    # processors (generate() would suppress EOS under min_new_tokens), EOS does not stop it.
+    generated, past, cur = [], None, ids
     with torch.no_grad():
-        generated = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=GENERATE,
-            min_new_tokens=GENERATE,
-            do_sample=False,
-            pad_token_id=0,
-        )[0, len(prompt_ids):]
+        for _ in range(GENERATE):
+            o = model(cur, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            nxt = int(o.logits[0, -1].argmax())
+            generated.append(nxt)
+            cur = torch.tensor([[nxt]])
+    generated = torch.tensor(generated, dtype=torch.int64)
     rec.close()
 
     k = config.num_experts_per_tok

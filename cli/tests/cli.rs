@@ -1,0 +1,106 @@
+//! The `shadowmoe` binary end to end: its `logits` output, read back with the safetensors
+//! crate, matches what transformers computed; bad input gets a one-line error, not a panic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shadowmoe"))
+}
+
+fn fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/golden").join(arch)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn i64s(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+#[test]
+fn logits_command_matches_the_golden_file() {
+    for arch in ["mixtral", "qwen3_moe"] {
+        let dir = fixture(arch);
+        let golden_bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+        let golden = safetensors::SafeTensors::deserialize(&golden_bytes).unwrap();
+        let ids = i64s(golden.tensor("prompt_ids").unwrap().data());
+        let want_gen = i64s(golden.tensor("generated").unwrap().data());
+        let tokens = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out.safetensors");
+        let o = bin()
+            .args(["logits", "--model", dir.to_str().unwrap(), "--tokens", &tokens, "--threads", "2"])
+            .args(["--generate", &want_gen.len().to_string(), "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{arch}: {}", stderr(&o));
+        assert!(!out.with_extension("safetensors.tmp").exists(), "temporary file left behind");
+
+        let ours_bytes = std::fs::read(&out).unwrap();
+        let ours = safetensors::SafeTensors::deserialize(&ours_bytes).unwrap();
+        let l = ours.tensor("logits").unwrap();
+        assert_eq!(l.dtype(), safetensors::Dtype::F32);
+        assert_eq!(l.shape(), golden.tensor("logits").unwrap().shape());
+        let diff = f32s(l.data())
+            .iter()
+            .zip(f32s(golden.tensor("logits").unwrap().data()))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff <= 1e-4, "{arch}: logits differ by {diff:e}");
+        let re = ours.tensor("router_experts").unwrap();
+        assert_eq!(re.dtype(), safetensors::Dtype::I64);
+        assert_eq!(re.shape(), golden.tensor("router_experts").unwrap().shape());
+        assert_eq!(i64s(re.data()), i64s(golden.tensor("router_experts").unwrap().data()), "{arch}");
+        assert_eq!(i64s(ours.tensor("generated").unwrap().data()), want_gen, "{arch}: greedy tokens");
+    }
+}
+
+#[test]
+fn generate_streams_text_and_reports_speed() {
+    let o = bin()
+        .args(["generate", "--model", fixture("qwen3_moe").to_str().unwrap(), "--chat", "Which experts?"])
+        .args(["--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "50", "--top-p", "0.9", "--seed", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("prefill:") && err.contains("decode:") && err.contains("peak RSS"), "{err}");
+    assert!(!o.stdout.is_empty());
+}
+
+/// Each bad input: exit status 1, one line on stderr naming what is wrong, no panic.
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let model = fixture("olmoe");
+    let m = model.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.safetensors");
+    let o_ = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["logits", "--model", m, "--tokens", "1,two,3", "--out", o_], "--tokens: `two` is not a token id"),
+        (vec!["logits", "--model", m, "--tokens", "1,99999", "--out", o_], "--tokens: token id 99999 is outside the vocabulary"),
+        (vec!["logits", "--model", "/nonexistent/dir", "--tokens", "1", "--out", o_], "not a hub id"),
+        (vec!["logits", "--model", "NoSuchOrg/NoSuchModel", "--tokens", "1", "--out", o_], "no network is used"),
+        (vec!["generate", "--model", m, "--prompt", "hi", "--top-p", "0"], "--top-p"),
+        (vec!["logits", "--model", m, "--tokens", "1", "--out", "/nonexistent/dir/x.safetensors"], "--out"),
+    ];
+    for (args, want) in cases {
+        let o = bin().args(&args).env("HF_HUB_CACHE", tmp.path()).env("RUST_LOG", "warn").output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.starts_with("error: ") && err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert!(!out.exists());
+}
