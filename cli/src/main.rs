@@ -10,12 +10,16 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use shadowmoe_engine::{
-    ChatMessage, Checkpoint, GenerateOptions, LogitsFor, NoObserver, Phase, RecordingObserver, SamplingParams,
-    TextStream, generate, peak_rss_bytes,
+    ChatMessage, Checkpoint, GenerateOptions, LogitsFor, NoObserver, Phase, RecordingObserver,
+    SamplingParams, TextStream, generate, peak_rss_bytes,
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "shadowmoe", version, about = "Run Mixture-of-Experts checkpoints whose experts live on SSD")]
+#[command(
+    name = "shadowmoe",
+    version,
+    about = "Run Mixture-of-Experts checkpoints whose experts live on SSD"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -165,7 +169,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         stats.prefill_tok_s(),
         stats.generated_tokens,
         decode,
-        peak_rss_bytes().map_or("n/a".to_string(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64)),
+        peak_rss_bytes().map_or("n/a".to_string(), |b| format!(
+            "{:.1} MiB",
+            b as f64 / (1 << 20) as f64
+        )),
     );
     Ok(())
 }
@@ -177,8 +184,9 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
         .map(|p| p.trim())
         .filter(|p| !p.is_empty())
         .map(|p| {
-            p.parse::<u32>()
-                .with_context(|| format!("--tokens: `{p}` is not a token id (expected comma-separated integers, e.g. 1,2,3)"))
+            p.parse::<u32>().with_context(|| {
+                format!("--tokens: `{p}` is not a token id (expected comma-separated integers, e.g. 1,2,3)")
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     if ids.is_empty() {
@@ -192,7 +200,10 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
     let ckpt = open(&a.model)?;
     let cfg = &ckpt.config;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-        bail!("--tokens: token id {bad} is outside the vocabulary (vocab_size = {})", cfg.vocab_size);
+        bail!(
+            "--tokens: token id {bad} is outside the vocabulary (vocab_size = {})",
+            cfg.vocab_size
+        );
     }
     let model = ckpt.load_model()?;
     let mut obs = RecordingObserver::default();
@@ -201,8 +212,16 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
 
     // Events arrive layer by layer, token by token: exactly [moe_layers, tokens, top_k].
     let k = cfg.num_experts_per_tok;
-    let experts: Vec<i64> = obs.events.iter().flat_map(|e| e.experts.iter().map(|&x| x as i64)).collect();
-    let weights: Vec<f32> = obs.events.iter().flat_map(|e| e.weights.iter().copied()).collect();
+    let experts: Vec<i64> = obs
+        .events
+        .iter()
+        .flat_map(|e| e.experts.iter().map(|&x| x as i64))
+        .collect();
+    let weights: Vec<f32> = obs
+        .events
+        .iter()
+        .flat_map(|e| e.weights.iter().copied())
+        .collect();
     let moe_layers = cfg.moe_layers().len();
 
     let generated: Vec<i64> = if a.generate > 0 {
@@ -246,7 +265,12 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
         ));
     }
     write_safetensors(&a.out, &tensors)?;
-    eprintln!("wrote {} ({} tokens, {} MoE layers)", a.out.display(), tokens.len(), moe_layers);
+    eprintln!(
+        "wrote {} ({} tokens, {} MoE layers)",
+        a.out.display(),
+        tokens.len(),
+        moe_layers
+    );
     Ok(())
 }
 
@@ -268,6 +292,7 @@ fn write_safetensors(out: &Path, tensors: &[(&str, Vec<u8>, safetensors::Dtype, 
     let tmp = out.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(views, None, &tmp)
         .with_context(|| format!("--out: cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("--out: cannot rename {} to {}", tmp.display(), out.display()))?;
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("--out: cannot rename {} to {}", tmp.display(), out.display()))?;
     Ok(())
 }

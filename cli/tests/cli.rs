@@ -11,7 +11,9 @@ fn bin() -> Command {
 }
 
 fn fixture(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/golden").join(arch)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/tests/golden")
+        .join(arch)
 }
 
 fn stderr(o: &Output) -> String {
@@ -19,11 +21,15 @@ fn stderr(o: &Output) -> String {
 }
 
 fn i64s(b: &[u8]) -> Vec<i64> {
-    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 #[test]
@@ -39,12 +45,28 @@ fn logits_command_matches_the_golden_file() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out.safetensors");
         let o = bin()
-            .args(["logits", "--model", dir.to_str().unwrap(), "--tokens", &tokens, "--threads", "2"])
-            .args(["--generate", &want_gen.len().to_string(), "--out", out.to_str().unwrap()])
+            .args([
+                "logits",
+                "--model",
+                dir.to_str().unwrap(),
+                "--tokens",
+                &tokens,
+                "--threads",
+                "2",
+            ])
+            .args([
+                "--generate",
+                &want_gen.len().to_string(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         assert!(o.status.success(), "{arch}: {}", stderr(&o));
-        assert!(!out.with_extension("safetensors.tmp").exists(), "temporary file left behind");
+        assert!(
+            !out.with_extension("safetensors.tmp").exists(),
+            "temporary file left behind"
+        );
 
         let ours_bytes = std::fs::read(&out).unwrap();
         let ours = safetensors::SafeTensors::deserialize(&ours_bytes).unwrap();
@@ -60,21 +82,49 @@ fn logits_command_matches_the_golden_file() {
         let re = ours.tensor("router_experts").unwrap();
         assert_eq!(re.dtype(), safetensors::Dtype::I64);
         assert_eq!(re.shape(), golden.tensor("router_experts").unwrap().shape());
-        assert_eq!(i64s(re.data()), i64s(golden.tensor("router_experts").unwrap().data()), "{arch}");
-        assert_eq!(i64s(ours.tensor("generated").unwrap().data()), want_gen, "{arch}: greedy tokens");
+        assert_eq!(
+            i64s(re.data()),
+            i64s(golden.tensor("router_experts").unwrap().data()),
+            "{arch}"
+        );
+        assert_eq!(
+            i64s(ours.tensor("generated").unwrap().data()),
+            want_gen,
+            "{arch}: greedy tokens"
+        );
     }
 }
 
 #[test]
 fn generate_streams_text_and_reports_speed() {
     let o = bin()
-        .args(["generate", "--model", fixture("qwen3_moe").to_str().unwrap(), "--chat", "Which experts?"])
-        .args(["--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "50", "--top-p", "0.9", "--seed", "1"])
+        .args([
+            "generate",
+            "--model",
+            fixture("qwen3_moe").to_str().unwrap(),
+            "--chat",
+            "Which experts?",
+        ])
+        .args([
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.7",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "1",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains("prefill:") && err.contains("decode:") && err.contains("peak RSS"), "{err}");
+    assert!(
+        err.contains("prefill:") && err.contains("decode:") && err.contains("peak RSS"),
+        "{err}"
+    );
     assert!(!o.stdout.is_empty());
 }
 
@@ -87,18 +137,68 @@ fn bad_input_gets_one_line_errors() {
     let out = tmp.path().join("x.safetensors");
     let o_ = out.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["logits", "--model", m, "--tokens", "1,two,3", "--out", o_], "--tokens: `two` is not a token id"),
-        (vec!["logits", "--model", m, "--tokens", "1,99999", "--out", o_], "--tokens: token id 99999 is outside the vocabulary"),
-        (vec!["logits", "--model", "/nonexistent/dir", "--tokens", "1", "--out", o_], "not a hub id"),
-        (vec!["logits", "--model", "NoSuchOrg/NoSuchModel", "--tokens", "1", "--out", o_], "no network is used"),
-        (vec!["generate", "--model", m, "--prompt", "hi", "--top-p", "0"], "--top-p"),
-        (vec!["logits", "--model", m, "--tokens", "1", "--out", "/nonexistent/dir/x.safetensors"], "--out"),
+        (
+            vec!["logits", "--model", m, "--tokens", "1,two,3", "--out", o_],
+            "--tokens: `two` is not a token id",
+        ),
+        (
+            vec!["logits", "--model", m, "--tokens", "1,99999", "--out", o_],
+            "--tokens: token id 99999 is outside the vocabulary",
+        ),
+        (
+            vec![
+                "logits",
+                "--model",
+                "/nonexistent/dir",
+                "--tokens",
+                "1",
+                "--out",
+                o_,
+            ],
+            "not a hub id",
+        ),
+        (
+            vec![
+                "logits",
+                "--model",
+                "NoSuchOrg/NoSuchModel",
+                "--tokens",
+                "1",
+                "--out",
+                o_,
+            ],
+            "no network is used",
+        ),
+        (
+            vec!["generate", "--model", m, "--prompt", "hi", "--top-p", "0"],
+            "--top-p",
+        ),
+        (
+            vec![
+                "logits",
+                "--model",
+                m,
+                "--tokens",
+                "1",
+                "--out",
+                "/nonexistent/dir/x.safetensors",
+            ],
+            "--out",
+        ),
     ];
     for (args, want) in cases {
-        let o = bin().args(&args).env("HF_HUB_CACHE", tmp.path()).env("RUST_LOG", "warn").output().unwrap();
+        let o = bin()
+            .args(&args)
+            .env("HF_HUB_CACHE", tmp.path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.starts_with("error: ") && err.contains(want), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }

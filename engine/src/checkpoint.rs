@@ -39,7 +39,11 @@ impl GenerationConfig {
             Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
             Some(_) => {
-                return Err(EngineError::field(path, "eos_token_id", "expected an id or a list of ids"));
+                return Err(EngineError::field(
+                    path,
+                    "eos_token_id",
+                    "expected an id or a list of ids",
+                ));
             }
         };
         Ok(Self {

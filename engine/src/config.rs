@@ -190,7 +190,11 @@ impl Fields<'_> {
 
     fn usize(&self, keys: &[&str]) -> Result<usize> {
         self.usize_opt(keys)?.ok_or_else(|| {
-            EngineError::field(self.path, keys.join(" / "), "missing (required by this model_type)")
+            EngineError::field(
+                self.path,
+                keys.join(" / "),
+                "missing (required by this model_type)",
+            )
         })
     }
 
@@ -237,9 +241,9 @@ impl Fields<'_> {
             Some((k, Value::Array(items))) => items
                 .iter()
                 .map(|v| {
-                    v.as_u64().map(|n| n as usize).ok_or_else(|| {
-                        EngineError::field(self.path, k, "expected a list of integers")
-                    })
+                    v.as_u64()
+                        .map(|n| n as usize)
+                        .ok_or_else(|| EngineError::field(self.path, k, "expected a list of integers"))
                 })
                 .collect(),
             Some((k, _)) => Err(EngineError::field(self.path, k, "expected a list of integers")),
@@ -253,11 +257,7 @@ impl Fields<'_> {
             Some((_, Value::Number(n))) if n.as_u64().is_some() => {
                 Ok(vec![n.as_u64().unwrap_or_default() as u32])
             }
-            Some((k, Value::Array(_))) => Ok(self
-                .usize_list(k)?
-                .into_iter()
-                .map(|n| n as u32)
-                .collect()),
+            Some((k, Value::Array(_))) => Ok(self.usize_list(k)?.into_iter().map(|n| n as u32).collect()),
             Some((k, _)) => Err(EngineError::field(
                 self.path,
                 k,
@@ -271,12 +271,10 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     let model_type = f
         .str_opt("model_type")?
         .ok_or_else(|| EngineError::field(f.path, "model_type", "missing"))?;
-    let arch = Arch::from_model_type(model_type).ok_or_else(|| {
-        EngineError::UnsupportedModelType {
-            path: f.path.to_path_buf(),
-            got: model_type.to_string(),
-            supported: Arch::SUPPORTED.to_vec(),
-        }
+    let arch = Arch::from_model_type(model_type).ok_or_else(|| EngineError::UnsupportedModelType {
+        path: f.path.to_path_buf(),
+        got: model_type.to_string(),
+        supported: Arch::SUPPORTED.to_vec(),
     })?;
 
     if let Some(act) = f.str_opt("hidden_act")?
@@ -306,7 +304,11 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         .usize_opt(&["head_dim"])?
         .unwrap_or(hidden_size / num_attention_heads);
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(EngineError::field(f.path, "head_dim", "must be a positive even number"));
+        return Err(EngineError::field(
+            f.path,
+            "head_dim",
+            "must be a positive even number",
+        ));
     }
     let max_position_embeddings = f.positive(&["max_position_embeddings"])?;
 
@@ -413,7 +415,11 @@ fn mlp_kinds(f: &Fields<'_>, arch: Arch, layers: usize, experts: usize) -> Resul
             let only_dense = f.usize_list("mlp_only_layers")?;
             let step = f.usize_opt(&["decoder_sparse_step"])?.unwrap_or(1);
             if step == 0 {
-                return Err(EngineError::field(f.path, "decoder_sparse_step", "must be at least 1"));
+                return Err(EngineError::field(
+                    f.path,
+                    "decoder_sparse_step",
+                    "must be at least 1",
+                ));
             }
             Ok((0..layers)
                 .map(|l| {
@@ -438,9 +444,9 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
             items
                 .iter()
                 .map(|v| {
-                    v.as_str().map(str::to_string).ok_or_else(|| {
-                        EngineError::field(f.path, k, "expected a list of strings")
-                    })
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| EngineError::field(f.path, k, "expected a list of strings"))
                 })
                 .collect::<Result<_>>()?,
         ),
@@ -452,7 +458,10 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
                 return Err(EngineError::field(
                     f.path,
                     "layer_types",
-                    format!("has {} entries, expected num_hidden_layers = {layers}", types.len()),
+                    format!(
+                        "has {} entries, expected num_hidden_layers = {layers}",
+                        types.len()
+                    ),
                 ));
             }
             types.iter().map(|t| t == "sliding_attention").collect()
@@ -500,12 +509,10 @@ mod tests {
 
     #[test]
     fn renamed_keys_are_accepted() {
-        let s = QWEN3
-            .replace("\"num_experts\"", "\"num_local_experts\"")
-            .replace(
-                "\"rope_theta\":1000000.0",
-                "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":5000.0}",
-            );
+        let s = QWEN3.replace("\"num_experts\"", "\"num_local_experts\"").replace(
+            "\"rope_theta\":1000000.0",
+            "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":5000.0}",
+        );
         let c = parse_str(&s).unwrap();
         assert_eq!(c.num_experts, 8);
         assert_eq!(c.rope.theta, 5000.0);
@@ -513,14 +520,18 @@ mod tests {
 
     #[test]
     fn unknown_model_type_lists_supported() {
-        let err = parse_str(&QWEN3.replace("qwen3_moe", "llama")).unwrap_err().to_string();
+        let err = parse_str(&QWEN3.replace("qwen3_moe", "llama"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unsupported model_type `llama`"), "{err}");
         assert!(err.contains("qwen3_moe, olmoe, mixtral, qwen2_moe"), "{err}");
     }
 
     #[test]
     fn missing_field_is_named() {
-        let err = parse_str(&QWEN3.replace("\"hidden_size\":32,", "")).unwrap_err().to_string();
+        let err = parse_str(&QWEN3.replace("\"hidden_size\":32,", ""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("config.json: field `hidden_size`: missing"), "{err}");
     }
 
@@ -529,7 +540,10 @@ mod tests {
         let err = parse_str(&QWEN3.replace("\"num_experts_per_tok\":2", "\"num_experts_per_tok\":\"2\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`num_experts_per_tok`: expected a non-negative integer"), "{err}");
+        assert!(
+            err.contains("`num_experts_per_tok`: expected a non-negative integer"),
+            "{err}"
+        );
     }
 
     #[test]

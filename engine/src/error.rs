@@ -50,9 +50,7 @@ pub enum EngineError {
     #[error("tensor `{tensor}` not found in {path}")]
     MissingTensor { path: PathBuf, tensor: String },
 
-    #[error(
-        "{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?} from config.json"
-    )]
+    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?} from config.json")]
     Shape {
         path: PathBuf,
         tensor: String,

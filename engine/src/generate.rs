@@ -50,7 +50,10 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
     opts.sampling.validate()?;
-    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
     let mut sampler = Sampler::new(opts.sampling);
     let mut cache = model.new_cache();
     let mut out = Vec::with_capacity(opts.max_new_tokens);

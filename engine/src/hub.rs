@@ -65,7 +65,10 @@ pub fn resolve_model_in(model: &str, hub_cache: Option<&Path>) -> Result<PathBuf
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
         .map(|e| {
-            let t = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            let t = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
             (t, e.path())
         })
         .collect();
@@ -94,7 +97,9 @@ mod tests {
     #[test]
     fn missing_hub_id_says_no_network() {
         let cache = tempfile::tempdir().unwrap();
-        let err = resolve_model_in("Org/Absent", Some(cache.path())).unwrap_err().to_string();
+        let err = resolve_model_in("Org/Absent", Some(cache.path()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model `Org/Absent`"), "{err}");
         assert!(err.contains("no network"), "{err}");
     }

@@ -11,6 +11,10 @@ use crate::weights::{DType, Weight};
 
 /// Rows of W converted and multiplied together: x[t] stays in L1 across the block.
 const ROW_BLOCK: usize = 16;
+/// Accumulators per dot product: 8 AVX2 vectors in flight.
+const LANES: usize = 64;
+/// Up to this many tokens, bf16 weights are converted inside the dot product.
+const FUSED_BF16_MAX_T: usize = 4;
 /// Below this many multiply-adds a matmul runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
@@ -28,6 +32,17 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
     let block = |(bi, out): (usize, &mut [f32])| {
         let row0 = bi * ROW_BLOCK;
         let rows = out.len() / t;
+        // bf16 with few tokens: convert inside the dot (each weight is used only t times).
+        if w.dtype() == DType::BF16 && t <= FUSED_BF16_MAX_T {
+            let wb = &w.as_u16()[row0 * k..(row0 + rows) * k];
+            for r in 0..rows {
+                let wr = &wb[r * k..(r + 1) * k];
+                for ti in 0..t {
+                    out[r * t + ti] = dot_bf16(wr, &x[ti * k..(ti + 1) * k]);
+                }
+            }
+            return;
+        }
         let mut buf = Vec::new();
         let wrows: &[f32] = match w.dtype() {
             DType::F32 => &w.as_f32()[row0 * k..(row0 + rows) * k],
@@ -53,7 +68,11 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
     let mut y = if t == 1 {
         Array2::from_shape_vec((1, n), yt).expect("shape")
     } else {
-        Array2::from_shape_vec((n, t), yt).expect("shape").reversed_axes().as_standard_layout().into_owned()
+        Array2::from_shape_vec((n, t), yt)
+            .expect("shape")
+            .reversed_axes()
+            .as_standard_layout()
+            .into_owned()
     };
     if let Some(b) = bias {
         for mut row in y.rows_mut() {
@@ -84,15 +103,66 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// Sixteen independent accumulators so that the compiler can vectorise the loop.
+/// Dot product of bf16 weights (as bits) with f32 values.
+#[inline]
+pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports avx2 and fma (checked just above).
+            return unsafe { dot_bf16_avx2(w, x) };
+        }
+    }
+    dot_bf16_portable(w, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    dot_bf16_portable(w, x)
+}
+
+#[inline(always)]
+fn dot_bf16_portable(w: &[u16], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    let mut acc = [0.0f32; LANES];
+    let (wc, wt) = w.split_at(w.len() / LANES * LANES);
+    let (xc, xt) = x.split_at(wc.len());
+    for (a, b) in wc.chunks_exact(LANES).zip(xc.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += f32::from_bits((a[i] as u32) << 16) * b[i];
+        }
+    }
+    let mut s = 0.0;
+    for (a, b) in wt.iter().zip(xt) {
+        s += f32::from_bits((*a as u32) << 16) * b;
+    }
+    reduce(acc) + s
+}
+
+/// Pairwise sum of the accumulators.
+#[inline(always)]
+fn reduce(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0]
+}
+
+/// Independent accumulators, so that the compiler vectorises the loop and the additions of
+/// several vectors overlap instead of waiting on one another.
 #[inline(always)]
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0.0f32; 16];
-    let (ac, at) = a.split_at(a.len() / 16 * 16);
+    let mut acc = [0.0f32; LANES];
+    let (ac, at) = a.split_at(a.len() / LANES * LANES);
     let (bc, bt) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(16).zip(bc.chunks_exact(16)) {
-        for i in 0..16 {
+    for (x, y) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for i in 0..LANES {
             acc[i] += x[i] * y[i];
         }
     }
@@ -100,15 +170,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in at.iter().zip(bt) {
         s += x * y;
     }
-    // Pairwise reduction of the accumulators.
-    let mut w = 16;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + s
+    reduce(acc) + s
 }
 
 /// RMSNorm of each row of `x` in place: `w * x / sqrt(mean(x²) + eps)`.
@@ -160,8 +222,18 @@ mod tests {
 
     #[test]
     fn linear_matches_naive_for_every_dtype() {
-        let (n, k, t) = (37, 19, 3);
-        let wv: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        // t = 1 and 3 take the fused bf16 path, t = 7 the converting one.
+        for t in [1, 3, 7] {
+            check_linear(37, 19, t);
+        }
+    }
+
+    fn check_linear(n: usize, k: usize, t: usize) {
+        use crate::weights::AlignedBytes;
+        use std::sync::Arc;
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let x = Array2::from_shape_fn((t, k), |(i, j)| (i as f32 - j as f32) / 10.0);
         let bias: Vec<f32> = (0..n).map(|i| i as f32 / 100.0).collect();
         let w32 = Weight::from_f32(&wv, vec![n, k]);
@@ -172,13 +244,24 @@ mod tests {
                 assert!((y[[ti, ni]] - want).abs() < 1e-4, "{ti},{ni}");
             }
         }
-        // bf16 of values that bf16 represents exactly gives the same result.
-        let bits: Vec<u8> = wv.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
-        let wb = Weight::new(std::sync::Arc::new(crate::weights::AlignedBytes::copy_from(&bits)), 0, DType::BF16, vec![n, k]);
+        // bf16 and f16 weights give what their f32 values give.
+        let bits: Vec<u8> = wv
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        let wb = Weight::new(
+            Arc::new(AlignedBytes::copy_from(&bits)),
+            0,
+            DType::BF16,
+            vec![n, k],
+        );
         let wb_f32 = Weight::from_f32(&wb.to_f32_vec(), vec![n, k]);
         assert_eq!(linear(x.view(), &wb, None), linear(x.view(), &wb_f32, None));
-        let h: Vec<u8> = wv.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
-        let wh = Weight::new(std::sync::Arc::new(crate::weights::AlignedBytes::copy_from(&h)), 0, DType::F16, vec![n, k]);
+        let h: Vec<u8> = wv
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let wh = Weight::new(Arc::new(AlignedBytes::copy_from(&h)), 0, DType::F16, vec![n, k]);
         let wh_f32 = Weight::from_f32(&wh.to_f32_vec(), vec![n, k]);
         assert_eq!(linear(x.view(), &wh, None), linear(x.view(), &wh_f32, None));
     }

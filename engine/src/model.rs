@@ -132,7 +132,10 @@ impl Model {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(EngineError::invalid(
                 "tokens",
-                format!("token id {bad} is outside the vocabulary (vocab_size = {})", cfg.vocab_size),
+                format!(
+                    "token id {bad} is outside the vocabulary (vocab_size = {})",
+                    cfg.vocab_size
+                ),
             ));
         }
         let t = tokens.len();
@@ -149,7 +152,9 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let mut hn = x.clone();
             rms_norm_rows(&mut hn, &layer.input_layernorm, cfg.rms_norm_eps);
-            let attn = layer.self_attn.forward(hn.view(), &rope, &positions, &mut cache.layers[l]);
+            let attn = layer
+                .self_attn
+                .forward(hn.view(), &rope, &positions, &mut cache.layers[l]);
             x += &attn;
 
             let mut hn = x.clone();

@@ -135,7 +135,9 @@ impl InMemoryExperts {
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
                 if cfg.mlp_kinds[l] == crate::config::MlpKind::Moe {
-                    (0..cfg.num_experts).map(|e| expert_weights(cfg, w, l, e).map(Arc::new)).collect()
+                    (0..cfg.num_experts)
+                        .map(|e| expert_weights(cfg, w, l, e).map(Arc::new))
+                        .collect()
                 } else {
                     Ok(Vec::new())
                 }
@@ -172,9 +174,17 @@ pub fn moe_prefix(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> String {
 fn per_expert_names(cfg: &ModelConfig, prefix: &str, e: usize) -> [String; 3] {
     let p = format!("{prefix}experts.{e}.");
     if cfg.arch == Arch::Mixtral {
-        [format!("{p}w1.weight"), format!("{p}w3.weight"), format!("{p}w2.weight")]
+        [
+            format!("{p}w1.weight"),
+            format!("{p}w3.weight"),
+            format!("{p}w2.weight"),
+        ]
     } else {
-        [format!("{p}gate_proj.weight"), format!("{p}up_proj.weight"), format!("{p}down_proj.weight")]
+        [
+            format!("{p}gate_proj.weight"),
+            format!("{p}up_proj.weight"),
+            format!("{p}down_proj.weight"),
+        ]
     }
 }
 
@@ -187,7 +197,9 @@ pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) ->
     let fused = format!("{prefix}experts.gate_up_proj");
     if w.contains(&fused) {
         let gate_up = w.get(&fused, &[cfg.num_experts, 2 * i, h])?.index(e);
-        let down = w.get(&format!("{prefix}experts.down_proj"), &[cfg.num_experts, h, i])?.index(e);
+        let down = w
+            .get(&format!("{prefix}experts.down_proj"), &[cfg.num_experts, h, i])?
+            .index(e);
         return Ok(ExpertWeights {
             gate: gate_up.narrow(0, i),
             up: gate_up.narrow(i, i),
@@ -238,18 +250,28 @@ impl MoeBlock {
     pub fn load(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Self> {
         let prefix = moe_prefix(cfg, w, l);
         let router = Router {
-            weight: w.get(&format!("{prefix}gate.weight"), &[cfg.num_experts, cfg.hidden_size])?,
+            weight: w.get(
+                &format!("{prefix}gate.weight"),
+                &[cfg.num_experts, cfg.hidden_size],
+            )?,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
         };
         let shared = match cfg.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
                 mlp: load_mlp(cfg, w, &format!("{prefix}shared_expert."), width)?,
-                gate: w.get(&format!("{prefix}shared_expert_gate.weight"), &[1, cfg.hidden_size])?,
+                gate: w.get(
+                    &format!("{prefix}shared_expert_gate.weight"),
+                    &[1, cfg.hidden_size],
+                )?,
             }),
             None => None,
         };
-        Ok(Self { layer: l, router, shared })
+        Ok(Self {
+            layer: l,
+            router,
+            shared,
+        })
     }
 
     /// Applies the routed experts of `decision` to `x` (`[T, H]`) and adds the shared expert.
@@ -305,7 +327,11 @@ mod tests {
     fn router_picks_top_k_and_renormalises() {
         // 3 experts, hidden 2: logits are x·rows.
         let weight = Weight::from_f32(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5], vec![3, 2]);
-        let r = Router { weight, top_k: 2, norm_topk_prob: true };
+        let r = Router {
+            weight,
+            top_k: 2,
+            norm_topk_prob: true,
+        };
         let d = r.route(array![[2.0f32, 0.0], [0.0, 3.0]].view());
         assert_eq!(d.experts_of(0), &[0, 2]);
         assert_eq!(d.experts_of(1), &[1, 2]);
@@ -313,7 +339,11 @@ mod tests {
             assert!((d.weights_of(t).iter().sum::<f32>() - 1.0).abs() < 1e-6);
             assert!(d.weights_of(t)[0] > d.weights_of(t)[1]);
         }
-        let raw = Router { norm_topk_prob: false, ..r }.route(array![[2.0f32, 0.0]].view());
+        let raw = Router {
+            norm_topk_prob: false,
+            ..r
+        }
+        .route(array![[2.0f32, 0.0]].view());
         assert!(raw.weights_of(0).iter().sum::<f32>() < 1.0);
     }
 }

@@ -79,7 +79,11 @@ impl RopeConfig {
         };
         let required = |key: &str| -> Result<f64> {
             num(key)?.ok_or_else(|| {
-                EngineError::field(path, format!("{params_key}.{key}"), "missing (required by its rope_type)")
+                EngineError::field(
+                    path,
+                    format!("{params_key}.{key}"),
+                    "missing (required by its rope_type)",
+                )
             })
         };
         let top_theta = match map.get("rope_theta") {
@@ -263,12 +267,17 @@ impl RopeConfig {
                     .into_iter()
                     .map(|f| {
                         let wavelen = 2.0 * std::f64::consts::PI / f as f64;
-                        let scaled = if wavelen > low_wavelen { f / *factor as f32 } else { f };
+                        let scaled = if wavelen > low_wavelen {
+                            f / *factor as f32
+                        } else {
+                            f
+                        };
                         if wavelen < high_wavelen || wavelen > low_wavelen {
                             scaled
                         } else {
                             let smooth = ((old / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor)) as f32;
+                                / (high_freq_factor - low_freq_factor))
+                                as f32;
                             (1.0 - smooth) * scaled / *factor as f32 + smooth * scaled
                         }
                     })

@@ -139,9 +139,20 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let params = SamplingParams { temperature: 1.0, top_k: 20, top_p: 0.9, seed: 7 };
-        let a: Vec<u32> = { let mut s = Sampler::new(params); (0..20).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(params); (0..20).map(|_| s.sample(&logits)).collect() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 20,
+            top_p: 0.9,
+            seed: 7,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
         assert!(a.iter().any(|&t| t != a[0]), "sampling should vary");
     }
@@ -149,14 +160,24 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy() {
         let logits = [0.1, 5.0, 0.3];
-        let mut s = Sampler::new(SamplingParams { temperature: 2.0, top_k: 1, top_p: 1.0, seed: 1 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 1,
+        });
         assert!((0..10).all(|_| s.sample(&logits) == 1));
     }
 
     #[test]
     fn top_p_drops_the_tail() {
         let logits = [10.0, 9.0, -10.0, -10.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 3 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 3,
+        });
         assert!((0..50).all(|_| s.sample(&logits) == 0));
     }
 }

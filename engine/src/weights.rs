@@ -305,10 +305,7 @@ impl WeightIndex {
                     return Err(EngineError::Tensor {
                         path: expected,
                         tensor: name.clone(),
-                        message: format!(
-                            "listed in {} but not found in this shard",
-                            index_path.display()
-                        ),
+                        message: format!("listed in {} but not found in this shard", index_path.display()),
                     });
                 }
             }
@@ -376,7 +373,9 @@ impl WeightIndex {
             [one] => one.path.clone(),
             files => PathBuf::from(format!(
                 "{} (and {} other shards)",
-                files.first().map_or(String::new(), |f| f.path.display().to_string()),
+                files
+                    .first()
+                    .map_or(String::new(), |f| f.path.display().to_string()),
                 files.len().saturating_sub(1)
             )),
         }
@@ -411,7 +410,12 @@ impl WeightIndex {
             tensor: name.to_string(),
         })?;
         let backing: Backing = self.files[entry.file].map.clone();
-        Ok(Weight::new(backing, entry.offset, entry.dtype, entry.shape.clone()))
+        Ok(Weight::new(
+            backing,
+            entry.offset,
+            entry.dtype,
+            entry.shape.clone(),
+        ))
     }
 }
 
@@ -468,7 +472,9 @@ fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, Strin
         };
         let (s, e) = info.data_offsets;
         if e < s {
-            return Err(tensor_err(format!("data_offsets [{s}, {e}] end before they start")));
+            return Err(tensor_err(format!(
+                "data_offsets [{s}, {e}] end before they start"
+            )));
         }
         if e > data_len {
             return Err(tensor_err(format!(

@@ -74,7 +74,12 @@ fn truncated_weights_file() {
     let (_t, dir) = copy_fixture("olmoe");
     let p = dir.join("model.safetensors");
     let len = std::fs::metadata(&p).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 1000).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 1000)
+        .unwrap();
     assert_mentions(&load_error(&dir), &["model.safetensors", "truncated"]);
 }
 
@@ -95,7 +100,10 @@ fn header_that_lies_about_offsets() {
         let end = off[1].as_u64().unwrap();
         off[1] = Value::from(end + 4);
     });
-    assert_mentions(&load_error(&dir), &["model.safetensors", "model.norm.weight", "data_offsets"]);
+    assert_mentions(
+        &load_error(&dir),
+        &["model.safetensors", "model.norm.weight", "data_offsets"],
+    );
 
     // One tensor points past the end of the file.
     let (_t2, dir2) = copy_fixture("olmoe");
@@ -103,7 +111,10 @@ fn header_that_lies_about_offsets() {
     edit_header(&p2, |h| {
         h["model.norm.weight"]["data_offsets"] = serde_json::json!([100_000_000, 100_000_256]);
     });
-    assert_mentions(&load_error(&dir2), &["model.norm.weight", "data_offsets end at 100000256"]);
+    assert_mentions(
+        &load_error(&dir2),
+        &["model.norm.weight", "data_offsets end at 100000256"],
+    );
 }
 
 #[test]
@@ -111,14 +122,21 @@ fn tensor_with_the_wrong_shape_for_the_config() {
     let (_t, dir) = copy_fixture("olmoe");
     // Same bytes, transposed shape: a valid file whose tensor contradicts config.json.
     edit_header(&dir.join("model.safetensors"), |h| {
-        let shape = h["model.layers.1.self_attn.q_proj.weight"]["shape"].as_array_mut().unwrap();
+        let shape = h["model.layers.1.self_attn.q_proj.weight"]["shape"]
+            .as_array_mut()
+            .unwrap();
         shape.swap(0, 1);
         shape[0] = Value::from(shape[0].as_u64().unwrap() * 2);
         shape[1] = Value::from(shape[1].as_u64().unwrap() / 2);
     });
     assert_mentions(
         &load_error(&dir),
-        &["model.safetensors", "model.layers.1.self_attn.q_proj.weight", "expected [64, 64]", "config.json"],
+        &[
+            "model.safetensors",
+            "model.layers.1.self_attn.q_proj.weight",
+            "expected [64, 64]",
+            "config.json",
+        ],
     );
 }
 
@@ -142,9 +160,16 @@ fn missing_tensor() {
     let bytes = std::fs::read(&p).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let end = header.values().filter_map(|v| v["data_offsets"][1].as_u64()).max().unwrap() as usize;
+    let end = header
+        .values()
+        .filter_map(|v| v["data_offsets"][1].as_u64())
+        .max()
+        .unwrap() as usize;
     std::fs::write(&p, &bytes[..8 + n + end]).unwrap();
-    assert_mentions(&load_error(&dir), &[&format!("tensor `{dropped}` not found"), "model.safetensors"]);
+    assert_mentions(
+        &load_error(&dir),
+        &[&format!("tensor `{dropped}` not found"), "model.safetensors"],
+    );
 }
 
 #[test]
@@ -153,10 +178,21 @@ fn shard_index_pointing_at_the_wrong_shard() {
     let p = dir.join("model.safetensors.index.json");
     let mut index: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     let map = index["weight_map"].as_object_mut().unwrap();
-    let other = map.values().find(|v| *v != &map["model.norm.weight"]).unwrap().clone();
+    let other = map
+        .values()
+        .find(|v| *v != &map["model.norm.weight"])
+        .unwrap()
+        .clone();
     map.insert("model.norm.weight".into(), other);
     std::fs::write(&p, serde_json::to_string(&index).unwrap()).unwrap();
-    assert_mentions(&load_error(&dir), &["model.norm.weight", "not found in this shard", "model.safetensors.index.json"]);
+    assert_mentions(
+        &load_error(&dir),
+        &[
+            "model.norm.weight",
+            "not found in this shard",
+            "model.safetensors.index.json",
+        ],
+    );
 }
 
 #[test]
@@ -165,7 +201,10 @@ fn missing_config_field() {
     edit_config(&dir, |c| {
         c.remove("moe_intermediate_size");
     });
-    assert_mentions(&load_error(&dir), &["config.json", "moe_intermediate_size", "missing"]);
+    assert_mentions(
+        &load_error(&dir),
+        &["config.json", "moe_intermediate_size", "missing"],
+    );
 }
 
 #[test]
@@ -183,7 +222,11 @@ fn unknown_model_type() {
     });
     assert_mentions(
         &load_error(&dir),
-        &["config.json", "unsupported model_type `gpt_oss`", "qwen3_moe, olmoe, mixtral, qwen2_moe"],
+        &[
+            "config.json",
+            "unsupported model_type `gpt_oss`",
+            "qwen3_moe, olmoe, mixtral, qwen2_moe",
+        ],
     );
 }
 
@@ -202,7 +245,11 @@ fn missing_tokenizer() {
 fn corrupt_tokenizer() {
     let (_t, dir) = copy_fixture("mixtral");
     std::fs::write(dir.join("tokenizer.json"), "{ not json").unwrap();
-    let err = Checkpoint::open_dir(&dir).unwrap().tokenizer().unwrap_err().to_string();
+    let err = Checkpoint::open_dir(&dir)
+        .unwrap()
+        .tokenizer()
+        .unwrap_err()
+        .to_string();
     assert_mentions(&err, &["tokenizer.json", "tokenizer:"]);
 }
 
@@ -213,5 +260,8 @@ fn unsupported_weight_dtype() {
         // F32 → I32: same size, but not a float the engine computes with.
         h["model.norm.weight"]["dtype"] = Value::from("I32");
     });
-    assert_mentions(&load_error(&dir), &["model.norm.weight", "dtype I32 is not supported"]);
+    assert_mentions(
+        &load_error(&dir),
+        &["model.norm.weight", "dtype I32 is not supported"],
+    );
 }

@@ -29,17 +29,31 @@ fn check_arch(arch: &str) {
 
     // Tokenizer and chat template.
     let tok = ckpt.tokenizer().unwrap();
-    assert_eq!(tok.encode(&golden.prompt).unwrap(), golden.prompt_ids, "{arch}: prompt ids");
+    assert_eq!(
+        tok.encode(&golden.prompt).unwrap(),
+        golden.prompt_ids,
+        "{arch}: prompt ids"
+    );
     let chat_text = tok.render_chat(&golden.chat, true).unwrap();
     assert_eq!(chat_text, golden.chat_text, "{arch}: rendered chat template");
-    assert_eq!(tok.encode_chat(&golden.chat).unwrap(), golden.chat_ids, "{arch}: chat ids");
+    assert_eq!(
+        tok.encode_chat(&golden.chat).unwrap(),
+        golden.chat_ids,
+        "{arch}: chat ids"
+    );
 
     // Prefill logits and routing.
     let model = ckpt.load_model().unwrap();
     let mut obs = RecordingObserver::default();
     let mut cache = model.new_cache();
     let logits = model
-        .forward(&golden.prompt_ids, &mut cache, Phase::Prefill, LogitsFor::All, &mut obs)
+        .forward(
+            &golden.prompt_ids,
+            &mut cache,
+            Phase::Prefill,
+            LogitsFor::All,
+            &mut obs,
+        )
         .unwrap();
     let (t, v) = logits.dim();
     assert_eq!((t, v), (golden.prompt_ids.len(), golden.vocab));
@@ -58,17 +72,27 @@ fn check_arch(arch: &str) {
 
     let moe_layers = ckpt.config.moe_layers();
     let k = ckpt.config.num_experts_per_tok;
-    assert_eq!(obs.events.len(), moe_layers.len() * t, "{arch}: one event per (MoE layer, token)");
+    assert_eq!(
+        obs.events.len(),
+        moe_layers.len() * t,
+        "{arch}: one event per (MoE layer, token)"
+    );
     for (li, &layer) in moe_layers.iter().enumerate() {
         for ti in 0..t {
             let ev = &obs.events[li * t + ti];
             assert_eq!((ev.layer, ev.position, ev.phase), (layer, ti, Phase::Prefill));
             assert_eq!(ev.token_id, golden.prompt_ids[ti]);
             let want = &golden.router_experts[(li * t + ti) * k..][..k];
-            assert_eq!(ev.experts, want, "{arch}: router top-{k} at layer {layer}, token {ti}");
+            assert_eq!(
+                ev.experts, want,
+                "{arch}: router top-{k} at layer {layer}, token {ti}"
+            );
             let want_w = &golden.router_weights[(li * t + ti) * k..][..k];
             for (a, b) in ev.weights.iter().zip(want_w) {
-                assert!((a - b).abs() < 1e-4, "{arch}: router weight at layer {layer}, token {ti}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{arch}: router weight at layer {layer}, token {ti}: {a} vs {b}"
+                );
             }
         }
     }
@@ -79,8 +103,14 @@ fn check_arch(arch: &str) {
         sampling: SamplingParams::default(),
         eos_token_ids: Vec::new(),
     };
-    let (generated, stats) =
-        generate(&model, &golden.prompt_ids, &opts, &mut shadowmoe_engine::NoObserver, |_| Ok(())).unwrap();
+    let (generated, stats) = generate(
+        &model,
+        &golden.prompt_ids,
+        &opts,
+        &mut shadowmoe_engine::NoObserver,
+        |_| Ok(()),
+    )
+    .unwrap();
     assert_eq!(generated, golden.generated, "{arch}: greedy tokens");
     assert_eq!(stats.decode_steps, golden.generated.len() - 1);
 }
@@ -113,8 +143,15 @@ fn observer_sees_decode_and_hidden_states() {
     let ckpt = Checkpoint::open_dir(&dir).unwrap();
     let model = ckpt.load_model().unwrap();
     let moe = ckpt.config.moe_layers();
-    let mut obs = RecordingObserver { hidden_layers: vec![moe[0]], ..Default::default() };
-    let opts = GenerateOptions { max_new_tokens: 3, sampling: SamplingParams::default(), eos_token_ids: vec![] };
+    let mut obs = RecordingObserver {
+        hidden_layers: vec![moe[0]],
+        ..Default::default()
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: 3,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+    };
     let (generated, _) = generate(&model, &golden.prompt_ids, &opts, &mut obs, |_| Ok(())).unwrap();
     let t = golden.prompt_ids.len();
     // Prefill (t tokens) + 2 decode steps, for every MoE layer.

@@ -8,7 +8,9 @@ use shadowmoe_engine::ChatMessage;
 
 /// The fixture directory of one architecture.
 pub fn fixture_dir(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(arch)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(arch)
 }
 
 /// What transformers computed on one fixture.
@@ -28,7 +30,9 @@ pub struct Golden {
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn ids(b: &[u8]) -> Vec<u32> {
@@ -45,7 +49,12 @@ impl Golden {
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
         let id_list = |key: &str| -> Vec<u32> {
-            meta[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+            meta[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
         };
         let chat = meta["chat_messages"]
             .as_array()
@@ -69,7 +78,11 @@ impl Golden {
             router_weights: f32s(get("router_weights").data()),
             generated: ids(get("generated").data()),
         };
-        assert_eq!(golden.prompt_ids, id_list("prompt_ids"), "golden.json and golden.safetensors disagree");
+        assert_eq!(
+            golden.prompt_ids,
+            id_list("prompt_ids"),
+            "golden.json and golden.safetensors disagree"
+        );
         golden
     }
 }
