@@ -263,7 +263,7 @@ fn write_checkpoint(dir: &Path) {
         offset += n;
     }
     let mut text = serde_json::to_string(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let tmp = dir.join("model.safetensors.tmp");

@@ -107,7 +107,7 @@ impl Weight {
     pub fn new(backing: Backing, start: usize, dtype: DType, shape: Vec<usize>) -> Self {
         let len = shape.iter().product::<usize>() * dtype.size();
         let bytes = &(*backing).as_ref()[start..start + len];
-        if (bytes.as_ptr() as usize) % dtype.size() == 0 {
+        if (bytes.as_ptr() as usize).is_multiple_of(dtype.size()) {
             Self {
                 backing,
                 start,
