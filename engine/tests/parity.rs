@@ -44,7 +44,11 @@ fn check_arch(arch: &str) {
 
     // Prefill logits and routing.
     let model = ckpt.load_model().unwrap();
-    let mut obs = RecordingObserver::default();
+    let moe_layers = ckpt.config.moe_layers();
+    let mut obs = RecordingObserver {
+        hidden_layers: vec![moe_layers[0]],
+        ..Default::default()
+    };
     let mut cache = model.new_cache();
     let logits = model
         .forward(
@@ -70,7 +74,6 @@ fn check_arch(arch: &str) {
         &golden.logits[..4]
     );
 
-    let moe_layers = ckpt.config.moe_layers();
     let k = ckpt.config.num_experts_per_tok;
     assert_eq!(
         obs.events.len(),
@@ -87,6 +90,17 @@ fn check_arch(arch: &str) {
                 ev.experts, want,
                 "{arch}: router top-{k} at layer {layer}, token {ti}"
             );
+            // The hidden state the observer sees is the router's input in transformers.
+            if let Some(hidden) = &ev.hidden {
+                let h = hidden.len();
+                for (a, b) in hidden.iter().zip(&golden.router_hidden[ti * h..(ti + 1) * h]) {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{arch}: router input at layer {layer}, token {ti}: {a} vs {b}"
+                    );
+                }
+            }
+            assert_eq!(ev.hidden.is_some(), li == 0);
             let want_w = &golden.router_weights[(li * t + ti) * k..][..k];
             for (a, b) in ev.weights.iter().zip(want_w) {
                 assert!(

@@ -26,6 +26,8 @@ pub struct Golden {
     /// `[L_moe, T, K]`.
     pub router_experts: Vec<u32>,
     pub router_weights: Vec<f32>,
+    /// `[T, H]`: the first MoE layer's router input.
+    pub router_hidden: Vec<f32>,
     pub generated: Vec<u32>,
 }
 
@@ -76,6 +78,7 @@ impl Golden {
             logits: f32s(logits.data()),
             router_experts: ids(get("router_experts").data()),
             router_weights: f32s(get("router_weights").data()),
+            router_hidden: f32s(get("router_hidden").data()),
             generated: ids(get("generated").data()),
         };
         assert_eq!(

@@ -9,6 +9,7 @@ The engine's parity tests read what this script writes (no Python at test time):
                                       logits       f32 [T, V]   every prompt position
                                       router_experts i64 [L_moe, T, K]  best first
                                       router_weights f32 [L_moe, T, K]
+                                      router_hidden f32 [T, H]    router input, first MoE layer
                                       generated    i64 [N]      greedy, EOS ignored
     <out>/<arch>/golden.json          versions, seed, prompt text, chat messages, rendered chat
                                       text and ids, smallest router top-k margin
@@ -213,6 +214,7 @@ class RouterRecorder:
 
     def __init__(self, model):
         self.calls = []
+        self.inputs = []
         self.handles = [
             m.register_forward_hook(self.hook) for m in model.modules() if type(m).__name__.endswith("TopKRouter")
         ]
@@ -221,6 +223,7 @@ class RouterRecorder:
         logits, weights, indices = output
         probs = torch.softmax(logits.float(), dim=-1)
         self.calls.append((indices.detach().clone(), weights.detach().float().clone(), probs.detach()))
+        self.inputs.append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().clone())
 
     def close(self):
         for h in self.handles:
@@ -276,6 +279,7 @@ def make_fixture(arch, out_dir, seed, size):
     with torch.no_grad():
         logits = model(ids).logits[0].float()
     prompt_calls = list(rec.calls)
+    router_hidden = rec.inputs[0]  # the first MoE layer's router input, [T, H]
     rec.calls.clear()
     # Plain greedy decoding through transformers' KV cache: argmax every step, no logits
     # processors (generate() would suppress EOS under min_new_tokens), EOS does not stop it.
@@ -303,6 +307,7 @@ def make_fixture(arch, out_dir, seed, size):
             "logits": logits.contiguous(),
             "router_experts": router_experts.contiguous(),
             "router_weights": router_weights.contiguous(),
+            "router_hidden": router_hidden.contiguous(),
             "generated": generated.to(torch.int64).contiguous(),
         },
         out / "golden.safetensors",
