@@ -25,6 +25,7 @@ pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod observer;
+pub mod offload;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;

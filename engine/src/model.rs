@@ -175,7 +175,7 @@ impl Model {
                             hidden: want_hidden.then(|| hn.row(ti).to_slice().expect("standard layout")),
                         });
                     }
-                    block.forward(hn.view(), &decision, self.experts.as_ref())?
+                    block.forward(hn.view(), decision, phase, self.experts.as_ref())?
                 }
             };
             x += &ff;

@@ -11,6 +11,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::{linear, sigmoid, silu_mul, softmax};
+use crate::observer::Phase;
 use crate::weights::{Weight, WeightIndex};
 
 /// The router's top-k decision for every token of a pass.
@@ -108,17 +109,21 @@ impl ExpertWeights {
     }
 }
 
+/// An expert id a provider removed from a decision (skip-on-miss): no expert serves that slot.
+pub const DROPPED: u32 = u32::MAX;
+
 /// Serves expert weights by (model layer, expert id). The in-memory provider holds them all;
 /// the disk tier loads them into a bounded cache behind the same trait.
 pub trait ExpertProvider: Send + Sync {
-    /// Called once per MoE layer and pass, before any [`ExpertProvider::expert`] call, with
-    /// every expert the pass will use (ascending, deduplicated), so that a provider can start
-    /// all loads at once.
-    fn prepare(&self, _layer: usize, _experts: &[u32]) -> Result<()> {
+    /// Called once per MoE layer and pass, before any [`ExpertProvider::expert`] call, with the
+    /// router's decision, so that a provider can count the activations and start every load at
+    /// once. A provider that cannot serve some experts now may replace them by [`DROPPED`] and
+    /// renormalise the remaining weights of those tokens.
+    fn prepare(&self, _layer: usize, _phase: Phase, _decision: &mut RoutingDecision) -> Result<()> {
         Ok(())
     }
 
-    /// The weights of one expert.
+    /// The weights of one expert. While the caller holds them they are never evicted.
     fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>>;
 }
 
@@ -188,29 +193,90 @@ fn per_expert_names(cfg: &ModelConfig, prefix: &str, e: usize) -> [String; 3] {
     }
 }
 
-/// Expert `e` of layer `l`: per-expert tensors (the Hugging Face hub layout), or slices of the
-/// fused `experts.gate_up_proj` `[E, 2I, H]` / `experts.down_proj` `[E, H, I]` that
-/// transformers 5 writes with `save_original_format=False`.
-pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
+/// Where one expert matrix lies in the checkpoint's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorRef {
+    /// Index of the file in the [`WeightIndex`].
+    pub file: usize,
+    /// Byte offset from the start of the file.
+    pub offset: u64,
+    pub dtype: crate::weights::DType,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+}
+
+impl TensorRef {
+    pub fn nbytes(&self) -> u64 {
+        (self.shape[0] * self.shape[1] * self.dtype.size()) as u64
+    }
+}
+
+/// Where expert `e` of layer `l` lies: its (gate, up, down) matrices, from per-expert tensors
+/// (the Hugging Face hub layout) or as slices of the fused `experts.gate_up_proj` `[E, 2I, H]`
+/// / `experts.down_proj` `[E, H, I]` that transformers 5 writes with
+/// `save_original_format=False`. Shapes are checked against the config.
+pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<[TensorRef; 3]> {
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
     let prefix = moe_prefix(cfg, w, l);
     let fused = format!("{prefix}experts.gate_up_proj");
+    let entry = |name: &str, shape: &[usize]| w.entry_checked(name, shape);
     if w.contains(&fused) {
-        let gate_up = w.get(&fused, &[cfg.num_experts, 2 * i, h])?.index(e);
-        let down = w
-            .get(&format!("{prefix}experts.down_proj"), &[cfg.num_experts, h, i])?
-            .index(e);
-        return Ok(ExpertWeights {
-            gate: gate_up.narrow(0, i),
-            up: gate_up.narrow(i, i),
-            down,
+        let down_name = format!("{prefix}experts.down_proj");
+        let gu = entry(&fused, &[cfg.num_experts, 2 * i, h])?;
+        let dn = entry(&down_name, &[cfg.num_experts, h, i])?;
+        let s = gu.dtype.size() as u64;
+        let gate_off = gu.offset as u64 + (e * 2 * i * h) as u64 * s;
+        return Ok([
+            TensorRef {
+                file: gu.file,
+                offset: gate_off,
+                dtype: gu.dtype,
+                shape: [i, h],
+            },
+            TensorRef {
+                file: gu.file,
+                offset: gate_off + (i * h) as u64 * s,
+                dtype: gu.dtype,
+                shape: [i, h],
+            },
+            TensorRef {
+                file: dn.file,
+                offset: dn.offset as u64 + (e * h * i) as u64 * dn.dtype.size() as u64,
+                dtype: dn.dtype,
+                shape: [h, i],
+            },
+        ]);
+    }
+    let names = per_expert_names(cfg, &prefix, e);
+    let shapes = [[i, h], [i, h], [h, i]];
+    let mut refs = Vec::with_capacity(3);
+    for (name, shape) in names.iter().zip(shapes) {
+        let en = entry(name, &shape)?;
+        refs.push(TensorRef {
+            file: en.file,
+            offset: en.offset as u64,
+            dtype: en.dtype,
+            shape,
         });
     }
-    let [g, u, d] = per_expert_names(cfg, &prefix, e);
+    Ok(refs.try_into().expect("three refs"))
+}
+
+/// Expert `e` of layer `l` as views into the memory-mapped checkpoint (no copy).
+pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
+    let [g, u, d] = expert_tensor_refs(cfg, w, l, e)?;
+    let view = |r: TensorRef| {
+        Weight::new(
+            w.file_map(r.file).clone(),
+            r.offset as usize,
+            r.dtype,
+            r.shape.to_vec(),
+        )
+    };
     Ok(ExpertWeights {
-        gate: w.get(&g, &[i, h])?,
-        up: w.get(&u, &[i, h])?,
-        down: w.get(&d, &[h, i])?,
+        gate: view(g),
+        up: view(u),
+        down: view(d),
     })
 }
 
@@ -278,15 +344,21 @@ impl MoeBlock {
     pub fn forward(
         &self,
         x: ArrayView2<'_, f32>,
-        decision: &RoutingDecision,
+        mut decision: RoutingDecision,
+        phase: Phase,
         experts: &dyn ExpertProvider,
     ) -> Result<Array2<f32>> {
         let (t, h) = x.dim();
         let mut out = Array2::<f32>::zeros((t, h));
-        let mut used: Vec<u32> = decision.experts.clone();
+        experts.prepare(self.layer, phase, &mut decision)?;
+        let mut used: Vec<u32> = decision
+            .experts
+            .iter()
+            .copied()
+            .filter(|&e| e != DROPPED)
+            .collect();
         used.sort_unstable();
         used.dedup();
-        experts.prepare(self.layer, &used)?;
         // Experts in ascending id order, as transformers accumulates them.
         for &e in &used {
             let (rows, scales): (Vec<usize>, Vec<f32>) = (0..t)

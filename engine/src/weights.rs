@@ -383,21 +383,13 @@ impl WeightIndex {
 
     /// The tensor `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        let w = self.get_any(name)?;
-        if w.shape() != shape {
-            let entry = &self.tensors[name];
-            return Err(EngineError::Shape {
-                path: self.files[entry.file].path.clone(),
-                tensor: name.to_string(),
-                expected: shape.to_vec(),
-                got: w.shape().to_vec(),
-            });
-        }
-        Ok(w)
+        self.entry_checked(name, shape)?;
+        self.get_any(name)
     }
 
-    /// The tensor `name`, whatever its shape.
-    pub fn get_any(&self, name: &str) -> Result<Weight> {
+    /// Where tensor `name` lives, checking that it has exactly `shape` (its bytes are not
+    /// touched).
+    pub fn entry_checked(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
         if let Some((file, dtype)) = self.other_dtype.get(name) {
             return Err(EngineError::Tensor {
                 path: self.files[*file].path.clone(),
@@ -409,6 +401,33 @@ impl WeightIndex {
             path: self.where_(),
             tensor: name.to_string(),
         })?;
+        if entry.shape != shape {
+            return Err(EngineError::Shape {
+                path: self.files[entry.file].path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        Ok(entry)
+    }
+
+    /// Total bytes of all float tensors.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|e| (e.shape.iter().product::<usize>() * e.dtype.size()) as u64)
+            .sum()
+    }
+
+    /// The tensor `name`, whatever its shape.
+    pub fn get_any(&self, name: &str) -> Result<Weight> {
+        let shape = self
+            .tensors
+            .get(name)
+            .map(|e| e.shape.clone())
+            .unwrap_or_default();
+        let entry = self.entry_checked(name, &shape)?;
         let backing: Backing = self.files[entry.file].map.clone();
         Ok(Weight::new(
             backing,

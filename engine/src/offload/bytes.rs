@@ -1,0 +1,177 @@
+//! The byte model: how much memory a run needs, from the checkpoint's real storage format —
+//! non-expert weights + capacity × expert bytes × MoE layers + KV cache + overhead — and the
+//! largest capacity that fits a memory budget.
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+
+/// Fixed process overhead the model adds: code, tokenizer, thread stacks, allocator slack.
+pub const DEFAULT_OVERHEAD: u64 = 48 << 20;
+
+/// The terms of the prediction.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ByteModel {
+    /// Weights that are always resident (attention, norms, embeddings, routers, shared experts).
+    pub non_expert_bytes: u64,
+    /// Bytes one resident expert occupies (its slot).
+    pub expert_bytes: u64,
+    pub moe_layers: usize,
+    /// KV cache bytes per token of context (f32 keys and values, all layers).
+    pub kv_bytes_per_token: u64,
+    pub overhead_bytes: u64,
+}
+
+impl ByteModel {
+    /// The model of a checkpoint whose weights total `total_weight_bytes`, of which each of the
+    /// `moe_layers × num_experts` experts stores `stored_expert_bytes`, held in slots of
+    /// `slot_bytes`.
+    pub fn for_checkpoint(
+        cfg: &ModelConfig,
+        total_weight_bytes: u64,
+        stored_expert_bytes: u64,
+        slot_bytes: u64,
+    ) -> Self {
+        let moe_layers = cfg.moe_layers().len();
+        let all_experts = stored_expert_bytes * (moe_layers * cfg.num_experts) as u64;
+        Self {
+            non_expert_bytes: total_weight_bytes.saturating_sub(all_experts),
+            expert_bytes: slot_bytes,
+            moe_layers,
+            kv_bytes_per_token: (cfg.num_hidden_layers * 2 * cfg.kv_width() * 4) as u64,
+            overhead_bytes: DEFAULT_OVERHEAD,
+        }
+    }
+
+    /// Predicted resident bytes at `capacity` experts per MoE layer with `tokens` of context.
+    pub fn predict(&self, capacity: usize, tokens: usize) -> u64 {
+        self.predict_slots(capacity * self.moe_layers, tokens)
+    }
+
+    /// Predicted resident bytes with `slots` expert slots in all.
+    pub fn predict_slots(&self, slots: usize, tokens: usize) -> u64 {
+        self.non_expert_bytes
+            + slots as u64 * self.expert_bytes
+            + tokens as u64 * self.kv_bytes_per_token
+            + self.overhead_bytes
+    }
+
+    /// The largest capacity per layer (at most `max`) whose prediction fits `budget`.
+    pub fn capacity_for(&self, budget: u64, tokens: usize, max: usize) -> Result<usize> {
+        let fixed = self.predict_slots(0, tokens);
+        let per_capacity = self.expert_bytes * self.moe_layers as u64;
+        if budget < fixed + per_capacity {
+            return Err(EngineError::invalid(
+                "--memory-budget",
+                format!(
+                    "{} cannot hold even one expert per layer: non-expert weights, KV cache and overhead alone need {}",
+                    fmt_bytes(budget),
+                    fmt_bytes(fixed)
+                ),
+            ));
+        }
+        Ok((((budget - fixed) / per_capacity) as usize).min(max))
+    }
+}
+
+/// Bytes of a quantised matrix set of `params` weights at `bits` bits, with one scale and one
+/// bias of `scale_bytes` each per group of `group` weights (MLX's affine quantisation).
+pub fn quantized_bytes(params: u64, bits: u64, group: u64, scale_bytes: u64) -> u64 {
+    params * bits / 8 + params / group * 2 * scale_bytes
+}
+
+/// Parses `8GiB`, `512MiB`, `20GB`, `1.5G`, `4096` (bytes). Binary (Ki/Mi/Gi/Ti) and decimal
+/// (K/M/G/T, kB/MB/GB/TB) suffixes; case-insensitive.
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.trim().parse().map_err(|_| {
+        format!("`{s}` is not a size (expected e.g. 8GiB, 512MiB, 20GB or a number of bytes)")
+    })?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024f64.powi(2),
+        "gi" | "gib" => 1024f64.powi(3),
+        "ti" | "tib" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (expected B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ));
+        }
+    };
+    if !(value >= 0.0 && value.is_finite()) {
+        return Err(format!("`{s}` is not a size (expected a non-negative number)"));
+    }
+    Ok((value * mult).round() as u64)
+}
+
+/// `1.5 GiB`-style rendering.
+pub fn fmt_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1024f64.powi(3) {
+        format!("{:.2} GiB", b / 1024f64.powi(3))
+    } else if b >= 1024f64.powi(2) {
+        format!("{:.1} MiB", b / 1024f64.powi(2))
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// flash-moe's published memory figures for Qwen3-Coder-Next on MLX 4-bit: expert of
+    /// hidden 2048 × width 512 (gate, up, down), group 64 with bf16 scale and bias; 48 MoE
+    /// layers; 1.39 GB of non-expert weights.
+    #[test]
+    fn matches_flash_moe_published_numbers() {
+        let expert = quantized_bytes(3 * 2048 * 512, 4, 64, 2);
+        assert_eq!(expert, 1_769_472);
+        let m = ByteModel {
+            non_expert_bytes: 1_390_000_000,
+            expert_bytes: expert,
+            moe_layers: 48,
+            kv_bytes_per_token: 0,
+            overhead_bytes: 0,
+        };
+        for (cap, published_gb) in [(160, 14.98), (192, 17.70), (208, 19.06), (256, 23.13)] {
+            let gb = m.predict(cap, 0) as f64 / 1e9;
+            assert!(
+                (gb - published_gb).abs() / published_gb < 0.01,
+                "capacity {cap}: {gb:.2} GB vs {published_gb}"
+            );
+        }
+        assert_eq!(m.capacity_for(20_000_000_000, 0, 512).unwrap(), 219);
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("20GB").unwrap(), 20_000_000_000);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("1.5g").unwrap(), 1_500_000_000);
+        assert!(parse_bytes("lots").unwrap_err().contains("expected e.g. 8GiB"));
+        assert!(parse_bytes("3 parsecs").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn budget_too_small_is_an_error() {
+        let m = ByteModel {
+            non_expert_bytes: 100,
+            expert_bytes: 10,
+            moe_layers: 2,
+            kv_bytes_per_token: 1,
+            overhead_bytes: 0,
+        };
+        assert_eq!(m.capacity_for(140, 10, 64).unwrap(), 1);
+        assert!(m.capacity_for(119, 10, 64).is_err());
+        assert_eq!(m.capacity_for(1_000_000, 10, 64).unwrap(), 64);
+    }
+}

@@ -1,0 +1,119 @@
+//! Experts off the heap: the disk tier ([`ExpertStore`], read from an [`pack`] or straight from
+//! the checkpoint's safetensors), the bounded cache as a pure state machine ([`CacheCore`] with
+//! its [`policy`]), the I/O thread pool ([`IoPool`]), and the [`CachedExperts`] provider that
+//! puts them behind the engine's `ExpertProvider` seam.
+
+pub mod bytes;
+pub mod cache;
+pub mod metrics;
+pub mod pack;
+pub mod policy;
+pub mod pool;
+pub mod profile;
+pub mod provider;
+pub mod store;
+
+pub use bytes::ByteModel;
+pub use cache::{Admit, Budget, CacheCore, CacheStats, Lookup};
+pub use metrics::RunMetrics;
+pub use policy::{NextUse, PolicyKind};
+pub use pool::IoPool;
+pub use profile::Profile;
+pub use provider::{CacheOptions, CachedExperts, MissMode};
+pub use store::{ExpertStore, IoMode};
+
+/// One expert of one MoE layer (`layer` is the model layer index, as in traces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ExpertKey {
+    pub layer: u32,
+    pub expert: u32,
+}
+
+impl ExpertKey {
+    pub fn new(layer: usize, expert: u32) -> Self {
+        Self {
+            layer: layer as u32,
+            expert,
+        }
+    }
+}
+
+impl std::fmt::Display for ExpertKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "layer {} expert {}", self.layer, self.expert)
+    }
+}
+
+/// Alignment of slot buffers and pack extents: what O_DIRECT needs on every common device.
+pub const ALIGN: usize = 4096;
+
+/// Rounds `n` up to a multiple of [`ALIGN`].
+pub fn align_up(n: u64) -> u64 {
+    n.div_ceil(ALIGN as u64) * ALIGN as u64
+}
+
+/// Rounds `n` down to a multiple of [`ALIGN`].
+pub fn align_down(n: u64) -> u64 {
+    n / ALIGN as u64 * ALIGN as u64
+}
+
+/// A page-aligned, zero-initialised byte buffer: one cache slot.
+pub struct PageBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: PageBuf owns its allocation exclusively, like a Box<[u8]>.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for PageBuf {}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageBuf({} bytes)", self.len)
+    }
+}
+
+impl PageBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(ALIGN), ALIGN).expect("slot size fits a layout")
+    }
+
+    /// `len` zero bytes, aligned to [`ALIGN`].
+    pub fn zeroed(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        Self { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr owns `len` initialised bytes; &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for PageBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: ptr owns `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}

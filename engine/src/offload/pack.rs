@@ -1,0 +1,306 @@
+//! The expert pack: every (layer, expert)'s gate, up and down matrices as one contiguous extent
+//! aligned to 4 KiB, so that one read brings one expert.
+//!
+//! A pack is a directory:
+//! - `experts.bin`: the extents, in (layer, expert) order, each padded to 4 KiB;
+//! - `index.json`: format tag, the sha256 of the source `config.json`, shapes and dtype of the
+//!   three parts, and per expert its offset, length and xxh3-64 checksum.
+//!
+//! It is written under a temporary name and renamed when complete.
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::store::{ExpertLayout, ExpertStore, Extent, IoMode, Part};
+use super::{ExpertKey, align_up};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::moe::expert_weights;
+use crate::weights::{DType, WeightIndex};
+
+/// Format tag of `index.json`.
+pub const PACK_FORMAT: &str = "shadowmoe-expert-pack/1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PartIndex {
+    name: String,
+    dtype: String,
+    shape: [usize; 2],
+    /// Offset of the part inside the expert's extent.
+    offset: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ExpertIndex {
+    layer: u32,
+    expert: u32,
+    offset: u64,
+    length: u64,
+    xxh3: String,
+}
+
+/// `index.json` of a pack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PackIndex {
+    format: String,
+    config_sha256: String,
+    model_type: String,
+    num_experts: usize,
+    moe_layers: Vec<usize>,
+    alignment: usize,
+    file: String,
+    file_len: u64,
+    expert_bytes: u64,
+    parts: Vec<PartIndex>,
+    experts: Vec<ExpertIndex>,
+}
+
+/// The sha256 (hex) of a file: a checkpoint's identity is its `config.json`'s.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+    Ok(sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// What [`write_pack`] wrote.
+#[derive(Debug, Clone)]
+pub struct PackSummary {
+    pub dir: PathBuf,
+    pub experts: usize,
+    pub expert_bytes: u64,
+    pub file_bytes: u64,
+}
+
+/// Writes the pack of the checkpoint in `model_dir` to `out`; `progress(done, total)` is called
+/// after each expert.
+pub fn write_pack(
+    model_dir: &Path,
+    cfg: &ModelConfig,
+    w: &WeightIndex,
+    out: &Path,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<PackSummary> {
+    if out.exists() {
+        return Err(EngineError::invalid(
+            "--out",
+            format!(
+                "{} already exists; remove it or choose another directory",
+                out.display()
+            ),
+        ));
+    }
+    let config_sha256 = sha256_file(&model_dir.join("config.json"))?;
+    let moe_layers = cfg.moe_layers();
+    let total = moe_layers.len() * cfg.num_experts;
+    let name = out
+        .file_name()
+        .map_or("pack".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+    let result = (|| -> Result<PackSummary> {
+        let bin = tmp.join("experts.bin");
+        let file = std::fs::File::create(&bin).map_err(|e| EngineError::io(&bin, e))?;
+        let mut writer = BufWriter::with_capacity(1 << 22, file);
+        let mut experts = Vec::with_capacity(total);
+        let mut parts: Option<Vec<PartIndex>> = None;
+        let mut offset = 0u64;
+        for &l in &moe_layers {
+            for e in 0..cfg.num_experts {
+                let ew = expert_weights(cfg, w, l, e)?;
+                let mats = [("gate", &ew.gate), ("up", &ew.up), ("down", &ew.down)];
+                let mut these = Vec::with_capacity(3);
+                let mut within = 0;
+                for (n, m) in mats {
+                    these.push(PartIndex {
+                        name: n.into(),
+                        dtype: m.dtype().name().into(),
+                        shape: [m.shape()[0], m.shape()[1]],
+                        offset: within,
+                    });
+                    within += m.nbytes();
+                }
+                match &parts {
+                    None => parts = Some(these),
+                    Some(p)
+                        if p.iter()
+                            .zip(&these)
+                            .all(|(a, b)| a.dtype == b.dtype && a.shape == b.shape) => {}
+                    Some(_) => {
+                        return Err(EngineError::invalid(
+                            "expert-pack",
+                            format!("layer {l} expert {e} has other dtypes or shapes than the first expert"),
+                        ));
+                    }
+                }
+                let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                for (_, m) in mats {
+                    hasher.update(m.bytes());
+                    writer
+                        .write_all(m.bytes())
+                        .map_err(|e| EngineError::io(&bin, e))?;
+                }
+                let length = within as u64;
+                let padded = align_up(length);
+                writer
+                    .write_all(&vec![0u8; (padded - length) as usize])
+                    .map_err(|e| EngineError::io(&bin, e))?;
+                experts.push(ExpertIndex {
+                    layer: l as u32,
+                    expert: e as u32,
+                    offset,
+                    length,
+                    xxh3: format!("{:016x}", hasher.digest()),
+                });
+                offset += padded;
+                progress(experts.len(), total);
+            }
+        }
+        let file = writer
+            .into_inner()
+            .map_err(|e| EngineError::io(&bin, e.into_error()))?;
+        file.sync_all().map_err(|e| EngineError::io(&bin, e))?;
+        let expert_bytes = experts.first().map_or(0, |x| x.length);
+        let index = PackIndex {
+            format: PACK_FORMAT.into(),
+            config_sha256,
+            model_type: cfg.arch.model_type().into(),
+            num_experts: cfg.num_experts,
+            moe_layers: moe_layers.clone(),
+            alignment: super::ALIGN,
+            file: "experts.bin".into(),
+            file_len: offset,
+            expert_bytes,
+            parts: parts.unwrap_or_default(),
+            experts,
+        };
+        let index_path = tmp.join("index.json");
+        let text = serde_json::to_string_pretty(&index)
+            .map_err(|e| EngineError::invalid("index.json", e.to_string()))?;
+        std::fs::write(&index_path, text).map_err(|e| EngineError::io(&index_path, e))?;
+        Ok(PackSummary {
+            dir: out.to_path_buf(),
+            experts: total,
+            expert_bytes,
+            file_bytes: offset,
+        })
+    })();
+    match result {
+        Ok(summary) => {
+            std::fs::rename(&tmp, out).map_err(|e| EngineError::io(out, e))?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn dtype_from(name: &str) -> Option<DType> {
+    match name {
+        "F32" => Some(DType::F32),
+        "F16" => Some(DType::F16),
+        "BF16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// Opens the pack in `dir` for the model whose `config.json` has sha256 `config_sha256`.
+pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMode) -> Result<ExpertStore> {
+    let index_path = dir.join("index.json");
+    let text = std::fs::read_to_string(&index_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::MissingFile {
+            path: index_path.clone(),
+            what: "an expert pack's index (make one with `shadowmoe expert-pack`)",
+        },
+        _ => EngineError::io(&index_path, e),
+    })?;
+    let index: PackIndex = serde_json::from_str(&text).map_err(|e| EngineError::Json {
+        path: index_path.clone(),
+        message: e.to_string(),
+    })?;
+    let bad = |field: &str, message: String| EngineError::field(&index_path, field, message);
+    if index.format != PACK_FORMAT {
+        return Err(bad("format", format!("`{}` is not {PACK_FORMAT}", index.format)));
+    }
+    if index.config_sha256 != config_sha256 {
+        return Err(bad(
+            "config_sha256",
+            format!(
+                "this pack was made from another model (its config.json sha256 {}, this model's {config_sha256}); make a pack for this model",
+                index.config_sha256
+            ),
+        ));
+    }
+    if index.moe_layers != cfg.moe_layers() || index.num_experts != cfg.num_experts {
+        return Err(bad(
+            "moe_layers",
+            "does not match the model's MoE layers and experts".into(),
+        ));
+    }
+    if index.parts.len() != 3 || index.experts.len() != cfg.moe_layers().len() * cfg.num_experts {
+        return Err(bad("experts", "incomplete index".into()));
+    }
+    let parts: [Part; 3] = {
+        let mut v = Vec::new();
+        for p in &index.parts {
+            let dtype =
+                dtype_from(&p.dtype).ok_or_else(|| bad("parts", format!("unknown dtype {}", p.dtype)))?;
+            v.push(Part {
+                dtype,
+                shape: p.shape,
+                slot_offset: p.offset,
+            });
+        }
+        v.try_into()
+            .map_err(|_| bad("parts", "expected 3 parts".into()))?
+    };
+    let mut layouts = HashMap::new();
+    for x in &index.experts {
+        let checksum = u64::from_str_radix(&x.xxh3, 16)
+            .map_err(|_| bad("experts.xxh3", format!("`{}` is not hex", x.xxh3)))?;
+        if x.length != index.expert_bytes || !x.offset.is_multiple_of(super::ALIGN as u64) {
+            return Err(bad(
+                "experts",
+                format!("layer {} expert {}: bad offset or length", x.layer, x.expert),
+            ));
+        }
+        layouts.insert(
+            ExpertKey {
+                layer: x.layer,
+                expert: x.expert,
+            },
+            ExpertLayout {
+                extents: vec![Extent {
+                    file: 0,
+                    offset: x.offset,
+                    len: x.length,
+                    slot_offset: 0,
+                }],
+                parts,
+                checksum: Some(checksum),
+            },
+        );
+    }
+    let bin = dir.join(&index.file);
+    let len = std::fs::metadata(&bin)
+        .map_err(|e| EngineError::io(&bin, e))?
+        .len();
+    if len != index.file_len {
+        return Err(EngineError::Safetensors {
+            path: bin,
+            message: format!(
+                "pack file is {len} bytes but its index says {} (truncated or modified after packing)",
+                index.file_len
+            ),
+        });
+    }
+    ExpertStore::open(vec![bin], layouts, index.expert_bytes, mode, "pack".into())
+}

@@ -1,0 +1,155 @@
+//! The I/O thread pool: N workers read experts into slots. Demand loads go ahead of prefetches
+//! (two channels, the demand one polled first); a prefetch cancelled before a worker reaches it
+//! is dropped unread. Buffers travel with the jobs and come back with the results, so the pool
+//! allocates nothing: the cache hands it slots it already owns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select_biased, unbounded};
+
+use super::store::ExpertStore;
+use super::{ExpertKey, PageBuf};
+use crate::error::{EngineError, Result};
+
+/// One load to do.
+#[derive(Debug)]
+pub struct LoadJob {
+    pub key: ExpertKey,
+    /// The slot to fill (`None` in mmap mode: the load touches the mapped pages).
+    pub buf: Option<PageBuf>,
+    /// Set by the cache when a prefetch is no longer wanted.
+    pub cancelled: Arc<AtomicBool>,
+}
+
+/// One finished (or dropped) load.
+#[derive(Debug)]
+pub struct LoadDone {
+    pub key: ExpertKey,
+    pub buf: Option<PageBuf>,
+    /// Bytes read, or why not.
+    pub result: Result<u64>,
+    /// Time the read took on the worker.
+    pub latency: Duration,
+    /// Dropped unread because it was cancelled.
+    pub cancelled: bool,
+}
+
+/// The worker threads and their channels.
+#[derive(Debug)]
+pub struct IoPool {
+    demand: Option<Sender<LoadJob>>,
+    prefetch: Option<Sender<LoadJob>>,
+    done: Receiver<LoadDone>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl IoPool {
+    /// Starts `threads` workers reading from `store`.
+    pub fn new(store: Arc<ExpertStore>, threads: usize) -> Self {
+        let (demand_tx, demand_rx) = unbounded::<LoadJob>();
+        let (prefetch_tx, prefetch_rx) = unbounded::<LoadJob>();
+        let (done_tx, done_rx) = unbounded::<LoadDone>();
+        let workers = (0..threads.max(1))
+            .map(|i| {
+                let (store, demand_rx, prefetch_rx, done_tx) = (
+                    store.clone(),
+                    demand_rx.clone(),
+                    prefetch_rx.clone(),
+                    done_tx.clone(),
+                );
+                std::thread::Builder::new()
+                    .name(format!("shadowmoe-io-{i}"))
+                    .spawn(move || worker(&store, &demand_rx, &prefetch_rx, &done_tx))
+                    .expect("spawning an I/O thread")
+            })
+            .collect();
+        Self {
+            demand: Some(demand_tx),
+            prefetch: Some(prefetch_tx),
+            done: done_rx,
+            workers,
+        }
+    }
+
+    /// Queues a load; demand loads are served before any queued prefetch.
+    pub fn submit(&self, job: LoadJob, demand: bool) -> Result<()> {
+        let tx = if demand { &self.demand } else { &self.prefetch };
+        tx.as_ref()
+            .and_then(|t| t.send(job).ok())
+            .ok_or_else(|| EngineError::invalid("I/O pool", "the I/O threads have stopped"))
+    }
+
+    /// Waits for the next finished load.
+    pub fn recv(&self) -> Result<LoadDone> {
+        self.done
+            .recv()
+            .map_err(|_| EngineError::invalid("I/O pool", "the I/O threads have stopped"))
+    }
+
+    /// The next finished load, if one is ready.
+    pub fn try_recv(&self) -> Option<LoadDone> {
+        self.done.try_recv().ok()
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers.len()
+    }
+}
+
+impl Drop for IoPool {
+    fn drop(&mut self) {
+        self.demand.take();
+        self.prefetch.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker(
+    store: &ExpertStore,
+    demand: &Receiver<LoadJob>,
+    prefetch: &Receiver<LoadJob>,
+    done: &Sender<LoadDone>,
+) {
+    loop {
+        let job = select_biased! {
+            recv(demand) -> j => j,
+            recv(prefetch) -> j => j,
+        };
+        // A closed channel means the pool is shutting down.
+        let Ok(mut job) = job else { return };
+        if job.cancelled.load(Ordering::Acquire) {
+            let _ = done.send(LoadDone {
+                key: job.key,
+                buf: job.buf,
+                result: Ok(0),
+                latency: Duration::ZERO,
+                cancelled: true,
+            });
+            continue;
+        }
+        let start = Instant::now();
+        let key = job.key;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job.buf.as_mut() {
+            Some(buf) => store.read_into(key, buf),
+            None => store.touch_mapped(key),
+        }))
+        .unwrap_or_else(|_| {
+            Err(EngineError::invalid(
+                format!("{key}"),
+                "the I/O thread panicked while reading",
+            ))
+        });
+        let _ = done.send(LoadDone {
+            key,
+            buf: job.buf,
+            result,
+            latency: start.elapsed(),
+            cancelled: false,
+        });
+    }
+}

@@ -1,0 +1,567 @@
+//! The disk tier: reads one expert by (layer, expert) into a slot, from an expert pack (one
+//! aligned extent per expert) or straight from the checkpoint's safetensors (up to three
+//! extents per expert, merged where they touch).
+//!
+//! Read modes: `mmap` (the expert is a view of the memory-mapped file; a load touches its
+//! pages, an eviction drops them from this process), `pread` (through the page cache) and
+//! `direct` (O_DIRECT on Linux, F_NOCACHE on macOS; the honest one for SSD cost). Where the
+//! filesystem refuses O_DIRECT (tmpfs), the store says so once and reads with `pread`; the mode
+//! actually used is what [`ExpertStore::mode`] reports.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::Mmap;
+
+use super::{ALIGN, ExpertKey, PageBuf, align_down, align_up};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::moe::{ExpertWeights, TensorRef, expert_tensor_refs};
+use crate::weights::{DType, Weight, WeightIndex};
+
+/// How expert bytes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    Mmap,
+    Pread,
+    Direct,
+}
+
+impl IoMode {
+    pub const NAMES: [&'static str; 3] = ["mmap", "pread", "direct"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::Mmap => "mmap",
+            IoMode::Pread => "pread",
+            IoMode::Direct => "direct",
+        }
+    }
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mmap" => Ok(IoMode::Mmap),
+            "pread" => Ok(IoMode::Pread),
+            "direct" => Ok(IoMode::Direct),
+            _ => Err(format!(
+                "unknown I/O mode `{s}` (expected one of {})",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// A byte range of a file that lands at `slot_offset` in the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub file: usize,
+    pub offset: u64,
+    pub len: u64,
+    pub slot_offset: usize,
+}
+
+/// One matrix of an expert inside its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub dtype: DType,
+    pub shape: [usize; 2],
+    pub slot_offset: usize,
+}
+
+/// Where one expert's bytes are, and where they go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertLayout {
+    pub extents: Vec<Extent>,
+    /// gate, up, down.
+    pub parts: [Part; 3],
+    /// xxh3-64 of gate ‖ up ‖ down bytes (packs only).
+    pub checksum: Option<u64>,
+}
+
+/// Deliberate faults, for tests of the failure paths: the `fail_read`-th read (1-based,
+/// counting every expert read) fails with EIO; the `short_read`-th returns half its bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    pub fail_read: Option<u64>,
+    pub short_read: Option<u64>,
+}
+
+#[derive(Debug)]
+struct StoreFile {
+    path: PathBuf,
+    file: File,
+    direct: Option<File>,
+    map: Arc<Mmap>,
+}
+
+/// Reads experts from disk.
+#[derive(Debug)]
+pub struct ExpertStore {
+    files: Vec<StoreFile>,
+    layouts: HashMap<ExpertKey, ExpertLayout>,
+    slot_bytes: usize,
+    expert_bytes: u64,
+    mode: IoMode,
+    verify: bool,
+    source: String,
+    faults: FaultPlan,
+    reads: AtomicU64,
+}
+
+fn open_file(path: &Path, mode: IoMode) -> Result<(StoreFile, bool)> {
+    let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+    // SAFETY: read-only map; the caller guarantees the files are not truncated or rewritten
+    // while the engine runs. Reads through it are bounds-checked against the layouts, which were
+    // checked against the file length when the store opened.
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?);
+    let mut direct_refused = false;
+    let direct = if mode == IoMode::Direct {
+        match open_direct(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::debug!("{}: O_DIRECT refused: {e}", path.display());
+                direct_refused = true;
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok((
+        StoreFile {
+            path: path.to_path_buf(),
+            file,
+            direct,
+            map,
+        },
+        direct_refused,
+    ))
+}
+
+/// Opens `path` for uncached reads and checks that one aligned read works.
+fn open_direct(path: &Path) -> std::io::Result<File> {
+    #[cfg(target_os = "linux")]
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?
+    };
+    #[cfg(not(target_os = "linux"))]
+    let f = {
+        let f = File::open(path)?;
+        #[cfg(target_os = "macos")]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: fcntl on a valid descriptor we own.
+            if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_NOCACHE, 1) } == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        f
+    };
+    let mut probe = PageBuf::zeroed(ALIGN);
+    f.read_at(probe.as_mut_slice(), 0)?;
+    Ok(f)
+}
+
+impl ExpertStore {
+    /// A store over the checkpoint's own safetensors files.
+    pub fn from_checkpoint(cfg: &ModelConfig, w: &WeightIndex, mode: IoMode) -> Result<Self> {
+        let mut layouts = HashMap::new();
+        let mut used_files: Vec<usize> = Vec::new();
+        for l in cfg.moe_layers() {
+            for e in 0..cfg.num_experts {
+                let refs = expert_tensor_refs(cfg, w, l, e)?;
+                for r in &refs {
+                    if !used_files.contains(&r.file) {
+                        used_files.push(r.file);
+                    }
+                }
+                layouts.insert(ExpertKey::new(l, e as u32), layout_from_refs(&refs));
+            }
+        }
+        // Store file i = weight-index file used_files[i].
+        let remap: HashMap<usize, usize> = used_files.iter().enumerate().map(|(i, &f)| (f, i)).collect();
+        for layout in layouts.values_mut() {
+            for x in &mut layout.extents {
+                x.file = remap[&x.file];
+            }
+        }
+        let paths: Vec<PathBuf> = used_files.iter().map(|&f| w.file_path(f).to_path_buf()).collect();
+        let expert_bytes = layouts.values().next().map_or(0, |l| parts_bytes(&l.parts));
+        Self::open(paths, layouts, expert_bytes, mode, "safetensors".into())
+    }
+
+    /// A store over files and layouts made elsewhere (the expert pack).
+    pub(crate) fn open(
+        paths: Vec<PathBuf>,
+        layouts: HashMap<ExpertKey, ExpertLayout>,
+        expert_bytes: u64,
+        mode: IoMode,
+        source: String,
+    ) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut refused = false;
+        for p in &paths {
+            let (f, r) = open_file(p, mode)?;
+            refused |= r;
+            files.push(f);
+        }
+        // Every extent must lie inside its file: a truncated file is refused now, not mid-run.
+        for (key, layout) in &layouts {
+            for x in &layout.extents {
+                let f = &files[x.file];
+                if x.offset + x.len > f.map.len() as u64 {
+                    return Err(EngineError::Safetensors {
+                        path: f.path.clone(),
+                        message: format!(
+                            "{key} needs bytes {}..{} but the file has {} (truncated?)",
+                            x.offset,
+                            x.offset + x.len,
+                            f.map.len()
+                        ),
+                    });
+                }
+            }
+        }
+        let mode = if refused {
+            tracing::warn!(
+                "O_DIRECT is not supported on the filesystem of {}: reading with pread (page cache) instead",
+                paths.first().map_or(String::new(), |p| p.display().to_string())
+            );
+            IoMode::Pread
+        } else {
+            mode
+        };
+        let slot_bytes = layouts
+            .values()
+            .map(|l| {
+                l.extents
+                    .iter()
+                    .map(|x| x.slot_offset as u64 + x.len)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .max()
+            .map_or(ALIGN, |n| align_up(n) as usize);
+        Ok(Self {
+            files,
+            layouts,
+            slot_bytes,
+            expert_bytes,
+            mode,
+            verify: false,
+            source,
+            faults: FaultPlan::default(),
+            reads: AtomicU64::new(0),
+        })
+    }
+
+    /// Checks every load against the pack's checksum.
+    pub fn set_verify(&mut self, verify: bool) -> Result<()> {
+        if verify && self.layouts.values().any(|l| l.checksum.is_none()) {
+            return Err(EngineError::invalid(
+                "--verify",
+                "checksums exist only in an expert pack (make one with `shadowmoe expert-pack`, then pass --pack)",
+            ));
+        }
+        self.verify = verify;
+        Ok(())
+    }
+
+    /// Injects faults (tests of failure paths).
+    pub fn inject_faults(&mut self, faults: FaultPlan) {
+        self.faults = faults;
+    }
+
+    /// The read mode actually used.
+    pub fn mode(&self) -> IoMode {
+        self.mode
+    }
+
+    /// "safetensors" or "pack".
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Bytes of one expert's three matrices.
+    pub fn expert_bytes(&self) -> u64 {
+        self.expert_bytes
+    }
+
+    /// Bytes of one slot (the expert's extents, page-aligned).
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    fn layout(&self, key: ExpertKey) -> Result<&ExpertLayout> {
+        self.layouts
+            .get(&key)
+            .ok_or_else(|| EngineError::invalid("expert", format!("{key} is not in the store")))
+    }
+
+    /// Reads `key` into `buf` (a slot of [`Self::slot_bytes`]); returns the bytes read.
+    pub fn read_into(&self, key: ExpertKey, buf: &mut PageBuf) -> Result<u64> {
+        let layout = self.layout(key)?;
+        let n = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut total = 0;
+        for x in &layout.extents {
+            let f = &self.files[x.file];
+            let io_err = |e: std::io::Error| EngineError::Invalid {
+                what: format!("{}", f.path.display()),
+                message: format!("reading {key} (bytes {}..{}): {e}", x.offset, x.offset + x.len),
+            };
+            if self.faults.fail_read == Some(n) {
+                return Err(io_err(std::io::Error::from_raw_os_error(libc::EIO)));
+            }
+            let short = self.faults.short_read == Some(n);
+            let got = match &f.direct {
+                Some(direct) if self.mode == IoMode::Direct => {
+                    // Aligned superset of the extent: its first byte lands at x.slot_offset.
+                    let a_off = align_down(x.offset);
+                    let a_end = align_up(x.offset + x.len);
+                    let start = x.slot_offset - (x.offset - a_off) as usize;
+                    let dst = &mut buf.as_mut_slice()[start..start + (a_end - a_off) as usize];
+                    let want = (x.offset + x.len - a_off) as usize;
+                    let got = read_fully(direct, dst, a_off, if short { want / 2 } else { want })
+                        .map_err(io_err)?;
+                    got.saturating_sub((x.offset - a_off) as usize)
+                }
+                _ => {
+                    let dst = &mut buf.as_mut_slice()[x.slot_offset..x.slot_offset + x.len as usize];
+                    let want = if short { dst.len() / 2 } else { dst.len() };
+                    read_fully(&f.file, dst, x.offset, want).map_err(io_err)?
+                }
+            };
+            if (got as u64) < x.len {
+                return Err(io_err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "short read: {got} of {} bytes (file truncated or device error)",
+                        x.len
+                    ),
+                )));
+            }
+            total += x.len;
+        }
+        if self.verify {
+            self.check(key, layout, buf.as_ref())?;
+        }
+        Ok(total)
+    }
+
+    fn check(&self, key: ExpertKey, layout: &ExpertLayout, slot: &[u8]) -> Result<()> {
+        let Some(want) = layout.checksum else {
+            return Ok(());
+        };
+        let start = layout.parts[0].slot_offset;
+        let got = xxhash_rust::xxh3::xxh3_64(&slot[start..start + self.expert_bytes as usize]);
+        if got != want {
+            return Err(EngineError::invalid(
+                format!("{} ({key})", self.files[0].path.display()),
+                format!(
+                    "checksum mismatch: expected {want:016x}, read {got:016x} (the pack was modified or the device returned bad data)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The expert's weights as views into a loaded slot.
+    pub fn view(&self, key: ExpertKey, slot: &Arc<PageBuf>) -> Result<ExpertWeights> {
+        let layout = self.layout(key)?;
+        let w = |p: &Part| Weight::new(slot.clone(), p.slot_offset, p.dtype, p.shape.to_vec());
+        Ok(ExpertWeights {
+            gate: w(&layout.parts[0]),
+            up: w(&layout.parts[1]),
+            down: w(&layout.parts[2]),
+        })
+    }
+
+    /// mmap mode: the expert's weights as views into the memory-mapped file.
+    pub fn view_mapped(&self, key: ExpertKey) -> Result<ExpertWeights> {
+        let layout = self.layout(key)?;
+        let w = |p: &Part| -> Weight {
+            // The part lies inside one extent: map its slot offset back to the file.
+            let x = layout
+                .extents
+                .iter()
+                .find(|x| p.slot_offset >= x.slot_offset && p.slot_offset < x.slot_offset + x.len as usize)
+                .expect("every part lies in an extent");
+            let off = x.offset as usize + (p.slot_offset - x.slot_offset);
+            Weight::new(self.files[x.file].map.clone(), off, p.dtype, p.shape.to_vec())
+        };
+        Ok(ExpertWeights {
+            gate: w(&layout.parts[0]),
+            up: w(&layout.parts[1]),
+            down: w(&layout.parts[2]),
+        })
+    }
+
+    /// mmap mode: brings the expert's pages in (so the forward pass does not fault on them);
+    /// returns the bytes touched.
+    pub fn touch_mapped(&self, key: ExpertKey) -> Result<u64> {
+        let layout = self.layout(key)?;
+        let mut sum = 0u8;
+        for x in &layout.extents {
+            let map = &self.files[x.file].map;
+            let _ = map.advise_range(memmap2::Advice::WillNeed, x.offset as usize, x.len as usize);
+            let bytes = &map[x.offset as usize..(x.offset + x.len) as usize];
+            for page in bytes.chunks(ALIGN) {
+                sum = sum.wrapping_add(page[0]);
+            }
+        }
+        std::hint::black_box(sum);
+        if self.verify {
+            let x = &layout.extents[0];
+            let start = (x.offset + (layout.parts[0].slot_offset - x.slot_offset) as u64) as usize;
+            let bytes = &self.files[x.file].map[start..start + self.expert_bytes as usize];
+            if let Some(want) = layout.checksum
+                && xxhash_rust::xxh3::xxh3_64(bytes) != want
+            {
+                return Err(EngineError::invalid(
+                    format!("{key}"),
+                    "checksum mismatch in the memory-mapped pack",
+                ));
+            }
+        }
+        Ok(layout.extents.iter().map(|x| x.len).sum())
+    }
+
+    /// mmap mode: drops the expert's whole pages from this process's resident set.
+    pub fn release_mapped(&self, key: ExpertKey) {
+        let Ok(layout) = self.layout(key) else { return };
+        for x in &layout.extents {
+            let start = align_up(x.offset);
+            let end = align_down(x.offset + x.len);
+            if end > start {
+                // SAFETY: DONTNEED on a read-only shared file mapping only drops cached pages of
+                // this process; later reads fault them back in from the file unchanged.
+                let _ = unsafe {
+                    self.files[x.file].map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start as usize,
+                        (end - start) as usize,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// Reads until `want` bytes are in `dst` (or EOF); returns the bytes read.
+fn read_fully(f: &File, dst: &mut [u8], offset: u64, want: usize) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < want {
+        match f.read_at(&mut dst[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got.min(want))
+}
+
+fn parts_bytes(parts: &[Part; 3]) -> u64 {
+    parts
+        .iter()
+        .map(|p| (p.shape[0] * p.shape[1] * p.dtype.size()) as u64)
+        .sum()
+}
+
+/// Extents of the three matrices, merged where they touch, laid out in the slot so that each
+/// extent's first byte keeps its offset modulo [`ALIGN`] (what an O_DIRECT read needs).
+fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
+    let mut order: Vec<usize> = (0..3).collect();
+    order.sort_by_key(|&i| (refs[i].file, refs[i].offset));
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut part_at = [(0usize, 0u64); 3]; // (extent index, offset within extent)
+    for &i in &order {
+        let r = &refs[i];
+        let n = extents.len();
+        match extents.last_mut() {
+            Some(x) if x.file == r.file && x.offset + x.len == r.offset => {
+                part_at[i] = (n - 1, x.len);
+                x.len += r.nbytes();
+            }
+            _ => {
+                part_at[i] = (extents.len(), 0);
+                extents.push(Extent {
+                    file: r.file,
+                    offset: r.offset,
+                    len: r.nbytes(),
+                    slot_offset: 0,
+                });
+            }
+        }
+    }
+    let mut base = 0u64;
+    for x in &mut extents {
+        let lead = x.offset - align_down(x.offset);
+        x.slot_offset = (base + lead) as usize;
+        base += align_up(lead + x.len);
+    }
+    let parts = std::array::from_fn(|i| {
+        let (xi, within) = part_at[i];
+        Part {
+            dtype: refs[i].dtype,
+            shape: refs[i].shape,
+            slot_offset: extents[xi].slot_offset + within as usize,
+        }
+    });
+    ExpertLayout {
+        extents,
+        parts,
+        checksum: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(file: usize, offset: u64, shape: [usize; 2]) -> TensorRef {
+        TensorRef {
+            file,
+            offset,
+            dtype: DType::BF16,
+            shape,
+        }
+    }
+
+    #[test]
+    fn touching_extents_merge_and_keep_alignment_phase() {
+        // down | gate | up contiguous in one file, starting mid-page.
+        let down = r(0, 5000, [4, 8]); // 64 bytes
+        let gate = r(0, 5064, [8, 4]);
+        let up = r(0, 5128, [8, 4]);
+        let l = layout_from_refs(&[gate, up, down]);
+        assert_eq!(l.extents.len(), 1);
+        assert_eq!(l.extents[0].offset, 5000);
+        assert_eq!(l.extents[0].len, 192);
+        assert_eq!(l.extents[0].slot_offset % ALIGN, 5000 % ALIGN);
+        assert_eq!(l.parts[2].slot_offset, l.extents[0].slot_offset);
+        assert_eq!(l.parts[0].slot_offset, l.extents[0].slot_offset + 64);
+    }
+
+    #[test]
+    fn separate_extents_get_separate_pages() {
+        let l = layout_from_refs(&[r(0, 100, [8, 4]), r(1, 9000, [8, 4]), r(0, 50_000, [4, 8])]);
+        assert_eq!(l.extents.len(), 3);
+        for x in &l.extents {
+            assert_eq!(x.slot_offset % ALIGN, x.offset as usize % ALIGN);
+        }
+        assert!(l.extents[1].slot_offset >= ALIGN);
+    }
+}
