@@ -9,6 +9,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::hub::resolve_model;
 use crate::model::Model;
+use crate::offload::{ByteModel, CacheOptions, CachedExperts, ExpertStore, IoMode, pack};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightIndex;
 
@@ -87,6 +88,44 @@ impl Checkpoint {
     /// Builds the model with every expert resident.
     pub fn load_model(&self) -> Result<Model> {
         Model::load(self.config.clone(), &self.weights)
+    }
+
+    /// sha256 of `config.json`: the checkpoint's identity in packs, profiles and traces.
+    pub fn config_sha256(&self) -> Result<String> {
+        pack::sha256_file(&self.dir.join("config.json"))
+    }
+
+    /// The disk tier for this checkpoint's experts: the expert pack in `pack_dir` (checked to
+    /// belong to this model), or the checkpoint's own safetensors.
+    pub fn expert_store(&self, io: IoMode, pack_dir: Option<&Path>, verify: bool) -> Result<ExpertStore> {
+        let mut store = match pack_dir {
+            Some(dir) => pack::open_pack(dir, &self.config, &self.config_sha256()?, io)?,
+            None => ExpertStore::from_checkpoint(&self.config, &self.weights, io)?,
+        };
+        store.set_verify(verify)?;
+        Ok(store)
+    }
+
+    /// Builds the model with only its non-expert weights resident and the experts served
+    /// through a bounded cache over `store`.
+    pub fn load_model_cached(
+        &self,
+        store: std::sync::Arc<ExpertStore>,
+        opts: &CacheOptions,
+    ) -> Result<(Model, std::sync::Arc<CachedExperts>)> {
+        let cached = std::sync::Arc::new(CachedExperts::new(store, &self.config.moe_layers(), opts)?);
+        let model = Model::load_with(self.config.clone(), &self.weights, cached.clone())?;
+        Ok((model, cached))
+    }
+
+    /// The memory model of this checkpoint with experts in slots of `store`.
+    pub fn byte_model(&self, store: &ExpertStore) -> ByteModel {
+        ByteModel::for_checkpoint(
+            &self.config,
+            self.weights.total_bytes(),
+            store.expert_bytes(),
+            store.slot_bytes() as u64,
+        )
     }
 
     /// Opens the tokenizer and chat template.

@@ -233,13 +233,19 @@ impl CachedExperts {
     }
 
     /// Reserves room for `key` and queues its load; false if it is already there or there is
-    /// no room now.
+    /// no room now. Experts whose views are held are never evicted; with `strict`, neither are
+    /// the experts this layer pass has yet to hand out.
     fn issue(&self, inner: &mut Inner, key: ExpertKey, prefetch: bool) -> Result<bool> {
+        self.issue_with(inner, key, prefetch, true)
+    }
+
+    fn issue_with(&self, inner: &mut Inner, key: ExpertKey, prefetch: bool, strict: bool) -> Result<bool> {
         let Inner {
             core, slots, pending, ..
         } = inner;
-        let protect =
-            |k: ExpertKey| pending.contains(&k) || slots.get(&k).is_some_and(|a| Arc::strong_count(a) > 1);
+        let protect = |k: ExpertKey| {
+            (strict && pending.contains(&k)) || slots.get(&k).is_some_and(|a| Arc::strong_count(a) > 1)
+        };
         match core.admit(key, prefetch, &protect, None) {
             Admit::Load { evicted } => {
                 let buf = self.take_buffer(inner, evicted);
@@ -371,7 +377,9 @@ impl ExpertProvider for CachedExperts {
                 self.wait_for(inner, key)?;
                 continue;
             }
-            if !self.issue(inner, key, false)? {
+            // No room while this pass's other experts are protected: give up one that has not
+            // been handed out yet (it is loaded again when its turn comes) rather than stall.
+            if !self.issue(inner, key, false)? && !self.issue_with(inner, key, false, false)? {
                 if inner.in_flight.is_empty() {
                     return Err(EngineError::invalid(
                         "--capacity",

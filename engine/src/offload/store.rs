@@ -112,7 +112,9 @@ pub struct ExpertStore {
     mode: IoMode,
     verify: bool,
     source: String,
-    faults: FaultPlan,
+    /// Fault injection: the n-th read (1-based) fails / comes back short; 0 = never.
+    fail_read: AtomicU64,
+    short_read: AtomicU64,
     reads: AtomicU64,
 }
 
@@ -262,7 +264,8 @@ impl ExpertStore {
             mode,
             verify: false,
             source,
-            faults: FaultPlan::default(),
+            fail_read: AtomicU64::new(0),
+            short_read: AtomicU64::new(0),
             reads: AtomicU64::new(0),
         })
     }
@@ -279,9 +282,13 @@ impl ExpertStore {
         Ok(())
     }
 
-    /// Injects faults (tests of failure paths).
-    pub fn inject_faults(&mut self, faults: FaultPlan) {
-        self.faults = faults;
+    /// Injects faults (tests of failure paths), counting reads from now on.
+    pub fn inject_faults(&self, faults: FaultPlan) {
+        self.fail_read
+            .store(faults.fail_read.unwrap_or(0), Ordering::SeqCst);
+        self.short_read
+            .store(faults.short_read.unwrap_or(0), Ordering::SeqCst);
+        self.reads.store(0, Ordering::SeqCst);
     }
 
     /// The read mode actually used.
@@ -321,10 +328,10 @@ impl ExpertStore {
                 what: format!("{}", f.path.display()),
                 message: format!("reading {key} (bytes {}..{}): {e}", x.offset, x.offset + x.len),
             };
-            if self.faults.fail_read == Some(n) {
+            if self.fail_read.load(Ordering::Relaxed) == n {
                 return Err(io_err(std::io::Error::from_raw_os_error(libc::EIO)));
             }
-            let short = self.faults.short_read == Some(n);
+            let short = self.short_read.load(Ordering::Relaxed) == n;
             let got = match &f.direct {
                 Some(direct) if self.mode == IoMode::Direct => {
                     // Aligned superset of the extent: its first byte lands at x.slot_offset.

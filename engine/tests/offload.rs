@@ -1,0 +1,322 @@
+//! Experts off the heap, end to end on the real fixtures: the bounded cache reading through the
+//! real store (pread, O_DIRECT, mmap; safetensors or expert pack) gives exactly the tokens and
+//! logits of the all-resident run; packs are checked; faults stop the run cleanly.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::{Golden, fixture_dir};
+use shadowmoe_engine::offload::store::FaultPlan;
+use shadowmoe_engine::offload::{
+    Budget, CacheOptions, ExpertKey, ExpertStore, IoMode, MissMode, PolicyKind, pack,
+};
+use shadowmoe_engine::{
+    Checkpoint, GenerateOptions, LogitsFor, Model, NoObserver, Phase, SamplingParams, generate,
+};
+
+const ARCHS: [&str; 4] = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"];
+
+fn opts(budget: Budget) -> CacheOptions {
+    CacheOptions {
+        budget,
+        policy: PolicyKind::Lru,
+        on_miss: MissMode::Sync,
+        io_threads: 2,
+        pinned: vec![],
+    }
+}
+
+/// Prompt logits (all positions) and 12 greedy tokens.
+fn run(model: &Model, prompt: &[u32]) -> (Vec<f32>, Vec<u32>) {
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward(
+            prompt,
+            &mut cache,
+            Phase::Prefill,
+            LogitsFor::All,
+            &mut NoObserver,
+        )
+        .unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+    };
+    let (tokens, _) = generate(model, prompt, &opts, &mut NoObserver, |_| Ok(())).unwrap();
+    (logits.into_raw_vec_and_offset().0, tokens)
+}
+
+fn reference(arch: &str) -> (Checkpoint, Vec<u32>, (Vec<f32>, Vec<u32>)) {
+    let dir = fixture_dir(arch);
+    let golden = Golden::read(&dir);
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    let all = run(&ckpt.load_model().unwrap(), &golden.prompt_ids);
+    (ckpt, golden.prompt_ids, all)
+}
+
+#[test]
+fn sync_cache_is_exact_on_every_architecture_and_read_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let (ckpt, prompt, all) = reference(arch);
+        let pack_dir = tmp.path().join(format!("{arch}.pack"));
+        pack::write_pack(&ckpt.dir, &ckpt.config, &ckpt.weights, &pack_dir, |_, _| {}).unwrap();
+        let k = ckpt.config.num_experts_per_tok;
+        for (io, pack) in [
+            (IoMode::Pread, None),
+            (IoMode::Direct, Some(pack_dir.as_path())),
+            (IoMode::Mmap, None),
+            (IoMode::Pread, Some(pack_dir.as_path())),
+        ] {
+            // Capacity of top-k per layer: a token always fits, the prompt never does.
+            for budget in [Budget::PerLayer(k), Budget::Global(k + 1)] {
+                let store = Arc::new(ckpt.expert_store(io, pack, false).unwrap());
+                let (model, cached) = ckpt.load_model_cached(store, &opts(budget)).unwrap();
+                let got = run(&model, &prompt);
+                let what = format!("{arch} {io:?} pack={} {budget:?}", pack.is_some());
+                assert_eq!(got.1, all.1, "{what}: greedy tokens");
+                assert!(got.0 == all.0, "{what}: logits are not identical");
+                let (stats, iost) = cached.stats();
+                assert!(stats.capacity_misses > 0, "{what}: the cache never evicted");
+                assert_eq!(
+                    stats.hits_prefill + stats.hits_decode + stats.misses(),
+                    stats.activations(),
+                    "{what}"
+                );
+                assert_eq!(
+                    iost.bytes_read,
+                    stats.demand_loads * cached.store().expert_bytes(),
+                    "{what}"
+                );
+                assert!(cached.allocated_slots() <= cached.total_slots(), "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn experts_fit_entirely_only_cold_misses() {
+    let (ckpt, prompt, all) = reference("qwen2_moe");
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    let (model, cached) = ckpt
+        .load_model_cached(store, &opts(Budget::PerLayer(ckpt.config.num_experts)))
+        .unwrap();
+    assert_eq!(run(&model, &prompt).1, all.1);
+    let (s, _) = cached.stats();
+    assert_eq!(s.capacity_misses, 0);
+    assert_eq!(s.evictions, 0);
+    // Every expert loads exactly once over both runs of `run` (prefill + generate share it).
+    assert!(s.demand_loads as usize <= ckpt.config.num_experts * ckpt.config.moe_layers().len());
+}
+
+#[test]
+fn pinned_experts_stay_resident() {
+    let (ckpt, prompt, all) = reference("olmoe");
+    let layers = ckpt.config.moe_layers();
+    let pinned: Vec<ExpertKey> = layers.iter().map(|&l| ExpertKey::new(l, 3)).collect();
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    let o = CacheOptions {
+        pinned: pinned.clone(),
+        ..opts(Budget::PerLayer(3))
+    };
+    let (model, cached) = ckpt.load_model_cached(store, &o).unwrap();
+    assert!(cached.pinned_bytes() > 0);
+    assert_eq!(run(&model, &prompt).1, all.1);
+    let (s, _) = cached.stats();
+    assert!(s.evictions > 0);
+    // Pinning as many experts as the capacity leaves no room: refused.
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    let all_pins: Vec<ExpertKey> = (0..3).map(|e| ExpertKey::new(layers[0], e)).collect();
+    let err = ckpt
+        .load_model_cached(
+            store,
+            &CacheOptions {
+                pinned: all_pins,
+                ..opts(Budget::PerLayer(3))
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--pin") && err.contains("K < capacity"), "{err}");
+}
+
+#[test]
+fn skip_mode_drops_missing_experts_and_counts_fallbacks() {
+    let (ckpt, prompt, all) = reference("mixtral");
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    let o = CacheOptions {
+        on_miss: MissMode::Skip,
+        ..opts(Budget::PerLayer(2))
+    };
+    let (model, cached) = ckpt.load_model_cached(store, &o).unwrap();
+    let got = run(&model, &prompt);
+    let (s, _) = cached.stats();
+    assert!(s.fallbacks > 0, "nothing was skipped");
+    assert!(s.fallback_rate().unwrap() > 0.0 && s.fallback_rate().unwrap() <= 1.0);
+    // The first prefill finds nothing resident: the first token's logits differ from exact.
+    assert!(got.0 != all.0);
+}
+
+/// Direct reads on tmpfs: older kernels refuse O_DIRECT there (the store then reads with pread
+/// and says so), newer ones accept it. Either way the run is exact and reports the mode used.
+#[test]
+fn direct_io_on_tmpfs_is_exact_and_reports_the_mode_used() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm on this machine: tmpfs not exercised");
+        return;
+    }
+    let (ckpt, prompt, all) = reference("qwen3_moe");
+    let tmp = tempfile::tempdir_in(shm).unwrap();
+    let pack_dir = tmp.path().join("pack");
+    pack::write_pack(&ckpt.dir, &ckpt.config, &ckpt.weights, &pack_dir, |_, _| {}).unwrap();
+    let store = ckpt.expert_store(IoMode::Direct, Some(&pack_dir), false).unwrap();
+    assert!(matches!(store.mode(), IoMode::Direct | IoMode::Pread));
+    let (model, _) = ckpt
+        .load_model_cached(Arc::new(store), &opts(Budget::PerLayer(4)))
+        .unwrap();
+    assert_eq!(run(&model, &prompt).1, all.1);
+}
+
+#[test]
+fn pack_for_another_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Checkpoint::open_dir(&fixture_dir("qwen3_moe")).unwrap();
+    let b = Checkpoint::open_dir(&fixture_dir("qwen2_moe")).unwrap();
+    let dir = tmp.path().join("a.pack");
+    pack::write_pack(&a.dir, &a.config, &a.weights, &dir, |_, _| {}).unwrap();
+    let err = b
+        .expert_store(IoMode::Pread, Some(&dir), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config_sha256") && err.contains("another model"),
+        "{err}"
+    );
+    // Writing over an existing directory is refused too.
+    let err = pack::write_pack(&a.dir, &a.config, &a.weights, &dir, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn truncated_pack_is_refused_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = Checkpoint::open_dir(&fixture_dir("olmoe")).unwrap();
+    let dir = tmp.path().join("p");
+    pack::write_pack(&ckpt.dir, &ckpt.config, &ckpt.weights, &dir, |_, _| {}).unwrap();
+    let bin = dir.join("experts.bin");
+    let len = std::fs::metadata(&bin).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&bin)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
+    let err = ckpt
+        .expert_store(IoMode::Pread, Some(&dir), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("experts.bin") && err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn modified_pack_is_caught_by_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ckpt, prompt, _) = reference("olmoe");
+    let dir = tmp.path().join("p");
+    pack::write_pack(&ckpt.dir, &ckpt.config, &ckpt.weights, &dir, |_, _| {}).unwrap();
+    // Flip one byte inside the first expert (layer 0, expert 0).
+    let bin = dir.join("experts.bin");
+    let mut bytes = std::fs::read(&bin).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&bin, bytes).unwrap();
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, Some(&dir), true).unwrap());
+    let (model, _) = ckpt.load_model_cached(store, &opts(Budget::PerLayer(8))).unwrap();
+    let mut cache = model.new_cache();
+    let err = model
+        .forward(
+            &prompt,
+            &mut cache,
+            Phase::Prefill,
+            LogitsFor::Last,
+            &mut NoObserver,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layer 0 expert 0") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    // --verify without a pack is refused: the safetensors store has no checksums.
+    let err = ckpt
+        .expert_store(IoMode::Pread, None, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--verify"), "{err}");
+}
+
+/// A failed read (EIO) or a short read stops the pass with an error naming the expert; the slot
+/// is not marked resident, so once the fault is gone the same cache gives exact results.
+#[test]
+fn read_faults_stop_the_run_and_leave_no_half_written_slot() {
+    let (ckpt, prompt, all) = reference("qwen3_moe");
+    for plan in [
+        FaultPlan {
+            fail_read: Some(3),
+            short_read: None,
+        },
+        FaultPlan {
+            fail_read: None,
+            short_read: Some(2),
+        },
+    ] {
+        let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+        let (model, cached) = ckpt
+            .load_model_cached(store.clone(), &opts(Budget::PerLayer(16)))
+            .unwrap();
+        store.inject_faults(plan);
+        let mut cache = model.new_cache();
+        let err = model
+            .forward(
+                &prompt,
+                &mut cache,
+                Phase::Prefill,
+                LogitsFor::All,
+                &mut NoObserver,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expert load") && err.contains("layer"),
+            "{plan:?}: {err}"
+        );
+        let want = if plan.fail_read.is_some() {
+            "Input/output error"
+        } else {
+            "short read"
+        };
+        assert!(err.contains(want), "{plan:?}: {err}");
+        assert_eq!(cached.stats().1.load_errors, 1);
+        store.inject_faults(FaultPlan::default());
+        assert_eq!(run(&model, &prompt), all, "{plan:?}: a failed slot was used");
+    }
+}
+
+#[test]
+fn belady_is_refused_live() {
+    let ckpt = Checkpoint::open_dir(&fixture_dir("olmoe")).unwrap();
+    let store = Arc::new(ExpertStore::from_checkpoint(&ckpt.config, &ckpt.weights, IoMode::Pread).unwrap());
+    let o = CacheOptions {
+        policy: PolicyKind::Belady,
+        ..opts(Budget::PerLayer(2))
+    };
+    let err = ckpt.load_model_cached(store, &o).unwrap_err().to_string();
+    assert!(err.contains("simulator"), "{err}");
+}
