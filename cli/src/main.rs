@@ -1,7 +1,13 @@
 //! `shadowmoe`: the umbrella binary. Subcommands:
 //! - `generate`: stream text from a checkpoint, then report prefill/decode tok/s and peak RSS;
 //! - `logits`: the engine's outside-checkable surface — logits, router choices and greedy
-//!   tokens for given token ids, written to a safetensors file.
+//!   tokens for given token ids, written to a safetensors file;
+//! - `expert-pack`: write a checkpoint's experts as one aligned extent each.
+//!
+//! `generate` and `logits` stream experts from disk through a bounded cache when given
+//! `--capacity` or `--cache-bytes` (see `offload::CacheArgs`).
+
+mod offload;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +37,18 @@ enum Command {
     Generate(GenerateArgs),
     /// Write logits, router choices and (optionally) greedy tokens for given token ids.
     Logits(LogitsArgs),
+    /// Write the checkpoint's experts as an expert pack: one 4 KiB-aligned extent per expert.
+    ExpertPack(PackArgs),
+}
+
+#[derive(Args, Debug)]
+struct PackArgs {
+    /// Checkpoint directory or hub id (as for generate).
+    #[arg(long)]
+    model: String,
+    /// Directory to create for the pack (must not exist).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// Flags every model-running command shares.
@@ -70,6 +88,8 @@ struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    cache: offload::CacheArgs,
 }
 
 #[derive(Args, Debug)]
@@ -87,6 +107,8 @@ struct LogitsArgs {
     /// i64 [N].
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    cache: offload::CacheArgs,
 }
 
 fn main() {
@@ -102,6 +124,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Logits(a) => run_logits(a),
+        Command::ExpertPack(a) => run_pack(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -139,7 +162,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt: the prompt encodes to no tokens");
     }
-    let model = ckpt.load_model()?;
+    let context = prompt.len() + a.max_new_tokens;
+    let mut loaded = a.cache.load(&ckpt, context)?;
+    let model = &loaded.model;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {
@@ -152,7 +177,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
-    let (_, stats) = generate(&model, &prompt, &opts, &mut NoObserver, |id| {
+    let (_, stats) = generate(model, &prompt, &opts, &mut NoObserver, |id| {
         if let Some(piece) = stream.push(&tok, id)? {
             // A closed pipe (`| head`) ends the stream quietly.
             let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
@@ -174,7 +199,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             b as f64 / (1 << 20) as f64
         )),
     );
-    Ok(())
+    a.cache.finish(&mut loaded, Some(&stats), context)
 }
 
 /// Parses `1,2,3`.
@@ -205,7 +230,9 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
             cfg.vocab_size
         );
     }
-    let model = ckpt.load_model()?;
+    let context = tokens.len() + a.generate;
+    let mut loaded = a.cache.load(&ckpt, context)?;
+    let model = &loaded.model;
     let mut obs = RecordingObserver::default();
     let mut cache = model.new_cache();
     let logits = model.forward(&tokens, &mut cache, Phase::Prefill, LogitsFor::All, &mut obs)?;
@@ -230,7 +257,7 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
             sampling: SamplingParams::default(),
             eos_token_ids: Vec::new(),
         };
-        let (ids, _) = generate(&model, &tokens, &opts, &mut NoObserver, |_| Ok(()))?;
+        let (ids, _) = generate(model, &tokens, &opts, &mut NoObserver, |_| Ok(()))?;
         ids.into_iter().map(i64::from).collect()
     } else {
         Vec::new()
@@ -270,6 +297,33 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
         a.out.display(),
         tokens.len(),
         moe_layers
+    );
+    a.cache.finish(&mut loaded, None, context)
+}
+
+fn run_pack(a: PackArgs) -> Result<()> {
+    let ckpt = Checkpoint::open(&a.model)?;
+    let total = ckpt.config.moe_layers().len() * ckpt.config.num_experts;
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} experts {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let summary = shadowmoe_engine::offload::pack::write_pack(
+        &ckpt.dir,
+        &ckpt.config,
+        &ckpt.weights,
+        &a.out,
+        |done, _| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {}: {} experts of {} bytes, {:.2} GB in {:.1}s",
+        summary.dir.display(),
+        summary.experts,
+        summary.expert_bytes,
+        summary.file_bytes as f64 / 1e9,
+        start.elapsed().as_secs_f64()
     );
     Ok(())
 }

@@ -95,6 +95,84 @@ fn logits_command_matches_the_golden_file() {
     }
 }
 
+/// With a small expert cache read from disk (and from an expert pack), `logits` still
+/// matches transformers exactly; the metrics file says what happened.
+#[test]
+fn logits_through_the_expert_cache_match_the_golden_file() {
+    let dir = fixture("qwen2_moe");
+    let golden_bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&golden_bytes).unwrap();
+    let ids = i64s(golden.tensor("prompt_ids").unwrap().data());
+    let want_gen = i64s(golden.tensor("generated").unwrap().data());
+    let tokens = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join("pack");
+    let o = bin()
+        .args([
+            "expert-pack",
+            "--model",
+            dir.to_str().unwrap(),
+            "--out",
+            pack.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for extra in [
+        vec!["--io", "pread"],
+        vec!["--io", "direct", "--pack", pack.to_str().unwrap(), "--verify"],
+    ] {
+        let out = tmp.path().join("out.safetensors");
+        let metrics = tmp.path().join("metrics.json");
+        let o = bin()
+            .args([
+                "logits",
+                "--model",
+                dir.to_str().unwrap(),
+                "--tokens",
+                &tokens,
+                "--capacity",
+                "3",
+            ])
+            .args([
+                "--generate",
+                &want_gen.len().to_string(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args(["--metrics-out", metrics.to_str().unwrap()])
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        let ours_bytes = std::fs::read(&out).unwrap();
+        let ours = safetensors::SafeTensors::deserialize(&ours_bytes).unwrap();
+        let diff = f32s(ours.tensor("logits").unwrap().data())
+            .iter()
+            .zip(f32s(golden.tensor("logits").unwrap().data()))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff <= 1e-4, "{extra:?}: logits differ by {diff:e}");
+        assert_eq!(
+            i64s(ours.tensor("generated").unwrap().data()),
+            want_gen,
+            "{extra:?}"
+        );
+        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+        assert_eq!(m["capacity"], 3);
+        assert!(m["capacity_misses"].as_u64().unwrap() > 0, "{m}");
+        assert_eq!(
+            m["expert_source"],
+            if extra.len() > 2 { "pack" } else { "safetensors" }
+        );
+        let acts = m["activations"].as_u64().unwrap();
+        let parts = m["hits"].as_u64().unwrap()
+            + m["cold_misses"].as_u64().unwrap()
+            + m["capacity_misses"].as_u64().unwrap();
+        assert_eq!(acts, parts, "{m}");
+    }
+}
+
 #[test]
 fn generate_streams_text_and_reports_speed() {
     let o = bin()

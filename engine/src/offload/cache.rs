@@ -473,7 +473,7 @@ mod tests {
         // Expert 1 was popular long ago; expert 2 is used once recently. After 1000 tokens of
         // silence, 1's score (3 × 0.25^(~1000/128)) falls below 2's (1 × 0.25^0).
         let mut c = CacheCore::new(&[0], Budget::PerLayer(2), PolicyKind::Lcp, &[]);
-        let mut touch = |c: &mut CacheCore, e| {
+        let touch = |c: &mut CacheCore, e| {
             if c.lookup(k(0, e), 1, Phase::Decode) == Lookup::Miss {
                 let Admit::Load { evicted } = c.admit(k(0, e), false, &|_| false, None) else {
                     panic!()
