@@ -10,39 +10,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufWriter, Write};
-use std::path::Path;
 use std::time::Instant;
 
+use shadowmoe_benches::*;
 use shadowmoe_engine::{Checkpoint, LogitsFor, NoObserver, Phase, Sampler, SamplingParams};
-
-/// The shape of the synthetic checkpoint (qwen3_moe layout, bf16).
-const HIDDEN: usize = 2048;
-const EXPERTS: usize = 64;
-const EXPERT_WIDTH: usize = 1024;
-const TOP_K: usize = 8;
-const LAYERS: usize = 4;
-const HEADS: usize = 16;
-const KV_HEADS: usize = 4;
-const HEAD_DIM: usize = 128;
-const VOCAB: usize = 16384;
-const PROMPT: usize = 16;
 
 fn main() {
     let tokens: usize = env_or("SHADOWMOE_BENCH_TOKENS", 24);
     let repeat: usize = env_or("SHADOWMOE_BENCH_REPEAT", 5);
-    let keep = std::env::var_os("SHADOWMOE_BENCH_DIR");
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = keep.as_ref().map_or(tmp.path(), Path::new).to_path_buf();
-    if !dir.join("model.safetensors").exists() {
-        let t = Instant::now();
-        write_checkpoint(&dir);
-        eprintln!(
-            "wrote synthetic checkpoint to {} in {:.1}s",
-            dir.display(),
-            t.elapsed().as_secs_f64()
-        );
-    }
+    let (dir, _tmp) = bench_dir();
+    ensure_checkpoint(&dir);
     let ckpt = Checkpoint::open_dir(&dir).unwrap();
     let model = ckpt.load_model().unwrap();
 
@@ -135,17 +112,6 @@ fn decode_rate(model: &shadowmoe_engine::Model, tokens: usize, seed: u64) -> f64
     tokens as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Bytes of weights one decode token reads: per layer attention, norms, router and top-k
-/// experts; then the final norm and LM head; plus one embedding row.
-fn weight_bytes_per_decode_token() -> usize {
-    let q = HEADS * HEAD_DIM;
-    let kv = KV_HEADS * HEAD_DIM;
-    let attn = HIDDEN * q + 2 * HIDDEN * kv + q * HIDDEN + 2 * HEAD_DIM + 2 * HIDDEN;
-    let router = EXPERTS * HIDDEN;
-    let experts = TOP_K * 3 * HIDDEN * EXPERT_WIDTH;
-    let per_layer = attn + router + experts;
-    (LAYERS * per_layer + HIDDEN + VOCAB * HIDDEN + HIDDEN) * 2
-}
 
 /// Plain parallel read of a 1 GiB buffer (sum of u64 words), GB/s, best of 3.
 fn memory_read_gbs() -> f64 {
@@ -164,127 +130,4 @@ fn memory_read_gbs() -> f64 {
     best
 }
 
-/// Reads the file once so that its pages are resident.
-fn prefault(path: &Path) {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut buf = vec![0u8; 1 << 24];
-    while f.read(&mut buf).unwrap() > 0 {}
-}
 
-/// A tensor of the synthetic checkpoint.
-struct Spec {
-    name: String,
-    shape: Vec<usize>,
-    /// Uniform in ±scale, or ones (norms) when `None`.
-    scale: Option<f32>,
-}
-
-fn write_checkpoint(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let config = serde_json::json!({
-        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
-        "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
-        "num_experts": EXPERTS, "num_experts_per_tok": TOP_K, "moe_intermediate_size": EXPERT_WIDTH,
-        "intermediate_size": 4 * EXPERT_WIDTH, "norm_topk_prob": true, "tie_word_embeddings": false,
-        "hidden_act": "silu", "dtype": "bfloat16"
-    });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config).unwrap(),
-    )
-    .unwrap();
-
-    let lin = |name: String, out: usize, inp: usize| Spec {
-        name,
-        shape: vec![out, inp],
-        scale: Some((3.0 / inp as f32).sqrt()),
-    };
-    let norm = |name: String, n: usize| Spec {
-        name,
-        shape: vec![n],
-        scale: None,
-    };
-    let mut specs = vec![
-        Spec {
-            name: "model.embed_tokens.weight".into(),
-            shape: vec![VOCAB, HIDDEN],
-            scale: Some(1.0),
-        },
-        lin("lm_head.weight".into(), VOCAB, HIDDEN),
-        norm("model.norm.weight".into(), HIDDEN),
-    ];
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}.");
-        specs.push(norm(format!("{p}input_layernorm.weight"), HIDDEN));
-        specs.push(norm(format!("{p}post_attention_layernorm.weight"), HIDDEN));
-        specs.push(lin(
-            format!("{p}self_attn.q_proj.weight"),
-            HEADS * HEAD_DIM,
-            HIDDEN,
-        ));
-        specs.push(lin(
-            format!("{p}self_attn.k_proj.weight"),
-            KV_HEADS * HEAD_DIM,
-            HIDDEN,
-        ));
-        specs.push(lin(
-            format!("{p}self_attn.v_proj.weight"),
-            KV_HEADS * HEAD_DIM,
-            HIDDEN,
-        ));
-        specs.push(lin(
-            format!("{p}self_attn.o_proj.weight"),
-            HIDDEN,
-            HEADS * HEAD_DIM,
-        ));
-        specs.push(norm(format!("{p}self_attn.q_norm.weight"), HEAD_DIM));
-        specs.push(norm(format!("{p}self_attn.k_norm.weight"), HEAD_DIM));
-        specs.push(lin(format!("{p}mlp.gate.weight"), EXPERTS, HIDDEN));
-        for e in 0..EXPERTS {
-            let q = format!("{p}mlp.experts.{e}.");
-            specs.push(lin(format!("{q}gate_proj.weight"), EXPERT_WIDTH, HIDDEN));
-            specs.push(lin(format!("{q}up_proj.weight"), EXPERT_WIDTH, HIDDEN));
-            specs.push(lin(format!("{q}down_proj.weight"), HIDDEN, EXPERT_WIDTH));
-        }
-    }
-
-    // Header, then the data streamed tensor by tensor (never the whole file in memory).
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for s in &specs {
-        let n = s.shape.iter().product::<usize>() * 2;
-        header.insert(
-            s.name.clone(),
-            serde_json::json!({"dtype": "BF16", "shape": s.shape, "data_offsets": [offset, offset + n]}),
-        );
-        offset += n;
-    }
-    let mut text = serde_json::to_string(&header).unwrap();
-    while !text.len().is_multiple_of(8) {
-        text.push(' ');
-    }
-    let tmp = dir.join("model.safetensors.tmp");
-    let mut w = BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).unwrap());
-    w.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
-    w.write_all(text.as_bytes()).unwrap();
-    let mut rng = shadowmoe_engine::sampling::Rng::new(42);
-    let mut buf = Vec::new();
-    for s in &specs {
-        let n: usize = s.shape.iter().product();
-        buf.clear();
-        for _ in 0..n {
-            let v = match s.scale {
-                Some(a) => (rng.next_f32() * 2.0 - 1.0) * a,
-                None => 1.0,
-            };
-            buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-        }
-        w.write_all(&buf).unwrap();
-    }
-    w.flush().unwrap();
-    drop(w);
-    std::fs::rename(&tmp, dir.join("model.safetensors")).unwrap();
-}

@@ -119,10 +119,17 @@ impl Checkpoint {
     }
 
     /// The memory model of this checkpoint with experts in slots of `store`.
+    ///
+    /// An untied input embedding is left out: a run touches only the rows of its tokens.
     pub fn byte_model(&self, store: &ExpertStore) -> ByteModel {
+        let c = &self.config;
+        let embedding = match self.weights.entry("model.embed_tokens.weight") {
+            Some(e) if !c.tie_word_embeddings => (e.shape.iter().product::<usize>() * e.dtype.size()) as u64,
+            _ => 0,
+        };
         ByteModel::for_checkpoint(
-            &self.config,
-            self.weights.total_bytes(),
+            c,
+            self.weights.total_bytes() - embedding,
             store.expert_bytes(),
             store.slot_bytes() as u64,
         )
