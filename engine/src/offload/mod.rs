@@ -57,13 +57,15 @@ pub fn align_down(n: u64) -> u64 {
     n / ALIGN as u64 * ALIGN as u64
 }
 
-/// A page-aligned, zero-initialised byte buffer: one cache slot.
+/// A page-aligned, zero-initialised byte buffer: one cache slot. It is an anonymous memory
+/// map: the kernel supplies zero pages on first touch, so making one costs nothing up front and
+/// the first-touch cost falls on the I/O thread that fills it, not on the forward pass.
 pub struct PageBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: PageBuf owns its allocation exclusively, like a Box<[u8]>.
+// SAFETY: PageBuf owns its mapping exclusively, like a Box<[u8]>.
 unsafe impl Send for PageBuf {}
 // SAFETY: shared access only reads.
 unsafe impl Sync for PageBuf {}
@@ -75,18 +77,28 @@ impl std::fmt::Debug for PageBuf {
 }
 
 impl PageBuf {
-    fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len.max(ALIGN), ALIGN).expect("slot size fits a layout")
+    fn map_len(len: usize) -> usize {
+        len.max(1).div_ceil(ALIGN) * ALIGN
     }
 
     /// `len` zero bytes, aligned to [`ALIGN`].
     pub fn zeroed(len: usize) -> Self {
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = std::ptr::NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::map_len(len),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
+        if raw == libc::MAP_FAILED {
+            let layout = std::alloc::Layout::from_size_align(Self::map_len(len), ALIGN).expect("layout");
+            std::alloc::handle_alloc_error(layout);
+        }
+        let ptr = std::ptr::NonNull::new(raw.cast::<u8>()).expect("mmap returned null");
         Self { ptr, len }
     }
 
@@ -99,21 +111,24 @@ impl PageBuf {
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr owns `len` initialised bytes; &mut self gives exclusive access.
+        // SAFETY: the mapping holds `len` zero-initialised (or since written) bytes; &mut self
+        // gives exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl AsRef<[u8]> for PageBuf {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: ptr owns `len` initialised bytes.
+        // SAFETY: the mapping holds `len` initialised bytes.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Drop for PageBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        // SAFETY: unmaps exactly the mapping made in `zeroed`, which nothing else references.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), Self::map_len(self.len));
+        }
     }
 }
