@@ -112,7 +112,6 @@ fn decode_rate(model: &shadowmoe_engine::Model, tokens: usize, seed: u64) -> f64
     tokens as f64 / start.elapsed().as_secs_f64()
 }
 
-
 /// Plain parallel read of a 1 GiB buffer (sum of u64 words), GB/s, best of 3.
 fn memory_read_gbs() -> f64 {
     use rayon::prelude::*;
@@ -129,5 +128,3 @@ fn memory_read_gbs() -> f64 {
     }
     best
 }
-
-

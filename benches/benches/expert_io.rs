@@ -21,7 +21,10 @@ use shadowmoe_engine::offload::pool::LoadJob;
 use shadowmoe_engine::offload::{ExpertKey, IoMode, IoPool, PageBuf, align_up, pack};
 
 fn main() {
-    let loads: usize = std::env::var("SHADOWMOE_BENCH_LOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(96);
+    let loads: usize = std::env::var("SHADOWMOE_BENCH_LOADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96);
     let (dir, _tmp) = bench_dir();
     ensure_checkpoint(&dir);
     let ckpt = Checkpoint::open_dir(&dir).unwrap();
@@ -67,20 +70,41 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// `loads` expert loads through the pool with `threads` workers, two loads queued per worker.
-fn pool_gbs(store: &Arc<shadowmoe_engine::offload::ExpertStore>, threads: usize, loads: usize, seed: u64) -> f64 {
+fn pool_gbs(
+    store: &Arc<shadowmoe_engine::offload::ExpertStore>,
+    threads: usize,
+    loads: usize,
+    seed: u64,
+) -> f64 {
     let pool = IoPool::new(store.clone(), threads);
     let mut rng = shadowmoe_engine::sampling::Rng::new(seed);
     let keys: Vec<ExpertKey> = (0..loads)
-        .map(|_| ExpertKey::new(rng.next_u64() as usize % LAYERS, (rng.next_u64() % EXPERTS as u64) as u32))
+        .map(|_| {
+            ExpertKey::new(
+                rng.next_u64() as usize % LAYERS,
+                (rng.next_u64() % EXPERTS as u64) as u32,
+            )
+        })
         .collect();
-    let mut free: Vec<PageBuf> = (0..2 * threads).map(|_| PageBuf::zeroed(store.slot_bytes())).collect();
+    let mut free: Vec<PageBuf> = (0..2 * threads)
+        .map(|_| PageBuf::zeroed(store.slot_bytes()))
+        .collect();
     let mut queue: VecDeque<ExpertKey> = keys.into();
     let start = Instant::now();
     let (mut bytes, mut outstanding) = (0u64, 0usize);
     while !queue.is_empty() || outstanding > 0 {
         while let (Some(buf), false) = (free.pop(), queue.is_empty()) {
             let key = queue.pop_front().unwrap();
-            pool.submit(LoadJob { key, buf: Some(buf), cancelled: Arc::new(AtomicBool::new(false)) }, true).unwrap();
+            pool.submit(
+                LoadJob {
+                    id: 0,
+                    key,
+                    buf: Some(buf),
+                    cancelled: Arc::new(AtomicBool::new(false)),
+                },
+                true,
+            )
+            .unwrap();
             outstanding += 1;
         }
         let done = pool.recv().unwrap();
@@ -107,7 +131,9 @@ fn sequential_gbs(path: &std::path::Path, block: usize, loads: usize, seed: u64)
     let start = Instant::now();
     let mut bytes = 0;
     for i in 0..loads.min(blocks) {
-        bytes += f.read_at(buf.as_mut_slice(), ((first + i) * block) as u64).unwrap();
+        bytes += f
+            .read_at(buf.as_mut_slice(), ((first + i) * block) as u64)
+            .unwrap();
     }
     bytes as f64 / start.elapsed().as_secs_f64() / 1e9
 }

@@ -21,7 +21,10 @@ use shadowmoe_engine::{Checkpoint, GenerateOptions, NoObserver, SamplingParams, 
 const CHILD: &str = "SHADOWMOE_BENCH_CHILD";
 
 fn main() {
-    let tokens: usize = std::env::var("SHADOWMOE_BENCH_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
+    let tokens: usize = std::env::var("SHADOWMOE_BENCH_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
     if let Ok(spec) = std::env::var(CHILD) {
         let dir = std::env::var("SHADOWMOE_BENCH_CHILD_DIR").unwrap();
         child(std::path::Path::new(&dir), &spec, tokens);
@@ -29,7 +32,12 @@ fn main() {
     }
     let (dir, _tmp) = bench_dir();
     ensure_checkpoint(&dir);
-    let specs = ["resident".to_string(), format!("{}", EXPERTS / 4), format!("{}", EXPERTS / 2), format!("{EXPERTS}")];
+    let specs = [
+        "resident".to_string(),
+        format!("{}", EXPERTS / 4),
+        format!("{}", EXPERTS / 2),
+        format!("{EXPERTS}"),
+    ];
     let mut rows = Vec::new();
     for spec in &specs {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -38,7 +46,11 @@ fn main() {
             .env("SHADOWMOE_BENCH_TOKENS", tokens.to_string())
             .output()
             .unwrap();
-        assert!(out.status.success(), "child {spec}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "child {spec}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let line = String::from_utf8(out.stdout).unwrap();
         rows.push(serde_json::from_str::<serde_json::Value>(line.trim()).unwrap());
     }
@@ -63,7 +75,9 @@ fn main() {
             r["spec"].as_str().unwrap(),
             r["resident_share"].as_str().unwrap(),
             rate / base_rate,
-            r["hit_rate_decode"].as_f64().map_or("-".into(), |h| format!("{:.1}%", h * 100.0)),
+            r["hit_rate_decode"]
+                .as_f64()
+                .map_or("-".into(), |h| format!("{:.1}%", h * 100.0)),
             r["stall_secs"].as_f64().unwrap_or(0.0),
             r["bytes_read"].as_f64().unwrap_or(0.0) / 1e9,
             model.map_or("-".into(), |m| format!("{m:.3}")),
@@ -93,9 +107,18 @@ fn child(dir: &std::path::Path, spec: &str, tokens: usize) {
             pinned: vec![],
         };
         let (model, cached) = ckpt.load_model_cached(store, &opts).unwrap();
-        (model, Some(cached), Some(predicted), format!("{}%", cap * 100 / EXPERTS))
+        (
+            model,
+            Some(cached),
+            Some(predicted),
+            format!("{}%", cap * 100 / EXPERTS),
+        )
     };
-    let opts = GenerateOptions { max_new_tokens: tokens + 1, sampling: SamplingParams::default(), eos_token_ids: vec![] };
+    let opts = GenerateOptions {
+        max_new_tokens: tokens + 1,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+    };
     let start = Instant::now();
     let (generated, stats) = generate(&model, &prompt, &opts, &mut NoObserver, |_| Ok(())).unwrap();
     let _total = start.elapsed();

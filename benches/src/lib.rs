@@ -20,7 +20,6 @@ pub const HEAD_DIM: usize = 128;
 pub const VOCAB: usize = 16384;
 pub const PROMPT: usize = 16;
 
-
 /// The directory the benchmarks keep their synthetic checkpoint in: `$SHADOWMOE_BENCH_DIR`, or
 /// a temporary directory that is removed afterwards (returned so the caller keeps it alive).
 pub fn bench_dir() -> (PathBuf, Option<tempfile::TempDir>) {
@@ -38,7 +37,11 @@ pub fn ensure_checkpoint(dir: &Path) {
     if !dir.join("model.safetensors").exists() {
         let t = std::time::Instant::now();
         write_checkpoint(dir);
-        eprintln!("wrote synthetic checkpoint to {} in {:.1}s", dir.display(), t.elapsed().as_secs_f64());
+        eprintln!(
+            "wrote synthetic checkpoint to {} in {:.1}s",
+            dir.display(),
+            t.elapsed().as_secs_f64()
+        );
     }
 }
 

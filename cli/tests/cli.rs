@@ -282,3 +282,78 @@ fn bad_input_gets_one_line_errors() {
     }
     assert!(!out.exists());
 }
+
+/// `--pin PROFILE:K` with a real profile file: pinned experts load before the run and the
+/// output stays exact; a profile of another model is refused.
+#[test]
+fn pinning_from_a_profile() {
+    use sha2::Digest;
+    let dir = fixture("olmoe");
+    let sha: String = sha2::Sha256::digest(std::fs::read(dir.join("config.json")).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap();
+    let experts = cfg["num_experts"].as_u64().unwrap();
+    let layer_map: serde_json::Map<String, serde_json::Value> = (0..layers)
+        .map(|l| {
+            (
+                l.to_string(),
+                serde_json::json!({"activations": (0..experts).map(|e| (e * 7 + l) % 5).collect::<Vec<_>>()}),
+            )
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, sha: &str| {
+        let p = tmp.path().join(name);
+        let v = serde_json::json!({"format": "shadowmoe-profile/1", "model_id": "fixture", "config_sha256": sha, "layers": layer_map});
+        std::fs::write(&p, v.to_string()).unwrap();
+        p
+    };
+    let good = write("good.json", &sha);
+    let other = write("other.json", "0000");
+    let golden_bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&golden_bytes).unwrap();
+    let want_gen = i64s(golden.tensor("generated").unwrap().data());
+    let tokens = i64s(golden.tensor("prompt_ids").unwrap().data())
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = tmp.path().join("o.safetensors");
+    let metrics = tmp.path().join("m.json");
+    let run = |pin: &std::path::Path| {
+        bin()
+            .args([
+                "logits",
+                "--model",
+                dir.to_str().unwrap(),
+                "--tokens",
+                &tokens,
+                "--generate",
+                "16",
+            ])
+            .args(["--out", out.to_str().unwrap(), "--capacity", "4", "--io", "pread"])
+            .args([
+                "--pin",
+                &format!("{}:2", pin.display()),
+                "--metrics-out",
+                metrics.to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let o = run(&good);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ours_bytes = std::fs::read(&out).unwrap();
+    let ours = safetensors::SafeTensors::deserialize(&ours_bytes).unwrap();
+    assert_eq!(i64s(ours.tensor("generated").unwrap().data()), want_gen);
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(m["pinned_experts"].as_u64().unwrap(), 2 * layers);
+    let o = run(&other);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("profile of another model"), "{}", stderr(&o));
+}

@@ -270,11 +270,11 @@ fn read_faults_stop_the_run_and_leave_no_half_written_slot() {
     for plan in [
         FaultPlan {
             fail_read: Some(3),
-            short_read: None,
+            ..Default::default()
         },
         FaultPlan {
-            fail_read: None,
             short_read: Some(2),
+            ..Default::default()
         },
     ] {
         let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
@@ -319,4 +319,62 @@ fn belady_is_refused_live() {
     };
     let err = ckpt.load_model_cached(store, &o).unwrap_err().to_string();
     assert!(err.contains("simulator"), "{err}");
+}
+
+/// With one worker busy on a slow read, a demand load submitted after several prefetches is
+/// served before them.
+#[test]
+fn demand_loads_go_ahead_of_queued_prefetches() {
+    use shadowmoe_engine::offload::PageBuf;
+    use shadowmoe_engine::offload::pool::LoadJob;
+    use std::sync::atomic::AtomicBool;
+    let ckpt = Checkpoint::open_dir(&fixture_dir("qwen3_moe")).unwrap();
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    store.inject_faults(FaultPlan {
+        delay_ms: 30,
+        ..Default::default()
+    });
+    let pool = shadowmoe_engine::offload::IoPool::new(store.clone(), 1);
+    let job = |id: u64, e: u32| LoadJob {
+        id,
+        key: ExpertKey::new(1, e),
+        buf: Some(PageBuf::zeroed(store.slot_bytes())),
+        cancelled: Arc::new(AtomicBool::new(false)),
+    };
+    for i in 0..5 {
+        pool.submit(job(i, i as u32), false).unwrap();
+    }
+    pool.submit(job(99, 9), true).unwrap();
+    let order: Vec<u64> = (0..6).map(|_| pool.recv().unwrap().id).collect();
+    let pos = order.iter().position(|&id| id == 99).unwrap();
+    assert!(pos <= 1, "demand load finished at position {pos}: {order:?}");
+}
+
+/// A prefetch cancelled while still queued is never read and counts as wasted; a prefetch used
+/// later counts as used.
+#[test]
+fn cancelled_prefetch_is_dropped_unread() {
+    let ckpt = Checkpoint::open_dir(&fixture_dir("qwen3_moe")).unwrap();
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    let o = CacheOptions {
+        io_threads: 1,
+        ..opts(Budget::PerLayer(4))
+    };
+    let (_model, cached) = ckpt.load_model_cached(store.clone(), &o).unwrap();
+    store.inject_faults(FaultPlan {
+        delay_ms: 30,
+        ..Default::default()
+    });
+    let keys: Vec<ExpertKey> = (0..3).map(|e| ExpertKey::new(1, e)).collect();
+    assert_eq!(cached.prefetch(&keys).unwrap(), 3);
+    assert!(cached.cancel_prefetch(keys[2]));
+    cached.wait_idle().unwrap();
+    let (s, io) = cached.stats();
+    assert_eq!((s.prefetch_issued, s.prefetch_wasted), (3, 1));
+    assert_eq!(
+        io.bytes_read,
+        2 * store.expert_bytes(),
+        "the cancelled prefetch was read"
+    );
+    assert_eq!(cached.prefetch(&keys[..1]).unwrap(), 0, "already resident");
 }

@@ -17,6 +17,8 @@ use crate::error::{EngineError, Result};
 /// One load to do.
 #[derive(Debug)]
 pub struct LoadJob {
+    /// Caller's tag, returned in [`LoadDone::id`] (tells a stale completion from a current one).
+    pub id: u64,
     pub key: ExpertKey,
     /// The slot to fill (`None` in mmap mode: the load touches the mapped pages).
     pub buf: Option<PageBuf>,
@@ -27,6 +29,7 @@ pub struct LoadJob {
 /// One finished (or dropped) load.
 #[derive(Debug)]
 pub struct LoadDone {
+    pub id: u64,
     pub key: ExpertKey,
     pub buf: Option<PageBuf>,
     /// Bytes read, or why not.
@@ -124,6 +127,7 @@ fn worker(
         let Ok(mut job) = job else { return };
         if job.cancelled.load(Ordering::Acquire) {
             let _ = done.send(LoadDone {
+                id: job.id,
                 key: job.key,
                 buf: job.buf,
                 result: Ok(0),
@@ -145,6 +149,7 @@ fn worker(
             ))
         });
         let _ = done.send(LoadDone {
+            id: job.id,
             key,
             buf: job.buf,
             result,

@@ -96,3 +96,68 @@ impl Profile {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(layers: &[(usize, Vec<u64>)]) -> Profile {
+        Profile {
+            format: PROFILE_FORMAT.into(),
+            model_id: "m".into(),
+            config_sha256: "abc".into(),
+            dataset: String::new(),
+            dataset_sha256: String::new(),
+            layers: layers
+                .iter()
+                .map(|(l, a)| {
+                    (
+                        l.to_string(),
+                        LayerProfile {
+                            activations: a.clone(),
+                            prompt_coverage: vec![],
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn top_k_per_layer_with_ties_to_lower_ids() {
+        let p = profile(&[(1, vec![5, 9, 9, 0]), (3, vec![1, 2, 3, 4])]);
+        let keys = p.top_k(Path::new("p.json"), &[1, 3], 4, 2).unwrap();
+        assert_eq!(
+            keys,
+            vec![
+                ExpertKey::new(1, 1),
+                ExpertKey::new(1, 2),
+                ExpertKey::new(3, 3),
+                ExpertKey::new(3, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_layer_or_wrong_count_is_named() {
+        let p = profile(&[(1, vec![5, 9, 9])]);
+        let err = p.top_k(Path::new("p.json"), &[1], 4, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("layers.1.activations") && err.contains("expected num_experts = 4"),
+            "{err}"
+        );
+        let err = p.top_k(Path::new("p.json"), &[2], 3, 1).unwrap_err().to_string();
+        assert!(err.contains("layers.2") && err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let p = profile(&[(0, vec![1, 2])]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(Profile::read(&path).unwrap(), p);
+        std::fs::write(&path, "{\"format\": \"other/1\"}").unwrap();
+        assert!(Profile::read(&path).is_err());
+    }
+}

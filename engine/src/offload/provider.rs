@@ -73,7 +73,9 @@ struct Inner {
     free: Vec<PageBuf>,
     /// Slot buffers this cache owns (resident, loading or free).
     allocated: usize,
-    in_flight: HashMap<ExpertKey, Arc<AtomicBool>>,
+    /// Loads in flight: job id and cancel flag.
+    in_flight: HashMap<ExpertKey, (u64, Arc<AtomicBool>)>,
+    next_job: u64,
     /// Why a load failed, until someone waits for it.
     failed: HashMap<ExpertKey, String>,
     /// Experts of the layer pass now running that have not been handed out yet.
@@ -151,6 +153,7 @@ impl CachedExperts {
                 free: Vec::new(),
                 allocated: 0,
                 in_flight: HashMap::new(),
+                next_job: 0,
                 failed: HashMap::new(),
                 pending: HashSet::new(),
                 io: IoStats::default(),
@@ -250,8 +253,18 @@ impl CachedExperts {
             Admit::Load { evicted } => {
                 let buf = self.take_buffer(inner, evicted);
                 let cancelled = Arc::new(AtomicBool::new(false));
-                inner.in_flight.insert(key, cancelled.clone());
-                self.pool.submit(LoadJob { key, buf, cancelled }, !prefetch)?;
+                inner.next_job += 1;
+                let id = inner.next_job;
+                inner.in_flight.insert(key, (id, cancelled.clone()));
+                self.pool.submit(
+                    LoadJob {
+                        id,
+                        key,
+                        buf,
+                        cancelled,
+                    },
+                    !prefetch,
+                )?;
                 Ok(true)
             }
             Admit::Present | Admit::NoRoom => Ok(false),
@@ -259,18 +272,27 @@ impl CachedExperts {
     }
 
     fn handle_done(&self, inner: &mut Inner, done: LoadDone) {
-        inner.in_flight.remove(&done.key);
         let key = done.key;
-        if done.cancelled {
+        // A completion is current only if it is the job the cache is waiting on for this key;
+        // a cancelled prefetch's late completion just returns its buffer.
+        let current = inner.in_flight.get(&key).is_some_and(|(id, _)| *id == done.id);
+        if current {
+            inner.in_flight.remove(&key);
+        }
+        if let Ok(bytes) = done.result.as_ref()
+            && !done.cancelled
+        {
+            inner.io.bytes_read += bytes;
+            inner.io.latencies.push(done.latency.as_secs_f64());
+        }
+        if !current || done.cancelled || !inner.core.is_loading(key) {
             if let Some(buf) = done.buf {
                 inner.free.push(buf);
             }
             return;
         }
         match done.result {
-            Ok(bytes) => {
-                inner.io.bytes_read += bytes;
-                inner.io.latencies.push(done.latency.as_secs_f64());
+            Ok(_) => {
                 if let Some(buf) = done.buf {
                     inner.slots.insert(key, Arc::new(buf));
                 }
@@ -301,6 +323,45 @@ impl CachedExperts {
             Some(msg) => Err(EngineError::invalid("expert load", msg)),
             None => Ok(()),
         }
+    }
+
+    /// Starts loading `keys` ahead of need, behind every demand load. A prefetch never evicts a
+    /// pinned expert or one of the layer pass now running. Returns how many were issued.
+    pub fn prefetch(&self, keys: &[ExpertKey]) -> Result<usize> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        self.drain(inner);
+        let mut issued = 0;
+        for &key in keys {
+            if self.issue(inner, key, true)? {
+                issued += 1;
+            }
+        }
+        Ok(issued)
+    }
+
+    /// Drops a prefetch that nobody has asked for yet: if no worker has started it, it is
+    /// never read. True if it was dropped.
+    pub fn cancel_prefetch(&self, key: ExpertKey) -> bool {
+        let mut inner = self.lock();
+        if !inner.core.cancel(key) {
+            return false;
+        }
+        if let Some((_, flag)) = inner.in_flight.get(&key) {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+        true
+    }
+
+    /// Waits for every load in flight (prefetches included) to finish.
+    pub fn wait_idle(&self) -> Result<()> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        while !inner.in_flight.is_empty() {
+            let done = self.pool.recv()?;
+            self.handle_done(inner, done);
+        }
+        Ok(())
     }
 
     fn drain(&self, inner: &mut Inner) {

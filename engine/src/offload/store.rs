@@ -87,11 +87,13 @@ pub struct ExpertLayout {
 }
 
 /// Deliberate faults, for tests of the failure paths: the `fail_read`-th read (1-based,
-/// counting every expert read) fails with EIO; the `short_read`-th returns half its bytes.
+/// counting every expert read) fails with EIO; the `short_read`-th returns half its bytes;
+/// every read first sleeps `delay_ms` (a slow device).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultPlan {
     pub fail_read: Option<u64>,
     pub short_read: Option<u64>,
+    pub delay_ms: u64,
 }
 
 #[derive(Debug)]
@@ -115,6 +117,7 @@ pub struct ExpertStore {
     /// Fault injection: the n-th read (1-based) fails / comes back short; 0 = never.
     fail_read: AtomicU64,
     short_read: AtomicU64,
+    delay_ms: AtomicU64,
     reads: AtomicU64,
 }
 
@@ -266,6 +269,7 @@ impl ExpertStore {
             source,
             fail_read: AtomicU64::new(0),
             short_read: AtomicU64::new(0),
+            delay_ms: AtomicU64::new(0),
             reads: AtomicU64::new(0),
         })
     }
@@ -321,6 +325,10 @@ impl ExpertStore {
     pub fn read_into(&self, key: ExpertKey, buf: &mut PageBuf) -> Result<u64> {
         let layout = self.layout(key)?;
         let n = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
+        let delay = self.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
         let mut total = 0;
         for x in &layout.extents {
             let f = &self.files[x.file];
