@@ -1,7 +1,34 @@
-//! Experiment binaries, the trace-driven simulator and figures (filled by the trace-collect,
-//! train-shadow and bench-sweep issues).
+//! Experiment binaries (`trace-collect`, `trace-stats`; later `train-shadow`, `bench-sweep`),
+//! the trace-driven simulator and figures.
 //!
-//! The dependency direction is fixed now: `experiments` depends on every other crate of ours.
+//! The dependency direction is fixed: `experiments` depends on every other crate of ours.
+
+pub mod args;
+pub mod collect;
+pub mod dataset;
+pub mod trace_stats;
+
 pub use shadowmoe_engine as engine;
 pub use shadowmoe_predictor as predictor;
 pub use shadowmoe_trace as trace;
+
+/// Sets up logging to stderr (`RUST_LOG` overrides the default `warn`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+}
+
+/// Runs a binary's body, printing an error chain on one line and exiting 1 on failure.
+pub fn main_with(f: impl FnOnce() -> anyhow::Result<()>) {
+    init_logging();
+    if let Err(e) = f() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -62,10 +62,15 @@ struct PackIndex {
 /// The sha256 (hex) of a file: a checkpoint's identity is its `config.json`'s.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
-    Ok(sha2::Sha256::digest(&bytes)
+    Ok(sha256_bytes(&bytes))
+}
+
+/// The sha256 (hex) of bytes.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    sha2::Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect()
 }
 
 /// What [`write_pack`] wrote.

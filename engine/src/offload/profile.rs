@@ -35,6 +35,12 @@ pub struct Profile {
     pub dataset_sha256: String,
     /// By model layer index (as a string key, JSON-style).
     pub layers: BTreeMap<String, LayerProfile>,
+    /// Per layer, the smallest set of most-used experts covering `pin_threshold` of its
+    /// activations (informational; `--pin PROFILE:K` takes the top K).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pinned: BTreeMap<String, Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_threshold: Option<f64>,
 }
 
 impl Profile {
@@ -120,6 +126,8 @@ mod tests {
                     )
                 })
                 .collect(),
+            pinned: BTreeMap::new(),
+            pin_threshold: None,
         }
     }
 

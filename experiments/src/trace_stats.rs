@@ -1,0 +1,218 @@
+//! `trace-stats`: routing statistics of a trace, printed as a table and written as JSON and
+//! Parquet, plus the expert profile that `--pin` reads.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use polars::prelude::*;
+use shadowmoe_trace::stats::{LayerStats, REUSE_BUCKETS, TraceStats};
+use shadowmoe_trace::{Manifest, Trace};
+
+/// Flags of `trace-stats`.
+#[derive(Args, Debug, Clone)]
+pub struct StatsArgs {
+    /// The trace (written by trace-collect).
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// Directory for stats.json, layers.parquet and coactivation.parquet.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Where to write the expert profile (default: profiles/<model-slug>.json).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Do not write a profile.
+    #[arg(long, conflicts_with = "profile")]
+    pub no_profile: bool,
+    /// The profile's pinned set per layer covers this share of the layer's activations.
+    #[arg(long, default_value_t = 0.5)]
+    pub pin_threshold: f64,
+    /// Requests read at a time (bounds memory).
+    #[arg(long, default_value_t = 256)]
+    pub batch: u32,
+}
+
+/// `Org/Name` → `org--name`; a path → its last component.
+pub fn model_slug(model_id: &str) -> String {
+    let parts: Vec<&str> = model_id
+        .trim_end_matches('/')
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let slug = if parts.len() == 2 && !model_id.starts_with(['/', '.']) {
+        format!("{}--{}", parts[0], parts[1])
+    } else {
+        parts.last().copied().unwrap_or("model").to_string()
+    };
+    slug.to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Computes the statistics of a trace.
+pub fn compute(trace: &Trace, batch: u32) -> Result<TraceStats> {
+    let mut stats = TraceStats::new(&trace.manifest);
+    trace.for_each_batch(batch, |reqs| {
+        for r in &reqs {
+            stats.add(r);
+        }
+        Ok(())
+    })?;
+    Ok(stats)
+}
+
+/// The per-layer table as text.
+pub fn table(rows: &[LayerStats]) -> String {
+    let mut s = String::from(
+        "layer  activations  entropy(bits)  entropy/max  top10%  top20%  prev-token  reuse<=1  reuse<=8  next-layer top1\n",
+    );
+    for r in rows {
+        s += &format!(
+            "{:>5}  {:>11}  {:>13.3}  {:>11.3}  {:>6.3}  {:>6.3}  {:>10.3}  {:>8.3}  {:>8.3}  {:>15}\n",
+            r.layer,
+            r.activations,
+            r.entropy_bits,
+            r.entropy_norm,
+            r.top10_share,
+            r.top20_share,
+            r.prev_token_overlap,
+            r.reuse_within_1,
+            r.reuse_within_8,
+            r.next_layer_top1.map_or("-".into(), |x| format!("{x:.3}")),
+        );
+    }
+    s
+}
+
+fn write_parquet(path: &Path, df: &mut DataFrame) -> Result<()> {
+    let tmp = path.with_extension("parquet.tmp");
+    let f = File::create(&tmp).with_context(|| format!("--out: cannot write {}", tmp.display()))?;
+    ParquetWriter::new(f)
+        .with_compression(ParquetCompression::Zstd(None))
+        .finish(df)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Writes stats.json, layers.parquet and coactivation.parquet into `dir`.
+pub fn write_outputs(dir: &Path, m: &Manifest, stats: &TraceStats, rows: &[LayerStats]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--out: cannot create {}", dir.display()))?;
+    let reuse: Vec<serde_json::Value> = stats
+        .moe_layers
+        .iter()
+        .zip(&stats.reuse)
+        .map(|(l, h)| serde_json::json!({"layer": l, "buckets": REUSE_BUCKETS, "counts": h.to_vec()}))
+        .collect();
+    let json = serde_json::json!({
+        "trace_manifest": m,
+        "requests": stats.requests,
+        "tokens": stats.tokens,
+        "layers": rows,
+        "reuse_distance": reuse,
+    });
+    std::fs::write(dir.join("stats.json"), serde_json::to_string_pretty(&json)?)?;
+
+    let col_f = |name: &str, f: &dyn Fn(&LayerStats) -> f64| {
+        Float64Chunked::from_vec(name.into(), rows.iter().map(f).collect()).into_column()
+    };
+    let mut layers = DataFrame::new(
+        rows.len(),
+        vec![
+            UInt32Chunked::from_vec("layer".into(), rows.iter().map(|r| r.layer as u32).collect())
+                .into_column(),
+            UInt64Chunked::from_vec("activations".into(), rows.iter().map(|r| r.activations).collect())
+                .into_column(),
+            col_f("entropy_bits", &|r| r.entropy_bits),
+            col_f("entropy_norm", &|r| r.entropy_norm),
+            col_f("top10_share", &|r| r.top10_share),
+            col_f("top20_share", &|r| r.top20_share),
+            col_f("prev_token_overlap", &|r| r.prev_token_overlap),
+            col_f("reuse_within_1", &|r| r.reuse_within_1),
+            col_f("reuse_within_8", &|r| r.reuse_within_8),
+            col_f("next_layer_top1", &|r| r.next_layer_top1.unwrap_or(f64::NAN)),
+        ],
+    )?;
+    write_parquet(&dir.join("layers.parquet"), &mut layers)?;
+
+    let (mut l0, mut l1, mut e0, mut e1, mut cnt) = (vec![], vec![], vec![], vec![], vec![]);
+    for (i, pairs) in stats.coactivation.iter().enumerate() {
+        let mut sorted: Vec<_> = pairs.iter().collect();
+        sorted.sort();
+        for (&(a, b), &c) in sorted {
+            l0.push(stats.moe_layers[i] as u32);
+            l1.push(stats.moe_layers[i + 1] as u32);
+            e0.push(a as u32);
+            e1.push(b as u32);
+            cnt.push(c);
+        }
+    }
+    let n = cnt.len();
+    let mut co = DataFrame::new(
+        n,
+        vec![
+            UInt32Chunked::from_vec("layer".into(), l0).into_column(),
+            UInt32Chunked::from_vec("next_layer".into(), l1).into_column(),
+            UInt32Chunked::from_vec("expert".into(), e0).into_column(),
+            UInt32Chunked::from_vec("next_expert".into(), e1).into_column(),
+            UInt64Chunked::from_vec("count".into(), cnt).into_column(),
+        ],
+    )?;
+    write_parquet(&dir.join("coactivation.parquet"), &mut co)?;
+    Ok(())
+}
+
+/// Runs `trace-stats`; returns the printed table.
+pub fn run(a: &StatsArgs) -> Result<String> {
+    if !(0.0..=1.0).contains(&a.pin_threshold) {
+        anyhow::bail!("--pin-threshold: {} is not a share in [0, 1]", a.pin_threshold);
+    }
+    let trace = Trace::open(&a.trace)?;
+    let m = &trace.manifest;
+    let stats = compute(&trace, a.batch)?;
+    let rows = stats.layers();
+    let text = table(&rows);
+    if let Some(dir) = &a.out {
+        write_outputs(dir, m, &stats, &rows)?;
+    }
+    if !a.no_profile {
+        if m.dataset.contains("heldout") {
+            tracing::warn!(
+                "building a profile from the held-out set {}: profiles should come from the other sets",
+                m.dataset
+            );
+        }
+        let path = a
+            .profile
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("profiles").join(format!("{}.json", model_slug(&m.model_id))));
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("--profile: cannot create {}", parent.display()))?;
+        }
+        let profile = stats.profile(m, a.pin_threshold);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&profile)?)
+            .with_context(|| format!("--profile: cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)?;
+        eprintln!("wrote profile {}", path.display());
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slugs() {
+        assert_eq!(super::model_slug("Qwen/Qwen3-30B-A3B"), "qwen--qwen3-30b-a3b");
+        assert_eq!(super::model_slug("engine/tests/golden/qwen3_moe"), "qwen3_moe");
+        assert_eq!(super::model_slug("/data/OLMoE-1B-7B/"), "olmoe-1b-7b");
+    }
+}

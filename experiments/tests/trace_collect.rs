@@ -1,0 +1,441 @@
+//! `trace-collect` and `trace-stats` end to end on the real fixtures: rows read back equal what
+//! the observer saw, routing equals the engine's logits pass, a killed collection resumes to
+//! exactly the rows of an uninterrupted one, a second reader (pyarrow) reads the file, and bad
+//! input gets one-line errors.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use polars::prelude::*;
+use shadowmoe_engine::{
+    Checkpoint, GenerateOptions, LogitsFor, Phase, RecordingObserver, SamplingParams, generate,
+};
+use shadowmoe_experiments::collect::{CollectArgs, run};
+use shadowmoe_experiments::dataset;
+use shadowmoe_trace::Trace;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixture(arch: &str) -> PathBuf {
+    root().join("engine/tests/golden").join(arch)
+}
+
+fn args(model: &Path, dataset: &Path, out: &Path) -> CollectArgs {
+    CollectArgs {
+        model: model.display().to_string(),
+        dataset: dataset.to_path_buf(),
+        out: out.to_path_buf(),
+        max_new_tokens: 6,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        hidden_layers: "none".into(),
+        limit: Some(4),
+        resume: false,
+        shard: None,
+        threads: 1,
+        flush_every: 2,
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Rows read back equal the observer's events: ids and weights exactly, hidden states within
+/// f16 rounding; the prefill routing equals the engine's logits pass on the same ids.
+#[test]
+fn rows_read_back_equal_the_observed_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen2_moe");
+    let data = root().join("datasets/math.jsonl");
+    let out = tmp.path().join("t.parquet");
+    let mut a = args(&model, &data, &out);
+    a.hidden_layers = "all".into();
+    let c = run(&a, false).unwrap();
+    assert!(out.exists() && !tmp.path().join("t.parquet.parts").exists());
+    let trace = Trace::open(&out).unwrap();
+    let m = &trace.manifest;
+    let ckpt = Checkpoint::open_dir(&model).unwrap();
+    assert_eq!(m.config_sha256, ckpt.config_sha256().unwrap());
+    assert_eq!(
+        m.dataset_sha256,
+        shadowmoe_engine::offload::pack::sha256_file(&data).unwrap()
+    );
+    assert_eq!(
+        (m.requests, m.top_k, m.hidden_size),
+        (4, ckpt.config.num_experts_per_tok, ckpt.config.hidden_size)
+    );
+    assert_eq!(m.moe_layers, ckpt.config.moe_layers());
+    assert_eq!(m.hidden_layers, ckpt.config.moe_layers());
+    assert_eq!(m.architecture, "qwen2_moe");
+
+    let reqs = trace.requests(None).unwrap();
+    assert_eq!(reqs.len(), 4);
+    let tok = ckpt.tokenizer().unwrap();
+    let model_ = ckpt.load_model().unwrap();
+    let (prompts, _) = dataset::load(&data).unwrap();
+    let layer0 = m.moe_layers[0];
+    let hidden = trace.hidden(layer0, None).unwrap();
+    let mut hidden_row = 0;
+    let mut total_rows = 0;
+    for (r, p) in reqs.iter().zip(&prompts) {
+        let ids = p.encode(&tok).unwrap();
+        let mut obs = RecordingObserver {
+            hidden_layers: m.moe_layers.clone(),
+            ..Default::default()
+        };
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            sampling: SamplingParams::default(),
+            eos_token_ids: ckpt.eos_token_ids(),
+        };
+        let (out_ids, _) = generate(&model_, &ids, &opts, &mut obs, |_| Ok(())).unwrap();
+        assert_eq!(r.tokens(), ids.len() + out_ids.len() - 1, "request {}", r.request);
+        total_rows += obs.events.len();
+        let mut events = obs.events.clone();
+        events.sort_by_key(|e| (e.position, e.layer));
+        for e in &events {
+            let l = m.moe_layers.iter().position(|&x| x == e.layer).unwrap();
+            let want: Vec<u16> = e.experts.iter().map(|&x| x as u16).collect();
+            assert_eq!(r.experts_at(e.position, l), want.as_slice());
+            let i = (e.position * r.layers + l) * r.k;
+            assert_eq!(&r.weights[i..i + r.k], e.weights.as_slice());
+            assert_eq!(r.token_ids[e.position], e.token_id);
+            assert_eq!(r.phases[e.position], e.phase as u8);
+            if e.layer == layer0 {
+                let h = e.hidden.as_ref().unwrap();
+                let got = &hidden.values[hidden_row * m.hidden_size..(hidden_row + 1) * m.hidden_size];
+                for (a, b) in got.iter().zip(h) {
+                    assert!((a - b).abs() <= b.abs() * 1e-3 + 1e-4, "hidden {a} vs {b}");
+                }
+                hidden_row += 1;
+            }
+        }
+        // Prefill routing = the engine's logits pass on the same ids.
+        let mut rec = RecordingObserver::default();
+        let mut cache = model_.new_cache();
+        model_
+            .forward(&ids, &mut cache, Phase::Prefill, LogitsFor::All, &mut rec)
+            .unwrap();
+        for e in &rec.events {
+            let l = m.moe_layers.iter().position(|&x| x == e.layer).unwrap();
+            let want: Vec<u16> = e.experts.iter().map(|&x| x as u16).collect();
+            assert_eq!(r.experts_at(e.position, l), want.as_slice());
+        }
+    }
+    assert_eq!(c.summary.rows as usize, total_rows);
+    assert_eq!(hidden_row, hidden.request.len());
+}
+
+/// Polars and pyarrow read the same file and agree.
+#[test]
+fn a_second_reader_reads_the_trace() {
+    let python = std::env::var("SHADOWMOE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_pyarrow = Command::new(&python)
+        .args(["-c", "import pyarrow, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_pyarrow {
+        assert!(
+            std::env::var_os("SHADOWMOE_REQUIRE_PYARROW").is_none(),
+            "pyarrow and numpy are required here: pip install pyarrow numpy (or set SHADOWMOE_PYTHON)"
+        );
+        eprintln!("pyarrow not installed for {python}: the second-reader check is skipped (CI runs it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t.parquet");
+    let mut a = args(&fixture("olmoe"), &root().join("datasets/code.jsonl"), &out);
+    a.hidden_layers = "1".into();
+    run(&a, false).unwrap();
+    let o = Command::new(&python)
+        .arg(root().join("experiments/tests/read_trace.py"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let py: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+
+    let df = LazyFrame::scan_parquet(
+        PlRefPath::new(out.to_string_lossy().as_ref()),
+        ScanArgsParquet::default(),
+    )
+    .unwrap()
+    .collect()
+    .unwrap();
+    assert_eq!(py["rows"].as_u64().unwrap() as usize, df.height());
+    assert_eq!(py["manifest_requests"], 4);
+    // polars writes 64-bit list offsets: pyarrow sees large_list.
+    assert!(
+        py["columns"]["experts"]
+            .as_str()
+            .unwrap()
+            .ends_with("list<element: uint16>"),
+        "{py}"
+    );
+    assert_eq!(py["columns"]["request"], "uint32");
+    let trace = Trace::open(&out).unwrap();
+    let reqs = trace.requests(None).unwrap();
+    let sum_tok: u64 = reqs
+        .iter()
+        .map(|r| r.token_ids.iter().map(|&t| t as u64).sum::<u64>() * r.layers as u64)
+        .sum();
+    let sum_exp: u64 = reqs
+        .iter()
+        .flat_map(|r| r.experts.iter().map(|&e| e as u64))
+        .sum();
+    let sum_w: f64 = reqs
+        .iter()
+        .flat_map(|r| r.weights.iter().map(|&w| w as f64))
+        .sum();
+    assert_eq!(py["sum_token_id"].as_u64().unwrap(), sum_tok);
+    assert_eq!(py["sum_experts"].as_u64().unwrap(), sum_exp);
+    assert!((py["sum_weights"].as_f64().unwrap() - sum_w).abs() < 1e-6 * sum_w.max(1.0));
+    let hidden = trace.hidden(1, None).unwrap();
+    assert_eq!(py["hidden_rows"].as_u64().unwrap() as usize, hidden.request.len());
+    let first: Vec<f64> = serde_json::from_value(py["first_hidden"].clone()).unwrap();
+    for (a, b) in first.iter().zip(&hidden.values[..4]) {
+        assert_eq!(*a as f32, *b);
+    }
+}
+
+/// A collection killed mid-way leaves no file with the final name; `--resume` then completes
+/// it with exactly the rows of an uninterrupted run.
+#[test]
+fn killed_collection_resumes_to_the_same_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_trace-collect");
+    let data = root().join("datasets/code.jsonl");
+    let model = fixture("qwen3_moe");
+    let cmd = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args([
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "96",
+            "--flush-every",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .args(["--hidden-layers", "2"])
+        .args(extra)
+        .env("RUST_LOG", "warn");
+        c
+    };
+    let full = tmp.path().join("full.parquet");
+    let o = cmd(&full, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let cut = tmp.path().join("cut.parquet");
+    let parts = tmp.path().join("cut.parquet.parts");
+    let mut child = cmd(&cut, &[]).spawn().unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let n = std::fs::read_dir(&parts).map(|d| d.count()).unwrap_or(0);
+        if n >= 4 || start.elapsed().as_secs() > 60 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the collection finished before it could be killed: make it longer"
+    );
+    assert!(
+        !cut.exists(),
+        "a killed collection left a file with the final name"
+    );
+    assert!(parts.exists());
+
+    // Without --resume: refused, nothing touched.
+    let o = cmd(&cut, &[]).output().unwrap();
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    let o = cmd(&cut, &["--resume"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(cut.exists() && !parts.exists());
+
+    let read = |p: &Path| {
+        LazyFrame::scan_parquet(
+            PlRefPath::new(p.to_string_lossy().as_ref()),
+            ScanArgsParquet::default(),
+        )
+        .unwrap()
+        .collect()
+        .unwrap()
+    };
+    let (a, b) = (read(&full), read(&cut));
+    assert_eq!(a.height(), b.height());
+    assert!(
+        a.equals_missing(&b),
+        "resumed rows differ from an uninterrupted run"
+    );
+}
+
+#[test]
+fn sharded_collections_concatenate_to_the_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("mixtral");
+    let data = root().join("datasets/chat.jsonl");
+    let whole = tmp.path().join("w.parquet");
+    run(&args(&model, &data, &whole), false).unwrap();
+    let mut rows = 0;
+    let mut requests = Vec::new();
+    for i in 0..2 {
+        let out = tmp.path().join(format!("s{i}.parquet"));
+        let mut a = args(&model, &data, &out);
+        a.shard = Some(format!("{i}/2"));
+        run(&a, false).unwrap();
+        let t = Trace::open(&out).unwrap();
+        let reqs = t.requests(None).unwrap();
+        rows += reqs.iter().map(|r| r.tokens() * r.layers).sum::<usize>();
+        requests.extend(reqs.into_iter().map(|r| r.request));
+    }
+    requests.sort();
+    let w = Trace::open(&whole).unwrap().requests(None).unwrap();
+    assert_eq!(requests, w.iter().map(|r| r.request).collect::<Vec<_>>());
+    assert_eq!(rows, w.iter().map(|r| r.tokens() * r.layers).sum::<usize>());
+}
+
+/// `trace-stats` on a real trace: the table, the outputs, and a profile that `--pin` accepts.
+#[test]
+fn trace_stats_and_profile() {
+    use shadowmoe_experiments::trace_stats::{StatsArgs, run as stats};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t.parquet");
+    let model = fixture("olmoe");
+    run(&args(&model, &root().join("datasets/tools.jsonl"), &out), false).unwrap();
+    let profile = tmp.path().join("p.json");
+    let a = StatsArgs {
+        trace: out.clone(),
+        out: Some(tmp.path().join("stats")),
+        profile: Some(profile.clone()),
+        no_profile: false,
+        pin_threshold: 0.5,
+        batch: 2,
+    };
+    let table = stats(&a).unwrap();
+    let ckpt = Checkpoint::open_dir(&model).unwrap();
+    assert_eq!(
+        table.lines().count(),
+        1 + ckpt.config.moe_layers().len(),
+        "{table}"
+    );
+    for f in ["stats.json", "layers.parquet", "coactivation.parquet"] {
+        assert!(tmp.path().join("stats").join(f).exists(), "{f}");
+    }
+    let p = shadowmoe_engine::offload::Profile::read(&profile).unwrap();
+    assert_eq!(p.config_sha256, ckpt.config_sha256().unwrap());
+    let total: u64 = p.layers.values().map(|l| l.activations.iter().sum::<u64>()).sum();
+    let trace = Trace::open(&out).unwrap();
+    let rows: u64 = trace
+        .requests(None)
+        .unwrap()
+        .iter()
+        .map(|r| (r.tokens() * r.layers * r.k) as u64)
+        .sum();
+    assert_eq!(total, rows);
+    let keys = p
+        .top_k(&profile, &ckpt.config.moe_layers(), ckpt.config.num_experts, 2)
+        .unwrap();
+    assert_eq!(keys.len(), 2 * ckpt.config.moe_layers().len());
+}
+
+/// Bad input: one line on stderr naming the file, line, flag or field; exit status 1.
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_trace-collect");
+    let model = fixture("qwen3_moe");
+    let good = root().join("datasets/chat.jsonl");
+    let not_json = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &not_json,
+        "{\"id\": \"a\", \"domain\": \"chat\", \"prompt\": \"hi\"}\n{oops\n",
+    )
+    .unwrap();
+    let no_field = tmp.path().join("nofield.jsonl");
+    std::fs::write(&no_field, "{\"id\": \"a\", \"domain\": \"chat\"}\n").unwrap();
+    let file_as_dir = tmp.path().join("plainfile");
+    std::fs::write(&file_as_dir, "x").unwrap();
+    let out = tmp.path().join("o.parquet");
+    let o_ = out.to_str().unwrap();
+    let m = model.to_str().unwrap();
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec![not_json.display().to_string(), o_.into()],
+            format!("{}:2: not JSON", not_json.display()),
+        ),
+        (
+            vec![no_field.display().to_string(), o_.into()],
+            format!("{}:1: needs exactly one of `prompt`", no_field.display()),
+        ),
+        (
+            vec![
+                good.display().to_string(),
+                format!("{}/x.parquet", file_as_dir.display()),
+            ],
+            "plainfile".into(),
+        ),
+        (
+            vec!["/no/such.jsonl".into(), o_.into()],
+            "--dataset: cannot read /no/such.jsonl".into(),
+        ),
+    ];
+    for (a, want) in cases {
+        let o = Command::new(bin)
+            .args(["--model", m, "--dataset", &a[0], "--out", &a[1]])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{a:?}: {err}");
+        assert!(err.starts_with("error: ") && err.contains(&want), "{a:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{a:?}: {err}");
+    }
+    for (flag, value, want) in [
+        (
+            "--hidden-layers",
+            "99",
+            "--hidden-layers: layer 99 is not a MoE layer of this model",
+        ),
+        ("--hidden-layers", "1..x", "--hidden-layers: `x` is not"),
+        ("--shard", "3/2", "--shard: `3/2` is not I/N"),
+        ("--top-p", "2", "--top-p"),
+    ] {
+        let o = Command::new(bin)
+            .args([
+                "--model",
+                m,
+                "--dataset",
+                good.to_str().unwrap(),
+                "--out",
+                o_,
+                flag,
+                value,
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{flag}: {err}");
+        assert!(err.contains(want), "{flag}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{flag}: {err}");
+    }
+    assert!(!out.exists());
+}

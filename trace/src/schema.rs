@@ -1,0 +1,110 @@
+//! Column names, the manifest, and small helpers shared by writer and reader.
+
+use serde::{Deserialize, Serialize};
+
+/// Format tag of the manifest.
+pub const TRACE_FORMAT: &str = "shadowmoe-trace/1";
+/// Parquet key-value metadata key holding the manifest JSON.
+pub const MANIFEST_KEY: &str = "shadowmoe.manifest";
+
+pub const COL_REQUEST: &str = "request";
+pub const COL_TOKEN: &str = "token";
+pub const COL_PHASE: &str = "phase";
+pub const COL_LAYER: &str = "layer";
+pub const COL_TOKEN_ID: &str = "token_id";
+pub const COL_EXPERTS: &str = "experts";
+pub const COL_WEIGHTS: &str = "weights";
+pub const COL_HIDDEN: &str = "hidden";
+
+/// What a trace was made from and how (DESIGN.md "Traces").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    /// The `--model` value as given.
+    pub model_id: String,
+    /// sha256 of the model's config.json.
+    pub config_sha256: String,
+    pub architecture: String,
+    pub num_layers: usize,
+    pub moe_layers: Vec<usize>,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub hidden_size: usize,
+    pub dataset: String,
+    pub dataset_sha256: String,
+    /// Prompts in the dataset file.
+    pub dataset_requests: usize,
+    /// Requests this trace covers (after --limit and --shard).
+    pub requests: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub sampling_top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+    /// Model layers whose router input is stored in `hidden`.
+    pub hidden_layers: Vec<usize>,
+    /// Encoding of `hidden`: "f16le".
+    pub hidden_encoding: String,
+    /// `I/N` when collected with --shard, else "0/1".
+    pub shard: String,
+    pub harness_version: String,
+    pub harness_commit: String,
+    /// UTC, ISO 8601.
+    pub created: String,
+}
+
+impl Manifest {
+    /// The fields that must agree for `--resume` to continue a collection: everything but the
+    /// creation time.
+    pub fn same_collection(&self, other: &Manifest) -> Option<&'static str> {
+        let checks: [(&'static str, bool); 12] = [
+            ("model (config sha256)", self.config_sha256 == other.config_sha256),
+            ("dataset (sha256)", self.dataset_sha256 == other.dataset_sha256),
+            ("requests (--limit/--shard)", self.requests == other.requests),
+            ("--max-new-tokens", self.max_new_tokens == other.max_new_tokens),
+            ("--temperature", self.temperature == other.temperature),
+            ("--top-k", self.sampling_top_k == other.sampling_top_k),
+            ("--top-p", self.top_p == other.top_p),
+            ("--seed", self.seed == other.seed),
+            ("--hidden-layers", self.hidden_layers == other.hidden_layers),
+            ("--shard", self.shard == other.shard),
+            ("format", self.format == other.format),
+            ("harness version", self.harness_version == other.harness_version),
+        ];
+        checks.iter().find(|(_, ok)| !ok).map(|(name, _)| *name)
+    }
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date library.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_now_is_iso() {
+        let s = super::utc_now();
+        assert_eq!(s.len(), 20, "{s}");
+        assert!(s.starts_with("20") && s.ends_with('Z'), "{s}");
+    }
+}
