@@ -125,9 +125,9 @@ impl TraceStats {
                 }
             }
         }
-        for l in 0..layers {
-            for x in 0..e {
-                self.coverage[l][x] += used[l][x] as u64;
+        for (cov, used) in self.coverage.iter_mut().zip(&used) {
+            for (c, &u) in cov.iter_mut().zip(used) {
+                *c += u as u64;
             }
         }
     }

@@ -318,7 +318,7 @@ impl TraceWriter {
                 MANIFEST_KEY.into(),
                 json,
             )])))
-            .batched(&empty.schema())
+            .batched(empty.schema())
             .map_err(|e| TraceError::polars(&tmp, e))?;
         let mut rows = 0u64;
         let mut next = 0u32;
