@@ -118,7 +118,7 @@ fn plan(ckpt: &Checkpoint, out: &std::path::Path, hidden: Vec<usize>, tokens: us
             top_p: 1.0,
             seed: 0,
             hidden_layers: hidden,
-            hidden_encoding: "f16le".into(),
+            hidden_encoding: "f32le".into(),
             shard: "0/1".into(),
             harness_version: env!("CARGO_PKG_VERSION").into(),
             harness_commit: "bench".into(),

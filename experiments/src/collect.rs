@@ -44,6 +44,10 @@ pub struct CollectArgs {
     /// MoE layers whose router input to store: none, all, or a list like 0,4,8 / 1..12:2.
     #[arg(long, default_value = "none")]
     pub hidden_layers: String,
+    /// How hidden states are stored: f32 (exact: gate-lookahead on them reproduces the routing)
+    /// or f16 (half the bytes).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
+    pub hidden_dtype: String,
     /// Only the first N prompts of the dataset.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -99,6 +103,7 @@ pub fn run(a: &CollectArgs, progress: bool) -> Result<Collected> {
     let cfg = &ckpt.config;
     let moe_layers = cfg.moe_layers();
     let hidden = hidden_layers(&a.hidden_layers, &moe_layers)?;
+    let hidden_encoding = format!("{}le", a.hidden_dtype);
     let (prompts, dataset_sha256) = dataset::load(&a.dataset)?;
     let dataset_requests = prompts.len();
     let (shard_i, shard_n) = match &a.shard {
@@ -138,7 +143,7 @@ pub fn run(a: &CollectArgs, progress: bool) -> Result<Collected> {
         top_p: a.top_p,
         seed: a.seed,
         hidden_layers: hidden,
-        hidden_encoding: "f16le".into(),
+        hidden_encoding,
         shard: format!("{shard_i}/{shard_n}"),
         harness_version: env!("CARGO_PKG_VERSION").into(),
         harness_commit: env!("SHADOWMOE_COMMIT").into(),

@@ -35,6 +35,7 @@ fn args(model: &Path, dataset: &Path, out: &Path) -> CollectArgs {
         top_p: 1.0,
         seed: 0,
         hidden_layers: "none".into(),
+        hidden_dtype: "f32".into(),
         limit: Some(4),
         resume: false,
         shard: None,
@@ -111,9 +112,7 @@ fn rows_read_back_equal_the_observed_events() {
             if e.layer == layer0 {
                 let h = e.hidden.as_ref().unwrap();
                 let got = &hidden.values[hidden_row * m.hidden_size..(hidden_row + 1) * m.hidden_size];
-                for (a, b) in got.iter().zip(h) {
-                    assert!((a - b).abs() <= b.abs() * 1e-3 + 1e-4, "hidden {a} vs {b}");
-                }
+                assert_eq!(got, h.as_slice(), "f32 hidden states are stored exactly");
                 hidden_row += 1;
             }
         }
@@ -153,6 +152,7 @@ fn a_second_reader_reads_the_trace() {
     let out = tmp.path().join("t.parquet");
     let mut a = args(&fixture("olmoe"), &root().join("datasets/code.jsonl"), &out);
     a.hidden_layers = "1".into();
+    a.hidden_dtype = "f16".into();
     run(&a, false).unwrap();
     let o = Command::new(&python)
         .arg(root().join("experiments/tests/read_trace.py"))

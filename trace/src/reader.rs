@@ -299,6 +299,12 @@ impl Trace {
             .binary()
             .map_err(pe)?
             .clone();
+        let enc = HiddenEncoding::parse(&self.manifest.hidden_encoding).ok_or_else(|| {
+            TraceError::format(
+                &self.path,
+                format!("unknown hidden encoding `{}`", self.manifest.hidden_encoding),
+            )
+        })?;
         let mut values = Vec::with_capacity(df.height() * h);
         for (i, b) in bin.iter().enumerate() {
             let b = b.ok_or_else(|| {
@@ -307,16 +313,13 @@ impl Trace {
                     format!("request {} token {}: hidden state missing", request[i], token[i]),
                 )
             })?;
-            if b.len() != 2 * h {
+            if b.len() != enc.width() * h {
                 return Err(TraceError::format(
                     &self.path,
-                    format!("hidden state of {} bytes, expected {}", b.len(), 2 * h),
+                    format!("hidden state of {} bytes, expected {}", b.len(), enc.width() * h),
                 ));
             }
-            values.extend(
-                b.chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            );
+            enc.decode_into(b, &mut values);
         }
         Ok(HiddenRows {
             hidden_size: h,

@@ -43,7 +43,7 @@ pub struct Manifest {
     pub seed: u64,
     /// Model layers whose router input is stored in `hidden`.
     pub hidden_layers: Vec<usize>,
-    /// Encoding of `hidden`: "f16le".
+    /// Encoding of `hidden`: "f32le" (exact) or "f16le" (half the bytes), see [`HiddenEncoding`].
     pub hidden_encoding: String,
     /// `I/N` when collected with --shard, else "0/1".
     pub shard: String,
@@ -72,6 +72,67 @@ impl Manifest {
             ("harness version", self.harness_version == other.harness_version),
         ];
         checks.iter().find(|(_, ok)| !ok).map(|(name, _)| *name)
+    }
+}
+
+/// How hidden states are stored in the `hidden` Binary column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenEncoding {
+    /// Little-endian f32: exactly what the router saw (gate-lookahead on it reproduces the
+    /// routing bit for bit).
+    F32Le,
+    /// Little-endian f16: half the bytes, rounded.
+    F16Le,
+}
+
+impl HiddenEncoding {
+    pub fn name(self) -> &'static str {
+        match self {
+            HiddenEncoding::F32Le => "f32le",
+            HiddenEncoding::F16Le => "f16le",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32le" | "f32" => Some(HiddenEncoding::F32Le),
+            "f16le" | "f16" => Some(HiddenEncoding::F16Le),
+            _ => None,
+        }
+    }
+
+    /// Bytes per value.
+    pub fn width(self) -> usize {
+        match self {
+            HiddenEncoding::F32Le => 4,
+            HiddenEncoding::F16Le => 2,
+        }
+    }
+
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.width());
+        for v in values {
+            match self {
+                HiddenEncoding::F32Le => out.extend_from_slice(&v.to_le_bytes()),
+                HiddenEncoding::F16Le => out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes()),
+            }
+        }
+        out
+    }
+
+    pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        match self {
+            HiddenEncoding::F32Le => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            HiddenEncoding::F16Le => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+        }
     }
 }
 

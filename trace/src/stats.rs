@@ -247,7 +247,7 @@ mod tests {
             top_p: 1.0,
             seed: 0,
             hidden_layers: vec![],
-            hidden_encoding: "f16le".into(),
+            hidden_encoding: "f32le".into(),
             shard: "0/1".into(),
             harness_version: "0".into(),
             harness_commit: "x".into(),

@@ -116,6 +116,7 @@ pub struct TraceWriter {
     parts: PathBuf,
     manifest: Manifest,
     hidden_layers: HashSet<usize>,
+    encoding: HiddenEncoding,
     k: usize,
     /// Position of the request in the collection's work list (parts are named by positions).
     position: u32,
@@ -217,7 +218,14 @@ impl TraceWriter {
                 .map_err(|e| TraceError::invalid("manifest", e.to_string()))?;
             std::fs::write(&manifest_path, text).map_err(|e| TraceError::io(&manifest_path, e))?;
         }
+        let encoding = HiddenEncoding::parse(&plan.manifest.hidden_encoding).ok_or_else(|| {
+            TraceError::invalid(
+                "hidden encoding",
+                format!("`{}` (expected f32le or f16le)", plan.manifest.hidden_encoding),
+            )
+        })?;
         let writer = Self {
+            encoding,
             hidden_layers: plan.manifest.hidden_layers.iter().copied().collect(),
             k: plan.manifest.top_k,
             out: plan.out,
@@ -368,13 +376,7 @@ impl RoutingObserver for TraceWriter {
         r.token_id.push(e.token_id);
         r.experts.extend(e.experts.iter().map(|&x| x as u16));
         r.weights.extend_from_slice(e.weights);
-        let hidden = e.hidden.map(|h| {
-            let mut bytes = Vec::with_capacity(h.len() * 2);
-            for v in h {
-                bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-            }
-            bytes
-        });
+        let hidden = e.hidden.map(|h| self.encoding.encode(h));
         r.bytes += 17 + 6 * e.experts.len() + hidden.as_ref().map_or(0, Vec::len);
         r.hidden.push(hidden);
     }
