@@ -112,6 +112,7 @@ fn plan(ckpt: &Checkpoint, out: &std::path::Path, hidden: Vec<usize>, tokens: us
             dataset_sha256: String::new(),
             dataset_requests: REQUESTS as usize,
             requests: REQUESTS as usize,
+            chat_template: true,
             max_new_tokens: tokens,
             temperature: 0.0,
             sampling_top_k: 0,

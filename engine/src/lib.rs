@@ -26,6 +26,7 @@ pub mod model;
 pub mod moe;
 pub mod observer;
 pub mod offload;
+pub mod predict;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;

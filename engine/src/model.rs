@@ -14,6 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::kernels::{linear, rms_norm_rows};
 use crate::moe::{ExpertProvider, InMemoryExperts, Mlp, MoeBlock, load_mlp};
 use crate::observer::{Phase, RouteEvent, RoutingObserver};
+use crate::predict::{LayerView, Prefetch, PrefetchSlot};
 use crate::rope::RopeTables;
 use crate::weights::{Weight, WeightIndex};
 
@@ -50,6 +51,7 @@ pub struct Model {
     norm: Vec<f32>,
     lm_head: Weight,
     experts: Arc<dyn ExpertProvider>,
+    prefetch: PrefetchSlot,
 }
 
 impl std::fmt::Debug for Model {
@@ -96,6 +98,7 @@ impl Model {
             layers,
             config: cfg,
             experts,
+            prefetch: PrefetchSlot::default(),
         })
     }
 
@@ -108,6 +111,52 @@ impl Model {
     /// The expert provider this model asks.
     pub fn experts(&self) -> &Arc<dyn ExpertProvider> {
         &self.experts
+    }
+
+    /// Turns prefetching on (or off with `None`): after each MoE layer of a decode pass, the
+    /// predictor's experts for the MoE layer `depth` layers later go to the provider.
+    pub fn set_prefetch(&self, prefetch: Option<Prefetch>) {
+        *self.prefetch.lock().unwrap_or_else(|e| e.into_inner()) = prefetch;
+    }
+
+    /// The router of every MoE layer, by model layer index.
+    pub fn routers(&self) -> std::collections::HashMap<usize, crate::moe::Router> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, layer)| match &layer.mlp {
+                FeedForward::Moe(b) => Some((l, b.router.clone())),
+                FeedForward::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// After MoE layer `l` of a pass: lets the predictor see the last token and prefetches its
+    /// prediction for the layer `depth` MoE layers later (decode only).
+    fn after_moe_layer(&self, l: usize, hidden: &[f32], experts: &[u32], phase: Phase) -> Result<()> {
+        let mut guard = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = guard.as_mut() else { return Ok(()) };
+        let view = LayerView {
+            layer: l,
+            hidden,
+            experts,
+        };
+        p.predictor.observe(&view);
+        if phase != Phase::Decode {
+            return Ok(());
+        }
+        let moe = self.config.moe_layers();
+        let Some(target) = moe
+            .iter()
+            .position(|&x| x == l)
+            .and_then(|i| moe.get(i + p.depth))
+            .copied()
+        else {
+            return Ok(());
+        };
+        let predicted = p.predictor.predict(&view, target, p.k)?;
+        self.experts.prefetch(target, &predicted)?;
+        Ok(())
     }
 
     /// A fresh KV cache for this model.
@@ -141,6 +190,7 @@ impl Model {
         let t = tokens.len();
         let h = cfg.hidden_size;
         let positions: Vec<usize> = (cache.len..cache.len + t).collect();
+        let prefetching = self.prefetch.lock().map_or(false, |p| p.is_some());
         let rope = RopeTables::new(&cfg.rope, &positions);
 
         let mut x = Array2::<f32>::zeros((t, h)); // (T, H)
@@ -175,7 +225,13 @@ impl Model {
                             hidden: want_hidden.then(|| hn.row(ti).to_slice().expect("standard layout")),
                         });
                     }
-                    block.forward(hn.view(), decision, phase, self.experts.as_ref())?
+                    let seen =
+                        prefetching.then(|| (hn.row(t - 1).to_vec(), decision.experts_of(t - 1).to_vec()));
+                    let out = block.forward(hn.view(), decision, phase, self.experts.as_ref())?;
+                    if let Some((hidden, experts)) = seen {
+                        self.after_moe_layer(l, &hidden, &experts, phase)?;
+                    }
+                    out
                 }
             };
             x += &ff;

@@ -125,6 +125,12 @@ pub trait ExpertProvider: Send + Sync {
 
     /// The weights of one expert. While the caller holds them they are never evicted.
     fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>>;
+
+    /// Starts loading `experts` of model layer `layer` ahead of need (a provider that holds
+    /// everything ignores it). Returns how many loads it started.
+    fn prefetch(&self, _layer: usize, _experts: &[u32]) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 /// Every expert resident (memory-mapped checkpoint views; no copies).

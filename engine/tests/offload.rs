@@ -378,3 +378,41 @@ fn cancelled_prefetch_is_dropped_unread() {
     );
     assert_eq!(cached.prefetch(&keys[..1]).unwrap(), 0, "already resident");
 }
+
+/// Prefetching with a real predictor (gate-lookahead and previous-token) never changes the
+/// output, and its prefetches are counted and used.
+#[test]
+fn prefetching_is_exact_and_counted() {
+    use shadowmoe_engine::predict::{GateLookahead, Prefetch, PreviousToken};
+    for arch in ARCHS {
+        let (ckpt, prompt, all) = reference(arch);
+        let k = ckpt.config.num_experts_per_tok;
+        for name in ["gate-lookahead", "previous-token"] {
+            let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+            let (model, cached) = ckpt
+                .load_model_cached(store, &opts(Budget::PerLayer(2 * k)))
+                .unwrap();
+            let predictor: Box<dyn shadowmoe_engine::predict::ExpertPredictor> = match name {
+                "gate-lookahead" => Box::new(GateLookahead::new(model.routers())),
+                _ => Box::new(PreviousToken::default()),
+            };
+            model.set_prefetch(Some(Prefetch {
+                predictor,
+                depth: 1,
+                k,
+            }));
+            assert_eq!(
+                run(&model, &prompt),
+                all,
+                "{arch} {name}: prefetching changed the output"
+            );
+            let (s, _) = cached.stats();
+            assert!(s.prefetch_issued > 0, "{arch} {name}: no prefetch");
+            assert!(s.prefetch_used > 0, "{arch} {name}: no prefetch was used");
+            assert!(
+                s.prefetch_used + s.prefetch_wasted <= s.prefetch_issued,
+                "{arch} {name}: {s:?}"
+            );
+        }
+    }
+}

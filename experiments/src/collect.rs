@@ -48,6 +48,9 @@ pub struct CollectArgs {
     /// or f16 (half the bytes).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     pub hidden_dtype: String,
+    /// Encode `prompt` lines as raw text instead of a user message in the chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
     /// Only the first N prompts of the dataset.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -137,6 +140,7 @@ pub fn run(a: &CollectArgs, progress: bool) -> Result<Collected> {
         dataset_sha256,
         dataset_requests,
         requests: work.len(),
+        chat_template: !a.no_chat_template,
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         sampling_top_k: a.top_k,
@@ -174,7 +178,7 @@ pub fn run(a: &CollectArgs, progress: bool) -> Result<Collected> {
     let gen_start = Instant::now();
     for (pos, p) in work.iter().enumerate().skip(first as usize) {
         let ids = p
-            .encode(&tok)
+            .encode(&tok, !a.no_chat_template)
             .with_context(|| format!("{}: prompt `{}`", a.dataset.display(), p.id))?;
         let opts = GenerateOptions {
             max_new_tokens: a.max_new_tokens,

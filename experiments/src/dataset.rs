@@ -21,10 +21,10 @@ pub struct Prompt {
 }
 
 impl Prompt {
-    /// Token ids: through the model's chat template when it has one (a raw prompt becomes a
-    /// user message); raw text as is otherwise.
-    pub fn encode(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
-        if tok.has_chat_template() {
+    /// Token ids: through the model's chat template when it has one and `chat` is set (a raw
+    /// prompt becomes a user message); raw text as is otherwise.
+    pub fn encode(&self, tok: &Tokenizer, chat: bool) -> Result<Vec<u32>> {
+        if chat && tok.has_chat_template() {
             return Ok(tok.encode_chat(&self.messages)?);
         }
         if self.is_raw {

@@ -6,7 +6,10 @@
 pub mod args;
 pub mod collect;
 pub mod dataset;
+pub mod sim;
+pub mod sweep;
 pub mod trace_stats;
+pub mod train_shadow;
 
 pub use shadowmoe_engine as engine;
 pub use shadowmoe_predictor as predictor;

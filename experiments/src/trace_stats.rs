@@ -31,6 +31,10 @@ pub struct StatsArgs {
     /// Requests read at a time (bounds memory).
     #[arg(long, default_value_t = 256)]
     pub batch: u32,
+    /// Also statistics per dataset domain and the divergence of expert popularity between
+    /// domains (reads the trace's dataset, checked by sha256).
+    #[arg(long)]
+    pub by_domain: bool,
 }
 
 /// `Org/Name` → `org--name`; a path → its last component.
@@ -169,6 +173,83 @@ pub fn write_outputs(dir: &Path, m: &Manifest, stats: &TraceStats, rows: &[Layer
     Ok(())
 }
 
+/// Jensen-Shannon divergence (bits) between two count vectors' distributions.
+pub fn js_divergence(a: &[u64], b: &[u64]) -> f64 {
+    let (sa, sb) = (
+        a.iter().sum::<u64>().max(1) as f64,
+        b.iter().sum::<u64>().max(1) as f64,
+    );
+    let mut js = 0.0;
+    for (&x, &y) in a.iter().zip(b) {
+        let (p, q) = (x as f64 / sa, y as f64 / sb);
+        let m = (p + q) / 2.0;
+        if p > 0.0 {
+            js += 0.5 * p * (p / m).log2();
+        }
+        if q > 0.0 {
+            js += 0.5 * q * (q / m).log2();
+        }
+    }
+    js
+}
+
+/// Statistics per dataset domain (the trace's dataset, checked by its sha256), and the mean
+/// over layers of the Jensen-Shannon divergence of expert popularity between each pair of
+/// domains.
+pub fn by_domain(trace: &Trace, batch: u32) -> Result<(Vec<(String, TraceStats)>, String)> {
+    let m = &trace.manifest;
+    let (prompts, sha) = crate::dataset::load(Path::new(&m.dataset))
+        .with_context(|| format!("--by-domain: the trace's dataset {}", m.dataset))?;
+    if sha != m.dataset_sha256 {
+        anyhow::bail!(
+            "--by-domain: {} changed since the trace was collected (sha256 differs)",
+            m.dataset
+        );
+    }
+    let mut per: Vec<(String, TraceStats)> = Vec::new();
+    trace.for_each_batch(batch, |reqs| {
+        for r in &reqs {
+            let d = prompts.get(r.request as usize).map_or("?", |p| p.domain.as_str());
+            let i = match per.iter().position(|(n, _)| n == d) {
+                Some(i) => i,
+                None => {
+                    per.push((d.to_string(), TraceStats::new(m)));
+                    per.len() - 1
+                }
+            };
+            per[i].1.add(r);
+        }
+        Ok(())
+    })?;
+    per.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut text = String::from("domain      requests  top10%(mean over layers)  prev-token(mean)\n");
+    for (d, s) in &per {
+        let rows = s.layers();
+        let n = rows.len().max(1) as f64;
+        text += &format!(
+            "{d:<10} {:>9}  {:>24.3}  {:>16.3}\n",
+            s.requests,
+            rows.iter().map(|r| r.top10_share).sum::<f64>() / n,
+            rows.iter().map(|r| r.prev_token_overlap).sum::<f64>() / n
+        );
+    }
+    text += "\nJensen-Shannon divergence of expert popularity between domains (bits, mean over layers):\n";
+    for i in 0..per.len() {
+        for j in i + 1..per.len() {
+            let (a, b) = (&per[i].1, &per[j].1);
+            let js: f64 = a
+                .counts
+                .iter()
+                .zip(&b.counts)
+                .map(|(x, y)| js_divergence(x, y))
+                .sum::<f64>()
+                / a.counts.len().max(1) as f64;
+            text += &format!("  {} vs {}: {js:.4}\n", per[i].0, per[j].0);
+        }
+    }
+    Ok((per, text))
+}
+
 /// Runs `trace-stats`; returns the printed table.
 pub fn run(a: &StatsArgs) -> Result<String> {
     if !(0.0..=1.0).contains(&a.pin_threshold) {
@@ -178,7 +259,11 @@ pub fn run(a: &StatsArgs) -> Result<String> {
     let m = &trace.manifest;
     let stats = compute(&trace, a.batch)?;
     let rows = stats.layers();
-    let text = table(&rows);
+    let mut text = table(&rows);
+    if a.by_domain {
+        text += "\n";
+        text += &by_domain(&trace, a.batch)?.1;
+    }
     if let Some(dir) = &a.out {
         write_outputs(dir, m, &stats, &rows)?;
     }
@@ -209,6 +294,12 @@ pub fn run(a: &StatsArgs) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn js_divergence_bounds() {
+        assert_eq!(super::js_divergence(&[1, 2, 3], &[2, 4, 6]), 0.0);
+        assert!((super::js_divergence(&[1, 0], &[0, 1]) - 1.0).abs() < 1e-12);
+    }
+
     #[test]
     fn slugs() {
         assert_eq!(super::model_slug("Qwen/Qwen3-30B-A3B"), "qwen--qwen3-30b-a3b");

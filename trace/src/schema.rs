@@ -36,6 +36,9 @@ pub struct Manifest {
     pub dataset_requests: usize,
     /// Requests this trace covers (after --limit and --shard).
     pub requests: usize,
+    /// Whether prompts went through the model's chat template.
+    #[serde(default = "yes")]
+    pub chat_template: bool,
     pub max_new_tokens: usize,
     pub temperature: f32,
     pub sampling_top_k: usize,
@@ -57,7 +60,7 @@ impl Manifest {
     /// The fields that must agree for `--resume` to continue a collection: everything but the
     /// creation time.
     pub fn same_collection(&self, other: &Manifest) -> Option<&'static str> {
-        let checks: [(&'static str, bool); 12] = [
+        let checks: [(&'static str, bool); 13] = [
             ("model (config sha256)", self.config_sha256 == other.config_sha256),
             ("dataset (sha256)", self.dataset_sha256 == other.dataset_sha256),
             ("requests (--limit/--shard)", self.requests == other.requests),
@@ -68,11 +71,16 @@ impl Manifest {
             ("--seed", self.seed == other.seed),
             ("--hidden-layers", self.hidden_layers == other.hidden_layers),
             ("--shard", self.shard == other.shard),
+            ("--no-chat-template", self.chat_template == other.chat_template),
             ("format", self.format == other.format),
             ("harness version", self.harness_version == other.harness_version),
         ];
         checks.iter().find(|(_, ok)| !ok).map(|(name, _)| *name)
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// How hidden states are stored in the `hidden` Binary column.

@@ -241,6 +241,7 @@ mod tests {
             dataset_sha256: "s".into(),
             dataset_requests: 1,
             requests: 1,
+            chat_template: true,
             max_new_tokens: 0,
             temperature: 0.0,
             sampling_top_k: 0,

@@ -80,6 +80,8 @@ struct Inner {
     failed: HashMap<ExpertKey, String>,
     /// Experts of the layer pass now running that have not been handed out yet.
     pending: HashSet<ExpertKey>,
+    /// Experts whose loads this layer pass started.
+    loaded_this_pass: HashSet<ExpertKey>,
     io: IoStats,
 }
 
@@ -156,6 +158,7 @@ impl CachedExperts {
                 next_job: 0,
                 failed: HashMap::new(),
                 pending: HashSet::new(),
+                loaded_this_pass: HashSet::new(),
                 io: IoStats::default(),
             }),
         };
@@ -237,20 +240,30 @@ impl CachedExperts {
 
     /// Reserves room for `key` and queues its load; false if it is already there or there is
     /// no room now. Experts whose views are held are never evicted; with `strict`, neither are
-    /// the experts this layer pass has yet to hand out.
+    /// the experts this layer pass has yet to hand out; without it, those that were resident
+    /// when the pass began may go (whether this pass's own loads have landed depends on timing,
+    /// so they stay protected: the simulator makes the same choices as a live run).
     fn issue(&self, inner: &mut Inner, key: ExpertKey, prefetch: bool) -> Result<bool> {
         self.issue_with(inner, key, prefetch, true)
     }
 
     fn issue_with(&self, inner: &mut Inner, key: ExpertKey, prefetch: bool, strict: bool) -> Result<bool> {
         let Inner {
-            core, slots, pending, ..
+            core,
+            slots,
+            pending,
+            loaded_this_pass,
+            ..
         } = inner;
         let protect = |k: ExpertKey| {
-            (strict && pending.contains(&k)) || slots.get(&k).is_some_and(|a| Arc::strong_count(a) > 1)
+            let pending = pending.contains(&k) && (strict || loaded_this_pass.contains(&k));
+            pending || slots.get(&k).is_some_and(|a| Arc::strong_count(a) > 1)
         };
         match core.admit(key, prefetch, &protect, None) {
             Admit::Load { evicted } => {
+                if !prefetch {
+                    inner.loaded_this_pass.insert(key);
+                }
                 let buf = self.take_buffer(inner, evicted);
                 let cancelled = Arc::new(AtomicBool::new(false));
                 inner.next_job += 1;
@@ -384,6 +397,7 @@ impl ExpertProvider for CachedExperts {
             *counts.entry(e).or_insert(0) += 1;
         }
         inner.pending = counts.keys().map(|&e| ExpertKey::new(layer, e)).collect();
+        inner.loaded_this_pass.clear();
         let mut missing = Vec::new();
         for (&e, &count) in &counts {
             let key = ExpertKey::new(layer, e);
@@ -424,6 +438,11 @@ impl ExpertProvider for CachedExperts {
             inner.pending.retain(|k| !gone.contains(&k.expert));
         }
         Ok(())
+    }
+
+    fn prefetch(&self, layer: usize, experts: &[u32]) -> Result<usize> {
+        let keys: Vec<ExpertKey> = experts.iter().map(|&e| ExpertKey::new(layer, e)).collect();
+        CachedExperts::prefetch(self, &keys)
     }
 
     fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>> {

@@ -269,9 +269,14 @@ def make_fixture(arch, out_dir, seed, size):
         chat_template=MISTRAL_TEMPLATE if bos_style else CHATML_TEMPLATE,
     )
     hf_tok.save_pretrained(out)
+    write_golden(model, hf_tok, out, {"arch": arch, "seed": seed, "size": size, "on_disk_dtype": str(dtype).replace("torch.", "")})
 
+
+def write_golden(model, hf_tok, out, extra_meta):
+    """Runs the loaded `model` on PROMPT and writes golden.safetensors and golden.json to `out`."""
+    config = model.config
     prompt_ids = hf_tok(PROMPT)["input_ids"]
-    chat_text = hf_tok.apply_chat_template(CHAT if not bos_style else CHAT, tokenize=False, add_generation_prompt=True)
+    chat_text = hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     chat_ids = hf_tok(chat_text, add_special_tokens=False)["input_ids"]
 
     rec = RouterRecorder(model)
@@ -316,10 +321,7 @@ def make_fixture(arch, out_dir, seed, size):
     meta = {
         "made_by": "engine/tests/golden/make.py",
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "tokenizers": tokenizers.__version__},
-        "arch": arch,
-        "seed": seed,
-        "size": size,
-        "on_disk_dtype": str(dtype).replace("torch.", ""),
+        **extra_meta,
         "prompt": PROMPT,
         "prompt_ids": prompt_ids,
         "chat_messages": CHAT,
@@ -330,9 +332,10 @@ def make_fixture(arch, out_dir, seed, size):
         "min_logit_top2_gap": float((top2[:, 0] - top2[:, 1]).min()),
     }
     (out / "golden.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-    print(f"{arch}: {len(prompt_ids)} prompt tokens, min router margin {min(margins):.2e}, files in {out}")
+    name = extra_meta.get("arch", config.model_type)
+    print(f"{name}: {len(prompt_ids)} prompt tokens, min router margin {min(margins):.2e}, files in {out}")
     if min(margins) < 1e-5:
-        print(f"warning: {arch} has a near-tie in routing (margin {min(margins):.2e}); f32 order may flip it")
+        print(f"warning: {name} has a near-tie in routing (margin {min(margins):.2e}); f32 order may flip it")
 
 
 def main():

@@ -1,0 +1,211 @@
+//! `train-shadow` end to end on a fixture's real trace: trains, evaluates every baseline on the
+//! same rows (gate-lookahead at depth 0 reproduces the routing exactly), writes a predictor that
+//! loads back on the CPU and on wgpu with the same predictions, and refuses bad input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use shadowmoe_experiments::collect::{CollectArgs, run as collect};
+use shadowmoe_experiments::train_shadow::{ShadowArgs, run};
+use shadowmoe_predictor::{BackendChoice, ShadowPredictor};
+use shadowmoe_trace::Trace;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn trace(dir: &Path, dataset: &str, hidden: &str, limit: usize) -> PathBuf {
+    let out = dir.join(format!("{dataset}-{hidden}.parquet"));
+    let a = CollectArgs {
+        model: root().join("engine/tests/golden/qwen3_moe").display().to_string(),
+        dataset: root().join("datasets").join(format!("{dataset}.jsonl")),
+        out: out.clone(),
+        max_new_tokens: 24,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        hidden_layers: hidden.into(),
+        hidden_dtype: "f32".into(),
+        no_chat_template: false,
+        limit: Some(limit),
+        resume: false,
+        shard: None,
+        threads: 2,
+        flush_every: 8,
+    };
+    collect(&a, false).unwrap();
+    out
+}
+
+fn args(traces: Vec<PathBuf>, out: &Path) -> ShadowArgs {
+    ShadowArgs {
+        traces,
+        eval_traces: vec![],
+        depth: "1,2".into(),
+        top_k: 4,
+        out: out.to_path_buf(),
+        backend: "cpu".into(),
+        model: None,
+        loss: "both".into(),
+        epochs: 3,
+        batch: 128,
+        lr: 1e-3,
+        width: 64,
+        patience: 2,
+        seed: 0,
+        val_share: 0.2,
+        test_share: 0.2,
+    }
+}
+
+#[test]
+fn trains_evaluates_and_loads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace(tmp.path(), "code", "all", 24);
+    let heldout = trace(tmp.path(), "heldout", "all", 8);
+    let out = tmp.path().join("pred");
+    let mut a = args(vec![t.clone()], &out);
+    a.eval_traces = vec![heldout];
+    let text = run(&a).unwrap();
+    for p in [
+        "shadow",
+        "popularity",
+        "previous-token",
+        "gate-lookahead",
+        "oracle",
+    ] {
+        assert!(text.contains(p), "{p} missing from\n{text}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["gate_lookahead_depth0_recall"].as_f64(),
+        Some(1.0),
+        "{text}"
+    );
+    let oracle = report["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["predictor"] == "oracle")
+        .unwrap();
+    assert_eq!(oracle["by_depth"]["1"]["recall"].as_f64(), Some(1.0));
+    for r in report["reports"].as_array().unwrap() {
+        for d in ["1", "2"] {
+            let rec = r["by_depth"][d]["recall"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&rec), "{r}");
+        }
+    }
+    assert_eq!(report["loss_candidates"].as_array().unwrap().len(), 2);
+
+    // Loads back; the CPU and wgpu backends agree; another model is refused.
+    let m = Trace::open(&t).unwrap().manifest;
+    let cpu = ShadowPredictor::load(&out, Some(&m.config_sha256), BackendChoice::Cpu).unwrap();
+    assert_eq!(cpu.backend(), "cpu");
+    let h = m.hidden_size;
+    let rows = 8;
+    let hidden: Vec<f32> = (0..rows * h)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let src: Vec<u16> = (0..rows).map(|i| (i % 2) as u16).collect();
+    let depth = vec![1u8; rows];
+    let p_cpu = cpu.predict(&hidden, &src, &depth, 4);
+    assert_eq!(p_cpu.len(), rows * 4);
+    match ShadowPredictor::load(&out, Some(&m.config_sha256), BackendChoice::Wgpu) {
+        Ok(gpu) => {
+            assert_eq!(gpu.backend(), "wgpu");
+            assert_eq!(
+                gpu.predict(&hidden, &src, &depth, 4),
+                p_cpu,
+                "wgpu and CPU disagree on the top-k"
+            );
+        }
+        Err(e) => {
+            assert!(
+                std::env::var_os("SHADOWMOE_REQUIRE_WGPU").is_none(),
+                "wgpu is required here (install mesa-vulkan-drivers): {e}"
+            );
+            eprintln!("wgpu not available, its comparison is skipped (CI runs it on lavapipe): {e}");
+        }
+    }
+    let err = ShadowPredictor::load(&out, Some("0000"), BackendChoice::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another model"), "{err}");
+
+    // At run time: the trained predictor drives the engine's prefetching over a bounded cache
+    // reading experts from disk; the output stays exact and prefetches are issued.
+    prefetch_with(cpu, &m.config_sha256);
+}
+
+fn prefetch_with(predictor: ShadowPredictor, config_sha256: &str) {
+    use shadowmoe_engine::offload::{Budget, CacheOptions, IoMode, MissMode, PolicyKind};
+    use shadowmoe_engine::predict::Prefetch;
+    use shadowmoe_engine::{Checkpoint, GenerateOptions, NoObserver, SamplingParams, generate};
+    use std::sync::Arc;
+
+    let ckpt = Checkpoint::open_dir(&root().join("engine/tests/golden/qwen3_moe")).unwrap();
+    assert_eq!(ckpt.config_sha256().unwrap(), config_sha256);
+    let k = ckpt.config.num_experts_per_tok;
+    let prompt: Vec<u32> = (0..12u32).map(|i| (i * 13 + 5) % 200).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 16,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+    };
+    let tokens = |model: &shadowmoe_engine::Model| {
+        generate(model, &prompt, &opts, &mut NoObserver, |_| Ok(()))
+            .unwrap()
+            .0
+    };
+    let resident = tokens(&ckpt.load_model().unwrap());
+
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    let cache = CacheOptions {
+        budget: Budget::PerLayer(2 * k),
+        policy: PolicyKind::Lru,
+        on_miss: MissMode::Sync,
+        io_threads: 2,
+        pinned: vec![],
+    };
+    let (model, cached) = ckpt.load_model_cached(store, &cache).unwrap();
+    model.set_prefetch(Some(Prefetch {
+        predictor: Box::new(predictor),
+        depth: 1,
+        k,
+    }));
+    assert_eq!(tokens(&model), resident, "prefetching changed the output");
+    let (s, _) = cached.stats();
+    assert!(
+        s.prefetch_issued > 0,
+        "the shadow predictor issued no prefetch: {s:?}"
+    );
+    assert!(s.prefetch_used + s.prefetch_wasted <= s.prefetch_issued, "{s:?}");
+}
+
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_hidden = trace(tmp.path(), "math", "none", 3);
+    let err = run(&args(vec![no_hidden], &tmp.path().join("o")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no hidden states") && err.contains("--hidden-layers"),
+        "{err}"
+    );
+
+    let t = trace(tmp.path(), "math", "all", 3);
+    let mut a = args(vec![t.clone()], &tmp.path().join("o"));
+    a.depth = "5".into();
+    let err = run(&a).unwrap_err().to_string();
+    assert!(err.starts_with("--depth: 5 is out of range"), "{err}");
+
+    // Three prompts cannot fill train, validation and test splits.
+    let mut a = args(vec![t], &tmp.path().join("o"));
+    a.val_share = 0.0;
+    let err = format!("{:#}", run(&a).unwrap_err());
+    assert!(err.contains("split is empty"), "{err}");
+}
