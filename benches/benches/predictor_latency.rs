@@ -110,6 +110,7 @@ fn main() {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // one value per backend
 enum Net {
     Loaded(ShadowPredictor),
     Fresh(

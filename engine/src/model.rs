@@ -190,7 +190,7 @@ impl Model {
         let t = tokens.len();
         let h = cfg.hidden_size;
         let positions: Vec<usize> = (cache.len..cache.len + t).collect();
-        let prefetching = self.prefetch.lock().map_or(false, |p| p.is_some());
+        let prefetching = self.prefetch.lock().is_ok_and(|p| p.is_some());
         let rope = RopeTables::new(&cfg.rope, &positions);
 
         let mut x = Array2::<f32>::zeros((t, h)); // (T, H)

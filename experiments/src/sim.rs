@@ -78,10 +78,16 @@ pub struct SimResult {
 }
 
 /// A load in the modelled I/O system.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Done(f64, ExpertKey);
 
 impl Eq for Done {}
+// BinaryHeap compares through PartialOrd: it must follow `cmp`, not the derived field order.
+impl PartialOrd for Done {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 impl Ord for Done {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         // Earliest completion first (reversed for the max-heap).
@@ -386,4 +392,31 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
     res.total_secs = now;
     res.est_decode_tok_s = res.decode_tokens as f64 / res.decode_secs.max(f64::MIN_POSITIVE);
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_complete_earliest_first() {
+        let model = IoModel {
+            gbps: 1.0,
+            latency_us: 0.0,
+            threads: 3,
+            expert_bytes: 1_000_000, // 1 ms per load
+        };
+        let mut io = Io::new(model);
+        let key = |e| ExpertKey { layer: 0, expert: e };
+        // Three readers start at 0, 0.4 ms and 0.2 ms: they finish in that order of start.
+        io.submit(key(0), true, 0.0);
+        io.submit(key(1), true, 0.0004);
+        io.submit(key(2), false, 0.0002);
+        let mut order = Vec::new();
+        while let Some(Done(end, k)) = io.running.pop() {
+            order.push((k.expert, (end * 1e4).round() as u64));
+        }
+        assert_eq!(order, vec![(0, 10), (2, 12), (1, 14)]);
+        assert_eq!(io.next_done(), None);
+    }
 }

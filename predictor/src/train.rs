@@ -149,6 +149,9 @@ pub fn topk_row(row: &[f32], k: usize) -> Vec<u16> {
     ids
 }
 
+/// Feeds the training examples chunk by chunk to the callback it is given (one epoch per call).
+pub type ChunkSource<'a> = dyn FnMut(&mut dyn FnMut(&Examples)) -> shadowmoe_trace::Result<()> + 'a;
+
 /// Trains a model of `shape` on `device` (an autodiff device). `chunks` feeds the training
 /// examples chunk by chunk each epoch; `val` picks the best epoch. Returns the best model (as a
 /// validation-mode module on the device without autodiff) and the log.
@@ -156,7 +159,7 @@ pub fn train(
     shape: &ShadowShape,
     device: &Device,
     cfg: &TrainConfig,
-    chunks: &mut dyn FnMut(&mut dyn FnMut(&Examples)) -> shadowmoe_trace::Result<()>,
+    chunks: &mut ChunkSource<'_>,
     val: &Examples,
     mut progress: impl FnMut(&EpochLog),
 ) -> shadowmoe_trace::Result<(ShadowMlp, Vec<EpochLog>)> {
