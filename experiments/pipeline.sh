@@ -5,7 +5,8 @@
 #   bash experiments/pipeline.sh [OUT]            # default OUT: runs/pipeline
 #
 # Environment: SHADOWMOE_MODEL (default models/reference/checkpoint), NEW_TOKENS (64),
-# CAPACITY (160..256:32), EXPERT_BYTES (1769472: one Qwen3-Coder-Next expert at 4 bits).
+# CAPACITY (160..256:32), EXPERT_BYTES (1769472: one Qwen3-Coder-Next expert at 4 bits),
+# PROFILE (release).
 # Finished steps are kept: rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,9 +15,12 @@ MODEL=${SHADOWMOE_MODEL:-models/reference/checkpoint}
 NEW=${NEW_TOKENS:-64}
 CAPACITY=${CAPACITY:-160..256:32}
 EXPERT_BYTES=${EXPERT_BYTES:-1769472}
-BIN=${CARGO_TARGET_DIR:-target}/release
+# PROFILE=dev reuses the test build (dependencies optimised, our crates at opt-level 1).
+PROFILE=${PROFILE:-release}
+DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
+BIN=${CARGO_TARGET_DIR:-target}/$DIR
 
-cargo build --release -p shadowmoe-experiments
+cargo build --profile "$PROFILE" -p shadowmoe-experiments --bins
 mkdir -p "$OUT"
 
 # Training prompts: the four training sets in one file (the held-out set stays out).
@@ -25,7 +29,7 @@ for set in train heldout; do
   ds="$OUT/train.jsonl"; [ "$set" = heldout ] && ds=datasets/heldout.jsonl
   [ -f "$OUT/$set.parquet" ] || "$BIN/trace-collect" --model "$MODEL" --dataset "$ds" \
     --out "$OUT/$set.parquet" --max-new-tokens "$NEW" --temperature 0.8 --seed 0 \
-    --hidden-layers all --resume
+    --hidden-layers all --no-chat-template --resume
 done
 
 # Statistics and the expert profile of the training traces (what --pin reads).

@@ -22,9 +22,13 @@ use shadowmoe_engine::{
 const LOGIT_TOL: f32 = 1e-4;
 
 fn check_arch(arch: &str) {
-    let dir = fixture_dir(arch);
-    let golden = Golden::read(&dir);
-    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    check_dir(&fixture_dir(arch), arch);
+}
+
+/// The golden files in `dir` (a checkpoint of architecture `arch`) against the engine.
+fn check_dir(dir: &std::path::Path, arch: &str) {
+    let golden = Golden::read(dir);
+    let ckpt = Checkpoint::open_dir(dir).unwrap();
     assert_eq!(ckpt.config.arch.model_type(), arch);
 
     // Tokenizer and chat template.
@@ -180,4 +184,12 @@ fn observer_sees_decode_and_hidden_states() {
             assert_eq!(h.len(), ckpt.config.hidden_size);
         }
     }
+}
+
+/// The bundled reference model (models/reference/checkpoint, trained, bf16 on disk, 512 experts
+/// top-10) against the golden files models/reference/golden.py wrote with transformers.
+#[test]
+fn reference_model_matches_transformers() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/reference/checkpoint");
+    check_dir(&dir, "qwen3_moe");
 }

@@ -48,7 +48,8 @@ pub struct CollectArgs {
     /// or f16 (half the bytes).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     pub hidden_dtype: String,
-    /// Encode `prompt` lines as raw text instead of a user message in the chat template.
+    /// No chat template: `prompt` lines as raw text, `messages` as their contents joined by
+    /// blank lines (for base models such as the bundled reference model).
     #[arg(long)]
     pub no_chat_template: bool,
     /// Only the first N prompts of the dataset.

@@ -22,13 +22,19 @@ pub struct Prompt {
 
 impl Prompt {
     /// Token ids: through the model's chat template when it has one and `chat` is set (a raw
-    /// prompt becomes a user message); raw text as is otherwise.
+    /// prompt becomes a user message); raw text as is otherwise. Without `chat`, a chat prompt
+    /// becomes its messages' contents joined by blank lines (for base models that never saw a
+    /// chat template).
     pub fn encode(&self, tok: &Tokenizer, chat: bool) -> Result<Vec<u32>> {
         if chat && tok.has_chat_template() {
             return Ok(tok.encode_chat(&self.messages)?);
         }
         if self.is_raw {
             return Ok(tok.encode(&self.messages[0].content)?);
+        }
+        if !chat {
+            let text: Vec<&str> = self.messages.iter().map(|m| m.content.as_str()).collect();
+            return Ok(tok.encode(&text.join("\n\n"))?);
         }
         bail!(
             "prompt `{}` is a chat but the model has no chat template",

@@ -313,6 +313,42 @@ fn sharded_collections_concatenate_to_the_whole() {
     assert_eq!(rows, w.iter().map(|r| r.tokens() * r.layers).sum::<usize>());
 }
 
+/// `--no-chat-template`: a chat prompt is its messages' contents joined by blank lines, as raw
+/// text; the manifest says so.
+#[test]
+fn chat_prompts_without_the_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen3_moe");
+    let data = root().join("datasets/tools.jsonl"); // every prompt a chat
+    let out = tmp.path().join("raw.parquet");
+    let mut a = args(&model, &data, &out);
+    a.no_chat_template = true;
+    a.limit = Some(2);
+    run(&a, false).unwrap();
+    let t = Trace::open(&out).unwrap();
+    assert!(!t.manifest.chat_template);
+    let tok = Checkpoint::open_dir(&model).unwrap().tokenizer().unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&data).unwrap().lines().next().unwrap()).unwrap();
+    let text: Vec<&str> = first["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    let want = tok.encode(&text.join("\n\n")).unwrap();
+    let reqs = t.requests(None).unwrap();
+    let r = reqs.iter().find(|r| r.request == 0).unwrap();
+    let prefill: Vec<u32> = r
+        .token_ids
+        .iter()
+        .zip(&r.phases)
+        .filter(|(_, p)| **p == 0)
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(prefill, want, "the raw chat prompt's tokens");
+}
+
 /// `trace-stats` on a real trace: the table, the outputs, and a profile that `--pin` accepts.
 #[test]
 fn trace_stats_and_profile() {
