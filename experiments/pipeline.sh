@@ -6,7 +6,8 @@
 #
 # Environment: SHADOWMOE_MODEL (default models/reference/checkpoint), NEW_TOKENS (64),
 # CAPACITY (160..256:32), EXPERT_BYTES (1769472: one Qwen3-Coder-Next expert at 4 bits),
-# PROFILE (release).
+# PROFILE (release), LOSS (softmax; `both` also trains BCE and keeps the better), EPOCHS (10),
+# BACKEND (auto; `cpu` where the only wgpu adapter is a software one such as lavapipe).
 # Finished steps are kept: rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,8 @@ done
 
 # The shadow predictor, tested on the held-out prompts against every baseline.
 [ -f "$OUT/shadow/predictor.json" ] || "$BIN/train-shadow" --traces "$OUT/train.parquet" \
-  --eval-traces "$OUT/heldout.parquet" --model "$MODEL" --depth 1..4 --top-k 8 --out "$OUT/shadow"
+  --eval-traces "$OUT/heldout.parquet" --model "$MODEL" --depth 1..4 --top-k 8 \
+  --backend "${BACKEND:-auto}" --loss "${LOSS:-softmax}" --epochs "${EPOCHS:-10}" --patience 2 --out "$OUT/shadow"
 
 # Cache sweep on the held-out trace: capacity × pinning × predictor at depth 4.
 "$BIN/bench-sweep" --trace "$OUT/heldout.parquet" --model "$MODEL" --capacity "$CAPACITY" \
