@@ -45,5 +45,5 @@ done
 "$BIN/bench-sweep" --trace "$OUT/heldout.parquet" --model "$MODEL" --capacity "$CAPACITY" \
   --pinning "off,$OUT/profile.json:32" --prefetch-depth 0,1,4 \
   --predictor "none,popularity,previous-token,gate-lookahead,shadow:$OUT/shadow,oracle" \
-  --expert-bytes "$EXPERT_BYTES" --out "$OUT/sweep"
+  --expert-bytes "$EXPERT_BYTES" --backend "${BACKEND:-auto}" --out "$OUT/sweep"
 echo "pipeline: results in $OUT (shadow/report.json, sweep/results.parquet)"

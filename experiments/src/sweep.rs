@@ -65,6 +65,10 @@ pub struct SweepArgs {
     /// Compute time of one MoE layer for one token, milliseconds.
     #[arg(long, default_value_t = 0.5)]
     pub layer_ms: f64,
+    /// Backend of `shadow:` predictors: auto, wgpu or cpu (auto takes any wgpu adapter,
+    /// software ones such as lavapipe included: pass cpu on machines without a GPU).
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
     /// Run one share of the combinations: I/N.
     #[arg(long)]
     pub shard: Option<String>,
@@ -205,6 +209,7 @@ fn predictor(
     trace: &Trace,
     cache: &mut HashMap<(String, usize), SimPredictor>,
     model: Option<&str>,
+    backend: shadowmoe_predictor::BackendChoice,
     k: usize,
 ) -> Result<SimPredictor> {
     if let Some(p) = cache.get(&(name.to_string(), depth)) {
@@ -245,11 +250,8 @@ fn predictor(
         }
         s => {
             let dir = s.strip_prefix("shadow:").context("predictor")?;
-            let sp = shadowmoe_predictor::ShadowPredictor::load(
-                Path::new(dir),
-                Some(&m.config_sha256),
-                shadowmoe_predictor::BackendChoice::Auto,
-            )?;
+            let sp =
+                shadowmoe_predictor::ShadowPredictor::load(Path::new(dir), Some(&m.config_sha256), backend)?;
             let ex = shadowmoe_predictor::data::all_examples(trace, &[depth], 64, &|_| true)?;
             let pred = sp.predict(&ex.hidden, &ex.src, &ex.depth, k);
             precomputed(&ex, &pred, k)
@@ -342,6 +344,10 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
             a.mode
         );
     }
+    let backend: shadowmoe_predictor::BackendChoice = a
+        .backend
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--backend: {e}"))?;
     let trace_path = a.trace.as_ref().context("--mode sim needs --trace")?;
     let trace = Trace::open(trace_path)?;
     let m = trace.manifest.clone();
@@ -428,6 +434,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                     &trace,
                     &mut predictors,
                     a.model.as_deref(),
+                    backend,
                     k,
                 )?,
                 io,

@@ -266,3 +266,91 @@ fn simulated_and_live_agree() {
         }
     }
 }
+
+/// `bench-sweep` end to end: every combination becomes one row of `results.parquet` (read back
+/// with polars) and of `results.csv`; LRU's stack property holds across the capacities; bad
+/// flags get one-line errors.
+#[test]
+fn sweep_writes_every_combination() {
+    use clap::Parser;
+    use polars::prelude::*;
+    use shadowmoe_experiments::sweep::{SweepArgs, run};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SweepArgs,
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace(tmp.path());
+    let out = tmp.path().join("sweep");
+    let parse = |extra: &[&str]| {
+        let mut argv = vec![
+            "bench-sweep".to_string(),
+            "--trace".into(),
+            t.display().to_string(),
+            "--model".into(),
+            root().join(MODEL).display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        Cli::try_parse_from(argv).unwrap().args
+    };
+    let a = parse(&[
+        "--capacity",
+        "4..8:2",
+        "--prefetch-depth",
+        "0,1",
+        "--predictor",
+        "none,previous-token,gate-lookahead",
+        "--backend",
+        "cpu",
+    ]);
+    let dir = run(&a, false).unwrap();
+    // 3 capacities × (none at depth 0 + 2 predictors at depth 1).
+    let df = LazyFrame::scan_parquet(
+        PlRefPath::new(dir.join("results.parquet").to_string_lossy().as_ref()),
+        ScanArgsParquet::default(),
+    )
+    .unwrap()
+    .collect()
+    .unwrap();
+    assert_eq!(df.height(), 9, "{df}");
+    let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 9);
+    let col = |n: &str| -> Vec<f64> {
+        df.column(n)
+            .unwrap()
+            .cast(&DataType::Float64)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    let (cap, hit, pred) = (
+        col("capacity"),
+        col("hit_rate"),
+        df.column("predictor").unwrap().clone(),
+    );
+    assert!(hit.iter().all(|h| (0.0..=1.0).contains(h)), "{df}");
+    let none: Vec<(f64, f64)> = (0..df.height())
+        .filter(|&i| pred.str().unwrap().get(i) == Some("none"))
+        .map(|i| (cap[i], hit[i]))
+        .collect();
+    assert_eq!(none.len(), 3);
+    for w in none.windows(2) {
+        assert!(
+            w[0].0 < w[1].0 && w[0].1 <= w[1].1,
+            "LRU stack property: {none:?}"
+        );
+    }
+
+    let err = run(&parse(&["--capacity", "4", "--backend", "tpu"]), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("--backend: unknown backend `tpu`"), "{err}");
+    let err = format!("{:#}", run(&parse(&["--capacity", "9999"]), false).unwrap_err());
+    assert!(err.contains("--capacity"), "{err}");
+}
