@@ -208,8 +208,7 @@ fn predictor(
     reqs: &[RequestRouting],
     trace: &Trace,
     cache: &mut HashMap<(String, usize), SimPredictor>,
-    model: Option<&str>,
-    backend: shadowmoe_predictor::BackendChoice,
+    (model, backend): (Option<&str>, shadowmoe_predictor::BackendChoice),
     k: usize,
 ) -> Result<SimPredictor> {
     if let Some(p) = cache.get(&(name.to_string(), depth)) {
@@ -433,8 +432,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                     &reqs,
                     &trace,
                     &mut predictors,
-                    a.model.as_deref(),
-                    backend,
+                    (a.model.as_deref(), backend),
                     k,
                 )?,
                 io,
