@@ -330,8 +330,10 @@ fn demand_loads_go_ahead_of_queued_prefetches() {
     use std::sync::atomic::AtomicBool;
     let ckpt = Checkpoint::open_dir(&fixture_dir("qwen3_moe")).unwrap();
     let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    // Each read takes 200 ms: the six submissions below land while the first read runs, even
+    // on a loaded 2-core machine (30 ms was too tight there).
     store.inject_faults(FaultPlan {
-        delay_ms: 30,
+        delay_ms: 200,
         ..Default::default()
     });
     let pool = shadowmoe_engine::offload::IoPool::new(store.clone(), 1);
@@ -362,7 +364,7 @@ fn cancelled_prefetch_is_dropped_unread() {
     };
     let (_model, cached) = ckpt.load_model_cached(store.clone(), &o).unwrap();
     store.inject_faults(FaultPlan {
-        delay_ms: 30,
+        delay_ms: 100, // the cancel below must land while the third load is queued
         ..Default::default()
     });
     let keys: Vec<ExpertKey> = (0..3).map(|e| ExpertKey::new(1, e)).collect();

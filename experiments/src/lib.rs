@@ -22,7 +22,11 @@ pub fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // wgpu's GL probe and cubecl's failed adapter probes (the CPU fallback
+                // covers them) are noise by default; RUST_LOG shows them.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,wgpu_hal=off,cubecl_common=off")
+                }),
         )
         .init();
 }

@@ -37,11 +37,18 @@ impl std::str::FromStr for BackendChoice {
 }
 
 /// A device of the chosen backend and the backend's name ("wgpu" or "cpu").
+///
+/// `Auto` takes a hardware GPU (discrete, then integrated) and otherwise the CPU backend: a
+/// software Vulkan device such as lavapipe is far slower than Burn's CPU backend. `Wgpu` takes
+/// wgpu's default adapter, software ones included (that is how CI runs the wgpu path).
 pub fn device(choice: BackendChoice) -> Result<(Device, &'static str), String> {
-    let wgpu = || -> Result<Device, String> {
-        // wgpu panics when no adapter answers: probe with one tiny op.
-        std::panic::catch_unwind(|| {
-            let d = Device::wgpu(DeviceKind::DefaultDevice);
+    let probe = |kind: DeviceKind| -> Result<Device, String> {
+        // wgpu panics when no adapter answers: probe with one tiny op, the panic message
+        // silenced (the error below says it in one line).
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let result = std::panic::catch_unwind(|| {
+            let d = Device::wgpu(kind);
             let t = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &d);
             let v = (t.clone() * t)
                 .sum()
@@ -52,23 +59,26 @@ pub fn device(choice: BackendChoice) -> Result<(Device, &'static str), String> {
                 return Err(format!("probe computed {v:?}, expected [5.0]"));
             }
             Ok(d)
-        })
-        .map_err(|_| {
+        });
+        std::panic::set_hook(hook);
+        result.map_err(|_| {
             "no wgpu adapter (on a machine without a GPU, install mesa-vulkan-drivers)".to_string()
         })?
     };
     match choice {
         BackendChoice::Cpu => Ok((Device::flex(), "cpu")),
-        BackendChoice::Wgpu => wgpu()
+        BackendChoice::Wgpu => probe(DeviceKind::DefaultDevice)
             .map(|d| (d, "wgpu"))
             .map_err(|e| format!("--backend wgpu: {e}")),
-        BackendChoice::Auto => match wgpu() {
-            Ok(d) => Ok((d, "wgpu")),
-            Err(e) => {
-                tracing::info!("wgpu unavailable ({e}): using the CPU backend");
-                Ok((Device::flex(), "cpu"))
+        BackendChoice::Auto => {
+            match probe(DeviceKind::DiscreteGpu(0)).or_else(|_| probe(DeviceKind::IntegratedGpu(0))) {
+                Ok(d) => Ok((d, "wgpu")),
+                Err(e) => {
+                    tracing::info!("no hardware GPU for wgpu ({e}): using the CPU backend");
+                    Ok((Device::flex(), "cpu"))
+                }
             }
-        },
+        }
     }
 }
 
