@@ -7,7 +7,7 @@
 # Environment: SHADOWMOE_MODEL (default models/reference/checkpoint), NEW_TOKENS (64),
 # CAPACITY (160..256:32), EXPERT_BYTES (1769472: one Qwen3-Coder-Next expert at 4 bits),
 # PROFILE (release), LOSS (softmax; `both` also trains BCE and keeps the better), EPOCHS (10),
-# BACKEND (auto; `cpu` where the only wgpu adapter is a software one such as lavapipe).
+# BACKEND (auto: a hardware GPU through wgpu, else Burn's CPU backend; or wgpu, cpu).
 # Finished steps are kept: rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -65,8 +65,8 @@ pub struct SweepArgs {
     /// Compute time of one MoE layer for one token, milliseconds.
     #[arg(long, default_value_t = 0.5)]
     pub layer_ms: f64,
-    /// Backend of `shadow:` predictors: auto, wgpu or cpu (auto takes any wgpu adapter,
-    /// software ones such as lavapipe included: pass cpu on machines without a GPU).
+    /// Backend of `shadow:` predictors: auto (a hardware GPU, else the CPU), wgpu (any
+    /// adapter, software ones included) or cpu.
     #[arg(long, default_value = "auto")]
     pub backend: String,
     /// Run one share of the combinations: I/N.
