@@ -145,12 +145,11 @@ impl Model {
         if phase != Phase::Decode {
             return Ok(());
         }
-        let moe = self.config.moe_layers();
-        let Some(target) = moe
-            .iter()
-            .position(|&x| x == l)
-            .and_then(|i| moe.get(i + p.depth))
-            .copied()
+        // The MoE layer `depth` MoE layers after `l` (no allocation: this runs per layer and token).
+        let kinds = &self.config.mlp_kinds;
+        let Some(target) = (l..kinds.len())
+            .filter(|&x| kinds[x] == MlpKind::Moe)
+            .nth(p.depth)
         else {
             return Ok(());
         };
