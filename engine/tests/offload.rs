@@ -321,8 +321,8 @@ fn belady_is_refused_live() {
     assert!(err.contains("simulator"), "{err}");
 }
 
-/// With one worker busy on a slow read, a demand load submitted after several prefetches is
-/// served before them.
+/// With one worker held on a read, a demand load submitted after several prefetches is served
+/// before them.
 #[test]
 fn demand_loads_go_ahead_of_queued_prefetches() {
     use shadowmoe_engine::offload::PageBuf;
@@ -330,12 +330,9 @@ fn demand_loads_go_ahead_of_queued_prefetches() {
     use std::sync::atomic::AtomicBool;
     let ckpt = Checkpoint::open_dir(&fixture_dir("qwen3_moe")).unwrap();
     let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
-    // Each read takes 200 ms: the six submissions below land while the first read runs, even
-    // on a loaded 2-core machine (30 ms was too tight there).
-    store.inject_faults(FaultPlan {
-        delay_ms: 200,
-        ..Default::default()
-    });
+    // Reads wait until released, so all six submissions are queued (or the first one is in the
+    // worker's hands) when the worker picks its next job, however loaded the machine is.
+    store.hold_reads(true);
     let pool = shadowmoe_engine::offload::IoPool::new(store.clone(), 1);
     let job = |id: u64, e: u32| LoadJob {
         id,
@@ -347,6 +344,7 @@ fn demand_loads_go_ahead_of_queued_prefetches() {
         pool.submit(job(i, i as u32), false).unwrap();
     }
     pool.submit(job(99, 9), true).unwrap();
+    store.hold_reads(false);
     let order: Vec<u64> = (0..6).map(|_| pool.recv().unwrap().id).collect();
     let pos = order.iter().position(|&id| id == 99).unwrap();
     assert!(pos <= 1, "demand load finished at position {pos}: {order:?}");
@@ -363,13 +361,12 @@ fn cancelled_prefetch_is_dropped_unread() {
         ..opts(Budget::PerLayer(4))
     };
     let (_model, cached) = ckpt.load_model_cached(store.clone(), &o).unwrap();
-    store.inject_faults(FaultPlan {
-        delay_ms: 100, // the cancel below must land while the third load is queued
-        ..Default::default()
-    });
+    // Reads wait until released: the cancel lands while the third load is still queued.
+    store.hold_reads(true);
     let keys: Vec<ExpertKey> = (0..3).map(|e| ExpertKey::new(1, e)).collect();
     assert_eq!(cached.prefetch(&keys).unwrap(), 3);
     assert!(cached.cancel_prefetch(keys[2]));
+    store.hold_reads(false);
     cached.wait_idle().unwrap();
     let (s, io) = cached.stats();
     assert_eq!((s.prefetch_issued, s.prefetch_wasted), (3, 1));

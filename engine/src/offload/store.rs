@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use memmap2::Mmap;
 
@@ -119,6 +119,11 @@ pub struct ExpertStore {
     short_read: AtomicU64,
     delay_ms: AtomicU64,
     reads: AtomicU64,
+    /// While set, every read waits (before touching the disk) until it is cleared: tests use it
+    /// to queue work behind a busy worker without depending on timing.
+    held: AtomicBool,
+    hold: Mutex<bool>,
+    released: Condvar,
 }
 
 fn open_file(path: &Path, mode: IoMode) -> Result<(StoreFile, bool)> {
@@ -271,6 +276,9 @@ impl ExpertStore {
             short_read: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            hold: Mutex::new(false),
+            released: Condvar::new(),
         })
     }
 
@@ -292,7 +300,29 @@ impl ExpertStore {
             .store(faults.fail_read.unwrap_or(0), Ordering::SeqCst);
         self.short_read
             .store(faults.short_read.unwrap_or(0), Ordering::SeqCst);
+        self.delay_ms.store(faults.delay_ms, Ordering::SeqCst);
         self.reads.store(0, Ordering::SeqCst);
+    }
+
+    /// Holds every read at its start until called again with `false` (tests of queueing order:
+    /// the reads already started and the jobs queued behind them stay put until released).
+    pub fn hold_reads(&self, on: bool) {
+        let mut held = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        *held = on;
+        self.held.store(on, Ordering::SeqCst);
+        if !on {
+            self.released.notify_all();
+        }
+    }
+
+    fn wait_if_held(&self) {
+        if !self.held.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut held = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// The read mode actually used.
@@ -325,6 +355,7 @@ impl ExpertStore {
     pub fn read_into(&self, key: ExpertKey, buf: &mut PageBuf) -> Result<u64> {
         let layout = self.layout(key)?;
         let n = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
+        self.wait_if_held();
         let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             std::thread::sleep(std::time::Duration::from_millis(delay));
