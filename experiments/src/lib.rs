@@ -6,6 +6,8 @@
 pub mod args;
 pub mod collect;
 pub mod dataset;
+pub mod figures;
+pub mod live;
 pub mod sim;
 pub mod sweep;
 pub mod trace_stats;

@@ -63,6 +63,9 @@ pub struct SimConfig {
     /// Compute time of one MoE layer for one token, seconds: half of it before the router's
     /// decision (attention), half spread over the experts it runs.
     pub layer_secs: f64,
+    /// Time of one predictor call (one layer's prediction), seconds, on the critical path after
+    /// each decode layer that prefetches (0: not modelled).
+    pub predictor_secs: f64,
 }
 
 /// What a simulation measured (the metric names of DESIGN.md).
@@ -72,6 +75,9 @@ pub struct SimResult {
     pub bytes_read: u64,
     pub stall_secs: f64,
     pub decode_secs: f64,
+    /// Of `decode_secs`: waiting for loads, and predictor calls.
+    pub decode_stall_secs: f64,
+    pub decode_predictor_secs: f64,
     pub decode_tokens: u64,
     pub est_decode_tok_s: f64,
     pub total_secs: f64,
@@ -342,6 +348,9 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                         ));
                     };
                     res.stall_secs += (t - now).max(0.0);
+                    if *phase == Phase::Decode {
+                        res.decode_stall_secs += (t - now).max(0.0);
+                    }
                     now = now.max(t);
                 }
                 pending.remove(&key);
@@ -354,6 +363,10 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
             {
                 let tl = li + cfg.prefetch_depth;
                 let target = moe_layers[tl];
+                if !matches!(cfg.predictor, SimPredictor::None) {
+                    now += cfg.predictor_secs;
+                    res.decode_predictor_secs += cfg.predictor_secs;
+                }
                 let k = cfg.prefetch_k;
                 let predicted: Vec<u16> = match &cfg.predictor {
                     SimPredictor::None => Vec::new(),

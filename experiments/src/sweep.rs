@@ -1,6 +1,7 @@
 //! `bench-sweep`: every combination of capacity, pinning, prefetch depth, predictor, policy and
-//! miss mode, simulated on a trace; one row per configuration in `results.parquet` (and a CSV
-//! twin) inside a dated run folder with a manifest.
+//! miss mode, simulated on a trace (`--mode sim`) or run by the engine on a dataset
+//! (`--mode live`, `--repeat N` times); one row per configuration and repetition in
+//! `results.parquet` (and a CSV twin) inside a dated run folder with a manifest.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -10,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use polars::prelude::*;
 use serde::Serialize;
-use shadowmoe_engine::offload::cache::Budget;
+use shadowmoe_engine::offload::cache::{Budget, CacheStats};
 use shadowmoe_engine::offload::{ExpertKey, MissMode, PolicyKind, Profile};
 use shadowmoe_trace::{RequestRouting, Trace};
 
@@ -50,6 +51,25 @@ pub struct SweepArgs {
     /// The checkpoint (gate-lookahead's routers; live mode).
     #[arg(long)]
     pub model: Option<String>,
+    /// Prompts to generate on (live mode).
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// Only the first N prompts of --dataset (live mode).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Tokens generated per prompt (live mode; greedy).
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Feed chat prompts as plain text (base models; as `trace-collect --no-chat-template`).
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// Runs of each configuration (live mode); the summary reports their median and spread.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Expert profile ranking the `popularity` predictor (live mode; sim mode ranks experts by
+    /// the trace's own counts when this is absent).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
     /// Bandwidth of one I/O reader, GB/s.
     #[arg(long, default_value_t = 1.0)]
     pub ssd_gbps: f64,
@@ -62,9 +82,13 @@ pub struct SweepArgs {
     /// Qwen3-Coder-Next's 4-bit experts on this routing.
     #[arg(long)]
     pub expert_bytes: Option<u64>,
-    /// Compute time of one MoE layer for one token, milliseconds.
+    /// Compute time of one MoE layer for one token, milliseconds (sim mode).
     #[arg(long, default_value_t = 0.5)]
     pub layer_ms: f64,
+    /// Time of one predictor call, milliseconds, on the critical path of each decode layer that
+    /// prefetches (sim mode; 0: not modelled). Live mode measures it.
+    #[arg(long, default_value_t = 0.0)]
+    pub predictor_ms: f64,
     /// Backend of `shadow:` predictors: auto (a hardware GPU, else the CPU), wgpu (any
     /// adapter, software ones included) or cpu.
     #[arg(long, default_value = "auto")]
@@ -157,6 +181,7 @@ pub fn combos(a: &SweepArgs, max_experts: usize) -> Result<Vec<Combo>> {
 struct Row {
     combo: Combo,
     mode: String,
+    repeat: usize,
     hit_rate: f64,
     hit_rate_prefill: f64,
     hit_rate_decode: f64,
@@ -173,10 +198,89 @@ struct Row {
     prefetch_late: u64,
     prefetch_wasted: u64,
     prefetch_precision: f64,
+    /// Per decode token, milliseconds: all, and its compute, stall and predictor parts.
+    decode_ms_per_token: f64,
+    compute_ms_per_token: f64,
+    stall_ms_per_token: f64,
+    predictor_ms_per_token: f64,
+    /// capacity × MoE layers × expert bytes.
+    modelled_cache_bytes: u64,
+    // Live only.
+    decode_tok_s: Option<f64>,
+    prefill_tok_s: Option<f64>,
+    peak_rss_bytes: Option<u64>,
+    modelled_total_bytes: Option<u64>,
+    top1_agreement: Option<f64>,
+    kl_divergence: Option<f64>,
+    perplexity: Option<f64>,
+    perplexity_exact: Option<f64>,
     error: String,
 }
 
-fn pins(spec: &str, capacity: usize, trace: &Trace) -> Result<Vec<ExpertKey>> {
+impl Row {
+    fn new(combo: &Combo, mode: &str, repeat: usize) -> Self {
+        Row {
+            combo: combo.clone(),
+            mode: mode.into(),
+            repeat,
+            hit_rate: f64::NAN,
+            hit_rate_prefill: f64::NAN,
+            hit_rate_decode: f64::NAN,
+            cold_misses: 0,
+            capacity_misses: 0,
+            demand_loads: 0,
+            evictions: 0,
+            bytes_read: 0,
+            stall_secs: 0.0,
+            est_decode_tok_s: f64::NAN,
+            fallback_rate: f64::NAN,
+            prefetch_issued: 0,
+            prefetch_used: 0,
+            prefetch_late: 0,
+            prefetch_wasted: 0,
+            prefetch_precision: f64::NAN,
+            decode_ms_per_token: f64::NAN,
+            compute_ms_per_token: f64::NAN,
+            stall_ms_per_token: f64::NAN,
+            predictor_ms_per_token: f64::NAN,
+            modelled_cache_bytes: 0,
+            decode_tok_s: None,
+            prefill_tok_s: None,
+            peak_rss_bytes: None,
+            modelled_total_bytes: None,
+            top1_agreement: None,
+            kl_divergence: None,
+            perplexity: None,
+            perplexity_exact: None,
+            error: String::new(),
+        }
+    }
+
+    fn cache_stats(&mut self, s: &CacheStats) {
+        self.hit_rate = s.hit_rate().unwrap_or(f64::NAN);
+        self.hit_rate_prefill = s.hit_rate_prefill().unwrap_or(f64::NAN);
+        self.hit_rate_decode = s.hit_rate_decode().unwrap_or(f64::NAN);
+        self.cold_misses = s.cold_misses;
+        self.capacity_misses = s.capacity_misses;
+        self.demand_loads = s.demand_loads;
+        self.evictions = s.evictions;
+        self.fallback_rate = s.fallback_rate().unwrap_or(f64::NAN);
+        self.prefetch_issued = s.prefetch_issued;
+        self.prefetch_used = s.prefetch_used;
+        self.prefetch_late = s.prefetch_late;
+        self.prefetch_wasted = s.prefetch_wasted;
+        self.prefetch_precision = s.prefetch_precision().unwrap_or(f64::NAN);
+    }
+}
+
+/// The model a sweep runs on: what pinning and predictors check profiles against.
+struct ModelIds<'a> {
+    config_sha256: &'a str,
+    moe_layers: &'a [usize],
+    num_experts: usize,
+}
+
+fn pins(spec: &str, capacity: usize, m: &ModelIds<'_>) -> Result<Vec<ExpertKey>> {
     if spec == "off" {
         return Ok(Vec::new());
     }
@@ -186,11 +290,10 @@ fn pins(spec: &str, capacity: usize, trace: &Trace) -> Result<Vec<ExpertKey>> {
         }
         _ => (PathBuf::from(spec), capacity / 2),
     };
-    let m = &trace.manifest;
     let profile = Profile::read(&path).map_err(|e| anyhow::anyhow!("--pinning: {e}"))?;
     if profile.config_sha256 != m.config_sha256 {
         bail!(
-            "--pinning: {} is a profile of another model than the trace's",
+            "--pinning: {} is a profile of another model than the sweep's",
             path.display()
         );
     }
@@ -275,6 +378,8 @@ fn frame(rows: &[Row]) -> PolarsResult<DataFrame> {
     let s = |f: &dyn Fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
     let u = |f: &dyn Fn(&Row) -> u64| rows.iter().map(f).collect::<Vec<u64>>();
     let fl = |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+    let of = |f: &dyn Fn(&Row) -> Option<f64>| rows.iter().map(f).collect::<Vec<Option<f64>>>();
+    let ou = |f: &dyn Fn(&Row) -> Option<u64>| rows.iter().map(f).collect::<Vec<Option<u64>>>();
     let n = rows.len();
     DataFrame::new(
         n,
@@ -286,6 +391,7 @@ fn frame(rows: &[Row]) -> PolarsResult<DataFrame> {
             Column::new("predictor".into(), s(&|r| r.combo.predictor.clone())),
             Column::new("policy".into(), s(&|r| r.combo.policy.clone())),
             Column::new("on_miss".into(), s(&|r| r.combo.on_miss.clone())),
+            Column::new("repeat".into(), u(&|r| r.repeat as u64)),
             Column::new("hit_rate".into(), fl(&|r| r.hit_rate)),
             Column::new("hit_rate_prefill".into(), fl(&|r| r.hit_rate_prefill)),
             Column::new("hit_rate_decode".into(), fl(&|r| r.hit_rate_decode)),
@@ -302,6 +408,19 @@ fn frame(rows: &[Row]) -> PolarsResult<DataFrame> {
             Column::new("prefetch_late".into(), u(&|r| r.prefetch_late)),
             Column::new("prefetch_wasted".into(), u(&|r| r.prefetch_wasted)),
             Column::new("prefetch_precision".into(), fl(&|r| r.prefetch_precision)),
+            Column::new("decode_ms_per_token".into(), fl(&|r| r.decode_ms_per_token)),
+            Column::new("compute_ms_per_token".into(), fl(&|r| r.compute_ms_per_token)),
+            Column::new("stall_ms_per_token".into(), fl(&|r| r.stall_ms_per_token)),
+            Column::new("predictor_ms_per_token".into(), fl(&|r| r.predictor_ms_per_token)),
+            Column::new("modelled_cache_bytes".into(), u(&|r| r.modelled_cache_bytes)),
+            Column::new("decode_tok_s".into(), of(&|r| r.decode_tok_s)),
+            Column::new("prefill_tok_s".into(), of(&|r| r.prefill_tok_s)),
+            Column::new("peak_rss_bytes".into(), ou(&|r| r.peak_rss_bytes)),
+            Column::new("modelled_total_bytes".into(), ou(&|r| r.modelled_total_bytes)),
+            Column::new("top1_agreement".into(), of(&|r| r.top1_agreement)),
+            Column::new("kl_divergence".into(), of(&|r| r.kl_divergence)),
+            Column::new("perplexity".into(), of(&|r| r.perplexity)),
+            Column::new("perplexity_exact".into(), of(&|r| r.perplexity_exact)),
             Column::new("error".into(), s(&|r| r.error.clone())),
         ],
     )
@@ -335,26 +454,166 @@ fn csv(df: &DataFrame) -> Result<String> {
     Ok(text)
 }
 
+/// What a sweep runs on.
+enum Source {
+    Sim {
+        trace: Box<Trace>,
+        reqs: Vec<RequestRouting>,
+        io: IoModel,
+    },
+    Live(Box<crate::live::LiveSetup>),
+}
+
+/// Checks the flags and opens the inputs: every error here comes before any work starts.
+fn open_source(a: &SweepArgs, backend: shadowmoe_predictor::BackendChoice) -> Result<(Source, serde_json::Value)> {
+    match a.mode.as_str() {
+        "sim" => {
+            let trace_path = a.trace.as_ref().context("--mode sim needs --trace")?;
+            let trace = Trace::open(trace_path)?;
+            let m = trace.manifest.clone();
+            if let Some(model) = &a.model {
+                let ckpt = shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
+                if ckpt.config_sha256()? != m.config_sha256 {
+                    bail!(
+                        "--trace: {} was collected from another model than --model {model} (config sha256 {} vs {})",
+                        trace_path.display(),
+                        m.config_sha256,
+                        ckpt.config_sha256()?
+                    );
+                }
+            }
+            let expert_bytes = match a.expert_bytes {
+                Some(0) => bail!("--expert-bytes: expected a positive number of bytes"),
+                Some(b) => b,
+                None => {
+                    let ckpt = shadowmoe_engine::Checkpoint::open(a.model.as_deref().unwrap_or(&m.model_id))
+                        .context("the expert size comes from the model: pass --model, or --expert-bytes")?;
+                    let store = ckpt.expert_store(shadowmoe_engine::offload::IoMode::Pread, None, false)?;
+                    store.expert_bytes()
+                }
+            };
+            if !(a.ssd_gbps > 0.0) || !(a.ssd_latency_us >= 0.0) || a.io_threads == 0 {
+                bail!("--ssd-gbps, --ssd-latency-us, --io-threads: expected a positive bandwidth, a latency ≥ 0 and at least one thread");
+            }
+            let io = IoModel {
+                gbps: a.ssd_gbps,
+                latency_us: a.ssd_latency_us,
+                threads: a.io_threads,
+                expert_bytes,
+            };
+            let reqs = trace.requests(None)?;
+            let info = serde_json::json!({
+                "trace": trace_path.display().to_string(),
+                "trace_manifest": m,
+                "io_model": io,
+                "layer_ms": a.layer_ms,
+                "predictor_ms": a.predictor_ms,
+            });
+            Ok((
+                Source::Sim {
+                    trace: Box::new(trace),
+                    reqs,
+                    io,
+                },
+                info,
+            ))
+        }
+        "live" => {
+            let model = a.model.as_ref().context("--mode live needs --model")?;
+            let ds = a.dataset.as_ref().context("--mode live needs --dataset")?;
+            if a.repeat == 0 {
+                bail!("--repeat: expected at least 1");
+            }
+            let ckpt = shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
+            let tok = ckpt.tokenizer()?;
+            let (prompts, ds_sha) = crate::dataset::load(ds)?;
+            let prompts: Vec<_> = prompts.into_iter().take(a.limit.unwrap_or(usize::MAX)).collect();
+            if prompts.is_empty() {
+                bail!("--dataset: {} has no prompts", ds.display());
+            }
+            let ids = prompts
+                .iter()
+                .map(|p| p.encode(&tok, !a.no_chat_template))
+                .collect::<Result<Vec<_>>>()?;
+            let sha = ckpt.config_sha256()?;
+            let moe_layers = ckpt.config.moe_layers();
+            let popularity = match &a.profile {
+                None => None,
+                Some(path) => {
+                    let profile = Profile::read(path).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
+                    if profile.config_sha256 != sha {
+                        bail!("--profile: {} is a profile of another model than --model", path.display());
+                    }
+                    let n = ckpt.config.num_experts;
+                    let keys = profile.top_k(path, &moe_layers, n, n)?;
+                    let mut ranked: HashMap<usize, Vec<u32>> = HashMap::new();
+                    for k in keys {
+                        ranked.entry(k.layer as usize).or_default().push(k.expert);
+                    }
+                    Some(ranked)
+                }
+            };
+            let info = serde_json::json!({
+                "model": model,
+                "config_sha256": sha,
+                "dataset": ds.display().to_string(),
+                "dataset_sha256": ds_sha,
+                "prompts": ids.len(),
+                "max_new_tokens": a.max_new_tokens,
+                "io_threads": a.io_threads,
+                "io_mode": "pread",
+                "chat_template": !a.no_chat_template,
+                "repeat": a.repeat,
+            });
+            let setup = crate::live::LiveSetup::new(ckpt, ids, a.max_new_tokens, a.io_threads, backend, popularity)?;
+            Ok((Source::Live(Box::new(setup)), info))
+        }
+        m => bail!("--mode: unknown `{m}` (expected sim or live)"),
+    }
+}
+
 /// Runs a sweep; returns the run folder.
 pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
-    if a.mode != "sim" {
-        bail!(
-            "--mode: `{}`: this build runs sim sweeps (live sweeps: run `shadowmoe generate --metrics-out` per configuration)",
-            a.mode
-        );
-    }
     let backend: shadowmoe_predictor::BackendChoice = a
         .backend
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--backend: {e}"))?;
-    let trace_path = a.trace.as_ref().context("--mode sim needs --trace")?;
-    let trace = Trace::open(trace_path)?;
-    let m = trace.manifest.clone();
-    let all = combos(a, m.num_experts)?;
     let (si, sn) = match &a.shard {
         Some(s) => parse_shard("--shard", s)?,
         None => (0, 1),
     };
+    let (source, info) = open_source(a, backend)?;
+    let (sha, moe_layers, num_experts, top_k, model_id) = match &source {
+        Source::Sim { trace, .. } => {
+            let m = &trace.manifest;
+            (m.config_sha256.clone(), m.moe_layers.clone(), m.num_experts, m.top_k, m.model_id.clone())
+        }
+        Source::Live(l) => (
+            l.config_sha256.clone(),
+            l.ckpt.config.moe_layers(),
+            l.ckpt.config.num_experts,
+            l.ckpt.config.num_experts_per_tok,
+            a.model.clone().unwrap_or_default(),
+        ),
+    };
+    let ids = ModelIds {
+        config_sha256: &sha,
+        moe_layers: &moe_layers,
+        num_experts,
+    };
+    let all = combos(a, num_experts)?;
+    if matches!(source, Source::Live(_)) {
+        if let Some(c) = all.iter().find(|c| c.policy == "belady" || c.predictor == "oracle") {
+            bail!(
+                "--mode live: `{}` needs the future, which only a trace has (use --mode sim)",
+                if c.policy == "belady" { "--policy belady" } else { "--predictor oracle" }
+            );
+        }
+    }
+    // Profiles are read before any work: a bad --pinning fails here, not in every row.
+    for c in &all {
+        pins(&c.pinning, c.capacity, &ids)?;
+    }
     let mine: Vec<Combo> = all
         .iter()
         .enumerate()
@@ -372,124 +631,193 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     std::fs::write(&probe, b"").with_context(|| format!("--out: {} is not writable", out.display()))?;
     std::fs::remove_file(&probe)?;
 
-    let reqs = trace.requests(None)?;
-    let expert_bytes = match a.expert_bytes {
-        Some(b) => b,
-        None => {
-            let ckpt = shadowmoe_engine::Checkpoint::open(a.model.as_deref().unwrap_or(&m.model_id))
-                .context("the expert size comes from the model: pass --model, or --expert-bytes")?;
-            let store = ckpt.expert_store(shadowmoe_engine::offload::IoMode::Pread, None, false)?;
-            store.expert_bytes()
-        }
-    };
-    let io = IoModel {
-        gbps: a.ssd_gbps,
-        latency_us: a.ssd_latency_us,
-        threads: a.io_threads,
-        expert_bytes,
-    };
-    let k = a.prefetch_k.unwrap_or(m.top_k);
+    let k = a.prefetch_k.unwrap_or(top_k);
+    let repeats = if matches!(source, Source::Live(_)) { a.repeat } else { 1 };
     let mut predictors = HashMap::new();
     let bar = if progress {
-        indicatif::ProgressBar::new(mine.len() as u64)
+        indicatif::ProgressBar::new((mine.len() * repeats) as u64).with_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} configurations, {elapsed} (ETA {eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let layers = moe_layers.len() as f64;
     let mut rows = Vec::new();
     for c in &mine {
-        let mut row = Row {
-            combo: c.clone(),
-            mode: "sim".into(),
-            hit_rate: f64::NAN,
-            hit_rate_prefill: f64::NAN,
-            hit_rate_decode: f64::NAN,
-            cold_misses: 0,
-            capacity_misses: 0,
-            demand_loads: 0,
-            evictions: 0,
-            bytes_read: 0,
-            stall_secs: 0.0,
-            est_decode_tok_s: 0.0,
-            fallback_rate: f64::NAN,
-            prefetch_issued: 0,
-            prefetch_used: 0,
-            prefetch_late: 0,
-            prefetch_wasted: 0,
-            prefetch_precision: f64::NAN,
-            error: String::new(),
-        };
-        let result = (|| -> Result<crate::sim::SimResult> {
-            let cfg = SimConfig {
-                budget: Budget::PerLayer(c.capacity),
-                policy: c.policy.parse().map_err(|e: String| anyhow::anyhow!(e))?,
-                pinned: pins(&c.pinning, c.capacity, &trace)?,
-                on_miss: c.on_miss.parse().map_err(|e: String| anyhow::anyhow!(e))?,
-                prefetch_depth: c.prefetch_depth,
-                prefetch_k: k,
-                predictor: predictor(
-                    &c.predictor,
-                    c.prefetch_depth,
-                    &reqs,
-                    &trace,
-                    &mut predictors,
-                    (a.model.as_deref(), backend),
-                    k,
-                )?,
-                io,
-                layer_secs: a.layer_ms * 1e-3,
-            };
-            simulate(&reqs, &m.moe_layers, &cfg).map_err(|e| anyhow::anyhow!(e))
-        })();
-        match result {
-            Ok(r) => {
-                let s = &r.stats;
-                row.hit_rate = s.hit_rate().unwrap_or(f64::NAN);
-                row.hit_rate_prefill = s.hit_rate_prefill().unwrap_or(f64::NAN);
-                row.hit_rate_decode = s.hit_rate_decode().unwrap_or(f64::NAN);
-                row.cold_misses = s.cold_misses;
-                row.capacity_misses = s.capacity_misses;
-                row.demand_loads = s.demand_loads;
-                row.evictions = s.evictions;
-                row.bytes_read = r.bytes_read;
-                row.stall_secs = r.stall_secs;
-                row.est_decode_tok_s = r.est_decode_tok_s;
-                row.fallback_rate = s.fallback_rate().unwrap_or(f64::NAN);
-                row.prefetch_issued = s.prefetch_issued;
-                row.prefetch_used = s.prefetch_used;
-                row.prefetch_late = s.prefetch_late;
-                row.prefetch_wasted = s.prefetch_wasted;
-                row.prefetch_precision = s.prefetch_precision().unwrap_or(f64::NAN);
+        for rep in 0..repeats {
+            let mut row = Row::new(c, &a.mode, rep);
+            let policy: PolicyKind = c.policy.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let on_miss: MissMode = c.on_miss.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let pinned = pins(&c.pinning, c.capacity, &ids)?;
+            match &source {
+                Source::Sim { trace, reqs, io } => {
+                    row.modelled_cache_bytes = (c.capacity as u64) * moe_layers.len() as u64 * io.expert_bytes;
+                    let result = (|| -> Result<crate::sim::SimResult> {
+                        let cfg = SimConfig {
+                            budget: Budget::PerLayer(c.capacity),
+                            policy,
+                            pinned,
+                            on_miss,
+                            prefetch_depth: c.prefetch_depth,
+                            prefetch_k: k,
+                            predictor: predictor(
+                                &c.predictor,
+                                c.prefetch_depth,
+                                reqs,
+                                trace,
+                                &mut predictors,
+                                (a.model.as_deref(), backend),
+                                k,
+                            )?,
+                            io: *io,
+                            layer_secs: a.layer_ms * 1e-3,
+                            predictor_secs: a.predictor_ms * 1e-3,
+                        };
+                        simulate(reqs, &moe_layers, &cfg).map_err(|e| anyhow::anyhow!(e))
+                    })();
+                    match result {
+                        Ok(r) => {
+                            row.cache_stats(&r.stats);
+                            row.bytes_read = r.bytes_read;
+                            row.stall_secs = r.stall_secs;
+                            row.est_decode_tok_s = r.est_decode_tok_s;
+                            let t = r.decode_tokens.max(1) as f64;
+                            row.decode_ms_per_token = r.decode_secs / t * 1e3;
+                            row.stall_ms_per_token = r.decode_stall_secs / t * 1e3;
+                            row.predictor_ms_per_token = r.decode_predictor_secs / t * 1e3;
+                            row.compute_ms_per_token = a.layer_ms * layers;
+                        }
+                        Err(e) => row.error = format!("{e:#}"),
+                    }
+                }
+                Source::Live(setup) => {
+                    let cfg = crate::live::LiveConfig {
+                        capacity: c.capacity,
+                        policy,
+                        pinned,
+                        on_miss,
+                        prefetch_depth: c.prefetch_depth,
+                        prefetch_k: k,
+                        predictor: c.predictor.clone(),
+                    };
+                    match setup.run(&cfg) {
+                        Ok(r) => {
+                            row.cache_stats(&r.stats);
+                            row.bytes_read = r.bytes_read;
+                            row.stall_secs = r.stall_secs;
+                            row.modelled_cache_bytes =
+                                (c.capacity as u64) * moe_layers.len() as u64 * setup.expert_bytes();
+                            let t = r.decode_steps.max(1) as f64;
+                            row.decode_ms_per_token = r.decode_secs / t * 1e3;
+                            row.stall_ms_per_token = r.decode_stall_secs / t * 1e3;
+                            row.predictor_ms_per_token = r.decode_predictor_secs / t * 1e3;
+                            row.compute_ms_per_token =
+                                (row.decode_ms_per_token - row.stall_ms_per_token - row.predictor_ms_per_token).max(0.0);
+                            row.decode_tok_s = (r.decode_steps > 0).then(|| r.decode_steps as f64 / r.decode_secs.max(1e-12));
+                            row.prefill_tok_s = (r.prefill_tokens > 0).then(|| r.prefill_tokens as f64 / r.prefill_secs.max(1e-12));
+                            row.peak_rss_bytes = r.peak_rss_bytes;
+                            row.modelled_total_bytes = Some(r.modelled_total_bytes);
+                            if let Some(q) = r.quality {
+                                row.top1_agreement = Some(q.top1_agreement);
+                                row.kl_divergence = Some(q.kl_divergence);
+                                row.perplexity = Some(q.perplexity);
+                                row.perplexity_exact = Some(q.perplexity_exact);
+                            }
+                        }
+                        Err(e) => row.error = format!("{e:#}"),
+                    }
+                }
             }
-            Err(e) => row.error = format!("{e:#}"),
+            if !row.error.is_empty() {
+                tracing::warn!("{c:?}: {}", row.error);
+            }
+            rows.push(row);
+            bar.inc(1);
         }
-        rows.push(row);
-        bar.inc(1);
     }
     bar.finish_and_clear();
     let mut df = frame(&rows)?;
     let tmp = out.join("results.parquet.tmp");
-    ParquetWriter::new(File::create(&tmp)?)
+    ParquetWriter::new(File::create(&tmp).with_context(|| format!("--out: cannot write {}", tmp.display()))?)
         .with_compression(ParquetCompression::Zstd(None))
         .finish(&mut df)?;
     std::fs::rename(&tmp, out.join("results.parquet"))?;
     std::fs::write(out.join("results.csv"), csv(&df)?)?;
     let manifest = serde_json::json!({
         "format": "shadowmoe-sweep/1",
+        "mode": a.mode,
         "harness_version": env!("CARGO_PKG_VERSION"),
         "harness_commit": env!("SHADOWMOE_COMMIT"),
         "created": shadowmoe_trace::schema::utc_now(),
-        "trace": trace_path.display().to_string(),
-        "trace_manifest": m,
-        "io_model": io,
-        "layer_ms": a.layer_ms,
+        "model_id": model_id,
+        "config_sha256": sha,
+        "source": info,
         "prefetch_k": k,
         "shard": format!("{si}/{sn}"),
         "combinations": all.len(),
+        "repeat": repeats,
         "rows": rows.len(),
     });
-    std::fs::write(
-        out.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?,
-    )?;
+    std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
+    let summary = summary(&rows);
+    std::fs::write(out.join("summary.txt"), &summary)?;
+    eprint!("{summary}");
     Ok(out)
+}
+
+/// One line per configuration: median and spread (min–max) over repetitions of the hit rate
+/// and decode tok/s (measured live, modelled in sim).
+fn summary(rows: &[Row]) -> String {
+    let mut groups: Vec<(&Combo, Vec<&Row>)> = Vec::new();
+    for r in rows {
+        match groups.iter_mut().find(|(c, _)| **c == r.combo) {
+            Some((_, v)) => v.push(r),
+            None => groups.push((&r.combo, vec![r])),
+        }
+    }
+    let med = |mut v: Vec<f64>| -> (f64, f64, f64) {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        v.sort_by(f64::total_cmp);
+        let m = if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        (m, v[0], v[v.len() - 1])
+    };
+    let mut out = format!(
+        "{:>8} {:<24} {:>5} {:<28} {:<6} {:<5} {:>3} {:>17} {:>22} {:>9}\n",
+        "capacity", "pinning", "depth", "predictor", "policy", "miss", "n", "decode hit (min-max)", "decode tok/s (min-max)", "fallback"
+    );
+    for (c, rs) in groups {
+        let (h, hl, hh) = med(rs.iter().map(|r| r.hit_rate_decode).collect());
+        let (t, tl, th) = med(rs.iter().map(|r| r.decode_tok_s.unwrap_or(r.est_decode_tok_s)).collect());
+        let (f, _, _) = med(rs.iter().map(|r| r.fallback_rate).collect());
+        let pin = if c.pinning.len() > 24 { format!("…{}", &c.pinning[c.pinning.len() - 23..]) } else { c.pinning.clone() };
+        let pred = if c.predictor.len() > 28 { format!("…{}", &c.predictor[c.predictor.len() - 27..]) } else { c.predictor.clone() };
+        let errors = rs.iter().filter(|r| !r.error.is_empty()).count();
+        out += &format!(
+            "{:>8} {:<24} {:>5} {:<28} {:<6} {:<5} {:>3} {:>6.3} ({:.3}-{:.3}) {:>8.1} ({:.1}-{:.1}) {:>9.4}{}\n",
+            c.capacity,
+            pin,
+            c.prefetch_depth,
+            pred,
+            c.policy,
+            c.on_miss,
+            rs.len(),
+            h,
+            hl,
+            hh,
+            t,
+            tl,
+            th,
+            f,
+            if errors > 0 { format!("  ({errors} failed: see the error column)") } else { String::new() }
+        );
+    }
+    out
 }

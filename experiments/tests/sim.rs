@@ -65,6 +65,7 @@ fn cfg(budget: Budget, policy: PolicyKind) -> SimConfig {
             expert_bytes: 12 << 20,
         },
         layer_secs: 1e-3,
+        predictor_secs: 0.0,
     }
 }
 

@@ -1,0 +1,330 @@
+//! Live configurations of `bench-sweep --mode live`: the engine generates on a dataset with
+//! experts served from disk through the bounded cache, prefetching with a predictor, and the
+//! run's metrics are measured, not modelled: hit rates and prefetch counts from the cache,
+//! decode tok/s and stall from the clock, predictor time around every predictor call, peak RSS
+//! of the process (reset before each configuration), and — under skip-on-miss — the quality of
+//! the next-token distributions against the exact model on the same text.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use shadowmoe_engine::offload::cache::{Budget, CacheStats};
+use shadowmoe_engine::offload::{CacheOptions, ExpertKey, IoMode, MissMode, PolicyKind};
+use shadowmoe_engine::predict::{
+    ExpertPredictor, GateLookahead, LayerView, Popularity, Prefetch, PreviousToken,
+};
+use shadowmoe_engine::{Checkpoint, LogitsFor, Model, NoObserver, Phase};
+
+/// What every live configuration shares.
+#[derive(Debug)]
+pub struct LiveSetup {
+    pub ckpt: Checkpoint,
+    pub config_sha256: String,
+    /// Token ids of the dataset's prompts.
+    pub prompts: Vec<Vec<u32>>,
+    pub max_new_tokens: usize,
+    pub io_mode: IoMode,
+    pub io_threads: usize,
+    pub backend: shadowmoe_predictor::BackendChoice,
+    /// Per MoE layer (model index), experts by popularity: the `popularity` predictor.
+    pub popularity: Option<HashMap<usize, Vec<u32>>>,
+    expert_bytes: u64,
+    /// Exact log-probabilities of every prompt position (skip-mode quality), filled on first use.
+    exact: std::sync::OnceLock<Vec<Exact>>,
+}
+
+#[derive(Debug)]
+struct Exact {
+    /// `[position][vocab]` log-probabilities of the next token.
+    logp: Vec<Vec<f32>>,
+}
+
+/// One live configuration's measurements.
+#[derive(Debug, Clone, Default)]
+pub struct LiveResult {
+    pub stats: CacheStats,
+    pub bytes_read: u64,
+    pub stall_secs: f64,
+    pub prefill_tokens: u64,
+    pub prefill_secs: f64,
+    pub decode_steps: u64,
+    pub decode_secs: f64,
+    pub decode_stall_secs: f64,
+    pub decode_predictor_secs: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub modelled_total_bytes: u64,
+    pub quality: Option<Quality>,
+}
+
+/// Next-token quality against the exact model, teacher-forced over the prompts' tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Quality {
+    pub positions: u64,
+    /// Share of positions whose most likely next token is the exact model's.
+    pub top1_agreement: f64,
+    /// Mean KL(exact ‖ this run) of the next-token distributions, nats.
+    pub kl_divergence: f64,
+    /// Perplexity of the prompts' own next tokens under this run, and under the exact model.
+    pub perplexity: f64,
+    pub perplexity_exact: f64,
+}
+
+/// One cache configuration to run.
+#[derive(Debug, Clone)]
+pub struct LiveConfig {
+    pub capacity: usize,
+    pub policy: PolicyKind,
+    pub pinned: Vec<ExpertKey>,
+    pub on_miss: MissMode,
+    pub prefetch_depth: usize,
+    pub prefetch_k: usize,
+    pub predictor: String,
+}
+
+impl LiveSetup {
+    pub fn new(
+        ckpt: Checkpoint,
+        prompts: Vec<Vec<u32>>,
+        max_new_tokens: usize,
+        io_threads: usize,
+        backend: shadowmoe_predictor::BackendChoice,
+        popularity: Option<HashMap<usize, Vec<u32>>>,
+    ) -> Result<Self> {
+        let config_sha256 = ckpt.config_sha256()?;
+        let expert_bytes = ckpt.expert_store(IoMode::Pread, None, false)?.expert_bytes();
+        Ok(Self {
+            expert_bytes,
+            ckpt,
+            config_sha256,
+            prompts,
+            max_new_tokens,
+            io_mode: IoMode::Pread,
+            io_threads,
+            backend,
+            popularity,
+            exact: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Bytes of one expert as stored.
+    pub fn expert_bytes(&self) -> u64 {
+        self.expert_bytes
+    }
+
+    fn predictor(&self, name: &str, model: &Model) -> Result<Option<Box<dyn ExpertPredictor>>> {
+        Ok(Some(match name {
+            "none" => return Ok(None),
+            "previous-token" => Box::new(PreviousToken::default()),
+            "gate-lookahead" => Box::new(GateLookahead::new(model.routers())),
+            "popularity" => Box::new(Popularity {
+                ranked: self
+                    .popularity
+                    .clone()
+                    .context("the popularity predictor needs a profile in live mode: pass --profile")?,
+            }),
+            "oracle" => bail!("the oracle predictor knows the future: it exists in sim mode only"),
+            s => {
+                let dir = s.strip_prefix("shadow:").context("predictor")?;
+                Box::new(shadowmoe_predictor::ShadowPredictor::load(
+                    std::path::Path::new(dir),
+                    Some(&self.config_sha256),
+                    self.backend,
+                )?)
+            }
+        }))
+    }
+
+    /// The exact model's next-token log-probabilities over every prompt (computed once).
+    fn exact(&self) -> Result<&[Exact]> {
+        if let Some(e) = self.exact.get() {
+            return Ok(e);
+        }
+        let model = self.ckpt.load_model()?;
+        let mut out = Vec::with_capacity(self.prompts.len());
+        for ids in &self.prompts {
+            let mut kv = model.new_cache();
+            let logits = model.forward(ids, &mut kv, Phase::Prefill, LogitsFor::All, &mut NoObserver)?;
+            let logp = logits.outer_iter().map(|row| log_softmax(&row.to_vec())).collect();
+            out.push(Exact { logp });
+        }
+        Ok(self.exact.get_or_init(|| out))
+    }
+
+    /// Runs one configuration: greedy generation of `max_new_tokens` after every prompt, with
+    /// the cache persisting across prompts; then, under skip-on-miss, the quality pass.
+    pub fn run(&self, c: &LiveConfig) -> Result<LiveResult> {
+        reset_peak_rss();
+        let store = Arc::new(self.ckpt.expert_store(self.io_mode, None, false)?);
+        let opts = CacheOptions {
+            budget: Budget::PerLayer(c.capacity),
+            policy: c.policy,
+            on_miss: c.on_miss,
+            io_threads: self.io_threads,
+            pinned: c.pinned.clone(),
+        };
+        let longest = self.prompts.iter().map(Vec::len).max().unwrap_or(0) + self.max_new_tokens;
+        let modelled_total_bytes = self.ckpt.byte_model(&store).predict(c.capacity, longest);
+        let (model, cached) = self.ckpt.load_model_cached(store, &opts)?;
+        let predictor_nanos = Arc::new(AtomicU64::new(0));
+        if c.prefetch_depth > 0 {
+            let inner = self
+                .predictor(&c.predictor, &model)?
+                .context("a prefetch depth above 0 needs a predictor")?;
+            model.set_prefetch(Some(Prefetch {
+                predictor: Box::new(Timed {
+                    inner,
+                    nanos: predictor_nanos.clone(),
+                }),
+                depth: c.prefetch_depth,
+                k: c.prefetch_k,
+            }));
+        }
+        let eos = self.ckpt.eos_token_ids();
+        let mut r = LiveResult {
+            modelled_total_bytes,
+            ..Default::default()
+        };
+        let stall = |cached: &shadowmoe_engine::offload::CachedExperts| cached.stats().1.stall;
+        for ids in &self.prompts {
+            if self.max_new_tokens == 0 {
+                break;
+            }
+            let mut kv = model.new_cache();
+            let t = Instant::now();
+            let logits = model.forward(ids, &mut kv, Phase::Prefill, LogitsFor::Last, &mut NoObserver)?;
+            r.prefill_secs += t.elapsed().as_secs_f64();
+            r.prefill_tokens += ids.len() as u64;
+            let mut next = argmax(&Model::last_row(&logits));
+            let (t, s0, p0) = (
+                Instant::now(),
+                stall(&cached),
+                predictor_nanos.load(Ordering::Relaxed),
+            );
+            for _ in 1..self.max_new_tokens {
+                if eos.contains(&next) {
+                    break;
+                }
+                let logits = model.forward(&[next], &mut kv, Phase::Decode, LogitsFor::Last, &mut NoObserver)?;
+                next = argmax(&Model::last_row(&logits));
+                r.decode_steps += 1;
+            }
+            r.decode_secs += t.elapsed().as_secs_f64();
+            r.decode_stall_secs += stall(&cached).saturating_sub(s0).as_secs_f64();
+            r.decode_predictor_secs +=
+                Duration::from_nanos(predictor_nanos.load(Ordering::Relaxed) - p0).as_secs_f64();
+        }
+        cached.wait_idle()?;
+        let (stats, io) = cached.stats();
+        r.stats = stats;
+        r.bytes_read = io.bytes_read;
+        r.stall_secs = io.stall.as_secs_f64();
+        r.peak_rss_bytes = shadowmoe_engine::peak_rss_bytes();
+        if c.on_miss == MissMode::Skip {
+            r.quality = Some(self.quality(&model)?);
+        }
+        Ok(r)
+    }
+
+    /// Teacher-forced over every prompt, one token per pass (the cache sees decode traffic):
+    /// the next-token distributions of `model` against the exact model's.
+    fn quality(&self, model: &Model) -> Result<Quality> {
+        let exact = self.exact()?;
+        let (mut n, mut agree, mut kl, mut nll, mut nll_exact) = (0u64, 0u64, 0.0f64, 0.0f64, 0.0f64);
+        for (ids, ex) in self.prompts.iter().zip(exact) {
+            let mut kv = model.new_cache();
+            for (pos, &id) in ids.iter().enumerate() {
+                let phase = if pos == 0 { Phase::Prefill } else { Phase::Decode };
+                let logits = model.forward(&[id], &mut kv, phase, LogitsFor::Last, &mut NoObserver)?;
+                let Some(&target) = ids.get(pos + 1) else {
+                    break;
+                };
+                let lp = log_softmax(&Model::last_row(&logits));
+                let le = &ex.logp[pos];
+                n += 1;
+                agree += u64::from(argmax(&lp) == argmax(le));
+                kl += le
+                    .iter()
+                    .zip(&lp)
+                    .map(|(&e, &q)| f64::from(e.exp()) * f64::from(e - q))
+                    .sum::<f64>();
+                nll -= f64::from(lp[target as usize]);
+                nll_exact -= f64::from(le[target as usize]);
+            }
+        }
+        let d = n.max(1) as f64;
+        Ok(Quality {
+            positions: n,
+            top1_agreement: agree as f64 / d,
+            kl_divergence: kl / d,
+            perplexity: (nll / d).exp(),
+            perplexity_exact: (nll_exact / d).exp(),
+        })
+    }
+}
+
+/// Times every call into the predictor.
+struct Timed {
+    inner: Box<dyn ExpertPredictor>,
+    nanos: Arc<AtomicU64>,
+}
+
+impl Timed {
+    fn time<T>(&mut self, f: impl FnOnce(&mut dyn ExpertPredictor) -> T) -> T {
+        let t = Instant::now();
+        let out = f(self.inner.as_mut());
+        self.nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl ExpertPredictor for Timed {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn observe(&mut self, view: &LayerView<'_>) {
+        self.time(|p| p.observe(view));
+    }
+    fn predict(&mut self, view: &LayerView<'_>, target: usize, k: usize) -> shadowmoe_engine::Result<Vec<u32>> {
+        self.time(|p| p.predict(view, target, k))
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = v.iter().map(|&x| f64::from(x - m).exp()).sum();
+    let lz = z.ln() as f32 + m;
+    v.iter().map(|&x| x - lz).collect()
+}
+
+/// Resets the process's peak RSS (Linux: `5` to /proc/self/clear_refs), so that the next
+/// reading is this configuration's peak; elsewhere the peak stays the process's.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_softmax_normalises_and_argmax_takes_the_first_best() {
+        let lp = log_softmax(&[1.0, 3.0, 3.0, -2.0]);
+        let total: f64 = lp.iter().map(|&x| f64::from(x).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert_eq!(argmax(&lp), 1);
+    }
+}
