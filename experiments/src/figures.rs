@@ -29,14 +29,32 @@ fn register_font() -> Result<()> {
 
 /// Every figure, in the order: (file stem, what it shows).
 pub const FIGURES: [(&str, &str); 8] = [
-    ("fig1_hit_rate_vs_capacity", "decode hit rate vs capacity per eviction policy, with Belady and pinning"),
-    ("fig2_prefetch_depth", "decode hit rate and decode tok/s vs capacity per prefetch depth"),
-    ("fig3_predictor_recall", "predictor recall@k vs depth: shadow and the baselines"),
+    (
+        "fig1_hit_rate_vs_capacity",
+        "decode hit rate vs capacity per eviction policy, with Belady and pinning",
+    ),
+    (
+        "fig2_prefetch_depth",
+        "decode hit rate and decode tok/s vs capacity per prefetch depth",
+    ),
+    (
+        "fig3_predictor_recall",
+        "predictor recall@k vs depth: shadow and the baselines",
+    ),
     ("fig4_popularity_heatmap", "expert popularity, MoE layer × expert"),
     ("fig5_reuse_distance_cdf", "reuse-distance CDF per MoE layer"),
-    ("fig6_time_per_token", "per-token decode time: compute, I/O stall, predictor"),
-    ("fig7_memory_vs_capacity", "memory vs capacity, modelled and measured"),
-    ("fig8_quality_under_skip", "quality vs capacity under skip-on-miss"),
+    (
+        "fig6_time_per_token",
+        "per-token decode time: compute, I/O stall, predictor",
+    ),
+    (
+        "fig7_memory_vs_capacity",
+        "memory vs capacity, modelled and measured",
+    ),
+    (
+        "fig8_quality_under_skip",
+        "quality vs capacity under skip-on-miss",
+    ),
 ];
 
 /// One row of a sweep's results (the columns figures use; absent columns read as NaN/empty).
@@ -69,7 +87,11 @@ pub struct Res {
 impl Res {
     /// Decode tok/s: measured (live) or modelled (sim).
     fn tok_s(&self) -> f64 {
-        if self.mode == "live" { self.decode_tok_s } else { self.est_decode_tok_s }
+        if self.mode == "live" {
+            self.decode_tok_s
+        } else {
+            self.est_decode_tok_s
+        }
     }
 }
 
@@ -88,20 +110,31 @@ pub fn read_results(dir: &Path) -> Result<Vec<Res>> {
     files.extend(subs);
     let mut out = Vec::new();
     for f in files {
-        let df = LazyFrame::scan_parquet(PlRefPath::new(f.to_string_lossy().as_ref()), ScanArgsParquet::default())
-            .and_then(LazyFrame::collect)
-            .map_err(|e| anyhow::anyhow!("{}: not a results file: {e}", f.display()))?;
+        let df = LazyFrame::scan_parquet(
+            PlRefPath::new(f.to_string_lossy().as_ref()),
+            ScanArgsParquet::default(),
+        )
+        .and_then(LazyFrame::collect)
+        .map_err(|e| anyhow::anyhow!("{}: not a results file: {e}", f.display()))?;
         let fl = |name: &str| -> Vec<f64> {
             df.column(name)
                 .ok()
                 .and_then(|c| c.cast(&DataType::Float64).ok())
-                .and_then(|c| c.f64().ok().map(|a| a.iter().map(|v| v.unwrap_or(f64::NAN)).collect()))
+                .and_then(|c| {
+                    c.f64()
+                        .ok()
+                        .map(|a| a.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+                })
                 .unwrap_or_else(|| vec![f64::NAN; df.height()])
         };
         let st = |name: &str| -> Vec<String> {
             df.column(name)
                 .ok()
-                .and_then(|c| c.str().ok().map(|a| a.iter().map(|v| v.unwrap_or("").to_string()).collect()))
+                .and_then(|c| {
+                    c.str()
+                        .ok()
+                        .map(|a| a.iter().map(|v| v.unwrap_or("").to_string()).collect())
+                })
                 .unwrap_or_else(|| vec![String::new(); df.height()])
         };
         let (mode, pinning, predictor, policy, on_miss, error) = (
@@ -183,7 +216,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Points (x, median y) of `rows` by x, sorted by x.
@@ -192,7 +229,12 @@ fn by_x(rows: &[&Res], x: impl Fn(&Res) -> f64, y: impl Fn(&Res) -> f64) -> Vec<
     xs.sort_by(f64::total_cmp);
     xs.dedup();
     xs.into_iter()
-        .map(|xv| (xv, median(rows.iter().filter(|r| x(r) == xv).map(|r| y(r)).collect())))
+        .map(|xv| {
+            (
+                xv,
+                median(rows.iter().filter(|r| x(r) == xv).map(|r| y(r)).collect()),
+            )
+        })
         .filter(|(_, y)| y.is_finite())
         .collect()
 }
@@ -312,7 +354,9 @@ fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> D
                 .draw_series(DashedLineSeries::new(l.pts.clone(), 7, 5, style))
                 .map_err(e)?
         } else {
-            chart.draw_series(LineSeries::new(l.pts.clone(), style)).map_err(e)?
+            chart
+                .draw_series(LineSeries::new(l.pts.clone(), style))
+                .map_err(e)?
         };
         series
             .label(l.label.clone())
@@ -353,23 +397,27 @@ fn save(
     let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
-        root.fill(&WHITE).map_err(|x| anyhow::anyhow!("{}: {x:?}", png.display()))?;
+        root.fill(&WHITE)
+            .map_err(|x| anyhow::anyhow!("{}: {x:?}", png.display()))?;
         let area = root
             .titled(title, (SANS, 20))
             .map_err(|x| anyhow::anyhow!("{}: {x:?}", png.display()))?;
         f(&area).map_err(|x| anyhow::anyhow!("{}: {x}", png.display()))?;
-        root.present().map_err(|x| anyhow::anyhow!("{}: {x:?}", png.display()))?;
+        root.present()
+            .map_err(|x| anyhow::anyhow!("{}: {x:?}", png.display()))?;
     }
     write_png(&png, size, &rgb)?;
     let svg = out.join(format!("{stem}.svg"));
     {
         let root = SVGBackend::new(&svg, size).into_drawing_area();
-        root.fill(&WHITE).map_err(|x| anyhow::anyhow!("{}: {x:?}", svg.display()))?;
+        root.fill(&WHITE)
+            .map_err(|x| anyhow::anyhow!("{}: {x:?}", svg.display()))?;
         let area = root
             .titled(title, (SANS, 20))
             .map_err(|x| anyhow::anyhow!("{}: {x:?}", svg.display()))?;
         g(&area).map_err(|x| anyhow::anyhow!("{}: {x}", svg.display()))?;
-        root.present().map_err(|x| anyhow::anyhow!("{}: {x:?}", svg.display()))?;
+        root.present()
+            .map_err(|x| anyhow::anyhow!("{}: {x:?}", svg.display()))?;
     }
     Ok(())
 }
@@ -436,7 +484,11 @@ pub type Skip = String;
 
 fn sim_or_live(rows: &[Res]) -> Vec<&Res> {
     let sim: Vec<&Res> = rows.iter().filter(|r| r.mode == "sim").collect();
-    if sim.is_empty() { rows.iter().collect() } else { sim }
+    if sim.is_empty() {
+        rows.iter().collect()
+    } else {
+        sim
+    }
 }
 
 /// The most informative predictor in the rows: shadow, else gate-lookahead, else any.
@@ -458,7 +510,10 @@ fn fig1(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
     if base.is_empty() {
         return Ok(Err("no rows without prefetching and with sync misses".into()));
     }
-    let mut keys: Vec<(String, String)> = base.iter().map(|r| (r.policy.clone(), r.pinning.clone())).collect();
+    let mut keys: Vec<(String, String)> = base
+        .iter()
+        .map(|r| (r.policy.clone(), r.pinning.clone()))
+        .collect();
     keys.sort();
     keys.dedup();
     let policies: Vec<String> = {
@@ -474,11 +529,19 @@ fn fig1(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
     };
     let mut lines = Vec::new();
     for (policy, pinning) in &keys {
-        let sel: Vec<&Res> = base.iter().copied().filter(|r| &r.policy == policy && &r.pinning == pinning).collect();
+        let sel: Vec<&Res> = base
+            .iter()
+            .copied()
+            .filter(|r| &r.policy == policy && &r.pinning == pinning)
+            .collect();
         let color = policies.iter().position(|p| p == policy).unwrap_or(0);
         let pin_i = pinnings.iter().position(|p| p == pinning).unwrap_or(0);
         lines.push(Line {
-            label: if pinnings.len() > 1 { format!("{policy}, {}", short(pinning)) } else { policy.clone() },
+            label: if pinnings.len() > 1 {
+                format!("{policy}, {}", short(pinning))
+            } else {
+                policy.clone()
+            },
             pts: by_x(&sel, |r| r.capacity, |r| r.hit_rate_decode),
             color,
             dashed: pin_i > 0,
@@ -509,7 +572,14 @@ fn fig2(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
     let sel = |d: f64| -> Vec<&Res> {
         base.iter()
             .copied()
-            .filter(|r| r.prefetch_depth == d && (if d == 0.0 { r.predictor == "none" } else { r.predictor == pred }))
+            .filter(|r| {
+                r.prefetch_depth == d
+                    && (if d == 0.0 {
+                        r.predictor == "none"
+                    } else {
+                        r.predictor == pred
+                    })
+            })
             .collect()
     };
     let mk = |y: &dyn Fn(&Res) -> f64| -> Vec<Line> {
@@ -517,7 +587,11 @@ fn fig2(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
             .iter()
             .enumerate()
             .map(|(i, &d)| Line {
-                label: if d == 0.0 { "no prefetch".into() } else { format!("depth {d}") },
+                label: if d == 0.0 {
+                    "no prefetch".into()
+                } else {
+                    format!("depth {d}")
+                },
                 pts: by_x(&sel(d), |r| r.capacity, y),
                 color: i,
                 dashed: false,
@@ -525,7 +599,11 @@ fn fig2(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
             .filter(|l| !l.pts.is_empty())
             .collect()
     };
-    let mode = if base.iter().any(|r| r.mode == "live") { "measured" } else { "modelled" };
+    let mode = if base.iter().any(|r| r.mode == "live") {
+        "measured"
+    } else {
+        "modelled"
+    };
     let hit = Panel {
         title: format!("{} prefetching (lru, sync)", short(&pred)),
         x: "capacity (experts per MoE layer)".into(),
@@ -556,7 +634,11 @@ fn fig2(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
         dashed: true,
     }];
     for (i, p) in preds.iter().enumerate() {
-        let s: Vec<&Res> = base.iter().copied().filter(|r| r.prefetch_depth == dmax && &r.predictor == p).collect();
+        let s: Vec<&Res> = base
+            .iter()
+            .copied()
+            .filter(|r| r.prefetch_depth == dmax && &r.predictor == p)
+            .collect();
         lines.push(Line {
             label: short(p),
             pts: by_x(&s, |r| r.capacity, |r| r.hit_rate_decode),
@@ -571,7 +653,12 @@ fn fig2(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
         lines,
         ..Default::default()
     };
-    save_panels(out, stem, "Prefetching: hit rate and throughput vs capacity", &[hit, tok, cmp])?;
+    save_panels(
+        out,
+        stem,
+        "Prefetching: hit rate and throughput vs capacity",
+        &[hit, tok, cmp],
+    )?;
     Ok(Ok(()))
 }
 
@@ -579,10 +666,18 @@ fn fig3(report: Option<&Value>, out: &Path, stem: &str) -> Result<std::result::R
     let Some(reports) = report.and_then(|r| r.get("reports")).and_then(Value::as_array) else {
         return Ok(Err("no train-shadow report (shadow/report.json)".into()));
     };
-    let k = reports.first().and_then(|r| r.get("k")).and_then(Value::as_u64).unwrap_or(8);
+    let k = reports
+        .first()
+        .and_then(|r| r.get("k"))
+        .and_then(Value::as_u64)
+        .unwrap_or(8);
     let mut lines = Vec::new();
     for (i, r) in reports.iter().enumerate() {
-        let name = r.get("predictor").and_then(Value::as_str).unwrap_or("?").to_string();
+        let name = r
+            .get("predictor")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
         let mut pts: Vec<(f64, f64)> = r
             .get("by_depth")
             .and_then(Value::as_object)
@@ -622,7 +717,11 @@ fn fig4(profile: Option<&Value>, out: &Path, stem: &str) -> Result<std::result::
         .filter_map(|(l, v)| {
             Some((
                 l.parse().ok()?,
-                v.get("activations")?.as_array()?.iter().map(|x| x.as_f64().unwrap_or(0.0)).collect(),
+                v.get("activations")?
+                    .as_array()?
+                    .iter()
+                    .map(|x| x.as_f64().unwrap_or(0.0))
+                    .collect(),
             ))
         })
         .collect();
@@ -636,7 +735,9 @@ fn fig4(profile: Option<&Value>, out: &Path, stem: &str) -> Result<std::result::
         .iter()
         .map(|(_, c)| {
             let mean = c.iter().sum::<f64>() / c.len().max(1) as f64;
-            c.iter().map(|&x| ((x + 0.5) / mean.max(1e-9)).log2().clamp(-4.0, 4.0)).collect()
+            c.iter()
+                .map(|&x| ((x + 0.5) / mean.max(1e-9)).log2().clamp(-4.0, 4.0))
+                .collect()
         })
         .collect();
     let names: Vec<usize> = rows.iter().map(|r| r.0).collect();
@@ -667,7 +768,11 @@ fn fig4(profile: Option<&Value>, out: &Path, stem: &str) -> Result<std::result::
             .map_err(e)?;
         let yfmt = |v: &f64| {
             let i = v.floor() as usize;
-            if (v - v.floor() - 0.5).abs() < 1e-6 && i < names.len() { format!("{}", names[i]) } else { String::new() }
+            if (v - v.floor() - 0.5).abs() < 1e-6 && i < names.len() {
+                format!("{}", names[i])
+            } else {
+                String::new()
+            }
         };
         chart
             .configure_mesh()
@@ -724,7 +829,10 @@ fn fig4(profile: Option<&Value>, out: &Path, stem: &str) -> Result<std::result::
 }
 
 fn fig5(stats: Option<&Value>, out: &Path, stem: &str) -> Result<std::result::Result<(), Skip>> {
-    let Some(rd) = stats.and_then(|s| s.get("reuse_distance")).and_then(Value::as_array) else {
+    let Some(rd) = stats
+        .and_then(|s| s.get("reuse_distance"))
+        .and_then(Value::as_array)
+    else {
         return Ok(Err("no trace statistics (stats/stats.json)".into()));
     };
     let mut cats: Vec<String> = Vec::new();
@@ -785,23 +893,35 @@ fn fig6(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
     let (base, how) = if live.iter().any(|r| r.compute_ms.is_finite()) {
         (live, "measured (live)")
     } else {
-        (rows.iter().filter(|r| r.mode == "sim").collect(), "modelled (sim)")
+        (
+            rows.iter().filter(|r| r.mode == "sim").collect(),
+            "modelled (sim)",
+        )
     };
     let base: Vec<&Res> = base
         .into_iter()
-        .filter(|r| r.on_miss == "sync" && r.pinning == "off" && r.policy == "lru" && r.compute_ms.is_finite())
+        .filter(|r| {
+            r.on_miss == "sync" && r.pinning == "off" && r.policy == "lru" && r.compute_ms.is_finite()
+        })
         .collect();
     if base.is_empty() {
-        return Ok(Err("no rows with a per-token time breakdown (lru, pinning off, sync)".into()));
+        return Ok(Err(
+            "no rows with a per-token time breakdown (lru, pinning off, sync)".into(),
+        ));
     }
     let pred = main_predictor(&base);
     let dmax = base.iter().map(|r| r.prefetch_depth).fold(0.0, f64::max);
-    let mut groups: Vec<(String, Vec<&Res>)> =
-        vec![("no prefetch".into(), base.iter().copied().filter(|r| r.predictor == "none").collect())];
+    let mut groups: Vec<(String, Vec<&Res>)> = vec![(
+        "no prefetch".into(),
+        base.iter().copied().filter(|r| r.predictor == "none").collect(),
+    )];
     if let Some(p) = &pred {
         groups.push((
             format!("{} at depth {dmax}", short(p)),
-            base.iter().copied().filter(|r| &r.predictor == p && r.prefetch_depth == dmax).collect(),
+            base.iter()
+                .copied()
+                .filter(|r| &r.predictor == p && r.prefetch_depth == dmax)
+                .collect(),
         ));
     }
     groups.retain(|g| !g.1.is_empty());
@@ -831,7 +951,12 @@ fn fig6(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
         .flat_map(|(_, v)| v.iter().map(|s| s.iter().sum::<f64>()))
         .fold(0.0, f64::max)
         * 1.15;
-    fn draw<DB: DrawingBackend>(a: &DrawingArea<DB, Shift>, stacks: &[(String, Vec<[f64; 3]>)], caps: &[f64], ymax: f64) -> DrawResult {
+    fn draw<DB: DrawingBackend>(
+        a: &DrawingArea<DB, Shift>,
+        stacks: &[(String, Vec<[f64; 3]>)],
+        caps: &[f64],
+        ymax: f64,
+    ) -> DrawResult {
         let segs = ["compute", "I/O stall", "predictor"];
         let colors = [PALETTE[0], PALETTE[1], PALETTE[2]];
         for (area, (name, v)) in a.split_evenly((1, stacks.len())).iter().zip(stacks) {
@@ -844,7 +969,11 @@ fn fig6(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
                 .map_err(e)?;
             let fmt = |x: &f64| {
                 let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < caps.len() { format!("{:.0}", caps[i as usize]) } else { String::new() }
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < caps.len() {
+                    format!("{:.0}", caps[i as usize])
+                } else {
+                    String::new()
+                }
             };
             chart
                 .configure_mesh()
@@ -896,7 +1025,10 @@ fn fig7(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
     const GIB: f64 = (1u64 << 30) as f64;
     const MIB: f64 = (1u64 << 20) as f64;
     let mut panels = Vec::new();
-    let sim: Vec<&Res> = rows.iter().filter(|r| r.mode == "sim" && r.modelled_cache_bytes > 0.0).collect();
+    let sim: Vec<&Res> = rows
+        .iter()
+        .filter(|r| r.mode == "sim" && r.modelled_cache_bytes > 0.0)
+        .collect();
     if !sim.is_empty() {
         panels.push(Panel {
             title: "expert cache, modelled (sim expert size)".into(),
@@ -912,7 +1044,10 @@ fn fig7(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
             ..Default::default()
         });
     }
-    let live: Vec<&Res> = rows.iter().filter(|r| r.mode == "live" && r.peak_rss_bytes.is_finite()).collect();
+    let live: Vec<&Res> = rows
+        .iter()
+        .filter(|r| r.mode == "live" && r.peak_rss_bytes.is_finite())
+        .collect();
     if !live.is_empty() {
         panels.push(Panel {
             title: "whole process, live".into(),
@@ -957,7 +1092,11 @@ fn fig8(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
     keys.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.total_cmp(&b.2)));
     keys.dedup();
     let label = |k: &(String, String, f64)| {
-        let mut s = if k.0 == "none" { "no prefetch".to_string() } else { format!("{} D{}", short(&k.0), k.2) };
+        let mut s = if k.0 == "none" {
+            "no prefetch".to_string()
+        } else {
+            format!("{} D{}", short(&k.0), k.2)
+        };
         if k.1 != "off" {
             s += &format!(", {}", short(&k.1));
         }
@@ -1017,7 +1156,12 @@ fn fig8(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::Result<(), 
             ..Default::default()
         },
     ];
-    save_panels(out, stem, "Quality under skip-on-miss (flash-moe's fallback), measured", &panels)?;
+    save_panels(
+        out,
+        stem,
+        "Quality under skip-on-miss (flash-moe's fallback), measured",
+        &panels,
+    )?;
     Ok(Ok(()))
 }
 
@@ -1033,10 +1177,17 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
 
 /// Draws the figures named in `only` (all when empty) from the run folder `results` into `out`;
 /// returns, per figure, `Ok(files)` or `Err(why it was skipped)`.
-pub fn draw(results: &Path, out: &Path, only: &[&str]) -> Result<Vec<(String, std::result::Result<(), Skip>)>> {
+pub fn draw(
+    results: &Path,
+    out: &Path,
+    only: &[&str],
+) -> Result<Vec<(String, std::result::Result<(), Skip>)>> {
     register_font()?;
     if !results.is_dir() {
-        bail!("--results: {} is not a folder (expected a run folder of experiments/pipeline.sh or bench-sweep)", results.display());
+        bail!(
+            "--results: {} is not a folder (expected a run folder of experiments/pipeline.sh or bench-sweep)",
+            results.display()
+        );
     }
     std::fs::create_dir_all(out).with_context(|| format!("--out: cannot create {}", out.display()))?;
     let rows = read_results(results)?;

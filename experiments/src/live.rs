@@ -32,14 +32,44 @@ pub struct LiveSetup {
     /// Per MoE layer (model index), experts by popularity: the `popularity` predictor.
     pub popularity: Option<HashMap<usize, Vec<u32>>>,
     expert_bytes: u64,
-    /// Exact log-probabilities of every prompt position (skip-mode quality), filled on first use.
-    exact: std::sync::OnceLock<Vec<Exact>>,
+    /// The exact model's next-token log-probabilities at every prompt position (skip-mode
+    /// quality), computed on first use and kept on disk, so that they count in no
+    /// configuration's memory.
+    exact: std::sync::OnceLock<ExactFile>,
 }
 
+/// `[prompt][position][vocab]` f32 log-probabilities in a temporary file (deleted on drop).
 #[derive(Debug)]
-struct Exact {
-    /// `[position][vocab]` log-probabilities of the next token.
-    logp: Vec<Vec<f32>>,
+struct ExactFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    vocab: usize,
+    /// Byte offset of each prompt's rows.
+    offsets: Vec<u64>,
+}
+
+impl ExactFile {
+    fn rows(&self, prompt: usize, positions: usize) -> Result<Vec<Vec<f32>>> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0u8; positions * self.vocab * 4];
+        self.file
+            .read_exact_at(&mut bytes, self.offsets[prompt])
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        Ok(bytes
+            .chunks_exact(self.vocab * 4)
+            .map(|row| {
+                row.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+impl Drop for ExactFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// One live configuration's measurements.
@@ -82,6 +112,8 @@ pub struct LiveConfig {
     pub prefetch_depth: usize,
     pub prefetch_k: usize,
     pub predictor: String,
+    /// Measure next-token quality against the exact model (always under skip-on-miss).
+    pub quality: bool,
 }
 
 impl LiveSetup {
@@ -137,25 +169,76 @@ impl LiveSetup {
         }))
     }
 
-    /// The exact model's next-token log-probabilities over every prompt (computed once).
-    fn exact(&self) -> Result<&[Exact]> {
+    /// The exact model's next-token log-probabilities over every prompt (computed once, by the
+    /// engine with experts from disk through a small cache with sync misses: exact, and within
+    /// the memory of an offloaded run).
+    fn exact(&self) -> Result<&ExactFile> {
         if let Some(e) = self.exact.get() {
             return Ok(e);
         }
-        let model = self.ckpt.load_model()?;
-        let mut out = Vec::with_capacity(self.prompts.len());
+        use std::io::Write;
+        let cfg = &self.ckpt.config;
+        let store = Arc::new(self.ckpt.expert_store(self.io_mode, None, false)?);
+        let opts = CacheOptions {
+            budget: Budget::PerLayer((2 * cfg.num_experts_per_tok).min(cfg.num_experts)),
+            policy: PolicyKind::Lru,
+            on_miss: MissMode::Sync,
+            io_threads: self.io_threads,
+            pinned: Vec::new(),
+        };
+        let (model, _cached) = self.ckpt.load_model_cached(store, &opts)?;
+        let path = std::env::temp_dir().join(format!(
+            "shadowmoe-exact-{}-{}.f32",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut out = ExactFile {
+            path,
+            file,
+            vocab: cfg.vocab_size,
+            offsets: Vec::with_capacity(self.prompts.len()),
+        };
+        let mut w = std::io::BufWriter::new(&out.file);
+        let mut at = 0u64;
         for ids in &self.prompts {
+            out.offsets.push(at);
             let mut kv = model.new_cache();
             let logits = model.forward(ids, &mut kv, Phase::Prefill, LogitsFor::All, &mut NoObserver)?;
-            let logp = logits.outer_iter().map(|row| log_softmax(&row.to_vec())).collect();
-            out.push(Exact { logp });
+            for row in logits.outer_iter() {
+                if row.len() != out.vocab {
+                    bail!(
+                        "the model's logits have {} entries, its config.json says vocab_size = {}",
+                        row.len(),
+                        out.vocab
+                    );
+                }
+                for x in log_softmax(&row.to_vec()) {
+                    w.write_all(&x.to_le_bytes())?;
+                }
+                at += (row.len() * 4) as u64;
+            }
         }
+        w.flush()?;
+        drop(w);
         Ok(self.exact.get_or_init(|| out))
     }
 
     /// Runs one configuration: greedy generation of `max_new_tokens` after every prompt, with
     /// the cache persisting across prompts; then, under skip-on-miss, the quality pass.
     pub fn run(&self, c: &LiveConfig) -> Result<LiveResult> {
+        let quality = c.quality || c.on_miss == MissMode::Skip;
+        if quality {
+            self.exact()?;
+        }
         reset_peak_rss();
         let store = Arc::new(self.ckpt.expert_store(self.io_mode, None, false)?);
         let opts = CacheOptions {
@@ -207,7 +290,8 @@ impl LiveSetup {
                 if eos.contains(&next) {
                     break;
                 }
-                let logits = model.forward(&[next], &mut kv, Phase::Decode, LogitsFor::Last, &mut NoObserver)?;
+                let logits =
+                    model.forward(&[next], &mut kv, Phase::Decode, LogitsFor::Last, &mut NoObserver)?;
                 next = argmax(&Model::last_row(&logits));
                 r.decode_steps += 1;
             }
@@ -222,7 +306,7 @@ impl LiveSetup {
         r.bytes_read = io.bytes_read;
         r.stall_secs = io.stall.as_secs_f64();
         r.peak_rss_bytes = shadowmoe_engine::peak_rss_bytes();
-        if c.on_miss == MissMode::Skip {
+        if quality {
             r.quality = Some(self.quality(&model)?);
         }
         Ok(r)
@@ -233,7 +317,8 @@ impl LiveSetup {
     fn quality(&self, model: &Model) -> Result<Quality> {
         let exact = self.exact()?;
         let (mut n, mut agree, mut kl, mut nll, mut nll_exact) = (0u64, 0u64, 0.0f64, 0.0f64, 0.0f64);
-        for (ids, ex) in self.prompts.iter().zip(exact) {
+        for (pi, ids) in self.prompts.iter().enumerate() {
+            let ex = exact.rows(pi, ids.len())?;
             let mut kv = model.new_cache();
             for (pos, &id) in ids.iter().enumerate() {
                 let phase = if pos == 0 { Phase::Prefill } else { Phase::Decode };
@@ -242,7 +327,7 @@ impl LiveSetup {
                     break;
                 };
                 let lp = log_softmax(&Model::last_row(&logits));
-                let le = &ex.logp[pos];
+                let le = &ex[pos];
                 n += 1;
                 agree += u64::from(argmax(&lp) == argmax(le));
                 kl += le
@@ -288,7 +373,12 @@ impl ExpertPredictor for Timed {
     fn observe(&mut self, view: &LayerView<'_>) {
         self.time(|p| p.observe(view));
     }
-    fn predict(&mut self, view: &LayerView<'_>, target: usize, k: usize) -> shadowmoe_engine::Result<Vec<u32>> {
+    fn predict(
+        &mut self,
+        view: &LayerView<'_>,
+        target: usize,
+        k: usize,
+    ) -> shadowmoe_engine::Result<Vec<u32>> {
         self.time(|p| p.predict(view, target, k))
     }
 }

@@ -465,14 +465,18 @@ enum Source {
 }
 
 /// Checks the flags and opens the inputs: every error here comes before any work starts.
-fn open_source(a: &SweepArgs, backend: shadowmoe_predictor::BackendChoice) -> Result<(Source, serde_json::Value)> {
+fn open_source(
+    a: &SweepArgs,
+    backend: shadowmoe_predictor::BackendChoice,
+) -> Result<(Source, serde_json::Value)> {
     match a.mode.as_str() {
         "sim" => {
             let trace_path = a.trace.as_ref().context("--mode sim needs --trace")?;
             let trace = Trace::open(trace_path)?;
             let m = trace.manifest.clone();
             if let Some(model) = &a.model {
-                let ckpt = shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
+                let ckpt =
+                    shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
                 if ckpt.config_sha256()? != m.config_sha256 {
                     bail!(
                         "--trace: {} was collected from another model than --model {model} (config sha256 {} vs {})",
@@ -493,7 +497,9 @@ fn open_source(a: &SweepArgs, backend: shadowmoe_predictor::BackendChoice) -> Re
                 }
             };
             if !(a.ssd_gbps > 0.0) || !(a.ssd_latency_us >= 0.0) || a.io_threads == 0 {
-                bail!("--ssd-gbps, --ssd-latency-us, --io-threads: expected a positive bandwidth, a latency ≥ 0 and at least one thread");
+                bail!(
+                    "--ssd-gbps, --ssd-latency-us, --io-threads: expected a positive bandwidth, a latency ≥ 0 and at least one thread"
+                );
             }
             let io = IoModel {
                 gbps: a.ssd_gbps,
@@ -524,7 +530,8 @@ fn open_source(a: &SweepArgs, backend: shadowmoe_predictor::BackendChoice) -> Re
             if a.repeat == 0 {
                 bail!("--repeat: expected at least 1");
             }
-            let ckpt = shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
+            let ckpt =
+                shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
             let tok = ckpt.tokenizer()?;
             let (prompts, ds_sha) = crate::dataset::load(ds)?;
             let prompts: Vec<_> = prompts.into_iter().take(a.limit.unwrap_or(usize::MAX)).collect();
@@ -542,7 +549,10 @@ fn open_source(a: &SweepArgs, backend: shadowmoe_predictor::BackendChoice) -> Re
                 Some(path) => {
                     let profile = Profile::read(path).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
                     if profile.config_sha256 != sha {
-                        bail!("--profile: {} is a profile of another model than --model", path.display());
+                        bail!(
+                            "--profile: {} is a profile of another model than --model",
+                            path.display()
+                        );
                     }
                     let n = ckpt.config.num_experts;
                     let keys = profile.top_k(path, &moe_layers, n, n)?;
@@ -565,7 +575,8 @@ fn open_source(a: &SweepArgs, backend: shadowmoe_predictor::BackendChoice) -> Re
                 "chat_template": !a.no_chat_template,
                 "repeat": a.repeat,
             });
-            let setup = crate::live::LiveSetup::new(ckpt, ids, a.max_new_tokens, a.io_threads, backend, popularity)?;
+            let setup =
+                crate::live::LiveSetup::new(ckpt, ids, a.max_new_tokens, a.io_threads, backend, popularity)?;
             Ok((Source::Live(Box::new(setup)), info))
         }
         m => bail!("--mode: unknown `{m}` (expected sim or live)"),
@@ -586,7 +597,13 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     let (sha, moe_layers, num_experts, top_k, model_id) = match &source {
         Source::Sim { trace, .. } => {
             let m = &trace.manifest;
-            (m.config_sha256.clone(), m.moe_layers.clone(), m.num_experts, m.top_k, m.model_id.clone())
+            (
+                m.config_sha256.clone(),
+                m.moe_layers.clone(),
+                m.num_experts,
+                m.top_k,
+                m.model_id.clone(),
+            )
         }
         Source::Live(l) => (
             l.config_sha256.clone(),
@@ -603,10 +620,17 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     };
     let all = combos(a, num_experts)?;
     if matches!(source, Source::Live(_)) {
-        if let Some(c) = all.iter().find(|c| c.policy == "belady" || c.predictor == "oracle") {
+        if let Some(c) = all
+            .iter()
+            .find(|c| c.policy == "belady" || c.predictor == "oracle")
+        {
             bail!(
                 "--mode live: `{}` needs the future, which only a trace has (use --mode sim)",
-                if c.policy == "belady" { "--policy belady" } else { "--predictor oracle" }
+                if c.policy == "belady" {
+                    "--policy belady"
+                } else {
+                    "--predictor oracle"
+                }
             );
         }
     }
@@ -632,12 +656,18 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     std::fs::remove_file(&probe)?;
 
     let k = a.prefetch_k.unwrap_or(top_k);
-    let repeats = if matches!(source, Source::Live(_)) { a.repeat } else { 1 };
+    let repeats = if matches!(source, Source::Live(_)) {
+        a.repeat
+    } else {
+        1
+    };
     let mut predictors = HashMap::new();
     let bar = if progress {
         indicatif::ProgressBar::new((mine.len() * repeats) as u64).with_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} configurations, {elapsed} (ETA {eta})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} configurations, {elapsed} (ETA {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         )
     } else {
         indicatif::ProgressBar::hidden()
@@ -652,7 +682,8 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
             let pinned = pins(&c.pinning, c.capacity, &ids)?;
             match &source {
                 Source::Sim { trace, reqs, io } => {
-                    row.modelled_cache_bytes = (c.capacity as u64) * moe_layers.len() as u64 * io.expert_bytes;
+                    row.modelled_cache_bytes =
+                        (c.capacity as u64) * moe_layers.len() as u64 * io.expert_bytes;
                     let result = (|| -> Result<crate::sim::SimResult> {
                         let cfg = SimConfig {
                             budget: Budget::PerLayer(c.capacity),
@@ -700,6 +731,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                         prefetch_depth: c.prefetch_depth,
                         prefetch_k: k,
                         predictor: c.predictor.clone(),
+                        quality: false,
                     };
                     match setup.run(&cfg) {
                         Ok(r) => {
@@ -712,10 +744,14 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             row.decode_ms_per_token = r.decode_secs / t * 1e3;
                             row.stall_ms_per_token = r.decode_stall_secs / t * 1e3;
                             row.predictor_ms_per_token = r.decode_predictor_secs / t * 1e3;
-                            row.compute_ms_per_token =
-                                (row.decode_ms_per_token - row.stall_ms_per_token - row.predictor_ms_per_token).max(0.0);
-                            row.decode_tok_s = (r.decode_steps > 0).then(|| r.decode_steps as f64 / r.decode_secs.max(1e-12));
-                            row.prefill_tok_s = (r.prefill_tokens > 0).then(|| r.prefill_tokens as f64 / r.prefill_secs.max(1e-12));
+                            row.compute_ms_per_token = (row.decode_ms_per_token
+                                - row.stall_ms_per_token
+                                - row.predictor_ms_per_token)
+                                .max(0.0);
+                            row.decode_tok_s = (r.decode_steps > 0)
+                                .then(|| r.decode_steps as f64 / r.decode_secs.max(1e-12));
+                            row.prefill_tok_s = (r.prefill_tokens > 0)
+                                .then(|| r.prefill_tokens as f64 / r.prefill_secs.max(1e-12));
                             row.peak_rss_bytes = r.peak_rss_bytes;
                             row.modelled_total_bytes = Some(r.modelled_total_bytes);
                             if let Some(q) = r.quality {
@@ -759,7 +795,10 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
         "repeat": repeats,
         "rows": rows.len(),
     });
-    std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?,
+    )?;
     let summary = summary(&rows);
     std::fs::write(out.join("summary.txt"), &summary)?;
     eprint!("{summary}");
@@ -791,14 +830,34 @@ fn summary(rows: &[Row]) -> String {
     };
     let mut out = format!(
         "{:>8} {:<24} {:>5} {:<28} {:<6} {:<5} {:>3} {:>17} {:>22} {:>9}\n",
-        "capacity", "pinning", "depth", "predictor", "policy", "miss", "n", "decode hit (min-max)", "decode tok/s (min-max)", "fallback"
+        "capacity",
+        "pinning",
+        "depth",
+        "predictor",
+        "policy",
+        "miss",
+        "n",
+        "decode hit (min-max)",
+        "decode tok/s (min-max)",
+        "fallback"
     );
     for (c, rs) in groups {
         let (h, hl, hh) = med(rs.iter().map(|r| r.hit_rate_decode).collect());
-        let (t, tl, th) = med(rs.iter().map(|r| r.decode_tok_s.unwrap_or(r.est_decode_tok_s)).collect());
+        let (t, tl, th) = med(rs
+            .iter()
+            .map(|r| r.decode_tok_s.unwrap_or(r.est_decode_tok_s))
+            .collect());
         let (f, _, _) = med(rs.iter().map(|r| r.fallback_rate).collect());
-        let pin = if c.pinning.len() > 24 { format!("…{}", &c.pinning[c.pinning.len() - 23..]) } else { c.pinning.clone() };
-        let pred = if c.predictor.len() > 28 { format!("…{}", &c.predictor[c.predictor.len() - 27..]) } else { c.predictor.clone() };
+        let pin = if c.pinning.len() > 24 {
+            format!("…{}", &c.pinning[c.pinning.len() - 23..])
+        } else {
+            c.pinning.clone()
+        };
+        let pred = if c.predictor.len() > 28 {
+            format!("…{}", &c.predictor[c.predictor.len() - 27..])
+        } else {
+            c.predictor.clone()
+        };
         let errors = rs.iter().filter(|r| !r.error.is_empty()).count();
         out += &format!(
             "{:>8} {:<24} {:>5} {:<28} {:<6} {:<5} {:>3} {:>6.3} ({:.3}-{:.3}) {:>8.1} ({:.1}-{:.1}) {:>9.4}{}\n",
@@ -816,7 +875,11 @@ fn summary(rows: &[Row]) -> String {
             tl,
             th,
             f,
-            if errors > 0 { format!("  ({errors} failed: see the error column)") } else { String::new() }
+            if errors > 0 {
+                format!("  ({errors} failed: see the error column)")
+            } else {
+                String::new()
+            }
         );
     }
     out

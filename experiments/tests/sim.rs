@@ -355,3 +355,223 @@ fn sweep_writes_every_combination() {
     let err = format!("{:#}", run(&parse(&["--capacity", "9999"]), false).unwrap_err());
     assert!(err.contains("--capacity"), "{err}");
 }
+
+fn sweep_cli(argv: &[String]) -> shadowmoe_experiments::sweep::SweepArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: shadowmoe_experiments::sweep::SweepArgs,
+    }
+    let mut all = vec!["bench-sweep".to_string()];
+    all.extend(argv.iter().cloned());
+    Cli::try_parse_from(all).unwrap().args
+}
+
+fn read_results(dir: &Path) -> polars::prelude::DataFrame {
+    use polars::prelude::*;
+    LazyFrame::scan_parquet(
+        PlRefPath::new(dir.join("results.parquet").to_string_lossy().as_ref()),
+        ScanArgsParquet::default(),
+    )
+    .unwrap()
+    .collect()
+    .unwrap()
+}
+
+/// `bench-sweep --mode live`: one row per configuration and repetition, measured by the engine;
+/// skip-on-miss rows carry quality figures that show experts were dropped; the quality pass
+/// itself is exact when nothing is dropped (a sync run agrees with the exact model at every
+/// position); configurations that need the future are refused before any work.
+#[test]
+fn live_sweep_measures_and_scores_quality() {
+    use polars::prelude::*;
+    use shadowmoe_experiments::live::{LiveConfig, LiveSetup};
+    use shadowmoe_experiments::sweep::run;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("live");
+    let model = root().join(MODEL).display().to_string();
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--mode",
+            "live",
+            "--model",
+            &model,
+            "--dataset",
+            root().join("datasets/chat.jsonl").to_str().unwrap(),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let a = sweep_cli(&base(&[
+        "--capacity",
+        "4,8",
+        "--on-miss",
+        "sync,skip",
+        "--prefetch-depth",
+        "0,1",
+        "--predictor",
+        "none,previous-token",
+        "--repeat",
+        "2",
+    ]));
+    let dir = run(&a, false).unwrap();
+    let df = read_results(&dir);
+    // 2 capacities × 2 predictor/depth pairs × 2 miss modes × 2 repetitions.
+    assert_eq!(df.height(), 16, "{df}");
+    let f = |n: &str| -> Vec<Option<f64>> {
+        df.column(n)
+            .unwrap()
+            .cast(&DataType::Float64)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .iter()
+            .collect()
+    };
+    let miss = df.column("on_miss").unwrap().str().unwrap().clone();
+    let err = df.column("error").unwrap().str().unwrap().clone();
+    let (top1, kl, ppl, fb, tok, rss) = (
+        f("top1_agreement"),
+        f("kl_divergence"),
+        f("perplexity"),
+        f("fallback_rate"),
+        f("decode_tok_s"),
+        f("peak_rss_bytes"),
+    );
+    for i in 0..df.height() {
+        assert_eq!(err.get(i), Some(""), "row {i}: {df}");
+        assert!(tok[i].unwrap() > 0.0 && rss[i].unwrap() > 0.0, "row {i}");
+        if miss.get(i) == Some("skip") {
+            assert!(fb[i].unwrap() > 0.0, "row {i}: skip dropped nothing");
+            assert!((0.0..=1.0).contains(&top1[i].unwrap()), "row {i}");
+            assert!(
+                kl[i].unwrap() > 0.0,
+                "row {i}: dropping experts left every distribution unchanged"
+            );
+            assert!(ppl[i].unwrap().is_finite(), "row {i}");
+        } else {
+            assert_eq!(fb[i], Some(0.0), "row {i}");
+            assert_eq!(top1[i], None, "row {i}: quality is measured under skip only");
+        }
+    }
+
+    // The quality pass against a run that drops nothing: exact at every position.
+    let ckpt = shadowmoe_engine::Checkpoint::open(&model).unwrap();
+    let tok = ckpt.tokenizer().unwrap();
+    let (prompts, _) = dataset::load(&root().join("datasets/chat.jsonl")).unwrap();
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .take(2)
+        .map(|p| p.encode(&tok, true).unwrap())
+        .collect();
+    let setup = LiveSetup::new(ckpt, ids, 4, 2, shadowmoe_predictor::BackendChoice::Cpu, None).unwrap();
+    let r = setup
+        .run(&LiveConfig {
+            capacity: 4,
+            policy: PolicyKind::Lru,
+            pinned: vec![],
+            on_miss: MissMode::Sync,
+            prefetch_depth: 0,
+            prefetch_k: 4,
+            predictor: "none".into(),
+            quality: true,
+        })
+        .unwrap();
+    let q = r.quality.unwrap();
+    assert!(q.positions > 10);
+    assert_eq!(q.top1_agreement, 1.0, "{q:?}");
+    assert!(q.kl_divergence.abs() < 1e-6, "{q:?}");
+    assert!(
+        (q.perplexity - q.perplexity_exact).abs() < 1e-6 * q.perplexity_exact,
+        "{q:?}"
+    );
+
+    for (extra, want) in [
+        (&["--capacity", "4", "--policy", "belady"][..], "--policy belady"),
+        (
+            &[
+                "--capacity",
+                "4",
+                "--prefetch-depth",
+                "1",
+                "--predictor",
+                "oracle",
+            ][..],
+            "--predictor oracle",
+        ),
+        (&["--capacity", "4", "--repeat", "0"][..], "--repeat"),
+        (&["--capacity", "9999"][..], "--capacity"),
+    ] {
+        let e = format!("{:#}", run(&sweep_cli(&base(extra)), false).unwrap_err());
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}
+
+/// Sharded sweeps: the union of the shards' rows is the unsharded sweep; a trace from another
+/// model than --model and an unwritable --out are refused before any work.
+#[test]
+fn shards_union_to_the_whole_sweep_and_bad_inputs_are_refused() {
+    use shadowmoe_experiments::sweep::run;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace(tmp.path());
+    let model = root().join(MODEL).display().to_string();
+    let args = |out: &Path, extra: &[&str]| {
+        let mut v: Vec<String> = vec![
+            "--trace".into(),
+            t.display().to_string(),
+            "--model".into(),
+            model.clone(),
+            "--capacity".into(),
+            "4..8:2".into(),
+            "--policy".into(),
+            "lru,lfu,belady".into(),
+            "--pinning".into(),
+            "off".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        sweep_cli(&v)
+    };
+    let key_rows = |dir: &Path| -> Vec<String> {
+        let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+        let mut rows: Vec<String> = csv.lines().skip(1).map(str::to_string).collect();
+        rows.sort();
+        rows
+    };
+    let whole = key_rows(&run(&args(&tmp.path().join("whole"), &[]), false).unwrap());
+    assert_eq!(whole.len(), 9);
+    let mut union = Vec::new();
+    for i in 0..3 {
+        let shard = format!("{i}/3");
+        let dir = run(
+            &args(&tmp.path().join(format!("s{i}")), &["--shard", &shard]),
+            false,
+        )
+        .unwrap();
+        union.extend(key_rows(&dir));
+    }
+    union.sort();
+    assert_eq!(union, whole);
+
+    // A trace of another model: the reference model's config differs from the fixture's.
+    let mut other = args(&tmp.path().join("x"), &[]);
+    other.model = Some(root().join("models/reference/checkpoint").display().to_string());
+    let e = format!("{:#}", run(&other, false).unwrap_err());
+    assert!(e.contains("another model"), "{e}");
+    // An output folder that cannot be created (a file stands in its path).
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    let e = format!("{:#}", run(&args(&blocker.join("out"), &[]), false).unwrap_err());
+    assert!(e.starts_with("--out"), "{e}");
+}

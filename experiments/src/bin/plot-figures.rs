@@ -40,7 +40,10 @@ fn main() {
             }
         }
         if drawn.iter().all(|(_, r)| r.is_err()) {
-            anyhow::bail!("--results: no figure could be drawn from {}", cli.results.display());
+            anyhow::bail!(
+                "--results: no figure could be drawn from {}",
+                cli.results.display()
+            );
         }
         Ok(())
     });
