@@ -85,8 +85,9 @@ pub struct SweepArgs {
     /// Compute time of one MoE layer for one token, milliseconds (sim mode).
     #[arg(long, default_value_t = 0.5)]
     pub layer_ms: f64,
-    /// Time of one predictor call, milliseconds, on the critical path of each decode layer that
-    /// prefetches (sim mode; 0: not modelled). Live mode measures it.
+    /// Time of one shadow-predictor call, milliseconds, on the critical path of each decode
+    /// layer that prefetches (sim mode; 0: not modelled; the baselines cost nothing here). Live
+    /// mode measures every predictor's time.
     #[arg(long, default_value_t = 0.0)]
     pub predictor_ms: f64,
     /// Backend of `shadow:` predictors: auto (a hardware GPU, else the CPU), wgpu (any
@@ -703,7 +704,11 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             )?,
                             io: *io,
                             layer_secs: a.layer_ms * 1e-3,
-                            predictor_secs: a.predictor_ms * 1e-3,
+                            predictor_secs: if c.predictor.starts_with("shadow:") {
+                                a.predictor_ms * 1e-3
+                            } else {
+                                0.0
+                            },
                         };
                         simulate(reqs, &moe_layers, &cfg).map_err(|e| anyhow::anyhow!(e))
                     })();
