@@ -10,13 +10,13 @@
 //! after a decode pass's layer the predictor's prefetches. So with sync misses the hits,
 //! loads and evictions equal a live run's; only in-flight timing is modelled.
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 
 use serde::Serialize;
 use shadowmoe_engine::observer::Phase;
 use shadowmoe_engine::offload::cache::{Admit, Budget, CacheCore, CacheStats, Lookup};
 use shadowmoe_engine::offload::policy::{NextUse, PolicyKind};
-use shadowmoe_engine::offload::{ExpertKey, MissMode};
+use shadowmoe_engine::offload::{ExpertKey, KeyMap, KeySet, MissMode};
 use shadowmoe_trace::RequestRouting;
 
 /// The I/O model.
@@ -167,14 +167,15 @@ impl Io {
 
 /// The future of every expert key, for Belady.
 struct Future {
-    uses: HashMap<ExpertKey, Vec<u64>>,
+    uses: KeyMap<Vec<u64>>,
 }
 
 impl NextUse for Future {
     fn next_use(&self, key: ExpertKey, now: u64) -> u64 {
+        // The use times are ascending: binary search for the first after `now`.
         self.uses
             .get(&key)
-            .and_then(|v| v.iter().find(|&&t| t > now).copied())
+            .and_then(|v| v.get(v.partition_point(|&t| t <= now)).copied())
             .unwrap_or(u64::MAX)
     }
 }
@@ -206,7 +207,7 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
         times.push(clock_tokens);
     }
     let future = (cfg.policy == PolicyKind::Belady).then(|| {
-        let mut uses: HashMap<ExpertKey, Vec<u64>> = HashMap::new();
+        let mut uses: KeyMap<Vec<u64>> = KeyMap::default();
         for ((ri, toks, _), &time) in passes.iter().zip(&times) {
             let r = &reqs[*ri];
             for (li, &layer) in moe_layers.iter().enumerate() {
@@ -254,9 +255,8 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                     *counts.entry(e).or_insert(0) += 1;
                 }
             }
-            let mut pending: HashSet<ExpertKey> =
-                counts.keys().map(|&e| ExpertKey::new(layer, e as u32)).collect();
-            let mut loaded_this_pass: HashSet<ExpertKey> = HashSet::new();
+            let mut pending: KeySet = counts.keys().map(|&e| ExpertKey::new(layer, e as u32)).collect();
+            let mut loaded_this_pass: KeySet = KeySet::default();
             let mut missing = Vec::new();
             for (&e, &c) in &counts {
                 let key = ExpertKey::new(layer, e as u32);
@@ -269,8 +269,8 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                          key,
                          prefetch,
                          strict,
-                         pending: &HashSet<ExpertKey>,
-                         loaded: &mut HashSet<ExpertKey>,
+                         pending: &KeySet,
+                         loaded: &mut KeySet,
                          now: f64| {
                 let protect = |k: ExpertKey| pending.contains(&k) && (strict || loaded.contains(&k));
                 match core.admit(key, prefetch, &protect, future_ref) {
@@ -301,7 +301,7 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
             let serve: Vec<ExpertKey> = match cfg.on_miss {
                 MissMode::Sync => counts.keys().map(|&e| ExpertKey::new(layer, e as u32)).collect(),
                 MissMode::Skip => {
-                    let gone: HashSet<ExpertKey> = missing.iter().copied().collect();
+                    let gone: KeySet = missing.iter().copied().collect();
                     let dropped: u64 = missing.iter().map(|k| counts[&(k.expert as u16)]).sum();
                     core.count_fallbacks(dropped);
                     pending.retain(|k| !gone.contains(k));
@@ -388,8 +388,8 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                         ExpertKey::new(target, e as u32),
                         true,
                         true,
-                        &HashSet::new(),
-                        &mut HashSet::new(),
+                        &KeySet::default(),
+                        &mut KeySet::default(),
                         now,
                     );
                 }

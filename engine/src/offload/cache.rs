@@ -9,12 +9,12 @@
 //! `prefetch` admits a load nobody asked for yet; `cancel` drops an unwanted one;
 //! `advance` moves token time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::ExpertKey;
 use super::policy::{Frequencies, NextUse, Policy, PolicyKind};
+use super::{ExpertKey, KeyMap, KeySet};
 use crate::observer::Phase;
 
 /// How much room the cache has.
@@ -123,9 +123,9 @@ pub struct CacheCore {
     capacity: Vec<usize>,
     used: Vec<usize>,
     policies: Vec<Policy>,
-    states: HashMap<ExpertKey, State>,
-    used_ever: HashSet<ExpertKey>,
-    pinned: HashSet<ExpertKey>,
+    states: KeyMap<State>,
+    used_ever: KeySet,
+    pinned: KeySet,
     freq: Frequencies,
     stamp: u64,
     now: u64,
@@ -154,10 +154,10 @@ impl CacheCore {
             used: vec![0; parts],
             policies: (0..parts).map(|_| Policy::new(policy)).collect(),
             capacity,
-            states: HashMap::new(),
-            used_ever: HashSet::new(),
+            states: KeyMap::default(),
+            used_ever: KeySet::default(),
             pinned: pinned.iter().copied().collect(),
-            freq: Frequencies::new(),
+            freq: Frequencies::default(),
             stamp: 0,
             now: 0,
             stats: CacheStats::default(),
@@ -436,7 +436,7 @@ mod tests {
                 );
                 last = hits;
             }
-            let distinct = seq.iter().collect::<HashSet<_>>().len();
+            let distinct = seq.iter().collect::<std::collections::HashSet<_>>().len();
             assert_eq!(
                 last as usize,
                 seq.len() - distinct,

@@ -22,6 +22,47 @@ pub use profile::Profile;
 pub use provider::{CacheOptions, CachedExperts, MissMode};
 pub use store::{ExpertStore, IoMode};
 
+/// A fast hasher for maps keyed by [`ExpertKey`] (FxHash's mix: the keys are small integers
+/// that no adversary chooses; SipHash made the cache's bookkeeping the simulator's main cost).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl KeyHasher {
+    #[inline]
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.add(u64::from(b));
+        }
+    }
+    #[inline]
+    fn write_u32(&mut self, x: u32) {
+        self.add(u64::from(x));
+    }
+    #[inline]
+    fn write_u64(&mut self, x: u64) {
+        self.add(x);
+    }
+    #[inline]
+    fn write_usize(&mut self, x: usize) {
+        self.add(x as u64);
+    }
+}
+
+/// A map keyed by expert, with [`KeyHasher`].
+pub type KeyMap<V> = std::collections::HashMap<ExpertKey, V, std::hash::BuildHasherDefault<KeyHasher>>;
+/// A set of experts, with [`KeyHasher`].
+pub type KeySet = std::collections::HashSet<ExpertKey, std::hash::BuildHasherDefault<KeyHasher>>;
+
 /// One expert of one MoE layer (`layer` is the model layer index, as in traces).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ExpertKey {

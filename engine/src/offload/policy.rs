@@ -5,9 +5,7 @@
 //! core allows (resident, not pinned, not in use). The live cache and the simulator drive the
 //! very same code.
 
-use std::collections::HashMap;
-
-use super::ExpertKey;
+use super::{ExpertKey, KeyMap};
 
 /// Which eviction policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,20 +71,20 @@ struct Stat {
 pub struct Policy {
     kind: PolicyKind,
     /// Resident keys of this partition and their recency/frequency.
-    resident: HashMap<ExpertKey, Stat>,
+    resident: KeyMap<Stat>,
     /// LRU order as an index-linked list over `nodes` (O(1) touch and evict).
     lru: LruList,
 }
 
 /// Run-long use counts, shared by every partition (an expert's frequency survives its
 /// eviction).
-pub type Frequencies = HashMap<ExpertKey, u64>;
+pub type Frequencies = KeyMap<u64>;
 
 impl Policy {
     pub fn new(kind: PolicyKind) -> Self {
         Self {
             kind,
-            resident: HashMap::new(),
+            resident: KeyMap::default(),
             lru: LruList::default(),
         }
     }
@@ -172,7 +170,7 @@ impl Policy {
 struct LruList {
     nodes: Vec<Node>,
     free: Vec<usize>,
-    index: HashMap<ExpertKey, usize>,
+    index: KeyMap<usize>,
     head: Option<usize>,
     tail: Option<usize>,
 }
