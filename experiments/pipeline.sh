@@ -24,6 +24,8 @@ PROFILE=${PROFILE:-dev}
 DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
 BIN=${CARGO_TARGET_DIR:-target}/$DIR
 BACKEND=${BACKEND:-auto}
+# wgpu's adapter probe asks the desktop session for a runtime dir; without one it prints errors.
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 t0=$(date +%s)
 step() { echo "== $(( $(date +%s) - t0 ))s: $*" >&2; }
 
