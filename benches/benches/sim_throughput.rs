@@ -105,15 +105,30 @@ fn main() {
     };
     let (small, large) = (e * 5 / 16, e / 2);
     let runs = [
-        (format!("lru, capacity {small}"), cfg(small, PolicyKind::Lru, 0, SimPredictor::None)),
-        (format!("lru, capacity {large}"), cfg(large, PolicyKind::Lru, 0, SimPredictor::None)),
-        (format!("lcp, capacity {large}"), cfg(large, PolicyKind::Lcp, 0, SimPredictor::None)),
-        (format!("belady, capacity {large}"), cfg(large, PolicyKind::Belady, 0, SimPredictor::None)),
+        (
+            format!("lru, capacity {small}"),
+            cfg(small, PolicyKind::Lru, 0, SimPredictor::None),
+        ),
+        (
+            format!("lru, capacity {large}"),
+            cfg(large, PolicyKind::Lru, 0, SimPredictor::None),
+        ),
+        (
+            format!("lcp, capacity {large}"),
+            cfg(large, PolicyKind::Lcp, 0, SimPredictor::None),
+        ),
+        (
+            format!("belady, capacity {large}"),
+            cfg(large, PolicyKind::Belady, 0, SimPredictor::None),
+        ),
         (
             format!("lru {large}, previous-token depth 4"),
             cfg(large, PolicyKind::Lru, 4, SimPredictor::PreviousToken),
         ),
-        (format!("lru {large}, oracle depth 4"), cfg(large, PolicyKind::Lru, 4, SimPredictor::Oracle)),
+        (
+            format!("lru {large}, oracle depth 4"),
+            cfg(large, PolicyKind::Lru, 4, SimPredictor::Oracle),
+        ),
     ];
     println!();
     println!("| configuration | seconds | M activations/s | vs one plain pass |");

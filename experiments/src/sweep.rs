@@ -300,7 +300,7 @@ fn pins(spec: &str, capacity: usize, m: &ModelIds<'_>) -> Result<Vec<ExpertKey>>
     }
     Ok(profile.top_k(
         &path,
-        &m.moe_layers,
+        m.moe_layers,
         m.num_experts,
         k.min(capacity.saturating_sub(1)),
     )?)
@@ -497,7 +497,12 @@ fn open_source(
                     store.expert_bytes()
                 }
             };
-            if !(a.ssd_gbps > 0.0) || !(a.ssd_latency_us >= 0.0) || a.io_threads == 0 {
+            let io_ok = a.ssd_gbps.is_finite()
+                && a.ssd_gbps > 0.0
+                && a.ssd_latency_us.is_finite()
+                && a.ssd_latency_us >= 0.0
+                && a.io_threads > 0;
+            if !io_ok {
                 bail!(
                     "--ssd-gbps, --ssd-latency-us, --io-threads: expected a positive bandwidth, a latency ≥ 0 and at least one thread"
                 );
@@ -620,20 +625,19 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
         num_experts,
     };
     let all = combos(a, num_experts)?;
-    if matches!(source, Source::Live(_)) {
-        if let Some(c) = all
+    if matches!(source, Source::Live(_))
+        && let Some(c) = all
             .iter()
             .find(|c| c.policy == "belady" || c.predictor == "oracle")
-        {
-            bail!(
-                "--mode live: `{}` needs the future, which only a trace has (use --mode sim)",
-                if c.policy == "belady" {
-                    "--policy belady"
-                } else {
-                    "--predictor oracle"
-                }
-            );
-        }
+    {
+        bail!(
+            "--mode live: `{}` needs the future, which only a trace has (use --mode sim)",
+            if c.policy == "belady" {
+                "--policy belady"
+            } else {
+                "--predictor oracle"
+            }
+        );
     }
     // Profiles are read before any work: a bad --pinning fails here, not in every row.
     for c in &all {
