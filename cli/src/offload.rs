@@ -1,6 +1,7 @@
 //! The expert-cache flags shared by `generate` and `logits`, and the model they build: all
 //! experts resident (no cache flags) or streamed from disk through a bounded cache.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use shadowmoe_engine::offload::bytes::{fmt_bytes, parse_bytes};
 use shadowmoe_engine::offload::{
     Budget, ByteModel, CacheOptions, CachedExperts, IoMode, MissMode, PolicyKind, Profile, RunMetrics,
 };
+use shadowmoe_engine::predict::{ExpertPredictor, GateLookahead, Popularity, Prefetch, PreviousToken};
 use shadowmoe_engine::{Checkpoint, GenerationStats, Model, peak_rss_bytes};
 
 /// Flags of the expert cache. Without `--capacity` or `--cache-bytes` every expert stays
@@ -52,6 +54,21 @@ pub struct CacheArgs {
     /// Write the run's metrics (DESIGN.md definitions) as JSON to this file.
     #[arg(long)]
     metrics_out: Option<PathBuf>,
+    /// Prefetch with a predictor: none, popularity (needs --profile), previous-token or
+    /// gate-lookahead. (The shadow model runs in `bench-sweep --mode live`: this binary is built
+    /// without Burn.)
+    #[arg(long, default_value = "none")]
+    predictor: String,
+    /// Prefetch for the MoE layer this many MoE layers ahead (default: 4, or the deepest the
+    /// model allows).
+    #[arg(long)]
+    prefetch_depth: Option<usize>,
+    /// Experts prefetched per layer (default: the model's top-k).
+    #[arg(long)]
+    prefetch_k: Option<usize>,
+    /// Expert profile whose ranking the popularity predictor prefetches.
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 /// A model ready to run, with what is needed to report on it.
@@ -79,6 +96,7 @@ impl CacheArgs {
                 (self.pin.is_some(), "--pin"),
                 (self.memory_budget.is_some(), "--memory-budget"),
                 (self.verify, "--verify"),
+                (self.predictor != "none", "--predictor"),
             ] {
                 if set {
                     bail!("{name} applies to the expert cache: give --capacity N or --cache-bytes SIZE too");
@@ -183,7 +201,19 @@ impl CacheArgs {
             io_threads: self.io_threads,
             pinned,
         };
+        let prefetch = self.prefetch(ckpt)?;
         let (model, cached) = ckpt.load_model_cached(store.clone(), &opts)?;
+        if let Some((kind, depth, k, ranked)) = prefetch {
+            let predictor: Box<dyn ExpertPredictor> = match kind {
+                "previous-token" => Box::new(PreviousToken::default()),
+                "gate-lookahead" => Box::new(GateLookahead::new(model.routers())),
+                _ => Box::new(Popularity {
+                    ranked: ranked.unwrap_or_default(),
+                }),
+            };
+            tracing::info!("prefetching: {kind}, depth {depth}, k {k}");
+            model.set_prefetch(Some(Prefetch { predictor, depth, k }));
+        }
         let slots = cached.total_slots();
         let metrics = RunMetrics {
             io_mode: store.mode().name().into(),
@@ -215,6 +245,66 @@ impl CacheArgs {
             metrics,
             byte_model: Some((bm, slots)),
         })
+    }
+
+    /// The prefetching asked for: (predictor, depth, k, popularity ranking per MoE layer).
+    #[allow(clippy::type_complexity)]
+    fn prefetch(
+        &self,
+        ckpt: &Checkpoint,
+    ) -> Result<Option<(&str, usize, usize, Option<HashMap<usize, Vec<u32>>>)>> {
+        let cfg = &ckpt.config;
+        let kind = self.predictor.as_str();
+        if kind == "none" {
+            return Ok(None);
+        }
+        if kind.starts_with("shadow:") {
+            bail!(
+                "--predictor {kind}: the shadow model runs in `bench-sweep --mode live --predictor shadow:DIR` (this binary is built without Burn)"
+            );
+        }
+        if !["popularity", "previous-token", "gate-lookahead"].contains(&kind) {
+            bail!(
+                "--predictor: unknown `{kind}` (expected none, popularity, previous-token or gate-lookahead)"
+            );
+        }
+        let layers = cfg.moe_layers().len();
+        let depth = self
+            .prefetch_depth
+            .unwrap_or_else(|| 4.min(layers.saturating_sub(1)));
+        if depth == 0 || depth >= layers {
+            bail!(
+                "--prefetch-depth: {depth} is out of range (the model has {layers} MoE layers; expected 1..={})",
+                layers.saturating_sub(1)
+            );
+        }
+        let k = self.prefetch_k.unwrap_or(cfg.num_experts_per_tok);
+        if k == 0 || k > cfg.num_experts {
+            bail!(
+                "--prefetch-k: {k} is out of range (expected 1..={})",
+                cfg.num_experts
+            );
+        }
+        let ranked = if kind == "popularity" {
+            let Some(path) = &self.profile else {
+                bail!("--predictor popularity needs --profile PROFILE (written by trace-stats)");
+            };
+            let profile = Profile::read(path).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
+            if profile.config_sha256 != ckpt.config_sha256()? {
+                bail!("--profile: {} is a profile of another model", path.display());
+            }
+            let mut ranked: HashMap<usize, Vec<u32>> = HashMap::new();
+            for key in profile
+                .top_k(path, &cfg.moe_layers(), cfg.num_experts, cfg.num_experts)
+                .map_err(|e| anyhow::anyhow!("--profile: {e}"))?
+            {
+                ranked.entry(key.layer as usize).or_default().push(key.expert);
+            }
+            Some(ranked)
+        } else {
+            None
+        };
+        Ok(Some((kind, depth, k, ranked)))
     }
 
     /// Completes the metrics after a run, prints the cache summary, writes `--metrics-out`.

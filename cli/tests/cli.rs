@@ -121,6 +121,15 @@ fn logits_through_the_expert_cache_match_the_golden_file() {
     for extra in [
         vec!["--io", "pread"],
         vec!["--io", "direct", "--pack", pack.to_str().unwrap(), "--verify"],
+        // Prefetching never changes the output.
+        vec![
+            "--io",
+            "pread",
+            "--predictor",
+            "gate-lookahead",
+            "--prefetch-depth",
+            "1",
+        ],
     ] {
         let out = tmp.path().join("out.safetensors");
         let metrics = tmp.path().join("metrics.json");
@@ -163,13 +172,46 @@ fn logits_through_the_expert_cache_match_the_golden_file() {
         assert!(m["capacity_misses"].as_u64().unwrap() > 0, "{m}");
         assert_eq!(
             m["expert_source"],
-            if extra.len() > 2 { "pack" } else { "safetensors" }
+            if extra.contains(&"--pack") {
+                "pack"
+            } else {
+                "safetensors"
+            }
         );
+        if extra.contains(&"--predictor") {
+            assert!(m["prefetch_issued"].as_u64().unwrap() > 0, "{m}");
+            assert!(m["prefetch_used"].as_u64().unwrap() > 0, "{m}");
+        }
         let acts = m["activations"].as_u64().unwrap();
         let parts = m["hits"].as_u64().unwrap()
             + m["cold_misses"].as_u64().unwrap()
             + m["capacity_misses"].as_u64().unwrap();
         assert_eq!(acts, parts, "{m}");
+    }
+    for (extra, want) in [
+        (vec!["--predictor", "shadow:x"], "bench-sweep --mode live"),
+        (vec!["--predictor", "popularity"], "--profile"),
+        (
+            vec!["--predictor", "gate-lookahead", "--prefetch-depth", "99"],
+            "--prefetch-depth: 99",
+        ),
+        (vec!["--predictor", "oracle"], "--predictor: unknown `oracle`"),
+    ] {
+        let o = bin()
+            .args(["logits", "--model", dir.to_str().unwrap(), "--tokens", &tokens])
+            .args([
+                "--capacity",
+                "3",
+                "--out",
+                tmp.path().join("x.safetensors").to_str().unwrap(),
+            ])
+            .args(&extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(!o.status.success() && err.contains(want), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
 
