@@ -375,7 +375,14 @@ fn precomputed(ex: &shadowmoe_predictor::data::Examples, pred: &[u16], k: usize)
     SimPredictor::Precomputed(map)
 }
 
-fn frame(rows: &[Row]) -> PolarsResult<DataFrame> {
+/// What every row of a sweep shares: the harness and the model and trace it ran on.
+struct RunIds<'a> {
+    model_id: &'a str,
+    config_sha256: &'a str,
+    trace: &'a str,
+}
+
+fn frame(rows: &[Row], ids: &RunIds<'_>) -> PolarsResult<DataFrame> {
     let s = |f: &dyn Fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
     let u = |f: &dyn Fn(&Row) -> u64| rows.iter().map(f).collect::<Vec<u64>>();
     let fl = |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
@@ -423,6 +430,17 @@ fn frame(rows: &[Row]) -> PolarsResult<DataFrame> {
             Column::new("perplexity".into(), of(&|r| r.perplexity)),
             Column::new("perplexity_exact".into(), of(&|r| r.perplexity_exact)),
             Column::new("error".into(), s(&|r| r.error.clone())),
+            Column::new(
+                "harness_version".into(),
+                s(&|_| env!("CARGO_PKG_VERSION").to_string()),
+            ),
+            Column::new(
+                "harness_commit".into(),
+                s(&|_| env!("SHADOWMOE_COMMIT").to_string()),
+            ),
+            Column::new("model_id".into(), s(&|_| ids.model_id.to_string())),
+            Column::new("config_sha256".into(), s(&|_| ids.config_sha256.to_string())),
+            Column::new("trace".into(), s(&|_| ids.trace.to_string())),
         ],
     )
 }
@@ -782,7 +800,22 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
         }
     }
     bar.finish_and_clear();
-    let mut df = frame(&rows)?;
+    let trace_name = match &source {
+        Source::Sim { .. } => a
+            .trace
+            .as_ref()
+            .map(|t| t.display().to_string())
+            .unwrap_or_default(),
+        Source::Live(_) => String::new(),
+    };
+    let mut df = frame(
+        &rows,
+        &RunIds {
+            model_id: &model_id,
+            config_sha256: &sha,
+            trace: &trace_name,
+        },
+    )?;
     let tmp = out.join("results.parquet.tmp");
     ParquetWriter::new(File::create(&tmp).with_context(|| format!("--out: cannot write {}", tmp.display()))?)
         .with_compression(ParquetCompression::Zstd(None))

@@ -318,6 +318,14 @@ fn sweep_writes_every_combination() {
     .collect()
     .unwrap();
     assert_eq!(df.height(), 9, "{df}");
+    for c in ["harness_version", "model_id", "config_sha256", "trace", "error"] {
+        let col = df.column(c).unwrap().str().unwrap().clone();
+        assert!(col.iter().all(|v| v.is_some()), "{c}: every row names the run");
+    }
+    assert_eq!(
+        df.column("trace").unwrap().str().unwrap().get(0),
+        Some(t.display().to_string().as_str())
+    );
     let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 9);
     let col = |n: &str| -> Vec<f64> {
