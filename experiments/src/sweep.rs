@@ -844,6 +844,25 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     let summary = summary(&rows);
     std::fs::write(out.join("summary.txt"), &summary)?;
     eprint!("{summary}");
+    // The figures this sweep alone can feed (the rest need train-shadow and trace-stats
+    // outputs: `plot-figures --results` on a pipeline folder draws all eight).
+    match crate::figures::draw(&out, &out.join("figures"), &[]) {
+        Ok(drawn) => {
+            let names: Vec<&str> = drawn
+                .iter()
+                .filter(|d| d.1.is_ok())
+                .map(|d| d.0.as_str())
+                .collect();
+            if !names.is_empty() {
+                eprintln!(
+                    "figures in {}: {}",
+                    out.join("figures").display(),
+                    names.join(", ")
+                );
+            }
+        }
+        Err(e) => tracing::warn!("figures not drawn: {e:#}"),
+    }
     Ok(out)
 }
 

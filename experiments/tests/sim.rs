@@ -328,6 +328,14 @@ fn sweep_writes_every_combination() {
     );
     let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 9);
+    // The sweep draws the figures its rows feed.
+    for f in [
+        "fig1_hit_rate_vs_capacity",
+        "fig2_prefetch_depth",
+        "fig6_time_per_token",
+    ] {
+        assert!(dir.join("figures").join(format!("{f}.png")).is_file(), "{f}");
+    }
     let col = |n: &str| -> Vec<f64> {
         df.column(n)
             .unwrap()
