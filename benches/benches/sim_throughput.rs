@@ -33,22 +33,16 @@ fn main() {
     let path = tmp.path().join("t.parquet");
     collect(
         &CollectArgs {
-            model: model.display().to_string(),
-            dataset: root.join("datasets/heldout.jsonl"),
-            out: path.clone(),
             max_new_tokens: 32,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            hidden_layers: "none".into(),
-            hidden_dtype: "f32".into(),
             no_chat_template: true,
             limit: Some(12),
-            resume: false,
-            shard: None,
             threads: 2,
             flush_every: 64,
+            ..CollectArgs::new(
+                model.display().to_string(),
+                root.join("datasets/heldout.jsonl"),
+                path.clone(),
+            )
         },
         false,
     )

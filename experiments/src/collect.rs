@@ -69,6 +69,31 @@ pub struct CollectArgs {
     pub flush_every: usize,
 }
 
+impl CollectArgs {
+    /// The flags' defaults (as `trace-collect` parses them) for `model`, `dataset` and `out`:
+    /// callers in code set what they need with struct update syntax.
+    pub fn new(model: impl Into<String>, dataset: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            dataset: dataset.into(),
+            out: out.into(),
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            hidden_layers: "none".into(),
+            hidden_dtype: "f32".into(),
+            no_chat_template: false,
+            limit: None,
+            resume: false,
+            shard: None,
+            threads: 0,
+            flush_every: 16,
+        }
+    }
+}
+
 /// What a collection did.
 #[derive(Debug, Clone)]
 pub struct Collected {
@@ -214,4 +239,26 @@ pub fn run(a: &CollectArgs, progress: bool) -> Result<Collected> {
         summary,
         secs: start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_has_the_flags_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CollectArgs,
+        }
+        let parsed = Cli::try_parse_from(["trace-collect", "--model", "m", "--dataset", "d", "--out", "o"])
+            .map(|c| c.args)
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            format!("{:?}", parsed),
+            format!("{:?}", Ok::<_, String>(CollectArgs::new("m", "d", "o")))
+        );
+    }
 }

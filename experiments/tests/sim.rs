@@ -28,22 +28,15 @@ const NEW: usize = 20;
 fn trace(dir: &Path) -> PathBuf {
     let out = dir.join("t.parquet");
     let a = CollectArgs {
-        model: root().join(MODEL).display().to_string(),
-        dataset: root().join("datasets/chat.jsonl"),
-        out: out.clone(),
         max_new_tokens: NEW,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-        hidden_layers: "none".into(),
-        hidden_dtype: "f32".into(),
-        no_chat_template: false,
         limit: Some(LIMIT),
-        resume: false,
-        shard: None,
         threads: 2,
         flush_every: 8,
+        ..CollectArgs::new(
+            root().join(MODEL).display().to_string(),
+            root().join("datasets/chat.jsonl"),
+            out.clone(),
+        )
     };
     collect(&a, false).unwrap();
     out

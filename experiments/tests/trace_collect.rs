@@ -26,22 +26,11 @@ fn fixture(arch: &str) -> PathBuf {
 
 fn args(model: &Path, dataset: &Path, out: &Path) -> CollectArgs {
     CollectArgs {
-        model: model.display().to_string(),
-        dataset: dataset.to_path_buf(),
-        out: out.to_path_buf(),
         max_new_tokens: 6,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-        hidden_layers: "none".into(),
-        hidden_dtype: "f32".into(),
-        no_chat_template: false,
         limit: Some(4),
-        resume: false,
-        shard: None,
         threads: 1,
         flush_every: 2,
+        ..CollectArgs::new(model.display().to_string(), dataset, out)
     }
 }
 

@@ -81,22 +81,11 @@ fn every_figure_program_draws_from_a_real_run_folder() {
     let trace = run.join("heldout.parquet");
     collect(
         &CollectArgs {
-            model: model.clone(),
-            dataset: root().join("datasets/chat.jsonl"),
-            out: trace.clone(),
             max_new_tokens: 12,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            hidden_layers: "none".into(),
-            hidden_dtype: "f32".into(),
-            no_chat_template: false,
             limit: Some(4),
-            resume: false,
-            shard: None,
             threads: 2,
             flush_every: 8,
+            ..CollectArgs::new(model.clone(), root().join("datasets/chat.jsonl"), trace.clone())
         },
         false,
     )
