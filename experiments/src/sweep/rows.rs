@@ -1,0 +1,279 @@
+//! The rows of a sweep: one result row per configuration and repetition, the results frame
+//! (Parquet and CSV) and the median/spread summary.
+
+use super::*;
+
+/// One result row.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct Row {
+    pub(super) combo: Combo,
+    pub(super) mode: String,
+    pub(super) repeat: usize,
+    pub(super) hit_rate: f64,
+    pub(super) hit_rate_prefill: f64,
+    pub(super) hit_rate_decode: f64,
+    pub(super) cold_misses: u64,
+    pub(super) capacity_misses: u64,
+    pub(super) demand_loads: u64,
+    pub(super) evictions: u64,
+    pub(super) bytes_read: u64,
+    pub(super) stall_secs: f64,
+    pub(super) est_decode_tok_s: f64,
+    pub(super) fallback_rate: f64,
+    pub(super) prefetch_issued: u64,
+    pub(super) prefetch_used: u64,
+    pub(super) prefetch_late: u64,
+    pub(super) prefetch_wasted: u64,
+    pub(super) prefetch_precision: f64,
+    /// Per decode token, milliseconds: all, and its compute, stall and predictor parts.
+    pub(super) decode_ms_per_token: f64,
+    pub(super) compute_ms_per_token: f64,
+    pub(super) stall_ms_per_token: f64,
+    pub(super) predictor_ms_per_token: f64,
+    /// capacity × MoE layers × expert bytes.
+    pub(super) modelled_cache_bytes: u64,
+    // Live only.
+    pub(super) decode_tok_s: Option<f64>,
+    pub(super) prefill_tok_s: Option<f64>,
+    pub(super) peak_rss_bytes: Option<u64>,
+    pub(super) modelled_total_bytes: Option<u64>,
+    pub(super) top1_agreement: Option<f64>,
+    pub(super) kl_divergence: Option<f64>,
+    pub(super) perplexity: Option<f64>,
+    pub(super) perplexity_exact: Option<f64>,
+    pub(super) error: String,
+}
+
+impl Row {
+    pub(super) fn new(combo: &Combo, mode: &str, repeat: usize) -> Self {
+        Row {
+            combo: combo.clone(),
+            mode: mode.into(),
+            repeat,
+            hit_rate: f64::NAN,
+            hit_rate_prefill: f64::NAN,
+            hit_rate_decode: f64::NAN,
+            cold_misses: 0,
+            capacity_misses: 0,
+            demand_loads: 0,
+            evictions: 0,
+            bytes_read: 0,
+            stall_secs: 0.0,
+            est_decode_tok_s: f64::NAN,
+            fallback_rate: f64::NAN,
+            prefetch_issued: 0,
+            prefetch_used: 0,
+            prefetch_late: 0,
+            prefetch_wasted: 0,
+            prefetch_precision: f64::NAN,
+            decode_ms_per_token: f64::NAN,
+            compute_ms_per_token: f64::NAN,
+            stall_ms_per_token: f64::NAN,
+            predictor_ms_per_token: f64::NAN,
+            modelled_cache_bytes: 0,
+            decode_tok_s: None,
+            prefill_tok_s: None,
+            peak_rss_bytes: None,
+            modelled_total_bytes: None,
+            top1_agreement: None,
+            kl_divergence: None,
+            perplexity: None,
+            perplexity_exact: None,
+            error: String::new(),
+        }
+    }
+
+    pub(super) fn cache_stats(&mut self, s: &CacheStats) {
+        self.hit_rate = s.hit_rate().unwrap_or(f64::NAN);
+        self.hit_rate_prefill = s.hit_rate_prefill().unwrap_or(f64::NAN);
+        self.hit_rate_decode = s.hit_rate_decode().unwrap_or(f64::NAN);
+        self.cold_misses = s.cold_misses;
+        self.capacity_misses = s.capacity_misses;
+        self.demand_loads = s.demand_loads;
+        self.evictions = s.evictions;
+        self.fallback_rate = s.fallback_rate().unwrap_or(f64::NAN);
+        self.prefetch_issued = s.prefetch_issued;
+        self.prefetch_used = s.prefetch_used;
+        self.prefetch_late = s.prefetch_late;
+        self.prefetch_wasted = s.prefetch_wasted;
+        self.prefetch_precision = s.prefetch_precision().unwrap_or(f64::NAN);
+    }
+}
+
+/// What every row of a sweep shares: the harness and the model and trace it ran on.
+pub(super) struct RunIds<'a> {
+    pub(super) model_id: &'a str,
+    pub(super) config_sha256: &'a str,
+    pub(super) trace: &'a str,
+}
+
+pub(super) fn frame(rows: &[Row], ids: &RunIds<'_>) -> PolarsResult<DataFrame> {
+    let s = |f: &dyn Fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
+    let u = |f: &dyn Fn(&Row) -> u64| rows.iter().map(f).collect::<Vec<u64>>();
+    let fl = |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+    let of = |f: &dyn Fn(&Row) -> Option<f64>| rows.iter().map(f).collect::<Vec<Option<f64>>>();
+    let ou = |f: &dyn Fn(&Row) -> Option<u64>| rows.iter().map(f).collect::<Vec<Option<u64>>>();
+    let n = rows.len();
+    DataFrame::new(
+        n,
+        vec![
+            Column::new("mode".into(), s(&|r| r.mode.clone())),
+            Column::new("capacity".into(), u(&|r| r.combo.capacity as u64)),
+            Column::new("pinning".into(), s(&|r| r.combo.pinning.clone())),
+            Column::new("prefetch_depth".into(), u(&|r| r.combo.prefetch_depth as u64)),
+            Column::new("predictor".into(), s(&|r| r.combo.predictor.clone())),
+            Column::new("policy".into(), s(&|r| r.combo.policy.clone())),
+            Column::new("on_miss".into(), s(&|r| r.combo.on_miss.clone())),
+            Column::new("repeat".into(), u(&|r| r.repeat as u64)),
+            Column::new("hit_rate".into(), fl(&|r| r.hit_rate)),
+            Column::new("hit_rate_prefill".into(), fl(&|r| r.hit_rate_prefill)),
+            Column::new("hit_rate_decode".into(), fl(&|r| r.hit_rate_decode)),
+            Column::new("cold_misses".into(), u(&|r| r.cold_misses)),
+            Column::new("capacity_misses".into(), u(&|r| r.capacity_misses)),
+            Column::new("demand_loads".into(), u(&|r| r.demand_loads)),
+            Column::new("evictions".into(), u(&|r| r.evictions)),
+            Column::new("bytes_read".into(), u(&|r| r.bytes_read)),
+            Column::new("stall_secs".into(), fl(&|r| r.stall_secs)),
+            Column::new("est_decode_tok_s".into(), fl(&|r| r.est_decode_tok_s)),
+            Column::new("fallback_rate".into(), fl(&|r| r.fallback_rate)),
+            Column::new("prefetch_issued".into(), u(&|r| r.prefetch_issued)),
+            Column::new("prefetch_used".into(), u(&|r| r.prefetch_used)),
+            Column::new("prefetch_late".into(), u(&|r| r.prefetch_late)),
+            Column::new("prefetch_wasted".into(), u(&|r| r.prefetch_wasted)),
+            Column::new("prefetch_precision".into(), fl(&|r| r.prefetch_precision)),
+            Column::new("decode_ms_per_token".into(), fl(&|r| r.decode_ms_per_token)),
+            Column::new("compute_ms_per_token".into(), fl(&|r| r.compute_ms_per_token)),
+            Column::new("stall_ms_per_token".into(), fl(&|r| r.stall_ms_per_token)),
+            Column::new("predictor_ms_per_token".into(), fl(&|r| r.predictor_ms_per_token)),
+            Column::new("modelled_cache_bytes".into(), u(&|r| r.modelled_cache_bytes)),
+            Column::new("decode_tok_s".into(), of(&|r| r.decode_tok_s)),
+            Column::new("prefill_tok_s".into(), of(&|r| r.prefill_tok_s)),
+            Column::new("peak_rss_bytes".into(), ou(&|r| r.peak_rss_bytes)),
+            Column::new("modelled_total_bytes".into(), ou(&|r| r.modelled_total_bytes)),
+            Column::new("top1_agreement".into(), of(&|r| r.top1_agreement)),
+            Column::new("kl_divergence".into(), of(&|r| r.kl_divergence)),
+            Column::new("perplexity".into(), of(&|r| r.perplexity)),
+            Column::new("perplexity_exact".into(), of(&|r| r.perplexity_exact)),
+            Column::new("error".into(), s(&|r| r.error.clone())),
+            Column::new(
+                "harness_version".into(),
+                s(&|_| env!("CARGO_PKG_VERSION").to_string()),
+            ),
+            Column::new(
+                "harness_commit".into(),
+                s(&|_| env!("SHADOWMOE_COMMIT").to_string()),
+            ),
+            Column::new("model_id".into(), s(&|_| ids.model_id.to_string())),
+            Column::new("config_sha256".into(), s(&|_| ids.config_sha256.to_string())),
+            Column::new("trace".into(), s(&|_| ids.trace.to_string())),
+        ],
+    )
+}
+
+/// The frame as CSV (strings quoted when they hold a comma or a quote).
+pub(super) fn csv(df: &DataFrame) -> Result<String> {
+    let cols = df.columns();
+    let mut text = cols
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    text.push('\n');
+    for i in 0..df.height() {
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| {
+                let v = c.get(i).map(|v| v.to_string()).unwrap_or_default();
+                let v = v.trim_matches('"').to_string();
+                if v.contains(',') || v.contains('"') {
+                    format!("\"{}\"", v.replace('"', "\"\""))
+                } else {
+                    v
+                }
+            })
+            .collect();
+        text += &cells.join(",");
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// One line per configuration: median and spread (min–max) over repetitions of the hit rate
+/// and decode tok/s (measured live, modelled in sim).
+pub(super) fn summary(rows: &[Row]) -> String {
+    let mut groups: Vec<(&Combo, Vec<&Row>)> = Vec::new();
+    for r in rows {
+        match groups.iter_mut().find(|(c, _)| **c == r.combo) {
+            Some((_, v)) => v.push(r),
+            None => groups.push((&r.combo, vec![r])),
+        }
+    }
+    let med = |mut v: Vec<f64>| -> (f64, f64, f64) {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        v.sort_by(f64::total_cmp);
+        let m = if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        (m, v[0], v[v.len() - 1])
+    };
+    let mut out = format!(
+        "{:>8} {:<24} {:>5} {:<28} {:<6} {:<5} {:>3} {:>17} {:>22} {:>9}\n",
+        "capacity",
+        "pinning",
+        "depth",
+        "predictor",
+        "policy",
+        "miss",
+        "n",
+        "decode hit (min-max)",
+        "decode tok/s (min-max)",
+        "fallback"
+    );
+    for (c, rs) in groups {
+        let (h, hl, hh) = med(rs.iter().map(|r| r.hit_rate_decode).collect());
+        let (t, tl, th) = med(rs
+            .iter()
+            .map(|r| r.decode_tok_s.unwrap_or(r.est_decode_tok_s))
+            .collect());
+        let (f, _, _) = med(rs.iter().map(|r| r.fallback_rate).collect());
+        let pin = if c.pinning.len() > 24 {
+            format!("…{}", &c.pinning[c.pinning.len() - 23..])
+        } else {
+            c.pinning.clone()
+        };
+        let pred = if c.predictor.len() > 28 {
+            format!("…{}", &c.predictor[c.predictor.len() - 27..])
+        } else {
+            c.predictor.clone()
+        };
+        let errors = rs.iter().filter(|r| !r.error.is_empty()).count();
+        out += &format!(
+            "{:>8} {:<24} {:>5} {:<28} {:<6} {:<5} {:>3} {:>6.3} ({:.3}-{:.3}) {:>8.1} ({:.1}-{:.1}) {:>9.4}{}\n",
+            c.capacity,
+            pin,
+            c.prefetch_depth,
+            pred,
+            c.policy,
+            c.on_miss,
+            rs.len(),
+            h,
+            hl,
+            hh,
+            t,
+            tl,
+            th,
+            f,
+            if errors > 0 {
+                format!("  ({errors} failed: see the error column)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    out
+}
