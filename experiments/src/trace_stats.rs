@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use polars::prelude::*;
-use shadowmoe_trace::stats::{LayerStats, REUSE_BUCKETS, TraceStats};
+use shadowmoe_trace::stats::{LayerStats, OVERLAP_DISTANCES, REUSE_BUCKETS, TraceStats};
 use shadowmoe_trace::{Manifest, Trace};
 
 /// Flags of `trace-stats`.
@@ -96,6 +96,28 @@ pub fn table(rows: &[LayerStats]) -> String {
     s
 }
 
+/// The temporal-locality table as text: expert-set overlap (|E_t ∩ E_t−d| / k) by token
+/// distance, next to the overlap of two random tokens of the same request and of two different
+/// requests, and the locality lift (d = 1 over same request).
+pub fn locality_table(rows: &[LayerStats]) -> String {
+    let mut s = String::from("layer");
+    for d in OVERLAP_DISTANCES {
+        s += &format!("  {:>6}", format!("d={d}"));
+    }
+    s += "  same-request  other-request  lift\n";
+    for r in rows {
+        s += &format!("{:>5}", r.layer);
+        for x in &r.overlap_by_distance {
+            s += &format!("  {x:>6.3}");
+        }
+        s += &format!(
+            "  {:>12.3}  {:>13.3}  {:>4.2}\n",
+            r.request_pair_overlap, r.cross_request_overlap, r.locality_lift
+        );
+    }
+    s
+}
+
 fn write_parquet(path: &Path, df: &mut DataFrame) -> Result<()> {
     let tmp = path.with_extension("parquet.tmp");
     let f = File::create(&tmp).with_context(|| format!("--out: cannot write {}", tmp.display()))?;
@@ -142,8 +164,14 @@ pub fn write_outputs(dir: &Path, m: &Manifest, stats: &TraceStats, rows: &[Layer
             col_f("reuse_within_1", &|r| r.reuse_within_1),
             col_f("reuse_within_8", &|r| r.reuse_within_8),
             col_f("next_layer_top1", &|r| r.next_layer_top1.unwrap_or(f64::NAN)),
+            col_f("request_pair_overlap", &|r| r.request_pair_overlap),
+            col_f("cross_request_overlap", &|r| r.cross_request_overlap),
+            col_f("locality_lift", &|r| r.locality_lift),
         ],
     )?;
+    for (i, d) in OVERLAP_DISTANCES.iter().enumerate() {
+        layers.with_column(col_f(&format!("overlap_d{d}"), &|r| r.overlap_by_distance[i]))?;
+    }
     write_parquet(&dir.join("layers.parquet"), &mut layers)?;
 
     let (mut l0, mut l1, mut e0, mut e1, mut cnt) = (vec![], vec![], vec![], vec![], vec![]);
@@ -260,6 +288,8 @@ pub fn run(a: &StatsArgs) -> Result<String> {
     let stats = compute(&trace, a.batch)?;
     let rows = stats.layers();
     let mut text = table(&rows);
+    text += "\nexpert-set overlap by token distance (|E_t ∩ E_t-d| / k; baselines: two tokens of the same request, of different requests):\n";
+    text += &locality_table(&rows);
     if a.by_domain {
         text += "\n";
         text += &by_domain(&trace, a.batch)?.1;

@@ -382,6 +382,57 @@ fn trace_stats_and_profile() {
         .top_k(&profile, &ckpt.config.moe_layers(), ckpt.config.num_experts, 2)
         .unwrap();
     assert_eq!(keys.len(), 2 * ckpt.config.moe_layers().len());
+
+    // The locality columns read back from layers.parquet agree with a brute-force count over
+    // the trace: every pair of tokens of a request, every pair of tokens 1 and 2 apart.
+    assert!(table.contains("lift"), "{table}");
+    let layers = LazyFrame::scan_parquet(
+        PlRefPath::new(tmp.path().join("stats/layers.parquet").to_string_lossy().as_ref()),
+        ScanArgsParquet::default(),
+    )
+    .unwrap()
+    .collect()
+    .unwrap();
+    let col = |name: &str| -> Vec<f64> {
+        let c = layers.column(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        c.f64().unwrap().into_no_null_iter().collect()
+    };
+    let reqs = trace.requests(None).unwrap();
+    let common = |a: &[u16], b: &[u16]| a.iter().filter(|x| b.contains(x)).count() as f64;
+    let k = reqs[0].k as f64;
+    for l in 0..ckpt.config.moe_layers().len() {
+        let (mut pair, mut pairs, mut d, mut dn) = (0.0, 0.0, [0.0; 2], [0.0; 2]);
+        for r in &reqs {
+            for t in 0..r.tokens() {
+                for u in t + 1..r.tokens() {
+                    let c = common(r.experts_at(t, l), r.experts_at(u, l));
+                    pair += c;
+                    pairs += 1.0;
+                    if u - t <= 2 {
+                        d[u - t - 1] += c;
+                        dn[u - t - 1] += 1.0;
+                    }
+                }
+            }
+        }
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(
+            close(col("request_pair_overlap")[l], pair / pairs / k),
+            "layer {l}"
+        );
+        assert!(close(col("overlap_d1")[l], d[0] / dn[0] / k), "layer {l}");
+        assert!(close(col("overlap_d2")[l], d[1] / dn[1] / k), "layer {l}");
+        assert!(
+            close(col("prev_token_overlap")[l], col("overlap_d1")[l]),
+            "layer {l}"
+        );
+        assert!(close(
+            col("locality_lift")[l],
+            col("overlap_d1")[l] / col("request_pair_overlap")[l]
+        ));
+        let cross = col("cross_request_overlap")[l];
+        assert!((0.0..=1.0).contains(&cross), "layer {l}: {cross}");
+    }
 }
 
 /// Bad input: one line on stderr naming the file, line, flag or field; exit status 1.

@@ -1,7 +1,8 @@
 //! Routing statistics of a trace, accumulated request by request (bounded memory): per-layer
 //! expert frequency and prompt coverage, entropy, the share of activations the top 10% / 20%
-//! of experts serve, previous-token overlap, reuse distances, and co-activation across adjacent
-//! MoE layers. Also the expert profile that `--pin` reads.
+//! of experts serve, expert-set overlap between tokens 1..64 apart and its two baselines (token
+//! pairs of the same request, token pairs of different requests), reuse distances, and
+//! co-activation across adjacent MoE layers. Also the expert profile that `--pin` reads.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -14,6 +15,9 @@ use crate::schema::Manifest;
 /// Reuse-distance buckets (tokens since the same expert was last routed at the same layer in
 /// the same request); the last counts first uses.
 pub const REUSE_BUCKETS: [&str; 9] = ["1", "2", "3-4", "5-8", "9-16", "17-32", "33-64", "65+", "first"];
+
+/// Token distances at which the overlap of expert sets is measured (1 = previous token).
+pub const OVERLAP_DISTANCES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 
 fn reuse_bucket(d: usize) -> usize {
     match d {
@@ -40,8 +44,13 @@ pub struct TraceStats {
     pub counts: Vec<Vec<u64>>,
     /// `[L][E]` requests that routed to the expert at least once.
     pub coverage: Vec<Vec<u64>>,
-    overlap_sum: Vec<f64>,
-    overlap_n: Vec<u64>,
+    /// `[L][distance]`: Σ |E_t ∩ E_{t-d}| and the number of such pairs, d in [`OVERLAP_DISTANCES`].
+    overlap_common: Vec<[u64; 7]>,
+    overlap_pairs: Vec<[u64; 7]>,
+    /// `[L]`: Σ over requests of Σ_e c(c−1)/2 (c: tokens of the request routed to e), i.e. the
+    /// common experts summed over all token pairs of one request; and the number of those pairs.
+    request_pair_common: Vec<u64>,
+    request_pairs: Vec<u64>,
     /// `[L][bucket]`.
     pub reuse: Vec<[u64; 9]>,
     /// Per adjacent MoE-layer pair `(l, l+1)`: (expert at l, expert at l+1) → count.
@@ -61,6 +70,18 @@ pub struct LayerStats {
     pub top20_share: f64,
     /// Mean |E_t ∩ E_{t-1}| / k over consecutive tokens of a request.
     pub prev_token_overlap: f64,
+    /// Mean |E_t ∩ E_{t-d}| / k for each d in [`OVERLAP_DISTANCES`] (the first is
+    /// `prev_token_overlap`); NaN where no request is longer than d.
+    pub overlap_by_distance: Vec<f64>,
+    /// Mean overlap / k of two different tokens of the same request, any distance apart: what the
+    /// request's own expert popularity gives without any order.
+    pub request_pair_overlap: f64,
+    /// Mean overlap / k of two tokens of different requests: what the layer's expert popularity
+    /// gives. NaN with one request.
+    pub cross_request_overlap: f64,
+    /// `prev_token_overlap / request_pair_overlap`: how much more a token shares with the one
+    /// before it than with a random token of its request (1: no temporal locality).
+    pub locality_lift: f64,
     /// Share of activations whose expert was used in the previous 1 / 8 tokens.
     pub reuse_within_1: f64,
     pub reuse_within_8: f64,
@@ -81,8 +102,10 @@ impl TraceStats {
             tokens: 0,
             counts: vec![vec![0; e]; l],
             coverage: vec![vec![0; e]; l],
-            overlap_sum: vec![0.0; l],
-            overlap_n: vec![0; l],
+            overlap_common: vec![[0; 7]; l],
+            overlap_pairs: vec![[0; 7]; l],
+            request_pair_common: vec![0; l],
+            request_pairs: vec![0; l],
             reuse: vec![[0; 9]; l],
             coactivation: vec![HashMap::new(); l.saturating_sub(1)],
         }
@@ -95,12 +118,14 @@ impl TraceStats {
         let (layers, e) = (r.layers, self.num_experts);
         let mut last_use = vec![vec![usize::MAX; e]; layers];
         let mut used = vec![vec![false; e]; layers];
+        let mut in_request = vec![vec![0u64; e]; layers];
         for t in 0..r.tokens() {
             for l in 0..layers {
                 let ex = r.experts_at(t, l);
                 for &x in ex {
                     let x = x as usize;
                     self.counts[l][x] += 1;
+                    in_request[l][x] += 1;
                     used[l][x] = true;
                     let b = match last_use[l][x] {
                         usize::MAX => 8,
@@ -109,11 +134,13 @@ impl TraceStats {
                     self.reuse[l][b] += 1;
                     last_use[l][x] = t;
                 }
-                if t > 0 {
-                    let prev = r.experts_at(t - 1, l);
-                    let common = ex.iter().filter(|x| prev.contains(x)).count();
-                    self.overlap_sum[l] += common as f64 / self.k as f64;
-                    self.overlap_n[l] += 1;
+                for (i, &d) in OVERLAP_DISTANCES.iter().enumerate() {
+                    if t < d {
+                        break;
+                    }
+                    let before = r.experts_at(t - d, l);
+                    self.overlap_common[l][i] += ex.iter().filter(|x| before.contains(x)).count() as u64;
+                    self.overlap_pairs[l][i] += 1;
                 }
                 if l + 1 < layers {
                     let next = r.experts_at(t, l + 1);
@@ -124,6 +151,11 @@ impl TraceStats {
                     }
                 }
             }
+        }
+        let n = r.tokens() as u64;
+        for (l, c) in in_request.iter().enumerate() {
+            self.request_pair_common[l] += c.iter().map(|&c| c * c.saturating_sub(1) / 2).sum::<u64>();
+            self.request_pairs[l] += n * n.saturating_sub(1) / 2;
         }
         for (cov, used) in self.coverage.iter_mut().zip(&used) {
             for (c, &u) in cov.iter_mut().zip(used) {
@@ -166,6 +198,25 @@ impl TraceStats {
             let all: u64 = best.values().map(|v| v.1).sum();
             best.values().map(|&(m, _)| m as f64).sum::<f64>() / all.max(1) as f64
         });
+        let k = self.k.max(1) as f64;
+        let mean = |common: u64, pairs: u64| {
+            if pairs == 0 {
+                f64::NAN
+            } else {
+                common as f64 / pairs as f64 / k
+            }
+        };
+        let overlap_by_distance: Vec<f64> = (0..OVERLAP_DISTANCES.len())
+            .map(|i| mean(self.overlap_common[l][i], self.overlap_pairs[l][i]))
+            .collect();
+        let request_pair_overlap = mean(self.request_pair_common[l], self.request_pairs[l]);
+        // All pairs of tokens at this layer, less the pairs inside one request.
+        let tokens = total / self.k.max(1) as u64;
+        let all_common: u64 = counts.iter().map(|&c| c * c.saturating_sub(1) / 2).sum();
+        let cross_request_overlap = mean(
+            all_common - self.request_pair_common[l],
+            tokens * tokens.saturating_sub(1) / 2 - self.request_pairs[l],
+        );
         LayerStats {
             layer: self.moe_layers[l],
             activations: total,
@@ -173,7 +224,11 @@ impl TraceStats {
             entropy_norm: entropy_bits / (self.num_experts as f64).log2().max(f64::MIN_POSITIVE),
             top10_share: top_share(0.10),
             top20_share: top_share(0.20),
-            prev_token_overlap: self.overlap_sum[l] / self.overlap_n[l].max(1) as f64,
+            prev_token_overlap: overlap_by_distance[0],
+            locality_lift: overlap_by_distance[0] / request_pair_overlap,
+            overlap_by_distance,
+            request_pair_overlap,
+            cross_request_overlap,
             reuse_within_1: reuse[0] as f64 / tf,
             reuse_within_8: reuse[..4].iter().sum::<u64>() as f64 / tf,
             next_layer_top1,
@@ -290,6 +345,37 @@ mod tests {
         assert_eq!(t[0].top10_share, 0.5); // ceil(0.4) = 1 expert: 3 of 6
         assert!(t[0].entropy_bits > 0.0 && t[0].entropy_norm < 1.0);
         assert_eq!(s.coverage[0], vec![1, 1, 1, 0]);
+        // L0 at distance 2: t2 {0,1} vs t0 {0,1} = 1; nothing 4 or more apart.
+        assert_eq!(t[0].overlap_by_distance[0], t[0].prev_token_overlap);
+        assert!((t[0].overlap_by_distance[1] - 1.0).abs() < 1e-12);
+        assert!(t[0].overlap_by_distance[2].is_nan());
+        // L0 pairs of the request: (t0,t1) 1, (t1,t2) 1, (t0,t2) 2 common of 3 pairs × k = 2.
+        assert!((t[0].request_pair_overlap - 4.0 / 6.0).abs() < 1e-12);
+        assert!((t[0].locality_lift - 0.5 / (4.0 / 6.0)).abs() < 1e-12);
+        assert!(
+            t[0].cross_request_overlap.is_nan(),
+            "one request: no cross-request pairs"
+        );
+    }
+
+    #[test]
+    fn cross_request_overlap_counts_only_pairs_across_requests() {
+        let m = manifest(2, 4, 2);
+        let mut s = TraceStats::new(&m);
+        s.add(&request());
+        let mut other = request();
+        other.request = 1;
+        // The second request routes L0 to {2,3} at every token: no expert in common with the
+        // first request's L0 sets except expert 2 at its t1.
+        other.experts = vec![2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3];
+        s.add(&other);
+        let t = s.layers();
+        // 9 cross pairs at L0; common: t1 of request 0 ({0,2}) with each of 3 tokens = 3.
+        assert!((t[0].cross_request_overlap - 3.0 / 9.0 / 2.0).abs() < 1e-12);
+        // Within requests: request 0 has 4 common over 3 pairs, request 1 has 2 × 3 = 6.
+        assert!((t[0].request_pair_overlap - 10.0 / 6.0 / 2.0).abs() < 1e-12);
+        // Consecutive pairs: request 0: 1 + 1, request 1: 2 + 2, over 4 pairs.
+        assert!((t[0].prev_token_overlap - 6.0 / 4.0 / 2.0).abs() < 1e-12);
     }
 
     #[test]
