@@ -264,38 +264,26 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                     missing.push(key);
                 }
             }
+            // Admits `key`, evicting only experts `protect` lets go, and queues its read; says
+            // whether a load was issued. Demand loads first protect every expert this layer still
+            // needs, then (if nothing else is evictable) only those loaded for it in this pass.
             let issue = |core: &mut CacheCore,
                          io: &mut Io,
                          key,
-                         prefetch,
-                         strict,
-                         pending: &KeySet,
-                         loaded: &mut KeySet,
+                         prefetch: bool,
+                         protect: &dyn Fn(ExpertKey) -> bool,
                          now: f64| {
-                let protect = |k: ExpertKey| pending.contains(&k) && (strict || loaded.contains(&k));
-                match core.admit(key, prefetch, &protect, future_ref) {
-                    Admit::Load { .. } => {
-                        if !prefetch {
-                            loaded.insert(key);
-                        }
-                        io.submit(key, !prefetch, now);
-                        true
-                    }
-                    _ => false,
+                let load = matches!(core.admit(key, prefetch, protect, future_ref), Admit::Load { .. });
+                if load {
+                    io.submit(key, !prefetch, now);
                 }
+                load
             };
             for &key in &missing {
-                if !core.is_loading(key) {
-                    issue(
-                        &mut core,
-                        &mut io,
-                        key,
-                        false,
-                        true,
-                        &pending,
-                        &mut loaded_this_pass,
-                        now,
-                    );
+                if !core.is_loading(key)
+                    && issue(&mut core, &mut io, key, false, &|k| pending.contains(&k), now)
+                {
+                    loaded_this_pass.insert(key);
                 }
             }
             let serve: Vec<ExpertKey> = match cfg.on_miss {
@@ -320,26 +308,17 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                         break;
                     }
                     if !core.is_loading(key)
-                        && (issue(
-                            &mut core,
-                            &mut io,
-                            key,
-                            false,
-                            true,
-                            &pending,
-                            &mut loaded_this_pass,
-                            now,
-                        ) || issue(
-                            &mut core,
-                            &mut io,
-                            key,
-                            false,
-                            false,
-                            &pending,
-                            &mut loaded_this_pass,
-                            now,
-                        ))
+                        && (issue(&mut core, &mut io, key, false, &|k| pending.contains(&k), now)
+                            || issue(
+                                &mut core,
+                                &mut io,
+                                key,
+                                false,
+                                &|k| pending.contains(&k) && loaded_this_pass.contains(&k),
+                                now,
+                            ))
                     {
+                        loaded_this_pass.insert(key);
                         continue;
                     }
                     let Some(t) = io.next_done() else {
@@ -387,9 +366,7 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                         &mut io,
                         ExpertKey::new(target, e as u32),
                         true,
-                        true,
-                        &KeySet::default(),
-                        &mut KeySet::default(),
+                        &|_| false,
                         now,
                     );
                 }
