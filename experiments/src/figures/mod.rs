@@ -371,22 +371,33 @@ fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> D
             .map_err(e)?;
     }
     if !p.lines.is_empty() {
-        chart
-            .configure_series_labels()
-            .position(if p.legend_middle {
+        legend(
+            &mut chart,
+            if p.legend_middle {
                 SeriesLabelPosition::MiddleRight
             } else if p.legend_upper {
                 SeriesLabelPosition::UpperRight
             } else {
                 SeriesLabelPosition::LowerRight
-            })
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .label_font((SANS, 12))
-            .draw()
-            .map_err(e)?;
+            },
+        )?;
     }
     Ok(())
+}
+
+/// Draws the chart's series labels at `pos` in the figures' legend style.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(180, 180, 180))
+        .label_font((SANS, 12))
+        .draw()
+        .map_err(e)
 }
 
 /// Writes `stem.png` and `stem.svg`, drawn by `f` on a titled canvas.
@@ -400,31 +411,29 @@ fn save(
 ) -> Result<()> {
     let png = out.join(format!("{stem}.png"));
     let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
-    {
-        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
-        root.fill(&WHITE)
-            .map_err(|x| anyhow::anyhow!("{}: {x:?}", png.display()))?;
-        let area = root
-            .titled(title, (SANS, 20))
-            .map_err(|x| anyhow::anyhow!("{}: {x:?}", png.display()))?;
-        f(&area).map_err(|x| anyhow::anyhow!("{}: {x}", png.display()))?;
-        root.present()
-            .map_err(|x| anyhow::anyhow!("{}: {x:?}", png.display()))?;
-    }
+    paint(
+        BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area(),
+        &png,
+        title,
+        f,
+    )?;
     write_png(&png, size, &rgb)?;
     let svg = out.join(format!("{stem}.svg"));
-    {
-        let root = SVGBackend::new(&svg, size).into_drawing_area();
-        root.fill(&WHITE)
-            .map_err(|x| anyhow::anyhow!("{}: {x:?}", svg.display()))?;
-        let area = root
-            .titled(title, (SANS, 20))
-            .map_err(|x| anyhow::anyhow!("{}: {x:?}", svg.display()))?;
-        g(&area).map_err(|x| anyhow::anyhow!("{}: {x}", svg.display()))?;
-        root.present()
-            .map_err(|x| anyhow::anyhow!("{}: {x:?}", svg.display()))?;
-    }
-    Ok(())
+    paint(SVGBackend::new(&svg, size).into_drawing_area(), &svg, title, g)
+}
+
+/// Fills `root` white, draws `title` and then `f` below it, and presents it; errors name `path`.
+fn paint<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    path: &Path,
+    title: &str,
+    f: &dyn Fn(&DrawingArea<DB, Shift>) -> DrawResult,
+) -> Result<()> {
+    let err = |x: &dyn std::fmt::Debug| anyhow::anyhow!("{}: {x:?}", path.display());
+    root.fill(&WHITE).map_err(|x| err(&x))?;
+    let area = root.titled(title, (SANS, 20)).map_err(|x| err(&x))?;
+    f(&area).map_err(|x| anyhow::anyhow!("{}: {x}", path.display()))?;
+    root.present().map_err(|x| err(&x))
 }
 
 /// Writes an 8-bit RGB PNG (zlib through flate2; written to a temporary name, then renamed).
