@@ -143,6 +143,7 @@ pub fn write_outputs(dir: &Path, m: &Manifest, stats: &TraceStats, rows: &[Layer
         "tokens": stats.tokens,
         "layers": rows,
         "reuse_distance": reuse,
+        "overlap_distances": OVERLAP_DISTANCES,
     });
     std::fs::write(dir.join("stats.json"), serde_json::to_string_pretty(&json)?)?;
 

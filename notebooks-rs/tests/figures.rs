@@ -206,6 +206,13 @@ fn every_figure_program_draws_from_a_real_run_folder() {
             "capacity (experts per MoE layer)"
         };
         assert!(svg.contains(label), "{stem}: no `{label}` axis label in the SVG");
+        if stem.starts_with("fig5") {
+            // trace-stats' locality measures feed a second panel.
+            assert!(
+                svg.contains("token distance d"),
+                "{stem}: no expert-set overlap panel"
+            );
+        }
     }
     // Without a run folder: one line naming the flag's value.
     let o = Command::new(programs[0].1)

@@ -223,6 +223,77 @@ pub(super) fn fig5(stats: Option<&Value>, out: &Path, stem: &str) -> Result<std:
         y_range: Some((0.0, 1.02)),
         ..Default::default()
     };
-    save_panels(out, stem, "Reuse-distance CDF per MoE layer", &[p])?;
+    let mut panels = vec![p];
+    panels.extend(stats.and_then(locality_panel));
+    save_panels(
+        out,
+        stem,
+        "Reuse across tokens: reuse-distance CDF per MoE layer, expert-set overlap by distance",
+        &panels,
+    )?;
     Ok(Ok(()))
+}
+
+/// The mean over layers of the overlap of expert sets between tokens d apart, next to its two
+/// baselines (two tokens of one request, tokens of different requests); `None` for statistics
+/// written before trace-stats measured it.
+fn locality_panel(stats: &Value) -> Option<Panel> {
+    let dists: Vec<u64> = stats
+        .get("overlap_distances")?
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let layers = stats.get("layers")?.as_array()?;
+    let mean = |f: &dyn Fn(&Value) -> Option<f64>| {
+        let v: Vec<f64> = layers.iter().filter_map(f).filter(|x| x.is_finite()).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let overlap: Vec<(f64, f64)> = (0..dists.len())
+        .filter_map(|i| {
+            Some((
+                i as f64,
+                mean(&|l| l.get("overlap_by_distance")?.get(i)?.as_f64())?,
+            ))
+        })
+        .collect();
+    if overlap.is_empty() {
+        return None;
+    }
+    let last = (dists.len() - 1) as f64;
+    let mut lines = vec![Line {
+        label: "two tokens d apart".into(),
+        pts: overlap,
+        color: 0,
+        dashed: false,
+    }];
+    for (i, (field, label)) in [
+        ("request_pair_overlap", "any two tokens of a request"),
+        ("cross_request_overlap", "tokens of different requests"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if let Some(y) = mean(&|l| l.get(field)?.as_f64()) {
+            lines.push(Line {
+                label: label.into(),
+                pts: vec![(0.0, y), (last, y)],
+                color: i + 1,
+                dashed: true,
+            });
+        }
+    }
+    let lift = mean(&|l| l.get("locality_lift")?.as_f64());
+    Some(Panel {
+        title: format!(
+            "expert-set overlap, mean over layers{}",
+            lift.map_or(String::new(), |x| format!(" (locality lift {x:.2})"))
+        ),
+        x: "token distance d".into(),
+        y: "|E_t ∩ E_t-d| / k".into(),
+        lines,
+        x_cats: Some(dists.iter().map(u64::to_string).collect()),
+        legend_upper: true,
+        ..Default::default()
+    })
 }
