@@ -14,7 +14,6 @@ PROMPTS starts with make.py's prompt; golden.json records the prompt and its mar
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -46,8 +45,7 @@ def main():
     meta = {"arch": model.config.model_type, "checkpoint": str(out), "on_disk_dtype": "bfloat16"}
     for i, prompt in enumerate(PROMPTS):
         make.PROMPT = prompt
-        make.write_golden(model, tok, out, {**meta, "prompt_choice": f"PROMPTS[{i}] of models/reference/golden.py"})
-        margin = json.loads((out / "golden.json").read_text())["min_router_margin"]
+        margin = make.write_golden(model, tok, out, {**meta, "prompt_choice": f"PROMPTS[{i}] of models/reference/golden.py"})
         if margin >= MIN_MARGIN:
             return
         print(f"prompt {i}: router margin {margin:.2e} < {MIN_MARGIN:.0e}, trying the next")

@@ -117,7 +117,6 @@ impl TraceStats {
         self.tokens += r.tokens() as u64;
         let (layers, e) = (r.layers, self.num_experts);
         let mut last_use = vec![vec![usize::MAX; e]; layers];
-        let mut used = vec![vec![false; e]; layers];
         let mut in_request = vec![vec![0u64; e]; layers];
         for t in 0..r.tokens() {
             for l in 0..layers {
@@ -126,7 +125,6 @@ impl TraceStats {
                     let x = x as usize;
                     self.counts[l][x] += 1;
                     in_request[l][x] += 1;
-                    used[l][x] = true;
                     let b = match last_use[l][x] {
                         usize::MAX => 8,
                         prev => reuse_bucket(t - prev),
@@ -157,9 +155,9 @@ impl TraceStats {
             self.request_pair_common[l] += c.iter().map(|&c| c * c.saturating_sub(1) / 2).sum::<u64>();
             self.request_pairs[l] += n * n.saturating_sub(1) / 2;
         }
-        for (cov, used) in self.coverage.iter_mut().zip(&used) {
-            for (c, &u) in cov.iter_mut().zip(used) {
-                *c += u as u64;
+        for (cov, counts) in self.coverage.iter_mut().zip(&in_request) {
+            for (c, &n) in cov.iter_mut().zip(counts) {
+                *c += (n > 0) as u64;
             }
         }
     }

@@ -273,7 +273,8 @@ def make_fixture(arch, out_dir, seed, size):
 
 
 def write_golden(model, hf_tok, out, extra_meta):
-    """Runs the loaded `model` on PROMPT and writes golden.safetensors and golden.json to `out`."""
+    """Runs the loaded `model` on PROMPT and writes golden.safetensors and golden.json to `out`;
+    returns the smallest gap between the k-th and (k+1)-th router probability."""
     config = model.config
     prompt_ids = hf_tok(PROMPT)["input_ids"]
     chat_text = hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
@@ -336,6 +337,7 @@ def write_golden(model, hf_tok, out, extra_meta):
     print(f"{name}: {len(prompt_ids)} prompt tokens, min router margin {min(margins):.2e}, files in {out}")
     if min(margins) < 1e-5:
         print(f"warning: {name} has a near-tie in routing (margin {min(margins):.2e}); f32 order may flip it")
+    return min(margins)
 
 
 def main():
