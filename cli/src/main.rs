@@ -2,7 +2,8 @@
 //! - `generate`: stream text from a checkpoint, then report prefill/decode tok/s and peak RSS;
 //! - `logits`: the engine's outside-checkable surface — logits, router choices and greedy
 //!   tokens for given token ids, written to a safetensors file;
-//! - `expert-pack`: write a checkpoint's experts as one aligned extent each.
+//! - `expert-pack`: write a checkpoint's experts as one aligned extent each;
+//! - `inflate`: a function-preserving copy of a checkpoint at a larger hidden size and expert width.
 //!
 //! `generate` and `logits` stream experts from disk through a bounded cache when given
 //! `--capacity` or `--cache-bytes` (see `offload::CacheArgs`).
@@ -39,6 +40,29 @@ enum Command {
     Logits(LogitsArgs),
     /// Write the checkpoint's experts as an expert pack: one 4 KiB-aligned extent per expert.
     ExpertPack(PackArgs),
+    /// Write a copy of a checkpoint at a larger hidden size and expert width that computes the
+    /// same function (same logits, same routing), with random bytes in the padding.
+    Inflate(InflateArgs),
+}
+
+#[derive(Args, Debug)]
+struct InflateArgs {
+    /// Checkpoint directory or hub id (qwen3_moe).
+    #[arg(long)]
+    model: String,
+    /// Directory to create for the inflated checkpoint (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Hidden size of the copy: the model's times a power of two (default 2048:
+    /// Qwen3-Coder-Next's).
+    #[arg(long, default_value_t = 2048)]
+    hidden: usize,
+    /// Expert width (`moe_intermediate_size`) of the copy (default 512: Qwen3-Coder-Next's).
+    #[arg(long, default_value_t = 512)]
+    moe_intermediate: usize,
+    /// Seed of the random padding.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +149,7 @@ fn main() {
         Command::Generate(a) => run_generate(a),
         Command::Logits(a) => run_logits(a),
         Command::ExpertPack(a) => run_pack(a),
+        Command::Inflate(a) => run_inflate(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -323,6 +348,44 @@ fn run_pack(a: PackArgs) -> Result<()> {
         summary.experts,
         summary.expert_bytes,
         summary.file_bytes as f64 / 1e9,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_inflate(a: InflateArgs) -> Result<()> {
+    let ckpt = Checkpoint::open(&a.model).with_context(|| format!("--model {}", a.model))?;
+    let opts = shadowmoe_engine::inflate::InflateOptions {
+        hidden: a.hidden,
+        moe_intermediate: a.moe_intermediate,
+        seed: a.seed,
+    };
+    let plan = shadowmoe_engine::inflate::plan(&ckpt, &opts)?;
+    eprintln!(
+        "inflating {} to hidden {} (x{} copies, norm shift {}), expert width {}",
+        ckpt.dir.display(),
+        plan.hidden,
+        plan.copies,
+        plan.shift,
+        plan.moe_intermediate
+    );
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let summary = shadowmoe_engine::inflate::inflate(&ckpt, &a.out, &opts, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {}: {} files, {:.2} GB, {} experts of {} bytes, in {:.1}s",
+        summary.dir.display(),
+        summary.files,
+        summary.total_bytes as f64 / 1e9,
+        summary.experts,
+        summary.expert_bytes,
         start.elapsed().as_secs_f64()
     );
     Ok(())

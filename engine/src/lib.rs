@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod inflate;
 pub mod kernels;
 pub mod model;
 pub mod moe;
