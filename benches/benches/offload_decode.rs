@@ -105,6 +105,7 @@ fn child(dir: &std::path::Path, spec: &str, tokens: usize) {
             on_miss: MissMode::Sync,
             io_threads: 4,
             pinned: vec![],
+            settle_loads: false,
         };
         let (model, cached) = ckpt.load_model_cached(store, &opts).unwrap();
         (

@@ -200,6 +200,7 @@ impl CacheArgs {
             on_miss,
             io_threads: self.io_threads,
             pinned,
+            settle_loads: false,
         };
         let prefetch = self.prefetch(ckpt)?;
         let (model, cached) = ckpt.load_model_cached(store.clone(), &opts)?;

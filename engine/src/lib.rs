@@ -28,6 +28,7 @@ pub mod moe;
 pub mod observer;
 pub mod offload;
 pub mod predict;
+mod prefetcher;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;

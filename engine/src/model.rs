@@ -14,7 +14,8 @@ use crate::error::{EngineError, Result};
 use crate::kernels::{linear, rms_norm_rows};
 use crate::moe::{ExpertProvider, InMemoryExperts, Mlp, MoeBlock, load_mlp};
 use crate::observer::{Phase, RouteEvent, RoutingObserver};
-use crate::predict::{LayerView, Prefetch, PrefetchSlot};
+use crate::predict::{PredictStats, Prefetch};
+use crate::prefetcher::Prefetcher;
 use crate::rope::RopeTables;
 use crate::weights::{Weight, WeightIndex};
 
@@ -51,7 +52,9 @@ pub struct Model {
     norm: Vec<f32>,
     lm_head: Weight,
     experts: Arc<dyn ExpertProvider>,
-    prefetch: PrefetchSlot,
+    prefetch: std::sync::Mutex<Option<Prefetcher>>,
+    /// Forward passes so far (the predictor's clock).
+    passes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Model {
@@ -98,7 +101,8 @@ impl Model {
             layers,
             config: cfg,
             experts,
-            prefetch: PrefetchSlot::default(),
+            prefetch: std::sync::Mutex::new(None),
+            passes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -113,10 +117,28 @@ impl Model {
         &self.experts
     }
 
-    /// Turns prefetching on (or off with `None`): after each MoE layer of a decode pass, the
-    /// predictor's experts for the MoE layer `depth` layers later go to the provider.
+    /// Turns prefetching on (or off with `None`): as each MoE layer of a pass routes, the
+    /// predictor sees its router input, and in decode passes its predictions for the later
+    /// layers the [`Prefetch`] names go to the provider.
     pub fn set_prefetch(&self, prefetch: Option<Prefetch>) {
-        *self.prefetch.lock().unwrap_or_else(|e| e.into_inner()) = prefetch;
+        let new = prefetch.map(|p| Prefetcher::new(p, self.config.moe_layers(), self.experts.clone()));
+        // The old one (and its thread) goes after the lock is released.
+        let old = std::mem::replace(&mut *self.prefetch_lock(), new);
+        drop(old);
+    }
+
+    fn prefetch_lock(&self) -> std::sync::MutexGuard<'_, Option<Prefetcher>> {
+        self.prefetch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What prediction has cost and done so far (None without prefetching). Waits for the
+    /// predictor to finish what it was handed.
+    pub fn prefetch_stats(&self) -> Option<PredictStats> {
+        let guard = self.prefetch_lock();
+        guard.as_ref().map(|p| {
+            p.flush();
+            p.stats()
+        })
     }
 
     /// The router of every MoE layer, by model layer index.
@@ -129,33 +151,6 @@ impl Model {
                 FeedForward::Dense(_) => None,
             })
             .collect()
-    }
-
-    /// After MoE layer `l` of a pass: lets the predictor see the last token and prefetches its
-    /// prediction for the layer `depth` MoE layers later (decode only).
-    fn after_moe_layer(&self, l: usize, hidden: &[f32], experts: &[u32], phase: Phase) -> Result<()> {
-        let mut guard = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(p) = guard.as_mut() else { return Ok(()) };
-        let view = LayerView {
-            layer: l,
-            hidden,
-            experts,
-        };
-        p.predictor.observe(&view);
-        if phase != Phase::Decode {
-            return Ok(());
-        }
-        // The MoE layer `depth` MoE layers after `l` (no allocation: this runs per layer and token).
-        let kinds = &self.config.mlp_kinds;
-        let Some(target) = (l..kinds.len())
-            .filter(|&x| kinds[x] == MlpKind::Moe)
-            .nth(p.depth)
-        else {
-            return Ok(());
-        };
-        let predicted = p.predictor.predict(&view, target, p.k)?;
-        self.experts.prefetch(target, &predicted)?;
-        Ok(())
     }
 
     /// A fresh KV cache for this model.
@@ -189,7 +184,18 @@ impl Model {
         let t = tokens.len();
         let h = cfg.hidden_size;
         let positions: Vec<usize> = (cache.len..cache.len + t).collect();
-        let prefetching = self.prefetch.lock().is_ok_and(|p| p.is_some());
+        let prefetching = {
+            let guard = self.prefetch_lock();
+            match guard.as_ref() {
+                Some(p) => {
+                    p.error()?;
+                    true
+                }
+                None => false,
+            }
+        };
+        let pass = self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut moe_ordinal = 0;
         let rope = RopeTables::new(&cfg.rope, &positions);
 
         let mut x = Array2::<f32>::zeros((t, h)); // (T, H)
@@ -224,11 +230,15 @@ impl Model {
                             hidden: want_hidden.then(|| hn.row(ti).to_slice().expect("standard layout")),
                         });
                     }
-                    let seen =
-                        prefetching.then(|| (hn.row(t - 1).to_vec(), decision.experts_of(t - 1).to_vec()));
+                    if prefetching && let Some(p) = self.prefetch_lock().as_mut() {
+                        let hidden = hn.row(t - 1);
+                        let hidden = hidden.as_slice().expect("standard layout");
+                        p.routed(pass, moe_ordinal, phase, hidden, decision.experts_of(t - 1));
+                    }
+                    moe_ordinal += 1;
                     let out = block.forward(hn.view(), decision, phase, self.experts.as_ref())?;
-                    if let Some((hidden, experts)) = seen {
-                        self.after_moe_layer(l, &hidden, &experts, phase)?;
+                    if prefetching && let Some(p) = self.prefetch_lock().as_mut() {
+                        p.after_layer()?;
                     }
                     out
                 }

@@ -131,6 +131,12 @@ pub trait ExpertProvider: Send + Sync {
     fn prefetch(&self, _layer: usize, _experts: &[u32]) -> Result<usize> {
         Ok(0)
     }
+
+    /// Drops a prefetch of `expert` at `layer` that nobody has asked for and no reader has
+    /// taken yet; true if it was dropped.
+    fn cancel_prefetch(&self, _layer: usize, _expert: u32) -> bool {
+        false
+    }
 }
 
 /// Every expert resident (memory-mapped checkpoint views; no copies).

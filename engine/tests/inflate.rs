@@ -64,6 +64,7 @@ fn inflated_reference_model_computes_the_same_function() {
         on_miss: MissMode::Sync,
         io_threads: 2,
         pinned: Vec::new(),
+        settle_loads: false,
     };
     let (model, _cached) = big.load_model_cached(store, &opts).unwrap();
     let moe = big.config.moe_layers();

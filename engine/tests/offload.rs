@@ -27,6 +27,7 @@ fn opts(budget: Budget) -> CacheOptions {
         on_miss: MissMode::Sync,
         io_threads: 2,
         pinned: vec![],
+        settle_loads: false,
     }
 }
 
@@ -378,40 +379,101 @@ fn cancelled_prefetch_is_dropped_unread() {
     assert_eq!(cached.prefetch(&keys[..1]).unwrap(), 0, "already resident");
 }
 
-/// Prefetching with a real predictor (gate-lookahead and previous-token) never changes the
-/// output, and its prefetches are counted and used.
+/// Prefetching with a real predictor (gate-lookahead and previous-token), inline or on its own
+/// thread, for one target layer or every layer ahead (and into the next token), never changes
+/// the output, and its prefetches are counted and used.
 #[test]
 fn prefetching_is_exact_and_counted() {
-    use shadowmoe_engine::predict::{GateLookahead, Prefetch, PreviousToken};
+    use shadowmoe_engine::predict::{
+        GateLookahead, Prefetch, PrefetchSpan, PredictorTiming, PreviousToken,
+    };
     for arch in ARCHS {
         let (ckpt, prompt, all) = reference(arch);
         let k = ckpt.config.num_experts_per_tok;
         for name in ["gate-lookahead", "previous-token"] {
-            let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
-            let (model, cached) = ckpt
-                .load_model_cached(store, &opts(Budget::PerLayer(2 * k)))
-                .unwrap();
-            let predictor: Box<dyn shadowmoe_engine::predict::ExpertPredictor> = match name {
-                "gate-lookahead" => Box::new(GateLookahead::new(model.routers())),
-                _ => Box::new(PreviousToken::default()),
-            };
-            model.set_prefetch(Some(Prefetch {
-                predictor,
-                depth: 1,
-                k,
-            }));
-            assert_eq!(
-                run(&model, &prompt),
-                all,
-                "{arch} {name}: prefetching changed the output"
-            );
-            let (s, _) = cached.stats();
-            assert!(s.prefetch_issued > 0, "{arch} {name}: no prefetch");
-            assert!(s.prefetch_used > 0, "{arch} {name}: no prefetch was used");
-            assert!(
-                s.prefetch_used + s.prefetch_wasted <= s.prefetch_issued,
-                "{arch} {name}: {s:?}"
-            );
+            for (timing, span, depth) in [
+                (PredictorTiming::Inline, PrefetchSpan::Target, 1),
+                (PredictorTiming::Async, PrefetchSpan::Target, 1),
+                (PredictorTiming::Async, PrefetchSpan::All, 2),
+                (PredictorTiming::Inline, PrefetchSpan::Wrap, 2),
+            ] {
+                let what = format!("{arch} {name} {timing:?} {} depth {depth}", span.name());
+                let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+                let (model, cached) = ckpt
+                    .load_model_cached(store, &opts(Budget::PerLayer(2 * k)))
+                    .unwrap();
+                let predictor: Box<dyn shadowmoe_engine::predict::ExpertPredictor> = match name {
+                    "gate-lookahead" => Box::new(GateLookahead::new(model.routers())),
+                    _ => Box::new(PreviousToken::default()),
+                };
+                model.set_prefetch(Some(Prefetch {
+                    predictor,
+                    depth,
+                    k,
+                    span,
+                    timing,
+                }));
+                assert_eq!(run(&model, &prompt), all, "{what}: prefetching changed the output");
+                let ps = model.prefetch_stats().unwrap();
+                cached.wait_idle().unwrap();
+                let (s, _) = cached.stats();
+                assert!(ps.late <= ps.predictions, "{what}: {ps:?}");
+                assert_eq!(s.prefetch_issued, ps.issued, "{what}: cache and predictor disagree");
+                assert!(
+                    s.prefetch_used + s.prefetch_wasted <= s.prefetch_issued,
+                    "{what}: {s:?}"
+                );
+                // On its own thread, how much the predictor gets done while a toy model decodes
+                // is timing; inline, every decode layer is predicted from.
+                if timing == PredictorTiming::Inline {
+                    assert!(ps.calls > 0 && ps.predictions >= ps.calls, "{what}: {ps:?}");
+                    assert_eq!((ps.late, ps.skipped), (0, 0), "{what}: {ps:?}");
+                    assert!(s.prefetch_issued > 0, "{what}: no prefetch");
+                    assert!(s.prefetch_used > 0, "{what}: no prefetch was used: {s:?} {ps:?}");
+                }
+            }
         }
     }
+}
+
+/// A predictor slower than the forward pass, on its own thread: the forward pass does not wait
+/// for it (the output is exact and generation ends while it is still busy), its answers for
+/// layers that have already routed are counted late and dropped, and the layers it could not
+/// reach are counted skipped.
+#[test]
+fn a_slow_async_predictor_is_late_not_blocking() {
+    use shadowmoe_engine::predict::{
+        ExpertPredictor, LayerView, Prefetch, PrefetchSpan, PredictorTiming,
+    };
+    struct Slow;
+    impl ExpertPredictor for Slow {
+        fn name(&self) -> String {
+            "slow".into()
+        }
+        fn predict(&mut self, view: &LayerView<'_>, _target: usize, k: usize) -> shadowmoe_engine::Result<Vec<u32>> {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Ok(view.experts.iter().copied().take(k).collect())
+        }
+    }
+    let (ckpt, prompt, all) = reference("qwen3_moe");
+    let k = ckpt.config.num_experts_per_tok;
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    let (model, _cached) = ckpt
+        .load_model_cached(store, &opts(Budget::PerLayer(2 * k)))
+        .unwrap();
+    model.set_prefetch(Some(Prefetch {
+        predictor: Box::new(Slow),
+        depth: 1,
+        k,
+        span: PrefetchSpan::Target,
+        timing: PredictorTiming::Async,
+    }));
+    assert_eq!(run(&model, &prompt), all);
+    let ps = model.prefetch_stats().unwrap();
+    assert!(ps.calls >= 1, "{ps:?}");
+    assert!(ps.late >= 1, "the first answer came 300 ms later: {ps:?}");
+    assert!(ps.skipped >= 1, "{ps:?}");
+    assert!(ps.predictor_secs >= 0.3 * ps.calls as f64, "{ps:?}");
+    // The forward thread only handed the router input over.
+    assert!(ps.forward_secs < 0.25, "{ps:?}");
 }

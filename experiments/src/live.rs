@@ -185,6 +185,7 @@ impl LiveSetup {
             on_miss: MissMode::Sync,
             io_threads: self.io_threads,
             pinned: Vec::new(),
+            settle_loads: false,
         };
         let (model, _cached) = self.ckpt.load_model_cached(store, &opts)?;
         let path = std::env::temp_dir().join(format!(
@@ -247,6 +248,7 @@ impl LiveSetup {
             on_miss: c.on_miss,
             io_threads: self.io_threads,
             pinned: c.pinned.clone(),
+            settle_loads: false,
         };
         let longest = self.prompts.iter().map(Vec::len).max().unwrap_or(0) + self.max_new_tokens;
         let modelled_total_bytes = self.ckpt.byte_model(&store).predict(c.capacity, longest);

@@ -192,6 +192,7 @@ fn simulated_and_live_agree() {
             on_miss,
             io_threads: 2,
             pinned: pins.clone(),
+            settle_loads: false,
         };
         let (model, cached) = ckpt.load_model_cached(store.clone(), &opts).unwrap();
         if prefetch {

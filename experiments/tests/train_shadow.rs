@@ -169,6 +169,7 @@ fn prefetch_with(predictor: ShadowPredictor, config_sha256: &str) {
         on_miss: MissMode::Sync,
         io_threads: 2,
         pinned: vec![],
+        settle_loads: false,
     };
     let (model, cached) = ckpt.load_model_cached(store, &cache).unwrap();
     model.set_prefetch(Some(Prefetch {

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod pool;
 pub mod profile;
 pub mod provider;
+pub mod setup;
 pub mod store;
 
 pub use bytes::ByteModel;
@@ -21,6 +22,7 @@ pub use policy::{NextUse, PolicyKind};
 pub use pool::IoPool;
 pub use profile::Profile;
 pub use provider::{CacheOptions, CachedExperts, MissMode};
+pub use setup::{Capacity, OffloadConfig, Offloaded, PinSpec};
 pub use store::{ExpertStore, IoMode};
 
 /// A fast hasher for maps keyed by [`ExpertKey`] (FxHash's mix: the keys are small integers

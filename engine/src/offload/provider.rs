@@ -63,6 +63,10 @@ pub struct CacheOptions {
     pub io_threads: usize,
     /// Experts kept resident for the whole run (loaded before the first token).
     pub pinned: Vec<ExpertKey>,
+    /// Deterministic timing: every load in flight (prefetches included) lands before a layer
+    /// looks its experts up, so hits depend on the order of events alone, as in the simulator
+    /// with instant I/O.
+    pub settle_loads: bool,
 }
 
 struct Inner {
@@ -91,6 +95,7 @@ pub struct CachedExperts {
     pool: IoPool,
     first_moe_layer: usize,
     on_miss: MissMode,
+    settle_loads: bool,
     mapped: bool,
     total_slots: usize,
     pinned_bytes: u64,
@@ -146,6 +151,7 @@ impl CachedExperts {
             store,
             first_moe_layer: moe_layers.first().copied().unwrap_or(0),
             on_miss: opts.on_miss,
+            settle_loads: opts.settle_loads,
             mapped,
             total_slots,
             pinned_bytes: 0,
@@ -389,6 +395,14 @@ impl ExpertProvider for CachedExperts {
         let mut guard = self.lock();
         let inner = &mut *guard;
         self.drain(inner);
+        if self.settle_loads {
+            let start = Instant::now();
+            while !inner.in_flight.is_empty() {
+                let done = self.pool.recv()?;
+                self.handle_done(inner, done);
+            }
+            inner.io.stall += start.elapsed();
+        }
         if layer == self.first_moe_layer {
             inner.core.advance(decision.tokens() as u64);
         }
@@ -443,6 +457,10 @@ impl ExpertProvider for CachedExperts {
     fn prefetch(&self, layer: usize, experts: &[u32]) -> Result<usize> {
         let keys: Vec<ExpertKey> = experts.iter().map(|&e| ExpertKey::new(layer, e)).collect();
         CachedExperts::prefetch(self, &keys)
+    }
+
+    fn cancel_prefetch(&self, layer: usize, expert: u32) -> bool {
+        CachedExperts::cancel_prefetch(self, ExpertKey::new(layer, expert))
     }
 
     fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>> {
