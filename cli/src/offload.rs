@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use shadowmoe_engine::offload::bytes::{fmt_bytes, parse_bytes};
+use shadowmoe_engine::offload::bytes::parse_bytes;
 use shadowmoe_engine::offload::{
-    Budget, ByteModel, CacheOptions, CachedExperts, IoMode, MissMode, PolicyKind, Profile, RunMetrics,
+    Budget, ByteModel, CachedExperts, Capacity, IoMode, OffloadConfig, PinSpec, RunMetrics,
 };
-use shadowmoe_engine::predict::{ExpertPredictor, GateLookahead, Popularity, Prefetch, PreviousToken};
+use shadowmoe_engine::predict::{
+    ExpertPredictor, GateLookahead, Popularity, PredictorTiming, Prefetch, PrefetchSpan, PreviousToken,
+};
 use shadowmoe_engine::{Checkpoint, GenerationStats, Model, peak_rss_bytes};
 
 /// Flags of the expert cache. Without `--capacity` or `--cache-bytes` every expert stays
@@ -69,6 +71,14 @@ pub struct CacheArgs {
     /// Expert profile whose ranking the popularity predictor prefetches.
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// Which later layers a prediction is for: target (layer L + D only), all (each of L + 1 …
+    /// L + D) or wrap (all, continuing into the next token's first layers).
+    #[arg(long, default_value = "target")]
+    prefetch_span: String,
+    /// Where the predictor runs: async (its own thread, off the forward pass) or inline (on the
+    /// forward thread after each layer: deterministic).
+    #[arg(long, default_value = "async")]
+    predictor_timing: String,
 }
 
 /// A model ready to run, with what is needed to report on it.
@@ -114,137 +124,82 @@ impl CacheArgs {
                 byte_model: None,
             });
         }
-        let cfg = &ckpt.config;
         let io: IoMode = flag("--io", &self.io)?;
-        let policy: PolicyKind = flag("--policy", &self.policy)?;
-        let on_miss: MissMode = flag("--on-miss", &self.on_miss)?;
-        if self.io_threads == 0 {
-            bail!("--io-threads: must be at least 1");
-        }
-        let store = Arc::new(ckpt.expert_store(io, self.pack.as_deref(), self.verify)?);
-        let bm = ckpt.byte_model(&store);
-        let moe_layers = cfg.moe_layers();
-        let experts = cfg.num_experts;
-
-        let budget = match (&self.capacity, &self.cache_bytes) {
+        let capacity = match (&self.capacity, &self.cache_bytes) {
             (Some(c), _) if c == "auto" => {
                 let Some(mb) = &self.memory_budget else {
                     bail!("--capacity auto needs --memory-budget SIZE (e.g. 20GiB)");
                 };
-                let budget = parse_bytes(mb).map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?;
-                let n = bm.capacity_for(budget, context, experts)?;
-                eprintln!(
-                    "capacity auto: {n} experts per layer (of {experts}); byte model {} within --memory-budget {}",
-                    fmt_bytes(bm.predict(n, context)),
-                    fmt_bytes(budget)
-                );
-                Budget::PerLayer(n)
-            }
-            (Some(c), _) => {
-                let n: usize = c.parse().map_err(|_| {
-                    anyhow::anyhow!(
-                        "--capacity: `{c}` is not a number of experts (expected 1..={experts} or auto)"
-                    )
-                })?;
-                if n == 0 || n > experts {
-                    bail!(
-                        "--capacity: {n} is out of range (the model has {experts} experts per layer; expected 1..={experts})"
-                    );
+                Capacity::Auto {
+                    memory_budget: parse_bytes(mb).map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?,
+                    context,
                 }
-                Budget::PerLayer(n)
             }
+            (Some(c), _) => Capacity::PerLayer(c.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--capacity: `{c}` is not a number of experts (expected 1..={} or auto)",
+                    ckpt.config.num_experts
+                )
+            })?),
             (None, Some(b)) => {
-                let bytes = parse_bytes(b).map_err(|e| anyhow::anyhow!("--cache-bytes: {e}"))?;
-                let slots = (bytes / store.slot_bytes() as u64) as usize;
-                let all = experts * moe_layers.len();
-                if slots == 0 {
-                    bail!(
-                        "--cache-bytes: {} holds no expert (one expert takes {})",
-                        fmt_bytes(bytes),
-                        fmt_bytes(store.slot_bytes() as u64)
-                    );
-                }
-                Budget::Global(slots.min(all))
+                Capacity::Bytes(parse_bytes(b).map_err(|e| anyhow::anyhow!("--cache-bytes: {e}"))?)
             }
             (None, None) => unreachable!("cache_requested"),
         };
-        let per_partition = match budget {
-            Budget::PerLayer(n) | Budget::Global(n) => n,
-        };
-        let pinned = match &self.pin {
-            None => Vec::new(),
-            Some(spec) => {
-                let (path, k) = match spec.rsplit_once(':') {
-                    Some((p, k)) if k.chars().all(|c| c.is_ascii_digit()) && !k.is_empty() => {
-                        (PathBuf::from(p), k.parse::<usize>().context("--pin: K")?)
-                    }
-                    _ => (PathBuf::from(spec), (per_partition / 2).max(1)),
-                };
-                let profile = Profile::read(&path).map_err(|e| anyhow::anyhow!("--pin: {e}"))?;
-                let sha = ckpt.config_sha256()?;
-                if profile.config_sha256 != sha {
-                    bail!(
-                        "--pin: {} is a profile of another model (config sha256 {}, this model {sha})",
-                        path.display(),
-                        profile.config_sha256
-                    );
-                }
-                profile
-                    .top_k(&path, &moe_layers, experts, k)
-                    .map_err(|e| anyhow::anyhow!("--pin: {e}"))?
-            }
-        };
-        let opts = CacheOptions {
-            budget,
-            policy,
-            on_miss,
+        let cfg = OffloadConfig {
+            io,
+            pack: self.pack.clone(),
+            verify: self.verify,
+            capacity,
+            policy: flag("--policy", &self.policy)?,
+            on_miss: flag("--on-miss", &self.on_miss)?,
             io_threads: self.io_threads,
-            pinned,
+            pin: self.pin.as_deref().map(PinSpec::parse),
             settle_loads: false,
         };
         let prefetch = self.prefetch(ckpt)?;
-        let (model, cached) = ckpt.load_model_cached(store.clone(), &opts)?;
+        let off = ckpt.offload(&cfg)?;
         if let Some((kind, depth, k, ranked)) = prefetch {
             let predictor: Box<dyn ExpertPredictor> = match kind {
                 "previous-token" => Box::new(PreviousToken::default()),
-                "gate-lookahead" => Box::new(GateLookahead::new(model.routers())),
+                "gate-lookahead" => Box::new(GateLookahead::new(off.model.routers())),
                 _ => Box::new(Popularity {
                     ranked: ranked.unwrap_or_default(),
                 }),
             };
-            tracing::info!("prefetching: {kind}, depth {depth}, k {k}");
-            model.set_prefetch(Some(Prefetch { predictor, depth, k }));
+            let span: PrefetchSpan = flag("--prefetch-span", &self.prefetch_span)?;
+            let timing: PredictorTiming = flag("--predictor-timing", &self.predictor_timing)?;
+            tracing::info!("prefetching: {kind}, depth {depth}, k {k}, span {}", span.name());
+            off.model.set_prefetch(Some(Prefetch {
+                predictor,
+                depth,
+                k,
+                span,
+                timing,
+            }));
         }
-        let slots = cached.total_slots();
+        let slots = off.cached.total_slots();
         let metrics = RunMetrics {
-            io_mode: store.mode().name().into(),
+            io_mode: off.store.mode().name().into(),
             io_mode_requested: io.name().into(),
-            expert_source: store.source().into(),
+            expert_source: off.store.source().into(),
             io_threads: self.io_threads,
-            policy: policy.name().into(),
-            budget_kind: match budget {
+            policy: cfg.policy.name().into(),
+            budget_kind: match off.budget {
                 Budget::PerLayer(_) => "per-layer".into(),
                 Budget::Global(_) => "global".into(),
             },
-            capacity: per_partition,
-            on_miss: on_miss.name().into(),
-            pinned_experts: opts.pinned.len(),
-            expert_bytes: store.expert_bytes(),
+            capacity: off.per_partition(),
+            on_miss: cfg.on_miss.name().into(),
+            pinned_experts: off.pinned.len(),
+            expert_bytes: off.store.expert_bytes(),
             ..Default::default()
         };
-        tracing::info!(
-            "expert cache: {slots} slots of {} ({} via {}), policy {}, on-miss {}",
-            fmt_bytes(store.slot_bytes() as u64),
-            store.source(),
-            store.mode().name(),
-            policy.name(),
-            on_miss.name()
-        );
         Ok(Loaded {
-            model,
-            cached: Some(cached),
+            byte_model: Some((off.byte_model, slots)),
+            cached: Some(off.cached),
+            model: off.model,
             metrics,
-            byte_model: Some((bm, slots)),
         })
     }
 
@@ -290,18 +245,11 @@ impl CacheArgs {
             let Some(path) = &self.profile else {
                 bail!("--predictor popularity needs --profile PROFILE (written by trace-stats)");
             };
-            let profile = Profile::read(path).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
-            if profile.config_sha256 != ckpt.config_sha256()? {
-                bail!("--profile: {} is a profile of another model", path.display());
-            }
-            let mut ranked: HashMap<usize, Vec<u32>> = HashMap::new();
-            for key in profile
-                .top_k(path, &cfg.moe_layers(), cfg.num_experts, cfg.num_experts)
-                .map_err(|e| anyhow::anyhow!("--profile: {e}"))?
-            {
-                ranked.entry(key.layer as usize).or_default().push(key.expert);
-            }
-            Some(ranked)
+            Some(shadowmoe_engine::offload::setup::ranking(
+                ckpt,
+                path,
+                "--profile",
+            )?)
         } else {
             None
         };

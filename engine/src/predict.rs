@@ -95,7 +95,11 @@ pub fn prefetch_targets(li: usize, n: usize, depth: usize, span: PrefetchSpan) -
                 Vec::new()
             }
         }
-        PrefetchSpan::All => (1..=d).map(|x| li + x).filter(|&t| t < n).map(|t| (t, 0)).collect(),
+        PrefetchSpan::All => (1..=d)
+            .map(|x| li + x)
+            .filter(|&t| t < n)
+            .map(|t| (t, 0))
+            .collect(),
         PrefetchSpan::Wrap => (1..=d).map(|x| li + x).map(|t| (t % n, t / n)).collect(),
     }
 }
@@ -118,7 +122,9 @@ impl std::str::FromStr for PredictorTiming {
         match s {
             "inline" => Ok(PredictorTiming::Inline),
             "async" => Ok(PredictorTiming::Async),
-            _ => Err(format!("unknown predictor timing `{s}` (expected async or inline)")),
+            _ => Err(format!(
+                "unknown predictor timing `{s}` (expected async or inline)"
+            )),
         }
     }
 }

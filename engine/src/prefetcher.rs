@@ -24,7 +24,7 @@ use crate::error::{EngineError, Result};
 use crate::moe::ExpertProvider;
 use crate::observer::Phase;
 use crate::predict::{
-    ExpertPredictor, LayerView, PredictStats, Prefetch, PrefetchSpan, PredictorTiming, prefetch_targets,
+    ExpertPredictor, LayerView, PredictStats, PredictorTiming, Prefetch, PrefetchSpan, prefetch_targets,
 };
 
 /// One routed layer, as the predictor sees it.
@@ -146,7 +146,9 @@ pub(crate) struct Prefetcher {
 
 impl std::fmt::Debug for Prefetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prefetcher").field("layers", &self.n).finish_non_exhaustive()
+        f.debug_struct("Prefetcher")
+            .field("layers", &self.n)
+            .finish_non_exhaustive()
     }
 }
 

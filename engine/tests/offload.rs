@@ -384,9 +384,7 @@ fn cancelled_prefetch_is_dropped_unread() {
 /// the output, and its prefetches are counted and used.
 #[test]
 fn prefetching_is_exact_and_counted() {
-    use shadowmoe_engine::predict::{
-        GateLookahead, Prefetch, PrefetchSpan, PredictorTiming, PreviousToken,
-    };
+    use shadowmoe_engine::predict::{GateLookahead, PredictorTiming, Prefetch, PrefetchSpan, PreviousToken};
     for arch in ARCHS {
         let (ckpt, prompt, all) = reference(arch);
         let k = ckpt.config.num_experts_per_tok;
@@ -413,12 +411,19 @@ fn prefetching_is_exact_and_counted() {
                     span,
                     timing,
                 }));
-                assert_eq!(run(&model, &prompt), all, "{what}: prefetching changed the output");
+                assert_eq!(
+                    run(&model, &prompt),
+                    all,
+                    "{what}: prefetching changed the output"
+                );
                 let ps = model.prefetch_stats().unwrap();
                 cached.wait_idle().unwrap();
                 let (s, _) = cached.stats();
                 assert!(ps.late <= ps.predictions, "{what}: {ps:?}");
-                assert_eq!(s.prefetch_issued, ps.issued, "{what}: cache and predictor disagree");
+                assert_eq!(
+                    s.prefetch_issued, ps.issued,
+                    "{what}: cache and predictor disagree"
+                );
                 assert!(
                     s.prefetch_used + s.prefetch_wasted <= s.prefetch_issued,
                     "{what}: {s:?}"
@@ -442,15 +447,18 @@ fn prefetching_is_exact_and_counted() {
 /// reach are counted skipped.
 #[test]
 fn a_slow_async_predictor_is_late_not_blocking() {
-    use shadowmoe_engine::predict::{
-        ExpertPredictor, LayerView, Prefetch, PrefetchSpan, PredictorTiming,
-    };
+    use shadowmoe_engine::predict::{ExpertPredictor, LayerView, PredictorTiming, Prefetch, PrefetchSpan};
     struct Slow;
     impl ExpertPredictor for Slow {
         fn name(&self) -> String {
             "slow".into()
         }
-        fn predict(&mut self, view: &LayerView<'_>, _target: usize, k: usize) -> shadowmoe_engine::Result<Vec<u32>> {
+        fn predict(
+            &mut self,
+            view: &LayerView<'_>,
+            _target: usize,
+            k: usize,
+        ) -> shadowmoe_engine::Result<Vec<u32>> {
             std::thread::sleep(std::time::Duration::from_millis(300));
             Ok(view.experts.iter().copied().take(k).collect())
         }

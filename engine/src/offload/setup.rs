@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use super::bytes::fmt_bytes;
 use super::cache::Budget;
-use super::{ByteModel, CacheOptions, CachedExperts, ExpertKey, ExpertStore, IoMode, MissMode, PolicyKind, Profile};
+use super::{
+    ByteModel, CacheOptions, CachedExperts, ExpertKey, ExpertStore, IoMode, MissMode, PolicyKind, Profile,
+};
 use crate::checkpoint::Checkpoint;
 use crate::error::{EngineError, Result};
 use crate::model::Model;
