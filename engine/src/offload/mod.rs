@@ -5,6 +5,7 @@
 
 pub mod bytes;
 pub mod cache;
+pub mod driver;
 pub mod layout;
 pub mod metrics;
 pub mod pack;

@@ -13,7 +13,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::cache::{Admit, Budget, CacheCore, CacheStats, Lookup};
+use super::cache::{Budget, CacheCore, CacheStats};
+use super::driver::{self, Loader, Pass};
 use super::metrics::IoStats;
 use super::policy::PolicyKind;
 use super::pool::{IoPool, LoadDone, LoadJob};
@@ -69,8 +70,8 @@ pub struct CacheOptions {
     pub settle_loads: bool,
 }
 
-struct Inner {
-    core: CacheCore,
+/// The live side of the cache: slots, buffers and loads in flight.
+struct LiveIo {
     /// Loaded slots of resident experts (empty in mmap mode).
     slots: HashMap<ExpertKey, Arc<PageBuf>>,
     /// Slot buffers not in use.
@@ -82,11 +83,14 @@ struct Inner {
     next_job: u64,
     /// Why a load failed, until someone waits for it.
     failed: HashMap<ExpertKey, String>,
-    /// Experts of the layer pass now running that have not been handed out yet.
-    pending: HashSet<ExpertKey>,
-    /// Experts whose loads this layer pass started.
-    loaded_this_pass: HashSet<ExpertKey>,
     io: IoStats,
+}
+
+struct Inner {
+    core: CacheCore,
+    live: LiveIo,
+    /// The layer pass now running (or last run).
+    pass: Pass,
 }
 
 /// Experts served from disk through a bounded cache.
@@ -108,6 +112,124 @@ impl std::fmt::Debug for CachedExperts {
             .field("mode", &self.store.mode())
             .field("slots", &self.total_slots)
             .finish_non_exhaustive()
+    }
+}
+
+/// The I/O pool as the pass driver's [`Loader`].
+struct LiveLoader<'a> {
+    cache: &'a CachedExperts,
+    io: &'a mut LiveIo,
+}
+
+impl LiveLoader<'_> {
+    /// A buffer for a new load: the evicted expert's, a free one, or a new one.
+    fn take_buffer(&mut self, evicted: Option<ExpertKey>) -> Option<PageBuf> {
+        let io = &mut *self.io;
+        if self.cache.mapped {
+            if let Some(v) = evicted {
+                self.cache.store.release_mapped(v);
+            }
+            return None;
+        }
+        if let Some(v) = evicted
+            && let Some(arc) = io.slots.remove(&v)
+        {
+            match Arc::try_unwrap(arc) {
+                Ok(buf) => return Some(buf),
+                // Still viewed somewhere (cannot happen: held experts are protected); it leaves
+                // the pool and is freed when the last view goes.
+                Err(_) => io.allocated -= 1,
+            }
+        }
+        Some(io.free.pop().unwrap_or_else(|| {
+            io.allocated += 1;
+            PageBuf::zeroed(self.cache.store.slot_bytes())
+        }))
+    }
+
+    fn handle_done(&mut self, core: &mut CacheCore, done: LoadDone) {
+        let io = &mut *self.io;
+        let key = done.key;
+        // A completion is current only if it is the job the cache is waiting on for this key;
+        // a cancelled prefetch's late completion just returns its buffer.
+        let current = io.in_flight.get(&key).is_some_and(|(id, _)| *id == done.id);
+        if current {
+            io.in_flight.remove(&key);
+        }
+        if let Ok(bytes) = done.result.as_ref()
+            && !done.cancelled
+        {
+            io.io.bytes_read += bytes;
+            io.io.latencies.push(done.latency.as_secs_f64());
+        }
+        if !current || done.cancelled || !core.is_loading(key) {
+            if let Some(buf) = done.buf {
+                io.free.push(buf);
+            }
+            return;
+        }
+        match done.result {
+            Ok(_) => {
+                if let Some(buf) = done.buf {
+                    io.slots.insert(key, Arc::new(buf));
+                }
+                core.loaded(key);
+            }
+            Err(e) => {
+                // The slot goes back unfilled: nothing half-written is ever marked resident.
+                io.io.load_errors += 1;
+                core.load_failed(key);
+                if let Some(buf) = done.buf {
+                    io.free.push(buf);
+                }
+                tracing::debug!("load of {key} failed: {e}");
+                io.failed.insert(key, e.to_string());
+            }
+        }
+    }
+}
+
+impl Loader for LiveLoader<'_> {
+    fn start(&mut self, key: ExpertKey, prefetch: bool, evicted: Option<ExpertKey>) -> Result<()> {
+        let buf = self.take_buffer(evicted);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        self.io.next_job += 1;
+        let id = self.io.next_job;
+        self.io.in_flight.insert(key, (id, cancelled.clone()));
+        self.cache.pool.submit(
+            LoadJob {
+                id,
+                key,
+                buf,
+                cancelled,
+            },
+            !prefetch,
+        )
+    }
+
+    fn poll(&mut self, core: &mut CacheCore) {
+        while let Some(done) = self.cache.pool.try_recv() {
+            self.handle_done(core, done);
+        }
+    }
+
+    fn wait_one(&mut self, core: &mut CacheCore) -> Result<bool> {
+        if self.io.in_flight.is_empty() {
+            return Ok(false);
+        }
+        let start = Instant::now();
+        let done = self.cache.pool.recv()?;
+        self.handle_done(core, done);
+        self.io.io.stall += start.elapsed();
+        Ok(true)
+    }
+
+    fn held(&self, key: ExpertKey) -> bool {
+        self.io.slots.get(&key).is_some_and(|a| Arc::strong_count(a) > 1)
+    }
+
+    fn take_error(&mut self, key: ExpertKey) -> Option<String> {
+        self.io.failed.remove(&key)
     }
 }
 
@@ -157,15 +279,16 @@ impl CachedExperts {
             pinned_bytes: 0,
             inner: Mutex::new(Inner {
                 core,
-                slots: HashMap::new(),
-                free: Vec::new(),
-                allocated: 0,
-                in_flight: HashMap::new(),
-                next_job: 0,
-                failed: HashMap::new(),
-                pending: HashSet::new(),
-                loaded_this_pass: HashSet::new(),
-                io: IoStats::default(),
+                live: LiveIo {
+                    slots: HashMap::new(),
+                    free: Vec::new(),
+                    allocated: 0,
+                    in_flight: HashMap::new(),
+                    next_job: 0,
+                    failed: HashMap::new(),
+                    io: IoStats::default(),
+                },
+                pass: Pass::default(),
             }),
         };
         this.preload_pins(&opts.pinned)
@@ -173,18 +296,23 @@ impl CachedExperts {
 
     fn preload_pins(mut self, pinned: &[ExpertKey]) -> Result<Self> {
         {
-            let mut inner = self.lock();
+            let mut guard = self.lock();
+            let Inner { core, live, .. } = &mut *guard;
+            let mut loader = LiveLoader {
+                cache: &self,
+                io: live,
+            };
             for &key in pinned {
-                self.issue(&mut inner, key, false)?;
+                driver::issue(core, &mut loader, None, None, key, true)?;
             }
             for &key in pinned {
-                self.wait_for(&mut inner, key)?;
+                driver::wait_for(core, &mut loader, key)?;
             }
             // Pin loads happen before the run: the run's counters start after them.
-            let pinned_bytes = inner.io.bytes_read;
-            inner.core.stats = CacheStats::default();
-            inner.io = IoStats::default();
-            drop(inner);
+            let pinned_bytes = live.io.bytes_read;
+            core.stats = CacheStats::default();
+            live.io = IoStats::default();
+            drop(guard);
             self.pinned_bytes = pinned_bytes;
         }
         Ok(self)
@@ -212,151 +340,25 @@ impl CachedExperts {
     /// The counters so far.
     pub fn stats(&self) -> (CacheStats, IoStats) {
         let inner = self.lock();
-        (inner.core.stats.clone(), inner.io.clone())
+        (inner.core.stats.clone(), inner.live.io.clone())
     }
 
     /// Slot buffers allocated so far (never more than the capacity).
     pub fn allocated_slots(&self) -> usize {
-        self.lock().allocated
-    }
-
-    /// A buffer for a new load: the evicted expert's, a free one, or a new one.
-    fn take_buffer(&self, inner: &mut Inner, evicted: Option<ExpertKey>) -> Option<PageBuf> {
-        if self.mapped {
-            if let Some(v) = evicted {
-                self.store.release_mapped(v);
-            }
-            return None;
-        }
-        if let Some(v) = evicted
-            && let Some(arc) = inner.slots.remove(&v)
-        {
-            match Arc::try_unwrap(arc) {
-                Ok(buf) => return Some(buf),
-                // Still viewed somewhere (cannot happen: held experts are protected); it leaves
-                // the pool and is freed when the last view goes.
-                Err(_) => inner.allocated -= 1,
-            }
-        }
-        Some(inner.free.pop().unwrap_or_else(|| {
-            inner.allocated += 1;
-            PageBuf::zeroed(self.store.slot_bytes())
-        }))
-    }
-
-    /// Reserves room for `key` and queues its load; false if it is already there or there is
-    /// no room now. Experts whose views are held are never evicted; with `strict`, neither are
-    /// the experts this layer pass has yet to hand out; without it, those that were resident
-    /// when the pass began may go (whether this pass's own loads have landed depends on timing,
-    /// so they stay protected: the simulator makes the same choices as a live run).
-    fn issue(&self, inner: &mut Inner, key: ExpertKey, prefetch: bool) -> Result<bool> {
-        self.issue_with(inner, key, prefetch, true)
-    }
-
-    fn issue_with(&self, inner: &mut Inner, key: ExpertKey, prefetch: bool, strict: bool) -> Result<bool> {
-        let Inner {
-            core,
-            slots,
-            pending,
-            loaded_this_pass,
-            ..
-        } = inner;
-        let protect = |k: ExpertKey| {
-            let pending = pending.contains(&k) && (strict || loaded_this_pass.contains(&k));
-            pending || slots.get(&k).is_some_and(|a| Arc::strong_count(a) > 1)
-        };
-        match core.admit(key, prefetch, &protect, None) {
-            Admit::Load { evicted } => {
-                if !prefetch {
-                    inner.loaded_this_pass.insert(key);
-                }
-                let buf = self.take_buffer(inner, evicted);
-                let cancelled = Arc::new(AtomicBool::new(false));
-                inner.next_job += 1;
-                let id = inner.next_job;
-                inner.in_flight.insert(key, (id, cancelled.clone()));
-                self.pool.submit(
-                    LoadJob {
-                        id,
-                        key,
-                        buf,
-                        cancelled,
-                    },
-                    !prefetch,
-                )?;
-                Ok(true)
-            }
-            Admit::Present | Admit::NoRoom => Ok(false),
-        }
-    }
-
-    fn handle_done(&self, inner: &mut Inner, done: LoadDone) {
-        let key = done.key;
-        // A completion is current only if it is the job the cache is waiting on for this key;
-        // a cancelled prefetch's late completion just returns its buffer.
-        let current = inner.in_flight.get(&key).is_some_and(|(id, _)| *id == done.id);
-        if current {
-            inner.in_flight.remove(&key);
-        }
-        if let Ok(bytes) = done.result.as_ref()
-            && !done.cancelled
-        {
-            inner.io.bytes_read += bytes;
-            inner.io.latencies.push(done.latency.as_secs_f64());
-        }
-        if !current || done.cancelled || !inner.core.is_loading(key) {
-            if let Some(buf) = done.buf {
-                inner.free.push(buf);
-            }
-            return;
-        }
-        match done.result {
-            Ok(_) => {
-                if let Some(buf) = done.buf {
-                    inner.slots.insert(key, Arc::new(buf));
-                }
-                inner.core.loaded(key);
-            }
-            Err(e) => {
-                // The slot goes back unfilled: nothing half-written is ever marked resident.
-                inner.io.load_errors += 1;
-                inner.core.load_failed(key);
-                if let Some(buf) = done.buf {
-                    inner.free.push(buf);
-                }
-                tracing::debug!("load of {key} failed: {e}");
-                inner.failed.insert(key, e.to_string());
-            }
-        }
-    }
-
-    /// Blocks until `key` is no longer loading; the wait is stall time.
-    fn wait_for(&self, inner: &mut Inner, key: ExpertKey) -> Result<()> {
-        let start = Instant::now();
-        while inner.core.is_loading(key) {
-            let done = self.pool.recv()?;
-            self.handle_done(inner, done);
-        }
-        inner.io.stall += start.elapsed();
-        match inner.failed.remove(&key) {
-            Some(msg) => Err(EngineError::invalid("expert load", msg)),
-            None => Ok(()),
-        }
+        self.lock().live.allocated
     }
 
     /// Starts loading `keys` ahead of need, behind every demand load. A prefetch never evicts a
-    /// pinned expert or one of the layer pass now running. Returns how many were issued.
+    /// pinned expert or one of the layer pass now running (or just run). Returns how many were
+    /// issued.
     pub fn prefetch(&self, keys: &[ExpertKey]) -> Result<usize> {
         let mut guard = self.lock();
-        let inner = &mut *guard;
-        self.drain(inner);
-        let mut issued = 0;
-        for &key in keys {
-            if self.issue(inner, key, true)? {
-                issued += 1;
-            }
-        }
-        Ok(issued)
+        let Inner { core, live, pass } = &mut *guard;
+        let mut loader = LiveLoader {
+            cache: self,
+            io: live,
+        };
+        driver::prefetch(core, &mut loader, Some(&pass.all), keys)
     }
 
     /// Drops a prefetch that nobody has asked for yet: if no worker has started it, it is
@@ -366,7 +368,7 @@ impl CachedExperts {
         if !inner.core.cancel(key) {
             return false;
         }
-        if let Some((_, flag)) = inner.in_flight.get(&key) {
+        if let Some((_, flag)) = inner.live.in_flight.get(&key) {
             flag.store(true, std::sync::atomic::Ordering::Release);
         }
         true
@@ -375,60 +377,43 @@ impl CachedExperts {
     /// Waits for every load in flight (prefetches included) to finish.
     pub fn wait_idle(&self) -> Result<()> {
         let mut guard = self.lock();
-        let inner = &mut *guard;
-        while !inner.in_flight.is_empty() {
-            let done = self.pool.recv()?;
-            self.handle_done(inner, done);
-        }
+        let Inner { core, live, .. } = &mut *guard;
+        let mut loader = LiveLoader {
+            cache: self,
+            io: live,
+        };
+        while loader.wait_one(core)? {}
         Ok(())
-    }
-
-    fn drain(&self, inner: &mut Inner) {
-        while let Some(done) = self.pool.try_recv() {
-            self.handle_done(inner, done);
-        }
     }
 }
 
 impl ExpertProvider for CachedExperts {
     fn prepare(&self, layer: usize, phase: Phase, decision: &mut RoutingDecision) -> Result<()> {
         let mut guard = self.lock();
-        let inner = &mut *guard;
-        self.drain(inner);
-        if self.settle_loads {
-            let start = Instant::now();
-            while !inner.in_flight.is_empty() {
-                let done = self.pool.recv()?;
-                self.handle_done(inner, done);
-            }
-            inner.io.stall += start.elapsed();
-        }
-        if layer == self.first_moe_layer {
-            inner.core.advance(decision.tokens() as u64);
-        }
+        let Inner { core, live, pass } = &mut *guard;
+        let mut loader = LiveLoader {
+            cache: self,
+            io: live,
+        };
         let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
         for &e in decision.experts.iter().filter(|&&e| e != DROPPED) {
             *counts.entry(e).or_insert(0) += 1;
         }
-        inner.pending = counts.keys().map(|&e| ExpertKey::new(layer, e)).collect();
-        inner.loaded_this_pass.clear();
-        let mut missing = Vec::new();
-        for (&e, &count) in &counts {
-            let key = ExpertKey::new(layer, e);
-            if inner.core.lookup(key, count, phase) != Lookup::Hit {
-                missing.push(key);
-            }
-        }
-        // Every missing load starts now (demand priority); those without room wait for
-        // `expert`, after earlier experts of this pass are done.
-        for &key in &missing {
-            if !inner.core.is_loading(key) {
-                self.issue(inner, key, false)?;
-            }
-        }
-        if self.on_miss == MissMode::Skip && !missing.is_empty() {
-            let gone: HashSet<u32> = missing.iter().map(|k| k.expert).collect();
-            let mut dropped = 0;
+        let advance = (layer == self.first_moe_layer).then_some(decision.tokens() as u64);
+        *pass = driver::begin_pass(
+            core,
+            &mut loader,
+            layer,
+            phase,
+            &counts,
+            advance,
+            self.settle_loads,
+        )?;
+        if self.on_miss == MissMode::Skip && !pass.missing.is_empty() {
+            let gone: HashSet<u32> = driver::skip_missing(core, pass, &counts)
+                .iter()
+                .map(|k| k.expert)
+                .collect();
             for t in 0..decision.tokens() {
                 let k = decision.k;
                 let (ids, ws) = (
@@ -440,7 +425,6 @@ impl ExpertProvider for CachedExperts {
                     if gone.contains(id) {
                         *id = DROPPED;
                         *w = 0.0;
-                        dropped += 1;
                     }
                 }
                 let after: f32 = ws.iter().sum();
@@ -448,8 +432,6 @@ impl ExpertProvider for CachedExperts {
                     ws.iter_mut().for_each(|w| *w *= before / after);
                 }
             }
-            inner.core.count_fallbacks(dropped);
-            inner.pending.retain(|k| !gone.contains(&k.expert));
         }
         Ok(())
     }
@@ -466,38 +448,16 @@ impl ExpertProvider for CachedExperts {
     fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>> {
         let key = ExpertKey::new(layer, expert);
         let mut guard = self.lock();
-        let inner = &mut *guard;
-        loop {
-            if inner.core.is_resident(key) {
-                break;
-            }
-            if inner.core.is_loading(key) {
-                self.wait_for(inner, key)?;
-                continue;
-            }
-            // No room while this pass's other experts are protected: give up one that has not
-            // been handed out yet (it is loaded again when its turn comes) rather than stall.
-            if !self.issue(inner, key, false)? && !self.issue_with(inner, key, false, false)? {
-                if inner.in_flight.is_empty() {
-                    return Err(EngineError::invalid(
-                        "--capacity",
-                        format!(
-                            "no room to load {key}: every slot of its cache ({}) holds a pinned or in-use expert",
-                            inner.core.capacity_of(key)
-                        ),
-                    ));
-                }
-                let start = Instant::now();
-                let done = self.pool.recv()?;
-                self.handle_done(inner, done);
-                inner.io.stall += start.elapsed();
-            }
-        }
-        inner.pending.remove(&key);
+        let Inner { core, live, pass } = &mut *guard;
+        let mut loader = LiveLoader {
+            cache: self,
+            io: live,
+        };
+        driver::serve(core, &mut loader, pass, key)?;
         let w = if self.mapped {
             self.store.view_mapped(key)?
         } else {
-            let slot = inner.slots.get(&key).ok_or_else(|| {
+            let slot = live.slots.get(&key).ok_or_else(|| {
                 EngineError::invalid("expert cache", format!("{key} is resident without a slot"))
             })?;
             self.store.view(key, slot)?
