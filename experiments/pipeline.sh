@@ -68,7 +68,7 @@ step "bench-sweep sim: prefetching"
 "$BIN/bench-sweep" --trace "$OUT/heldout.parquet" --model "$MODEL" --capacity "$CAPACITY" \
   --prefetch-depth 0,1,2,4 \
   --predictor "none,popularity,previous-token,gate-lookahead,shadow:$OUT/shadow,oracle" \
-  --predictor-ms "${PREDICTOR_MS:-0.6}" \
+  --predictor-ms "${PREDICTOR_MS:-0.6}" --profile "$OUT/profile.json" \
   --expert-bytes "$EXPERT_BYTES" --backend "$BACKEND" --out "$OUT/sweep-prefetch"
 
 # The engine itself, live: sync and skip-on-miss, with and without shadow prefetching.

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use shadowmoe_engine::offload::cache::Budget;
 use shadowmoe_engine::offload::{MissMode, PolicyKind};
+use shadowmoe_engine::predict::{PredictorTiming, PrefetchSpan};
 use shadowmoe_experiments::collect::{CollectArgs, run as collect};
 use shadowmoe_experiments::sim::{IoModel, SimConfig, SimPredictor, simulate};
 use shadowmoe_trace::Trace;
@@ -87,15 +88,13 @@ fn main() {
         on_miss: MissMode::Sync,
         prefetch_depth: depth,
         prefetch_k: m.top_k,
+        prefetch_span: PrefetchSpan::Target,
         predictor,
-        io: IoModel {
-            gbps: 1.0,
-            latency_us: 100.0,
-            threads: 4,
-            expert_bytes: 1_769_472,
-        },
+        timing: PredictorTiming::Inline,
+        io: IoModel::independent(1.0, 100.0, 4, 1_769_472),
         layer_secs: 5e-4,
         predictor_secs: 0.0,
+        settle_loads: false,
     };
     let (small, large) = (e * 5 / 16, e / 2);
     let runs = [

@@ -41,7 +41,8 @@ impl GenerationStats {
 }
 
 /// Generates up to `opts.max_new_tokens` after `prompt`, calling `on_token` for each new id as
-/// soon as it is chosen. Returns the new ids and the timings.
+/// soon as it is chosen. Returns the new ids and the timings. With 0 new tokens the prompt is
+/// still run (the observer sees its routing: a teacher-forced trace), and nothing is sampled.
 pub fn generate(
     model: &Model,
     prompt: &[u32],
@@ -57,12 +58,12 @@ pub fn generate(
     let mut sampler = Sampler::new(opts.sampling);
     let mut cache = model.new_cache();
     let mut out = Vec::with_capacity(opts.max_new_tokens);
-    if opts.max_new_tokens == 0 {
-        return Ok((out, stats));
-    }
-
     let start = Instant::now();
     let logits = model.forward(prompt, &mut cache, Phase::Prefill, LogitsFor::Last, observer)?;
+    if opts.max_new_tokens == 0 {
+        stats.prefill_secs = start.elapsed().as_secs_f64();
+        return Ok((out, stats));
+    }
     let mut next = sampler.sample(&Model::last_row(&logits));
     stats.prefill_secs = start.elapsed().as_secs_f64();
 

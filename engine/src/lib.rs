@@ -45,6 +45,11 @@ pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
 pub use weights::{DType, Weight, WeightIndex};
 
+/// Threads the forward pass uses.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Sets the number of threads the forward pass uses (the global rayon pool). Call once, before
 /// the first forward pass; `0` means one per core.
 pub fn init_threads(threads: usize) -> Result<()> {

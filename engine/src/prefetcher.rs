@@ -176,7 +176,7 @@ impl Prefetcher {
                 let predictor = p.predictor;
                 let worker = std::thread::Builder::new()
                     .name("shadowmoe-predictor".into())
-                    .spawn(move || run_worker(predictor, issuer, &rx))
+                    .spawn(move || run_worker(predictor, *issuer, &rx))
                     .expect("spawning the predictor thread");
                 Mode::Async {
                     tx: Some(tx),
@@ -275,7 +275,7 @@ impl Drop for Prefetcher {
     }
 }
 
-fn run_worker(mut predictor: Box<dyn ExpertPredictor>, mut issuer: Box<Issuer>, rx: &Receiver<Msg>) {
+fn run_worker(mut predictor: Box<dyn ExpertPredictor>, mut issuer: Issuer, rx: &Receiver<Msg>) {
     let mut acks: Vec<Sender<()>> = Vec::new();
     while let Ok(first) = rx.recv() {
         // Take everything queued: observe it all in order, predict from the newest layer only.

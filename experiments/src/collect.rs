@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use shadowmoe_engine::offload::{IoMode, OffloadConfig};
 use shadowmoe_engine::{Checkpoint, GenerateOptions, SamplingParams, generate};
 use shadowmoe_trace::schema::{Manifest, TRACE_FORMAT};
 use shadowmoe_trace::writer::FinishSummary;
@@ -67,6 +68,19 @@ pub struct CollectArgs {
     /// Write a part file after this many requests (an interruption loses at most these).
     #[arg(long, default_value_t = 16)]
     pub flush_every: usize,
+    /// Serve the experts from disk through a cache of N experts per MoE layer (for models
+    /// larger than memory; routing and hidden states are those of the all-resident model).
+    #[arg(long)]
+    pub capacity: Option<usize>,
+    /// With --capacity: how experts are read (direct, pread, mmap).
+    #[arg(long, default_value = "direct")]
+    pub io: String,
+    /// With --capacity: read experts from this expert pack.
+    #[arg(long)]
+    pub pack: Option<PathBuf>,
+    /// With --capacity: I/O threads.
+    #[arg(long, default_value_t = 4)]
+    pub io_threads: usize,
 }
 
 impl CollectArgs {
@@ -90,6 +104,10 @@ impl CollectArgs {
             shard: None,
             threads: 0,
             flush_every: 16,
+            capacity: None,
+            io: "direct".into(),
+            pack: None,
+            io_threads: 4,
         }
     }
 }
@@ -186,8 +204,25 @@ pub fn run(a: &CollectArgs, progress: bool) -> Result<Collected> {
         flush_bytes: 64 << 20,
         flush_every: a.flush_every,
     };
+    let model = match a.capacity {
+        None => {
+            if a.pack.is_some() {
+                bail!("--pack applies to the expert cache: give --capacity N too");
+            }
+            ckpt.load_model()?
+        }
+        Some(n) => {
+            let io: IoMode = a.io.parse().map_err(|e: String| anyhow::anyhow!("--io: {e}"))?;
+            ckpt.offload(&OffloadConfig {
+                io,
+                pack: a.pack.clone(),
+                io_threads: a.io_threads,
+                ..OffloadConfig::per_layer(n)
+            })?
+            .model
+        }
+    };
     let (mut writer, first) = TraceWriter::create(plan)?;
-    let model = ckpt.load_model()?;
     let eos = ckpt.eos_token_ids();
 
     let bar = if progress {

@@ -4,6 +4,7 @@
 //! The dependency direction is fixed: `experiments` depends on every other crate of ours.
 
 pub mod args;
+pub mod calibrate;
 pub mod collect;
 pub mod dataset;
 pub mod figures;

@@ -6,17 +6,24 @@
 //! the next-token distributions against the exact model on the same text.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use shadowmoe_engine::offload::cache::{Budget, CacheStats};
-use shadowmoe_engine::offload::{CacheOptions, ExpertKey, IoMode, MissMode, PolicyKind};
+use shadowmoe_engine::offload::cache::CacheStats;
+use shadowmoe_engine::offload::{Capacity, IoMode, MissMode, OffloadConfig, PinSpec, PolicyKind};
 use shadowmoe_engine::predict::{
-    ExpertPredictor, GateLookahead, LayerView, Popularity, Prefetch, PreviousToken,
+    ExpertPredictor, GateLookahead, Popularity, PredictStats, PredictorTiming, Prefetch, PrefetchSpan,
+    PreviousToken,
 };
 use shadowmoe_engine::{Checkpoint, LogitsFor, Model, NoObserver, Phase};
+
+/// How a live sweep reads experts.
+#[derive(Debug, Clone)]
+pub struct LiveIo {
+    pub mode: IoMode,
+    pub pack: Option<std::path::PathBuf>,
+    pub threads: usize,
+}
 
 /// What every live configuration shares.
 #[derive(Debug)]
@@ -26,8 +33,7 @@ pub struct LiveSetup {
     /// Token ids of the dataset's prompts.
     pub prompts: Vec<Vec<u32>>,
     pub max_new_tokens: usize,
-    pub io_mode: IoMode,
-    pub io_threads: usize,
+    pub io: LiveIo,
     pub backend: shadowmoe_predictor::BackendChoice,
     /// Per MoE layer (model index), experts by popularity: the `popularity` predictor.
     pub popularity: Option<HashMap<usize, Vec<u32>>>,
@@ -82,11 +88,17 @@ pub struct LiveResult {
     pub prefill_secs: f64,
     pub decode_steps: u64,
     pub decode_secs: f64,
+    /// Bytes read while decoding.
+    pub decode_bytes: u64,
     pub decode_stall_secs: f64,
     pub decode_predictor_secs: f64,
     pub peak_rss_bytes: Option<u64>,
     pub modelled_total_bytes: u64,
     pub quality: Option<Quality>,
+    /// The read mode actually used (`pread` where O_DIRECT was refused).
+    pub io_mode: String,
+    /// What prediction cost and did.
+    pub predict: PredictStats,
 }
 
 /// Next-token quality against the exact model, teacher-forced over the prompts' tokens.
@@ -107,10 +119,15 @@ pub struct Quality {
 pub struct LiveConfig {
     pub capacity: usize,
     pub policy: PolicyKind,
-    pub pinned: Vec<ExpertKey>,
+    pub pin: Option<PinSpec>,
     pub on_miss: MissMode,
     pub prefetch_depth: usize,
     pub prefetch_k: usize,
+    pub prefetch_span: PrefetchSpan,
+    pub timing: PredictorTiming,
+    /// Every load lands before a layer looks up its experts (with an inline predictor: the
+    /// simulator's event order).
+    pub settle_loads: bool,
     pub predictor: String,
     /// Measure next-token quality against the exact model (always under skip-on-miss).
     pub quality: bool,
@@ -121,20 +138,21 @@ impl LiveSetup {
         ckpt: Checkpoint,
         prompts: Vec<Vec<u32>>,
         max_new_tokens: usize,
-        io_threads: usize,
+        io: LiveIo,
         backend: shadowmoe_predictor::BackendChoice,
         popularity: Option<HashMap<usize, Vec<u32>>>,
     ) -> Result<Self> {
         let config_sha256 = ckpt.config_sha256()?;
-        let expert_bytes = ckpt.expert_store(IoMode::Pread, None, false)?.expert_bytes();
+        let expert_bytes = ckpt
+            .expert_store(IoMode::Pread, io.pack.as_deref(), false)?
+            .expert_bytes();
         Ok(Self {
             expert_bytes,
             ckpt,
             config_sha256,
             prompts,
             max_new_tokens,
-            io_mode: IoMode::Pread,
-            io_threads,
+            io,
             backend,
             popularity,
             exact: std::sync::OnceLock::new(),
@@ -144,6 +162,27 @@ impl LiveSetup {
     /// Bytes of one expert as stored.
     pub fn expert_bytes(&self) -> u64 {
         self.expert_bytes
+    }
+
+    fn offload_config(
+        &self,
+        capacity: usize,
+        policy: PolicyKind,
+        on_miss: MissMode,
+        pin: Option<PinSpec>,
+        settle_loads: bool,
+    ) -> OffloadConfig {
+        OffloadConfig {
+            io: self.io.mode,
+            pack: self.io.pack.clone(),
+            verify: false,
+            capacity: Capacity::PerLayer(capacity),
+            policy,
+            on_miss,
+            io_threads: self.io.threads,
+            pin,
+            settle_loads,
+        }
     }
 
     fn predictor(&self, name: &str, model: &Model) -> Result<Option<Box<dyn ExpertPredictor>>> {
@@ -178,16 +217,14 @@ impl LiveSetup {
         }
         use std::io::Write;
         let cfg = &self.ckpt.config;
-        let store = Arc::new(self.ckpt.expert_store(self.io_mode, None, false)?);
-        let opts = CacheOptions {
-            budget: Budget::PerLayer((2 * cfg.num_experts_per_tok).min(cfg.num_experts)),
-            policy: PolicyKind::Lru,
-            on_miss: MissMode::Sync,
-            io_threads: self.io_threads,
-            pinned: Vec::new(),
-            settle_loads: false,
-        };
-        let (model, _cached) = self.ckpt.load_model_cached(store, &opts)?;
+        let off = self.ckpt.offload(&self.offload_config(
+            (2 * cfg.num_experts_per_tok).min(cfg.num_experts),
+            PolicyKind::Lru,
+            MissMode::Sync,
+            None,
+            false,
+        ))?;
+        let model = off.model;
         let path = std::env::temp_dir().join(format!(
             "shadowmoe-exact-{}-{}.f32",
             std::process::id(),
@@ -241,37 +278,36 @@ impl LiveSetup {
             self.exact()?;
         }
         reset_peak_rss();
-        let store = Arc::new(self.ckpt.expert_store(self.io_mode, None, false)?);
-        let opts = CacheOptions {
-            budget: Budget::PerLayer(c.capacity),
-            policy: c.policy,
-            on_miss: c.on_miss,
-            io_threads: self.io_threads,
-            pinned: c.pinned.clone(),
-            settle_loads: false,
-        };
+        let off = self.ckpt.offload(&self.offload_config(
+            c.capacity,
+            c.policy,
+            c.on_miss,
+            c.pin.clone(),
+            c.settle_loads,
+        ))?;
         let longest = self.prompts.iter().map(Vec::len).max().unwrap_or(0) + self.max_new_tokens;
-        let modelled_total_bytes = self.ckpt.byte_model(&store).predict(c.capacity, longest);
-        let (model, cached) = self.ckpt.load_model_cached(store, &opts)?;
-        let predictor_nanos = Arc::new(AtomicU64::new(0));
+        let modelled_total_bytes = off.byte_model.predict(c.capacity, longest);
+        let io_mode = off.store.mode().name().to_string();
+        let (model, cached) = (off.model, off.cached);
         if c.prefetch_depth > 0 {
-            let inner = self
+            let predictor = self
                 .predictor(&c.predictor, &model)?
                 .context("a prefetch depth above 0 needs a predictor")?;
             model.set_prefetch(Some(Prefetch {
-                predictor: Box::new(Timed {
-                    inner,
-                    nanos: predictor_nanos.clone(),
-                }),
+                predictor,
                 depth: c.prefetch_depth,
                 k: c.prefetch_k,
+                span: c.prefetch_span,
+                timing: c.timing,
             }));
         }
         let eos = self.ckpt.eos_token_ids();
         let mut r = LiveResult {
             modelled_total_bytes,
+            io_mode,
             ..Default::default()
         };
+        let predict_secs = |m: &Model| m.prefetch_stats().map_or(0.0, |p| p.predictor_secs);
         let stall = |cached: &shadowmoe_engine::offload::CachedExperts| cached.stats().1.stall;
         for ids in &self.prompts {
             if self.max_new_tokens == 0 {
@@ -283,11 +319,8 @@ impl LiveSetup {
             r.prefill_secs += t.elapsed().as_secs_f64();
             r.prefill_tokens += ids.len() as u64;
             let mut next = argmax(&Model::last_row(&logits));
-            let (t, s0, p0) = (
-                Instant::now(),
-                stall(&cached),
-                predictor_nanos.load(Ordering::Relaxed),
-            );
+            let (t, s0, p0) = (Instant::now(), stall(&cached), predict_secs(&model));
+            let b0 = cached.stats().1.bytes_read;
             for _ in 1..self.max_new_tokens {
                 if eos.contains(&next) {
                     break;
@@ -299,9 +332,13 @@ impl LiveSetup {
             }
             r.decode_secs += t.elapsed().as_secs_f64();
             r.decode_stall_secs += stall(&cached).saturating_sub(s0).as_secs_f64();
-            r.decode_predictor_secs +=
-                Duration::from_nanos(predictor_nanos.load(Ordering::Relaxed) - p0).as_secs_f64();
+            r.decode_predictor_secs += predict_secs(&model) - p0;
+            r.decode_bytes += cached.stats().1.bytes_read - b0;
         }
+        if let Some(p) = model.prefetch_stats() {
+            r.predict = p;
+        }
+        model.set_prefetch(None);
         cached.wait_idle()?;
         let (stats, io) = cached.stats();
         r.stats = stats;
@@ -349,39 +386,6 @@ impl LiveSetup {
             perplexity: (nll / d).exp(),
             perplexity_exact: (nll_exact / d).exp(),
         })
-    }
-}
-
-/// Times every call into the predictor.
-struct Timed {
-    inner: Box<dyn ExpertPredictor>,
-    nanos: Arc<AtomicU64>,
-}
-
-impl Timed {
-    fn time<T>(&mut self, f: impl FnOnce(&mut dyn ExpertPredictor) -> T) -> T {
-        let t = Instant::now();
-        let out = f(self.inner.as_mut());
-        self.nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
-    }
-}
-
-impl ExpertPredictor for Timed {
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-    fn observe(&mut self, view: &LayerView<'_>) {
-        self.time(|p| p.observe(view));
-    }
-    fn predict(
-        &mut self,
-        view: &LayerView<'_>,
-        target: usize,
-        k: usize,
-    ) -> shadowmoe_engine::Result<Vec<u32>> {
-        self.time(|p| p.predict(view, target, k))
     }
 }
 

@@ -1,37 +1,66 @@
 //! The trace-driven simulator: replays a trace's routing through the engine's cache state
-//! machine ([`CacheCore`], the very code the live cache runs) under a modelled clock — compute
-//! time per MoE layer, and an I/O model of `threads` readers of `bandwidth` and `latency` that
-//! serve demand loads before prefetches.
+//! machine ([`CacheCore`]) and the engine's layer-pass driver (`offload::driver`, the very code
+//! the live provider runs), under a modelled clock: compute time per MoE layer, a disk whose
+//! bandwidth the readers share, and a predictor that runs inline or beside the forward pass.
 //!
-//! A layer pass makes the same cache calls in the same order as the live provider
-//! (`engine/src/offload/provider.rs`): lookups of the pass's distinct experts in ascending id
-//! order, their loads, then each expert in ascending order (waiting for it, or — past the
-//! capacity — evicting one that is done, or one that was resident when the pass began), and
-//! after a decode pass's layer the predictor's prefetches. So with sync misses the hits,
-//! loads and evictions equal a live run's; only in-flight timing is modelled.
+//! - The disk: up to `threads` reads at once; each waits `latency_us`, then its bytes flow at
+//!   an equal share of the aggregate bandwidth for the number of reads transferring
+//!   (`gbps_by_depth`, measured by `bench-sweep calibrate`; the older model of independent
+//!   readers is the special case `q · gbps`). Demand reads start before queued prefetches.
+//! - The predictor: `inline`, its time is spent on the critical path after each decode layer;
+//!   `async`, it is handed each decode layer as it routes, works one call at a time, skips to
+//!   the newest layer when it falls behind, and its answers prefetch when they arrive — or are
+//!   dropped as late when their target layer has already routed (as `engine/src/prefetcher.rs`).
+//!
+//! With the same events the simulator and a live run make the same cache decisions; with
+//! `settle_loads` (every load in flight lands before a layer looks up its experts) and an
+//! inline predictor the event order itself is the same, and so are the counts (tested).
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::Serialize;
 use shadowmoe_engine::observer::Phase;
-use shadowmoe_engine::offload::cache::{Admit, Budget, CacheCore, CacheStats, Lookup};
+use shadowmoe_engine::offload::cache::{Admit, Budget, CacheCore, CacheStats};
+use shadowmoe_engine::offload::driver::{self, Loader};
 use shadowmoe_engine::offload::policy::{NextUse, PolicyKind};
 use shadowmoe_engine::offload::{ExpertKey, KeyMap, KeySet, MissMode};
+use shadowmoe_engine::predict::{PredictStats, PredictorTiming, PrefetchSpan, prefetch_targets};
 use shadowmoe_trace::RequestRouting;
 
 /// The I/O model.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct IoModel {
-    /// Bytes per second of one reader.
-    pub gbps: f64,
-    pub latency_us: f64,
+    /// Reads in flight at most (the I/O pool's threads).
     pub threads: usize,
     pub expert_bytes: u64,
+    /// Time before a read's bytes start to flow, microseconds.
+    pub latency_us: f64,
+    /// Aggregate bandwidth in GB/s with 1, 2, … reads transferring at once (the last value
+    /// holds beyond): the readers share it.
+    pub gbps_by_depth: Vec<f64>,
 }
 
 impl IoModel {
-    fn load_secs(&self) -> f64 {
-        self.latency_us * 1e-6 + self.expert_bytes as f64 / (self.gbps * 1e9)
+    /// `threads` independent readers of `gbps` each (the simulator's flags without a
+    /// calibration).
+    pub fn independent(gbps: f64, latency_us: f64, threads: usize, expert_bytes: u64) -> Self {
+        Self {
+            threads,
+            expert_bytes,
+            latency_us,
+            gbps_by_depth: (1..=threads.max(1)).map(|q| q as f64 * gbps).collect(),
+        }
+    }
+
+    /// Aggregate bytes per second with `q` reads transferring.
+    fn bandwidth(&self, q: usize) -> f64 {
+        let i = q.clamp(1, self.gbps_by_depth.len().max(1)) - 1;
+        self.gbps_by_depth.get(i).copied().unwrap_or(1.0) * 1e9
+    }
+
+    /// Seconds one read takes alone.
+    pub fn load_secs(&self) -> f64 {
+        self.latency_us * 1e-6 + self.expert_bytes as f64 / self.bandwidth(1)
     }
 }
 
@@ -42,11 +71,11 @@ pub enum SimPredictor {
     /// A fixed ranking per MoE-layer ordinal.
     Popularity(Vec<Vec<u16>>),
     PreviousToken,
-    /// The truth at the target layer.
+    /// The truth at the target layer (of the next token, across tokens).
     Oracle,
-    /// Predictions made elsewhere (gate-lookahead, shadow): `[request][token][layer ordinal]`
-    /// → experts for the layer `depth` later.
-    Precomputed(HashMap<(u32, u32, u16), Vec<u16>>),
+    /// Predictions made elsewhere (gate-lookahead, shadow): `(request, token, source ordinal,
+    /// target ordinal)` → experts; a target ordinal at or below the source is the next token's.
+    Precomputed(HashMap<(u32, u32, u16, u16), Vec<u16>>),
 }
 
 /// One simulated configuration.
@@ -58,24 +87,28 @@ pub struct SimConfig {
     pub on_miss: MissMode,
     pub prefetch_depth: usize,
     pub prefetch_k: usize,
+    pub prefetch_span: PrefetchSpan,
     pub predictor: SimPredictor,
+    pub timing: PredictorTiming,
     pub io: IoModel,
     /// Compute time of one MoE layer for one token, seconds: half of it before the router's
     /// decision (attention), half spread over the experts it runs.
     pub layer_secs: f64,
-    /// Time of one predictor call (one layer's prediction), seconds, on the critical path after
-    /// each decode layer that prefetches (0: not modelled).
+    /// Time of one predictor call (all of a layer's targets at once), seconds (0: free).
     pub predictor_secs: f64,
+    /// Every load in flight lands before a layer looks up its experts.
+    pub settle_loads: bool,
 }
 
 /// What a simulation measured (the metric names of DESIGN.md).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SimResult {
     pub stats: CacheStats,
+    pub predict: PredictStats,
     pub bytes_read: u64,
     pub stall_secs: f64,
     pub decode_secs: f64,
-    /// Of `decode_secs`: waiting for loads, and predictor calls.
+    /// Of `decode_secs`: waiting for loads, and predictor calls on the critical path.
     pub decode_stall_secs: f64,
     pub decode_predictor_secs: f64,
     pub decode_tokens: u64,
@@ -83,85 +116,154 @@ pub struct SimResult {
     pub total_secs: f64,
 }
 
-/// A load in the modelled I/O system.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Done(f64, ExpertKey);
-
-impl Eq for Done {}
-// BinaryHeap compares through PartialOrd: it must follow `cmp`, not the derived field order.
-impl PartialOrd for Done {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Done {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // Earliest completion first (reversed for the max-heap).
-        other.0.total_cmp(&self.0).then(other.1.cmp(&self.1))
-    }
+/// A read on the modelled disk.
+#[derive(Debug, Clone, Copy)]
+struct Read {
+    key: ExpertKey,
+    generation: u64,
+    /// When its bytes start to flow.
+    ready: f64,
+    /// Bytes still to transfer.
+    left: f64,
 }
 
+/// The modelled disk: reads in flight share the bandwidth.
+#[derive(Debug, Clone)]
 struct Io {
     model: IoModel,
-    free: Vec<f64>,
-    demand: VecDeque<ExpertKey>,
-    prefetch: VecDeque<ExpertKey>,
-    running: BinaryHeap<Done>,
+    clock: f64,
+    active: Vec<Read>,
+    demand: VecDeque<(ExpertKey, u64)>,
+    prefetch: VecDeque<(ExpertKey, u64)>,
+    /// The generation of each key's current load (a cancelled load's late end is ignored).
+    current: KeyMap<u64>,
+    next_gen: u64,
     bytes: u64,
 }
+
+const DONE_EPS: f64 = 1e-6;
 
 impl Io {
     fn new(model: IoModel) -> Self {
         Self {
             model,
-            free: vec![0.0; model.threads.max(1)],
+            clock: 0.0,
+            active: Vec::new(),
             demand: VecDeque::new(),
             prefetch: VecDeque::new(),
-            running: BinaryHeap::new(),
+            current: KeyMap::default(),
+            next_gen: 0,
             bytes: 0,
         }
     }
 
-    fn submit(&mut self, key: ExpertKey, demand: bool, now: f64) {
+    fn submit(&mut self, key: ExpertKey, demand: bool) {
+        self.next_gen += 1;
+        self.current.insert(key, self.next_gen);
         if demand {
-            self.demand.push_back(key);
+            self.demand.push_back((key, self.next_gen));
         } else {
-            self.prefetch.push_back(key);
+            self.prefetch.push_back((key, self.next_gen));
         }
-        self.start_queued(now);
+        self.start_queued();
     }
 
-    /// Starts queued loads on readers free at `now` (demand first).
-    fn start_queued(&mut self, now: f64) {
-        for i in 0..self.free.len() {
-            if self.free[i] > now {
-                continue;
-            }
-            let Some(key) = self.demand.pop_front().or_else(|| self.prefetch.pop_front()) else {
+    fn cancel(&mut self, key: ExpertKey) {
+        if let Some(g0) = self.current.remove(&key) {
+            self.prefetch.retain(|&(_, g)| g != g0);
+        }
+    }
+
+    fn start_queued(&mut self) {
+        while self.active.len() < self.model.threads.max(1) {
+            let Some((key, generation)) = self.demand.pop_front().or_else(|| self.prefetch.pop_front())
+            else {
                 return;
             };
-            let end = now + self.model.load_secs();
-            self.free[i] = end;
             self.bytes += self.model.expert_bytes;
-            self.running.push(Done(end, key));
+            self.active.push(Read {
+                key,
+                generation,
+                ready: self.clock + self.model.latency_us * 1e-6,
+                left: self.model.expert_bytes as f64,
+            });
         }
     }
 
-    /// Completes every load done by `t`, in order, marking it loaded.
+    /// The next event of `active` (a read's bytes start to flow, or a read ends), from `clock`.
+    fn next_event(active: &[Read], clock: f64, model: &IoModel) -> Option<f64> {
+        let q = active.iter().filter(|r| r.ready <= clock).count();
+        let rate = model.bandwidth(q) / q.max(1) as f64;
+        active
+            .iter()
+            .map(|r| {
+                if r.ready > clock {
+                    r.ready
+                } else {
+                    clock + r.left / rate
+                }
+            })
+            .min_by(f64::total_cmp)
+    }
+
+    /// Moves `active` on from `clock` to `t` (no event in between).
+    fn flow(active: &mut [Read], clock: f64, t: f64, model: &IoModel) {
+        let q = active.iter().filter(|r| r.ready <= clock).count();
+        if q == 0 {
+            return;
+        }
+        let rate = model.bandwidth(q) / q as f64;
+        for r in active.iter_mut().filter(|r| r.ready <= clock) {
+            r.left -= rate * (t - clock);
+        }
+    }
+
+    /// Advances to `t`, landing every read that ends by then (in order) in `core`.
     fn advance_to(&mut self, t: f64, core: &mut CacheCore) {
-        while let Some(&Done(end, key)) = self.running.peek() {
-            if end > t {
-                break;
+        loop {
+            match Self::next_event(&self.active, self.clock, &self.model) {
+                Some(ev) if ev <= t => {
+                    Self::flow(&mut self.active, self.clock, ev, &self.model);
+                    self.clock = ev;
+                    let mut i = 0;
+                    while i < self.active.len() {
+                        let r = self.active[i];
+                        if r.ready <= self.clock && r.left <= DONE_EPS * self.model.expert_bytes as f64 {
+                            self.active.swap_remove(i);
+                            if self.current.get(&r.key) == Some(&r.generation) {
+                                self.current.remove(&r.key);
+                                core.loaded(r.key);
+                            }
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    self.start_queued();
+                }
+                _ => {
+                    Self::flow(&mut self.active, self.clock, t.max(self.clock), &self.model);
+                    self.clock = self.clock.max(t);
+                    return;
+                }
             }
-            self.running.pop();
-            core.loaded(key);
-            self.start_queued(end);
         }
     }
 
-    /// Time the next running load completes.
-    fn next_done(&self) -> Option<f64> {
-        self.running.peek().map(|d| d.0)
+    /// When the next read in flight ends, if nothing new is queued.
+    fn peek_done(&self) -> Option<f64> {
+        let mut active = self.active.clone();
+        let mut clock = self.clock;
+        loop {
+            let ev = Self::next_event(&active, clock, &self.model)?;
+            Self::flow(&mut active, clock, ev, &self.model);
+            clock = ev;
+            if active
+                .iter()
+                .any(|r| r.ready <= clock && r.left <= DONE_EPS * self.model.expert_bytes as f64)
+            {
+                return Some(clock);
+            }
+        }
     }
 }
 
@@ -180,6 +282,255 @@ impl NextUse for Future {
     }
 }
 
+/// One decode layer handed to the predictor.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    pass: u64,
+    li: usize,
+    request: usize,
+    token: usize,
+}
+
+/// Predictions ready at a time: (position, MoE layer ordinal, experts).
+type Answer = Vec<(u64, usize, Vec<u16>)>;
+
+/// The predictor beside the forward pass (async timing).
+#[derive(Debug, Default)]
+struct PredictorModel {
+    free_at: f64,
+    waiting: Option<Job>,
+    answers: VecDeque<(f64, Answer)>,
+}
+
+/// The modelled disk, clock and predictor as the pass driver's [`Loader`].
+struct SimLoader<'a> {
+    io: Io,
+    now: f64,
+    stall: f64,
+    decode_stall: f64,
+    decoding: bool,
+    future: Option<&'a dyn NextUse>,
+    /// The experts of the layer pass running or just run (prefetches may not evict them).
+    pass_all: KeySet,
+    /// The forward pass's position (the last MoE layer that routed).
+    position: u64,
+    pred: PredictorModel,
+    pstats: PredictStats,
+    /// What was prefetched for each target position, until it routes.
+    issued: HashMap<u64, Vec<u16>>,
+    layers: &'a [usize],
+}
+
+impl SimLoader<'_> {
+    /// The next time the predictor does something: an answer lands, or a waiting job starts.
+    fn next_pred_event(&self) -> Option<f64> {
+        match self.pred.answers.front() {
+            Some(&(t, _)) => Some(t),
+            None => self.pred.waiting.map(|_| self.pred.free_at),
+        }
+    }
+
+    /// Applies everything that happens on the disk and in the predictor up to `t`, in order.
+    fn advance(&mut self, t: f64, core: &mut CacheCore, ctx: &mut PredictCtx<'_>) -> Result<(), String> {
+        while let Some(p) = self.next_pred_event()
+            && p <= t
+        {
+            self.io.advance_to(p, core);
+            self.pred_event(p, core, ctx)?;
+        }
+        self.io.advance_to(t, core);
+        Ok(())
+    }
+
+    fn pred_event(&mut self, p: f64, core: &mut CacheCore, ctx: &mut PredictCtx<'_>) -> Result<(), String> {
+        if let Some(&(t, _)) = self.pred.answers.front()
+            && t <= p
+        {
+            let (_, answer) = self.pred.answers.pop_front().expect("front");
+            self.land(answer, core)?;
+            return Ok(());
+        }
+        if let Some(job) = self.pred.waiting.take() {
+            self.start_job(job, p, ctx);
+        }
+        Ok(())
+    }
+
+    /// The predictor starts on `job` at time `at` (async).
+    fn start_job(&mut self, job: Job, at: f64, ctx: &mut PredictCtx<'_>) {
+        let answer = ctx.predict(&job);
+        self.pstats.calls += 1;
+        self.pstats.predictor_secs += ctx.cfg.predictor_secs;
+        let done = at + ctx.cfg.predictor_secs;
+        self.pred.free_at = done;
+        self.pred.answers.push_back((done, answer));
+    }
+
+    /// A decode layer routed at `now`: hand it to the async predictor.
+    fn submit_job(&mut self, job: Job, ctx: &mut PredictCtx<'_>) {
+        if self.pred.free_at <= self.now && self.pred.answers.is_empty() && self.pred.waiting.is_none() {
+            self.start_job(job, self.now, ctx);
+        } else if self.pred.waiting.replace(job).is_some() {
+            self.pstats.skipped += 1;
+        }
+    }
+
+    /// Predictions arrive: late ones are dropped, the rest prefetched (replacing what an older
+    /// answer for the same target named and no reader has taken).
+    fn land(&mut self, answer: Answer, core: &mut CacheCore) -> Result<(), String> {
+        let protect = std::mem::take(&mut self.pass_all);
+        for (pos, ord, experts) in answer {
+            self.pstats.predictions += 1;
+            if self.position >= pos {
+                self.pstats.late += 1;
+                continue;
+            }
+            let layer = self.layers[ord];
+            if let Some(old) = self.issued.insert(pos, experts.clone()) {
+                for e in old.iter().filter(|e| !experts.contains(e)) {
+                    let key = ExpertKey::new(layer, u32::from(*e));
+                    if core.cancel(key) {
+                        self.io.cancel(key);
+                        self.pstats.cancelled += 1;
+                    }
+                }
+            }
+            for e in experts {
+                let key = ExpertKey::new(layer, u32::from(e));
+                if driver::issue(core, self, None, Some(&protect), key, true).map_err(|e| e.to_string())? {
+                    self.pstats.issued += 1;
+                }
+            }
+        }
+        let now = self.position;
+        self.issued.retain(|&p, _| p > now);
+        self.pass_all = protect;
+        Ok(())
+    }
+}
+
+/// What the loader's predictor events need but the driver cannot pass through: the
+/// configuration and the routing.
+struct PredictCtx<'a> {
+    cfg: &'a SimConfig,
+    reqs: &'a [RequestRouting],
+    /// The latest routing seen at each MoE layer ordinal (previous-token).
+    last_seen: Vec<Vec<u16>>,
+    n: usize,
+}
+
+impl PredictCtx<'_> {
+    /// The predictions of `job` for its span's targets.
+    fn predict(&self, job: &Job) -> Answer {
+        let cfg = self.cfg;
+        let r = &self.reqs[job.request];
+        let k = cfg.prefetch_k;
+        prefetch_targets(job.li, self.n, cfg.prefetch_depth, cfg.prefetch_span)
+            .into_iter()
+            .map(|(ord, ahead)| {
+                let experts: Vec<u16> = match &cfg.predictor {
+                    SimPredictor::None => Vec::new(),
+                    SimPredictor::Popularity(ranked) => ranked[ord].iter().copied().take(k).collect(),
+                    SimPredictor::PreviousToken => self.last_seen[ord].iter().copied().take(k).collect(),
+                    SimPredictor::Oracle => {
+                        let t = job.token + ahead;
+                        if t < r.tokens() {
+                            r.experts_at(t, ord).iter().copied().take(k).collect()
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                    SimPredictor::Precomputed(map) => map
+                        .get(&(r.request, job.token as u32, job.li as u16, ord as u16))
+                        .map(|v| v.iter().copied().take(k).collect())
+                        .unwrap_or_default(),
+                };
+                (
+                    (job.pass + ahead as u64) * self.n as u64 + ord as u64,
+                    ord,
+                    experts,
+                )
+            })
+            .collect()
+    }
+}
+
+/// [`Loader`] needs the predictor context in `poll`/`wait_one`; it travels in a cell beside.
+struct Driven<'a, 'b> {
+    l: &'b mut SimLoader<'a>,
+    ctx: &'b mut PredictCtx<'a>,
+    error: Option<String>,
+}
+
+impl Loader for Driven<'_, '_> {
+    fn start(
+        &mut self,
+        key: ExpertKey,
+        prefetch: bool,
+        _evicted: Option<ExpertKey>,
+    ) -> shadowmoe_engine::Result<()> {
+        self.l.start(key, prefetch, None)
+    }
+
+    fn poll(&mut self, core: &mut CacheCore) {
+        let now = self.l.now;
+        if let Err(e) = self.l.advance(now, core, self.ctx) {
+            self.error.get_or_insert(e);
+        }
+    }
+
+    fn wait_one(&mut self, core: &mut CacheCore) -> shadowmoe_engine::Result<bool> {
+        loop {
+            let Some(t) = self.l.io.peek_done() else {
+                return Ok(false);
+            };
+            if let Some(p) = self.l.next_pred_event()
+                && p < t
+            {
+                self.l.io.advance_to(p, core);
+                if let Err(e) = self.l.pred_event(p, core, self.ctx) {
+                    self.error.get_or_insert(e);
+                }
+                continue;
+            }
+            let waited = (t - self.l.now).max(0.0);
+            self.l.stall += waited;
+            if self.l.decoding {
+                self.l.decode_stall += waited;
+            }
+            self.l.now = self.l.now.max(t);
+            self.l.io.advance_to(t, core);
+            return Ok(true);
+        }
+    }
+
+    fn future(&self) -> Option<&dyn NextUse> {
+        self.l.future
+    }
+}
+
+impl Loader for SimLoader<'_> {
+    fn start(
+        &mut self,
+        key: ExpertKey,
+        prefetch: bool,
+        _evicted: Option<ExpertKey>,
+    ) -> shadowmoe_engine::Result<()> {
+        self.io.submit(key, !prefetch);
+        Ok(())
+    }
+
+    fn poll(&mut self, _core: &mut CacheCore) {}
+
+    fn wait_one(&mut self, _core: &mut CacheCore) -> shadowmoe_engine::Result<bool> {
+        Ok(false)
+    }
+
+    fn future(&self) -> Option<&dyn NextUse> {
+        self.future
+    }
+}
+
 /// The passes of the trace: (request index, tokens of the pass, phase).
 fn passes(reqs: &[RequestRouting]) -> Vec<(usize, Vec<usize>, Phase)> {
     let mut out = Vec::new();
@@ -195,191 +546,175 @@ fn passes(reqs: &[RequestRouting]) -> Vec<(usize, Vec<usize>, Phase)> {
     out
 }
 
+fn belady_future(
+    reqs: &[RequestRouting],
+    moe_layers: &[usize],
+    passes: &[(usize, Vec<usize>, Phase)],
+) -> Future {
+    let mut uses: KeyMap<Vec<u64>> = KeyMap::default();
+    let mut time = 0u64;
+    for (ri, toks, _) in passes {
+        time += toks.len() as u64;
+        let r = &reqs[*ri];
+        for (li, &layer) in moe_layers.iter().enumerate() {
+            for &t in toks {
+                for &e in r.experts_at(t, li) {
+                    let v = uses.entry(ExpertKey::new(layer, e as u32)).or_default();
+                    if v.last() != Some(&time) {
+                        v.push(time);
+                    }
+                }
+            }
+        }
+    }
+    Future { uses }
+}
+
 /// Simulates `cfg` over requests `reqs` (in order; the cache persists across them) of a trace
 /// whose MoE layers are `moe_layers`.
 pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) -> Result<SimResult, String> {
     let passes = passes(reqs);
-    // Token time of each pass: the cache core's clock after it advances at the first layer.
-    let mut times = Vec::with_capacity(passes.len());
-    let mut clock_tokens = 0u64;
-    for (_, toks, _) in &passes {
-        clock_tokens += toks.len() as u64;
-        times.push(clock_tokens);
-    }
-    let future = (cfg.policy == PolicyKind::Belady).then(|| {
-        let mut uses: KeyMap<Vec<u64>> = KeyMap::default();
-        for ((ri, toks, _), &time) in passes.iter().zip(&times) {
-            let r = &reqs[*ri];
-            for (li, &layer) in moe_layers.iter().enumerate() {
-                for &t in toks {
-                    for &e in r.experts_at(t, li) {
-                        let v = uses.entry(ExpertKey::new(layer, e as u32)).or_default();
-                        if v.last() != Some(&time) {
-                            v.push(time);
-                        }
-                    }
-                }
-            }
-        }
-        Future { uses }
-    });
-    let future_ref: Option<&dyn NextUse> = future.as_ref().map(|f| f as &dyn NextUse);
-
+    let future = (cfg.policy == PolicyKind::Belady).then(|| belady_future(reqs, moe_layers, &passes));
+    let n = moe_layers.len();
     let mut core = CacheCore::new(moe_layers, cfg.budget, cfg.policy, &cfg.pinned);
-    let mut io = Io::new(cfg.io);
-    let mut now = 0.0f64;
     // Pins load before the run; its counters start after them.
     for &k in &cfg.pinned {
-        if let Admit::Load { .. } = core.admit(k, false, &|_| false, future_ref) {
+        let fut = future.as_ref().map(|f| f as &dyn NextUse);
+        if let Admit::Load { .. } = core.admit(k, false, &|_| false, fut) {
             core.loaded(k);
         }
     }
     core.stats = CacheStats::default();
+    let mut l = SimLoader {
+        io: Io::new(cfg.io.clone()),
+        now: 0.0,
+        stall: 0.0,
+        decode_stall: 0.0,
+        decoding: false,
+        future: future.as_ref().map(|f| f as &dyn NextUse),
+        pass_all: KeySet::default(),
+        position: 0,
+        pred: PredictorModel::default(),
+        pstats: PredictStats::default(),
+        issued: HashMap::new(),
+        layers: moe_layers,
+    };
+    let mut ctx = PredictCtx {
+        cfg,
+        reqs,
+        last_seen: vec![Vec::new(); n],
+        n,
+    };
+    let prefetching = cfg.prefetch_depth > 0 && !matches!(cfg.predictor, SimPredictor::None);
     let mut res = SimResult::default();
-    let mut last_seen: HashMap<usize, Vec<u16>> = HashMap::new();
+    let err = |e: shadowmoe_engine::EngineError| e.to_string();
 
-    for ((ri, toks, phase), _) in passes.iter().zip(&times) {
+    for (pass_no, (ri, toks, phase)) in passes.iter().enumerate() {
         let r = &reqs[*ri];
-        let pass_start = now;
+        let pass_start = l.now;
+        l.decoding = *phase == Phase::Decode;
+        let last_t = *toks.last().expect("a pass has tokens");
         for (li, &layer) in moe_layers.iter().enumerate() {
             // Half of a layer's compute (attention, router) comes before its experts are
             // needed; loads in flight overlap it.
-            now += cfg.layer_secs * toks.len() as f64 / 2.0;
-            io.advance_to(now, &mut core);
-            if li == 0 {
-                core.advance(toks.len() as u64);
+            l.now += cfg.layer_secs * toks.len() as f64 / 2.0;
+            l.advance(l.now, &mut core, &mut ctx)?;
+            l.position = pass_no as u64 * n as u64 + li as u64;
+            ctx.last_seen[li] = r.experts_at(last_t, li).to_vec();
+            if prefetching && cfg.timing == PredictorTiming::Async && *phase == Phase::Decode {
+                let job = Job {
+                    pass: pass_no as u64,
+                    li,
+                    request: *ri,
+                    token: last_t,
+                };
+                l.submit_job(job, &mut ctx);
             }
-            let mut counts: BTreeMap<u16, u64> = BTreeMap::new();
+            let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
             for &t in toks {
                 for &e in r.experts_at(t, li) {
-                    *counts.entry(e).or_insert(0) += 1;
+                    *counts.entry(u32::from(e)).or_insert(0) += 1;
                 }
             }
-            let mut pending: KeySet = counts.keys().map(|&e| ExpertKey::new(layer, e as u32)).collect();
-            let mut loaded_this_pass: KeySet = KeySet::default();
-            let mut missing = Vec::new();
-            for (&e, &c) in &counts {
-                let key = ExpertKey::new(layer, e as u32);
-                if core.lookup(key, c, *phase) != Lookup::Hit {
-                    missing.push(key);
+            let advance = (li == 0).then_some(toks.len() as u64);
+            let mut pass = {
+                let mut d = Driven {
+                    l: &mut l,
+                    ctx: &mut ctx,
+                    error: None,
+                };
+                let p = driver::begin_pass(
+                    &mut core,
+                    &mut d,
+                    layer,
+                    *phase,
+                    &counts,
+                    advance,
+                    cfg.settle_loads,
+                )
+                .map_err(err)?;
+                if let Some(e) = d.error {
+                    return Err(e);
                 }
-            }
-            // Admits `key`, evicting only experts `protect` lets go, and queues its read; says
-            // whether a load was issued. Demand loads first protect every expert this layer still
-            // needs, then (if nothing else is evictable) only those loaded for it in this pass.
-            let issue = |core: &mut CacheCore,
-                         io: &mut Io,
-                         key,
-                         prefetch: bool,
-                         protect: &dyn Fn(ExpertKey) -> bool,
-                         now: f64| {
-                let load = matches!(core.admit(key, prefetch, protect, future_ref), Admit::Load { .. });
-                if load {
-                    io.submit(key, !prefetch, now);
-                }
-                load
+                p
             };
-            for &key in &missing {
-                if !core.is_loading(key)
-                    && issue(&mut core, &mut io, key, false, &|k| pending.contains(&k), now)
-                {
-                    loaded_this_pass.insert(key);
-                }
-            }
-            let serve: Vec<ExpertKey> = match cfg.on_miss {
-                MissMode::Sync => counts.keys().map(|&e| ExpertKey::new(layer, e as u32)).collect(),
-                MissMode::Skip => {
-                    let gone: KeySet = missing.iter().copied().collect();
-                    let dropped: u64 = missing.iter().map(|k| counts[&(k.expert as u16)]).sum();
-                    core.count_fallbacks(dropped);
-                    pending.retain(|k| !gone.contains(k));
-                    counts
-                        .keys()
-                        .map(|&e| ExpertKey::new(layer, e as u32))
-                        .filter(|k| !gone.contains(k))
-                        .collect()
-                }
+            l.pass_all = pass.all.clone();
+            let gone: KeySet = match cfg.on_miss {
+                MissMode::Sync => KeySet::default(),
+                MissMode::Skip => driver::skip_missing(&mut core, &mut pass, &counts)
+                    .into_iter()
+                    .collect(),
             };
+            let serve: Vec<ExpertKey> = counts
+                .keys()
+                .map(|&e| ExpertKey::new(layer, e))
+                .filter(|k| !gone.contains(k))
+                .collect();
             let per_expert = cfg.layer_secs * toks.len() as f64 / 2.0 / serve.len().max(1) as f64;
             for key in serve {
-                loop {
-                    io.advance_to(now, &mut core);
-                    if core.is_resident(key) {
-                        break;
-                    }
-                    if !core.is_loading(key)
-                        && (issue(&mut core, &mut io, key, false, &|k| pending.contains(&k), now)
-                            || issue(
-                                &mut core,
-                                &mut io,
-                                key,
-                                false,
-                                &|k| pending.contains(&k) && loaded_this_pass.contains(&k),
-                                now,
-                            ))
-                    {
-                        loaded_this_pass.insert(key);
-                        continue;
-                    }
-                    let Some(t) = io.next_done() else {
-                        return Err(format!(
-                            "no room to load {key}: every slot holds a pinned or in-use expert"
-                        ));
-                    };
-                    res.stall_secs += (t - now).max(0.0);
-                    if *phase == Phase::Decode {
-                        res.decode_stall_secs += (t - now).max(0.0);
-                    }
-                    now = now.max(t);
-                }
-                pending.remove(&key);
-                now += per_expert;
-            }
-            // The predictor sees every pass; it prefetches after the layers of decode passes.
-            let last_t = *toks.last().expect("a pass has tokens");
-            last_seen.insert(li, r.experts_at(last_t, li).to_vec());
-            if *phase == Phase::Decode && cfg.prefetch_depth > 0 && li + cfg.prefetch_depth < moe_layers.len()
-            {
-                let tl = li + cfg.prefetch_depth;
-                let target = moe_layers[tl];
-                if !matches!(cfg.predictor, SimPredictor::None) {
-                    now += cfg.predictor_secs;
-                    res.decode_predictor_secs += cfg.predictor_secs;
-                }
-                let k = cfg.prefetch_k;
-                let predicted: Vec<u16> = match &cfg.predictor {
-                    SimPredictor::None => Vec::new(),
-                    SimPredictor::Popularity(ranked) => ranked[tl].iter().copied().take(k).collect(),
-                    SimPredictor::PreviousToken => last_seen
-                        .get(&tl)
-                        .map(|v| v.iter().copied().take(k).collect())
-                        .unwrap_or_default(),
-                    SimPredictor::Oracle => r.experts_at(last_t, tl).iter().copied().take(k).collect(),
-                    SimPredictor::Precomputed(map) => map
-                        .get(&(r.request, last_t as u32, li as u16))
-                        .map(|v| v.iter().copied().take(k).collect())
-                        .unwrap_or_default(),
+                let mut d = Driven {
+                    l: &mut l,
+                    ctx: &mut ctx,
+                    error: None,
                 };
-                for e in predicted {
-                    issue(
-                        &mut core,
-                        &mut io,
-                        ExpertKey::new(target, e as u32),
-                        true,
-                        &|_| false,
-                        now,
-                    );
+                driver::serve(&mut core, &mut d, &mut pass, key).map_err(err)?;
+                if let Some(e) = d.error {
+                    return Err(e);
+                }
+                l.now += per_expert;
+            }
+            // Inline: the predictor runs now, on the critical path, and prefetches at once.
+            if prefetching && cfg.timing == PredictorTiming::Inline && *phase == Phase::Decode {
+                let job = Job {
+                    pass: pass_no as u64,
+                    li,
+                    request: *ri,
+                    token: last_t,
+                };
+                let answer = ctx.predict(&job);
+                if !answer.is_empty() {
+                    l.now += cfg.predictor_secs;
+                    res.decode_predictor_secs += cfg.predictor_secs;
+                    l.pstats.calls += 1;
+                    l.pstats.predictor_secs += cfg.predictor_secs;
+                    l.pstats.forward_secs += cfg.predictor_secs;
+                    l.pstats.forward_decode_secs += cfg.predictor_secs;
+                    l.advance(l.now, &mut core, &mut ctx)?;
+                    l.land(answer, &mut core)?;
                 }
             }
         }
         if *phase == Phase::Decode {
-            res.decode_secs += now - pass_start;
+            res.decode_secs += l.now - pass_start;
             res.decode_tokens += 1;
         }
     }
     res.stats = core.stats.clone();
-    res.bytes_read = io.bytes;
-    res.total_secs = now;
+    res.predict = l.pstats.clone();
+    res.bytes_read = l.io.bytes;
+    res.stall_secs = l.stall;
+    res.decode_stall_secs = l.decode_stall;
+    res.total_secs = l.now;
     res.est_decode_tok_s = res.decode_tokens as f64 / res.decode_secs.max(f64::MIN_POSITIVE);
     Ok(res)
 }
@@ -388,25 +723,65 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
 mod tests {
     use super::*;
 
+    fn key(e: u32) -> ExpertKey {
+        ExpertKey { layer: 0, expert: e }
+    }
+
+    /// Reads share the bandwidth: two reads at once on a disk whose bandwidth does not grow
+    /// with depth take twice as long as one alone; independent readers do not slow each other.
     #[test]
-    fn loads_complete_earliest_first() {
-        let model = IoModel {
-            gbps: 1.0,
-            latency_us: 0.0,
-            threads: 3,
-            expert_bytes: 1_000_000, // 1 ms per load
-        };
-        let mut io = Io::new(model);
-        let key = |e| ExpertKey { layer: 0, expert: e };
-        // Three readers start at 0, 0.4 ms and 0.2 ms: they finish in that order of start.
-        io.submit(key(0), true, 0.0);
-        io.submit(key(1), true, 0.0004);
-        io.submit(key(2), false, 0.0002);
-        let mut order = Vec::new();
-        while let Some(Done(end, k)) = io.running.pop() {
-            order.push((k.expert, (end * 1e4).round() as u64));
+    fn readers_share_the_bandwidth() {
+        let mut core = CacheCore::new(&[0], Budget::PerLayer(8), PolicyKind::Lru, &[]);
+        for e in 0..2 {
+            assert!(matches!(
+                core.admit(key(e), false, &|_| false, None),
+                Admit::Load { .. }
+            ));
         }
-        assert_eq!(order, vec![(0, 10), (2, 12), (1, 14)]);
-        assert_eq!(io.next_done(), None);
+        let shared = IoModel {
+            threads: 2,
+            expert_bytes: 1_000_000,
+            latency_us: 0.0,
+            gbps_by_depth: vec![1.0, 1.0],
+        };
+        let mut io = Io::new(shared.clone());
+        io.submit(key(0), true);
+        assert!((io.peek_done().unwrap() - 1e-3).abs() < 1e-9);
+        io.submit(key(1), true);
+        assert!((io.peek_done().unwrap() - 2e-3).abs() < 1e-9);
+        io.advance_to(0.0019, &mut core);
+        assert!(core.is_loading(key(0)) && core.is_loading(key(1)));
+        io.advance_to(0.0021, &mut core);
+        assert!(core.is_resident(key(0)) && core.is_resident(key(1)));
+
+        let mut io = Io::new(IoModel::independent(1.0, 100.0, 2, 1_000_000));
+        io.submit(key(2), true);
+        io.submit(key(3), false);
+        assert!((io.peek_done().unwrap() - 1.1e-3).abs() < 1e-9);
+        // A third read waits for a reader.
+        io.submit(key(4), true);
+        assert_eq!(io.active.len(), 2);
+        assert_eq!(io.bytes, 2_000_000);
+    }
+
+    #[test]
+    fn a_cancelled_read_does_not_land() {
+        let mut core = CacheCore::new(&[0], Budget::PerLayer(8), PolicyKind::Lru, &[]);
+        let model = IoModel::independent(1.0, 0.0, 1, 1_000_000);
+        let mut io = Io::new(model);
+        for e in 0..2 {
+            assert!(matches!(
+                core.admit(key(e), true, &|_| false, None),
+                Admit::Load { .. }
+            ));
+            io.submit(key(e), false);
+        }
+        // Key 1 is queued behind key 0: cancelling it drops it unread.
+        assert!(core.cancel(key(1)));
+        io.cancel(key(1));
+        io.advance_to(1.0, &mut core);
+        assert!(core.is_resident(key(0)));
+        assert!(!core.is_resident(key(1)) && !core.is_loading(key(1)));
+        assert_eq!(io.bytes, 1_000_000);
     }
 }

@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use shadowmoe_engine::offload::cache::Budget;
+use shadowmoe_engine::offload::profile::{LayerProfile, Profile};
 use shadowmoe_engine::offload::{CacheOptions, ExpertKey, IoMode, MissMode, PolicyKind};
-use shadowmoe_engine::predict::{Prefetch, PreviousToken};
+use shadowmoe_engine::predict::{
+    ExpertPredictor, GateLookahead, LayerView, PredictorTiming, Prefetch, PrefetchSpan, PreviousToken,
+};
 use shadowmoe_engine::{Checkpoint, GenerateOptions, NoObserver, SamplingParams, generate};
 use shadowmoe_experiments::collect::{CollectArgs, run as collect};
 use shadowmoe_experiments::dataset;
@@ -32,6 +35,7 @@ fn trace(dir: &Path) -> PathBuf {
         limit: Some(LIMIT),
         threads: 2,
         flush_every: 8,
+        hidden_layers: "all".into(),
         ..CollectArgs::new(
             root().join(MODEL).display().to_string(),
             root().join("datasets/chat.jsonl"),
@@ -50,15 +54,13 @@ fn cfg(budget: Budget, policy: PolicyKind) -> SimConfig {
         on_miss: MissMode::Sync,
         prefetch_depth: 0,
         prefetch_k: 4,
+        prefetch_span: PrefetchSpan::Target,
         predictor: SimPredictor::None,
-        io: IoModel {
-            gbps: 1.0,
-            latency_us: 50.0,
-            threads: 2,
-            expert_bytes: 12 << 20,
-        },
+        timing: PredictorTiming::Inline,
+        io: IoModel::independent(1.0, 50.0, 2, 12 << 20),
         layer_secs: 1e-3,
         predictor_secs: 0.0,
+        settle_loads: false,
     }
 }
 
@@ -104,25 +106,39 @@ fn invariants() {
                 other.stats.hit_rate_decode()
             );
         }
-        // Pinning with K = 0 is no pinning.
-        let pinned0 = SimConfig {
-            pinned: vec![],
-            ..cfg(Budget::PerLayer(cap), PolicyKind::Lru)
-        };
-        let p0 = simulate(&reqs, &m.moe_layers, &pinned0).unwrap();
+        // Pinning a profile's top K = 0 is no pinning; its top 2 is not.
+        let profile = profile_of(&reqs, m);
+        let pins = |k: usize| profile.top_k(Path::new("p.json"), &m.moe_layers, e, k).unwrap();
+        assert!(pins(0).is_empty());
+        let p0 = simulate(
+            &reqs,
+            &m.moe_layers,
+            &SimConfig {
+                pinned: pins(0),
+                ..cfg(Budget::PerLayer(cap), PolicyKind::Lru)
+            },
+        )
+        .unwrap();
         assert_eq!(p0.stats, lru.stats);
+        if cap > 3 && cap < e {
+            let p2 = simulate(
+                &reqs,
+                &m.moe_layers,
+                &SimConfig {
+                    pinned: pins(2),
+                    ..cfg(Budget::PerLayer(cap), PolicyKind::Lru)
+                },
+            )
+            .unwrap();
+            assert_ne!(p2.stats, lru.stats, "capacity {cap}: pinning 2 changed nothing");
+        }
     }
     assert!(last > 0.0);
     // Oracle prefetching with fast I/O never lowers the decode hit rate.
-    let fast = IoModel {
-        gbps: 1000.0,
-        latency_us: 0.0,
-        threads: 4,
-        expert_bytes: 1 << 20,
-    };
+    let fast = IoModel::independent(1000.0, 0.0, 4, 1 << 20);
     for cap in [m.top_k + 2, 2 * m.top_k] {
         let base = SimConfig {
-            io: fast,
+            io: fast.clone(),
             ..cfg(Budget::PerLayer(cap), PolicyKind::Lru)
         };
         let none = simulate(&reqs, &m.moe_layers, &base).unwrap();
@@ -143,10 +159,77 @@ fn invariants() {
     }
 }
 
-/// Live runs of the engine over the trace's prompts, with the bounded cache and sync misses,
-/// against the simulator on the trace: equal hits, misses, loads, evictions and bytes. (With
-/// prefetching or skip-on-miss, whether a load landed before the next layer is timing, and
-/// timing decides which slots may be evicted: those runs are compared in the sweep, not here.)
+/// A profile of the trace's own routing (the pinning tests' input).
+fn profile_of(reqs: &[shadowmoe_trace::RequestRouting], m: &shadowmoe_trace::Manifest) -> Profile {
+    let mut layers = std::collections::BTreeMap::new();
+    for (li, &l) in m.moe_layers.iter().enumerate() {
+        let mut a = vec![0u64; m.num_experts];
+        for r in reqs {
+            for t in 0..r.tokens() {
+                for &e in r.experts_at(t, li) {
+                    a[e as usize] += 1;
+                }
+            }
+        }
+        layers.insert(
+            l.to_string(),
+            LayerProfile {
+                activations: a,
+                prompt_coverage: vec![],
+            },
+        );
+    }
+    Profile {
+        format: shadowmoe_engine::offload::profile::PROFILE_FORMAT.into(),
+        model_id: m.model_id.clone(),
+        config_sha256: m.config_sha256.clone(),
+        dataset: String::new(),
+        dataset_sha256: String::new(),
+        layers,
+        pinned: Default::default(),
+        pin_threshold: None,
+    }
+}
+
+/// gate-lookahead's predictions from the trace's stored router inputs, as the sweep makes them.
+fn gate_lookahead_predictions(
+    t: &Trace,
+    ckpt: &Checkpoint,
+    depth: usize,
+    span: PrefetchSpan,
+    k: usize,
+) -> SimPredictor {
+    let m = &t.manifest;
+    let n = m.moe_layers.len();
+    let mut gl = GateLookahead::new(ckpt.load_model().unwrap().routers());
+    let mut map = std::collections::HashMap::new();
+    for (li, &layer) in m.moe_layers.iter().enumerate() {
+        let rows = t.hidden(layer, None).unwrap();
+        let h = rows.hidden_size;
+        for i in 0..rows.request.len() {
+            let view = LayerView {
+                layer,
+                hidden: &rows.values[i * h..(i + 1) * h],
+                experts: &[],
+            };
+            for (ord, _) in shadowmoe_engine::predict::prefetch_targets(li, n, depth, span) {
+                let p = gl.predict(&view, m.moe_layers[ord], k).unwrap();
+                map.insert(
+                    (rows.request[i], rows.token[i], li as u16, ord as u16),
+                    p.into_iter().map(|e| e as u16).collect(),
+                );
+            }
+        }
+    }
+    SimPredictor::Precomputed(map)
+}
+
+/// Live runs of the engine over the trace's prompts, with the bounded cache, against the
+/// simulator on the trace. With sync misses and no prefetching the two agree on every count
+/// whatever the timing. With prefetching, timing decides whether a prefetch lands before its
+/// use; made deterministic (the predictor inline, every load landed before a layer looks up its
+/// experts: `settle_loads`), the event order is the same, and so is every count: hits, misses,
+/// loads, evictions, prefetches issued, used and wasted, bytes.
 #[test]
 fn simulated_and_live_agree() {
     let tmp = tempfile::tempdir().unwrap();
@@ -157,49 +240,100 @@ fn simulated_and_live_agree() {
     let tok = ckpt.tokenizer().unwrap();
     let (prompts, _) = dataset::load(&root().join("datasets/chat.jsonl")).unwrap();
     let pinned = vec![ExpertKey::new(m.moe_layers[0], 5)];
-    for (budget, policy, on_miss, prefetch, pins) in [
+    let k = m.top_k;
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum P {
+        None,
+        Prev,
+        Gate,
+    }
+    let cases = [
         (
-            Budget::PerLayer(m.top_k),
+            Budget::PerLayer(k),
             PolicyKind::Lru,
-            MissMode::Sync,
-            false,
+            P::None,
+            0,
+            PrefetchSpan::Target,
             vec![],
         ),
         (
-            Budget::PerLayer(m.top_k + 3),
+            Budget::PerLayer(k + 3),
             PolicyKind::Lfu,
-            MissMode::Sync,
-            false,
+            P::None,
+            0,
+            PrefetchSpan::Target,
             pinned.clone(),
         ),
         (
-            Budget::Global(3 * m.top_k),
+            Budget::Global(3 * k),
             PolicyKind::Lcp,
-            MissMode::Sync,
-            false,
+            P::None,
+            0,
+            PrefetchSpan::Target,
             vec![],
         ),
-    ] {
+        (
+            Budget::PerLayer(k + 2),
+            PolicyKind::Lru,
+            P::Prev,
+            1,
+            PrefetchSpan::Target,
+            vec![],
+        ),
+        (
+            Budget::PerLayer(k + 2),
+            PolicyKind::Lru,
+            P::Prev,
+            2,
+            PrefetchSpan::Wrap,
+            vec![],
+        ),
+        (
+            Budget::PerLayer(k + 3),
+            PolicyKind::Lfu,
+            P::Gate,
+            2,
+            PrefetchSpan::All,
+            pinned.clone(),
+        ),
+        (
+            Budget::Global(3 * k),
+            PolicyKind::Lru,
+            P::Gate,
+            2,
+            PrefetchSpan::Wrap,
+            vec![],
+        ),
+    ];
+    for (budget, policy, pred, depth, span, pins) in cases {
+        let prefetch = pred != P::None;
         let what = format!(
-            "{budget:?} {} {on_miss:?} prefetch={prefetch} pins={}",
+            "{budget:?} {} {pred:?} depth {depth} {} pins={}",
             policy.name(),
+            span.name(),
             pins.len()
         );
         let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
         let opts = CacheOptions {
             budget,
             policy,
-            on_miss,
+            on_miss: MissMode::Sync,
             io_threads: 2,
             pinned: pins.clone(),
-            settle_loads: false,
+            settle_loads: prefetch,
         };
         let (model, cached) = ckpt.load_model_cached(store.clone(), &opts).unwrap();
         if prefetch {
+            let predictor: Box<dyn ExpertPredictor> = match pred {
+                P::Gate => Box::new(GateLookahead::new(model.routers())),
+                _ => Box::new(PreviousToken::default()),
+            };
             model.set_prefetch(Some(Prefetch {
-                predictor: Box::new(PreviousToken::default()),
-                depth: 1,
-                k: m.top_k,
+                predictor,
+                depth,
+                k,
+                span,
+                timing: PredictorTiming::Inline,
             }));
         }
         for p in prompts.iter().take(LIMIT) {
@@ -211,53 +345,43 @@ fn simulated_and_live_agree() {
             };
             generate(&model, &ids, &g, &mut NoObserver, |_| Ok(())).unwrap();
         }
+        let ps = model.prefetch_stats();
         cached.wait_idle().unwrap();
         let (live, io) = cached.stats();
         let sim_cfg = SimConfig {
             pinned: pins,
-            on_miss,
-            prefetch_depth: usize::from(prefetch),
-            prefetch_k: m.top_k,
-            predictor: if prefetch {
-                SimPredictor::PreviousToken
-            } else {
-                SimPredictor::None
+            prefetch_depth: depth,
+            prefetch_k: k,
+            prefetch_span: span,
+            predictor: match pred {
+                P::None => SimPredictor::None,
+                P::Prev => SimPredictor::PreviousToken,
+                P::Gate => gate_lookahead_predictions(&t, &ckpt, depth, span, k),
             },
-            io: IoModel {
-                gbps: 1.0,
-                latency_us: 50.0,
-                threads: 2,
-                expert_bytes: store.expert_bytes(),
-            },
+            // A slow modelled disk (12 MiB experts: 12 ms a read, 1 ms a layer), so that
+            // without settling the simulator's prefetches would land late.
+            io: IoModel::independent(1.0, 50.0, 2, 12 << 20),
+            settle_loads: prefetch,
             ..cfg(budget, policy)
         };
         let sim = simulate(&reqs, &m.moe_layers, &sim_cfg).unwrap();
-        let s = &sim.stats;
-        assert_eq!(s.activations_prefill, live.activations_prefill, "{what}");
-        assert_eq!(s.activations_decode, live.activations_decode, "{what}");
-        assert_eq!(s.prefetch_issued, live.prefetch_issued, "{what}: prefetches");
-        assert_eq!(sim.bytes_read, io.bytes_read, "{what}: bytes");
-        assert_eq!(s.demand_loads, live.demand_loads, "{what}: demand loads");
-        assert_eq!(s.fallbacks, live.fallbacks, "{what}: fallbacks");
+        assert_eq!(sim.stats, live, "{what}: cache counters");
+        assert_eq!(
+            sim.bytes_read / (12 << 20),
+            io.bytes_read / store.expert_bytes(),
+            "{what}: experts read"
+        );
         if prefetch {
-            // Whether a prefetch landed before its use is timing: compare what the cache held.
-            assert_eq!(
-                s.hits_decode + s.in_flight_activations,
-                live.hits_decode + live.in_flight_activations,
-                "{what}"
-            );
-        } else {
-            assert_eq!(
-                (s.hits_prefill, s.hits_decode),
-                (live.hits_prefill, live.hits_decode),
-                "{what}: hits"
+            let ps = ps.unwrap();
+            assert!(
+                live.prefetch_issued > 0 && live.prefetch_used > 0,
+                "{what}: {live:?}"
             );
             assert_eq!(
-                (s.cold_misses, s.capacity_misses),
-                (live.cold_misses, live.capacity_misses),
-                "{what}"
+                (sim.predict.calls, sim.predict.predictions, sim.predict.issued),
+                (ps.calls, ps.predictions, ps.issued),
+                "{what}: predictor counters"
             );
-            assert_eq!(s.evictions, live.evictions, "{what}: evictions");
         }
     }
 }
@@ -484,19 +608,28 @@ fn live_sweep_measures_and_scores_quality() {
         .take(2)
         .map(|p| p.encode(&tok, true).unwrap())
         .collect();
-    let setup = LiveSetup::new(ckpt, ids, 4, 2, shadowmoe_predictor::BackendChoice::Cpu, None).unwrap();
+    let io = shadowmoe_experiments::live::LiveIo {
+        mode: IoMode::Direct,
+        pack: None,
+        threads: 2,
+    };
+    let setup = LiveSetup::new(ckpt, ids, 4, io, shadowmoe_predictor::BackendChoice::Cpu, None).unwrap();
     let r = setup
         .run(&LiveConfig {
             capacity: 4,
             policy: PolicyKind::Lru,
-            pinned: vec![],
+            pin: None,
             on_miss: MissMode::Sync,
             prefetch_depth: 0,
             prefetch_k: 4,
+            prefetch_span: PrefetchSpan::Target,
+            timing: PredictorTiming::Async,
+            settle_loads: false,
             predictor: "none".into(),
             quality: true,
         })
         .unwrap();
+    assert_eq!(r.io_mode, "direct", "/tmp refused O_DIRECT?");
     let q = r.quality.unwrap();
     assert!(q.positions > 10);
     assert_eq!(q.top1_agreement, 1.0, "{q:?}");
@@ -521,6 +654,23 @@ fn live_sweep_measures_and_scores_quality() {
         ),
         (&["--capacity", "4", "--repeat", "0"][..], "--repeat"),
         (&["--capacity", "9999"][..], "--capacity"),
+        // Flags of the simulator are refused live, not ignored.
+        (
+            &["--capacity", "4", "--ssd-gbps", "2"][..],
+            "--ssd-gbps applies to --mode sim only",
+        ),
+        (
+            &["--capacity", "4", "--layer-ms", "2"][..],
+            "--layer-ms applies to --mode sim only",
+        ),
+        (
+            &["--capacity", "4", "--io", "tape"][..],
+            "--io: unknown I/O mode `tape`",
+        ),
+        (
+            &["--capacity", "4", "--pack", "/nonexistent/pack"][..],
+            "/nonexistent/pack",
+        ),
     ] {
         let e = format!("{:#}", run(&sweep_cli(&base(extra)), false).unwrap_err());
         assert!(e.contains(want), "{extra:?}: {e}");

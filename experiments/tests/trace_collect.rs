@@ -436,6 +436,52 @@ fn trace_stats_and_profile() {
 }
 
 /// Bad input: one line on stderr naming the file, line, flag or field; exit status 1.
+/// `--max-new-tokens 0` is a teacher-forced trace of the prompts: the same prefill rows as a
+/// run that generates (prefill must not depend on generating), and no decode rows. With experts
+/// served from disk (`--capacity`) the rows are the same again.
+#[test]
+fn prefill_only_traces_and_offloaded_collection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen3_moe");
+    let data = root().join("datasets/code.jsonl");
+    let rows = |new: usize, capacity: Option<usize>, name: &str| {
+        let out = tmp.path().join(name);
+        let a = CollectArgs {
+            max_new_tokens: new,
+            capacity,
+            ..args(&model, &data, &out)
+        };
+        run(&a, false).unwrap();
+        Trace::open(&out).unwrap().requests(None).unwrap()
+    };
+    let zero = rows(0, None, "zero.parquet");
+    let one = rows(1, None, "one.parquet");
+    let offloaded = rows(3, Some(5), "off.parquet");
+    let generated = rows(3, None, "gen.parquet");
+    assert_eq!(zero.len(), one.len());
+    let mut prefill = 0;
+    for (z, o) in zero.iter().zip(&one) {
+        assert!(
+            z.tokens() > 0 && z.phases.iter().all(|&p| p == 0),
+            "decode rows at 0 new tokens"
+        );
+        assert_eq!(z.tokens(), o.phases.iter().filter(|&&p| p == 0).count());
+        for t in 0..z.tokens() {
+            for l in 0..z.layers {
+                assert_eq!(z.experts_at(t, l), o.experts_at(t, l));
+            }
+        }
+        prefill += z.tokens();
+    }
+    assert!(prefill > 0);
+    for (a, b) in offloaded.iter().zip(&generated) {
+        assert_eq!(
+            (a.token_ids.clone(), a.experts.clone()),
+            (b.token_ids.clone(), b.experts.clone())
+        );
+    }
+}
+
 #[test]
 fn bad_input_gets_one_line_errors() {
     let tmp = tempfile::tempdir().unwrap();

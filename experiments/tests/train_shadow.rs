@@ -18,22 +18,16 @@ fn root() -> PathBuf {
 fn trace(dir: &Path, dataset: &str, hidden: &str, limit: usize) -> PathBuf {
     let out = dir.join(format!("{dataset}-{hidden}.parquet"));
     let a = CollectArgs {
-        model: root().join("engine/tests/golden/qwen3_moe").display().to_string(),
-        dataset: root().join("datasets").join(format!("{dataset}.jsonl")),
-        out: out.clone(),
         max_new_tokens: 24,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
         hidden_layers: hidden.into(),
-        hidden_dtype: "f32".into(),
-        no_chat_template: false,
         limit: Some(limit),
-        resume: false,
-        shard: None,
         threads: 2,
         flush_every: 8,
+        ..CollectArgs::new(
+            root().join("engine/tests/golden/qwen3_moe").display().to_string(),
+            root().join("datasets").join(format!("{dataset}.jsonl")),
+            out.clone(),
+        )
     };
     collect(&a, false).unwrap();
     out
@@ -176,6 +170,8 @@ fn prefetch_with(predictor: ShadowPredictor, config_sha256: &str) {
         predictor: Box::new(predictor),
         depth: 1,
         k,
+        span: shadowmoe_engine::predict::PrefetchSpan::All,
+        timing: shadowmoe_engine::predict::PredictorTiming::Inline,
     }));
     assert_eq!(tokens(&model), resident, "prefetching changed the output");
     let (s, _) = cached.stats();
@@ -184,6 +180,70 @@ fn prefetch_with(predictor: ShadowPredictor, config_sha256: &str) {
         "the shadow predictor issued no prefetch: {s:?}"
     );
     assert!(s.prefetch_used + s.prefetch_wasted <= s.prefetch_issued, "{s:?}");
+}
+
+/// On the bundled reference model's traces (its routing is learned), the shadow model beats the
+/// baselines that need no model at depth 4, on held-out prompts: popularity (the training
+/// split's most routed experts) and previous-token.
+#[test]
+fn shadow_beats_popularity_and_previous_token_on_the_reference_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = root().join("models/reference/checkpoint");
+    let collect_set = |dataset: &str, limit: usize| {
+        let out = tmp.path().join(format!("{dataset}.parquet"));
+        collect(
+            &CollectArgs {
+                max_new_tokens: 8,
+                hidden_layers: "all".into(),
+                no_chat_template: true,
+                limit: Some(limit),
+                threads: 2,
+                ..CollectArgs::new(
+                    model.display().to_string(),
+                    root().join("datasets").join(format!("{dataset}.jsonl")),
+                    out.clone(),
+                )
+            },
+            false,
+        )
+        .unwrap();
+        out
+    };
+    let train = vec![collect_set("code", 30), collect_set("chat", 30)];
+    let heldout = collect_set("heldout", 8);
+    let out = tmp.path().join("pred");
+    let a = ShadowArgs {
+        eval_traces: vec![heldout],
+        depth: "4".into(),
+        top_k: 8,
+        loss: "softmax".into(),
+        epochs: 2,
+        width: 128,
+        val_share: 0.1,
+        test_share: 0.0,
+        ..args(train, &out)
+    };
+    let text = run(&a).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let recall = |name: &str| {
+        report["reports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["predictor"] == name)
+            .unwrap()["by_depth"]["4"]["recall"]
+            .as_f64()
+            .unwrap()
+    };
+    let shadow = recall("shadow");
+    for baseline in ["popularity", "previous-token"] {
+        assert!(
+            shadow > recall(baseline) + 0.05,
+            "shadow {shadow:.3} vs {baseline} {:.3}\n{text}",
+            recall(baseline)
+        );
+    }
 }
 
 #[test]

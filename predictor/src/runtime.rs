@@ -144,7 +144,9 @@ impl ShadowPredictor {
 }
 
 /// The shadow model as the engine's run-time predictor: model layer indices are mapped to the
-/// MoE-layer ordinals it was trained on, and the depth is the distance between them.
+/// MoE-layer ordinals it was trained on, and the depth is the distance between them. It was
+/// trained within a token: for the next token's layers (a target at or before the source) it
+/// predicts nothing.
 impl shadowmoe_engine::predict::ExpertPredictor for ShadowPredictor {
     fn name(&self) -> String {
         format!("shadow ({})", self.backend)
@@ -156,6 +158,15 @@ impl shadowmoe_engine::predict::ExpertPredictor for ShadowPredictor {
         target: usize,
         k: usize,
     ) -> shadowmoe_engine::Result<Vec<u32>> {
+        Ok(self.predict_many(view, &[target], k)?.pop().unwrap_or_default())
+    }
+
+    fn predict_many(
+        &mut self,
+        view: &shadowmoe_engine::predict::LayerView<'_>,
+        targets: &[usize],
+        k: usize,
+    ) -> shadowmoe_engine::Result<Vec<Vec<u32>>> {
         let invalid = |message: String| shadowmoe_engine::EngineError::Invalid {
             what: "shadow predictor".into(),
             message,
@@ -172,16 +183,6 @@ impl shadowmoe_engine::predict::ExpertPredictor for ShadowPredictor {
                     ))
                 })
         };
-        let (src, dst) = (ordinal(view.layer)?, ordinal(target)?);
-        let depth = dst
-            .checked_sub(src)
-            .filter(|d| *d <= self.meta.shape.max_depth)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "cannot predict layer {target} from layer {}: depths 0..={} only",
-                    view.layer, self.meta.shape.max_depth
-                ))
-            })?;
         if view.hidden.len() != self.meta.shape.hidden_size {
             return Err(invalid(format!(
                 "hidden state of {} values, expected {}",
@@ -189,7 +190,34 @@ impl shadowmoe_engine::predict::ExpertPredictor for ShadowPredictor {
                 self.meta.shape.hidden_size
             )));
         }
-        let top = ShadowPredictor::predict(self, view.hidden, &[src as u16], &[depth as u8], k);
-        Ok(top.into_iter().map(u32::from).collect())
+        let src = ordinal(view.layer)?;
+        // (position in `targets`, depth) of the targets it can predict.
+        let mut rows = Vec::new();
+        for (i, &t) in targets.iter().enumerate() {
+            let dst = ordinal(t)?;
+            if dst <= src {
+                continue;
+            }
+            let depth = dst - src;
+            if depth > self.meta.shape.max_depth {
+                return Err(invalid(format!(
+                    "cannot predict layer {t} from layer {}: depths 1..={} only",
+                    view.layer, self.meta.shape.max_depth
+                )));
+            }
+            rows.push((i, depth as u8));
+        }
+        let mut out = vec![Vec::new(); targets.len()];
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let n = rows.len();
+        let hidden: Vec<f32> = std::iter::repeat_n(view.hidden, n).flatten().copied().collect();
+        let depths: Vec<u8> = rows.iter().map(|r| r.1).collect();
+        let top = ShadowPredictor::predict(self, &hidden, &vec![src as u16; n], &depths, k);
+        for ((i, _), chunk) in rows.iter().zip(top.chunks(k)) {
+            out[*i] = chunk.iter().map(|&e| u32::from(e)).collect();
+        }
+        Ok(out)
     }
 }

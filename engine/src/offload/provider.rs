@@ -302,8 +302,10 @@ impl CachedExperts {
                 cache: &self,
                 io: live,
             };
+            // Demand loads (a pass of their own), not prefetches.
+            let mut pins = Pass::default();
             for &key in pinned {
-                driver::issue(core, &mut loader, None, None, key, true)?;
+                driver::issue(core, &mut loader, Some(&mut pins), None, key, true)?;
             }
             for &key in pinned {
                 driver::wait_for(core, &mut loader, key)?;

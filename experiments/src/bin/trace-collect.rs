@@ -17,14 +17,18 @@ fn main() {
         let cli = Cli::parse();
         shadowmoe_engine::init_threads(cli.args.threads)?;
         let c = run(&cli.args, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+        let per_row = if c.summary.rows > 0 {
+            format!("{:.1} bytes/row", c.summary.bytes as f64 / c.summary.rows as f64)
+        } else {
+            "no rows".to_string()
+        };
         eprintln!(
-            "wrote {}: {} requests, {} tokens, {} rows, {:.2} MB ({:.1} bytes/row) in {:.1}s",
+            "wrote {}: {} requests, {} tokens, {} rows, {:.2} MB ({per_row}) in {:.1}s",
             cli.args.out.display(),
             c.requests,
             c.tokens,
             c.summary.rows,
             c.summary.bytes as f64 / 1e6,
-            c.summary.bytes as f64 / c.summary.rows.max(1) as f64,
             c.secs
         );
         Ok(())

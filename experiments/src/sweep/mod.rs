@@ -13,6 +13,7 @@ use polars::prelude::*;
 use serde::Serialize;
 use shadowmoe_engine::offload::cache::{Budget, CacheStats};
 use shadowmoe_engine::offload::{MissMode, PolicyKind};
+use shadowmoe_engine::predict::{PredictorTiming, PrefetchSpan};
 
 use crate::args::{parse_list, parse_shard};
 use crate::sim::{SimConfig, simulate};
@@ -20,7 +21,7 @@ use crate::sim::{SimConfig, simulate};
 mod rows;
 mod source;
 use rows::{Row, RunIds, csv, frame, summary};
-use source::{ModelIds, Source, open_source, pins, predictor};
+use source::{ModelIds, PredictorInputs, Source, open_source, pin_spec, pins, predictor};
 
 /// Flags of `bench-sweep`.
 #[derive(Args, Debug, Clone)]
@@ -70,30 +71,54 @@ pub struct SweepArgs {
     /// Runs of each configuration (live mode); the summary reports their median and spread.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
-    /// Expert profile ranking the `popularity` predictor (live mode; sim mode ranks experts by
-    /// the trace's own counts when this is absent).
+    /// Expert profile ranking the `popularity` predictor (the training traces' profile, from
+    /// trace-stats; both modes: ranking by the replayed trace itself would be in-sample).
     #[arg(long)]
     pub profile: Option<PathBuf>,
-    /// Bandwidth of one I/O reader, GB/s.
-    #[arg(long, default_value_t = 1.0)]
-    pub ssd_gbps: f64,
-    /// Latency of one expert read, microseconds.
-    #[arg(long, default_value_t = 100.0)]
-    pub ssd_latency_us: f64,
+    /// Which later layers each prediction is for: target (layer L + D only), all (each of
+    /// L + 1 … L + D), wrap (all, into the next token's first layers). A list.
+    #[arg(long, default_value = "target")]
+    pub prefetch_span: String,
+    /// Where the predictor runs: async (its own thread, off the forward pass; sim: answers land
+    /// after their call time) or inline (on the forward thread after each layer).
+    #[arg(long, default_value = "async")]
+    pub predictor_timing: String,
+    /// Deterministic timing: the predictor inline and every load landed before a layer looks
+    /// up its experts (live and sim then make the same events in the same order).
+    #[arg(long)]
+    pub deterministic: bool,
+    /// How live mode reads experts: direct (O_DIRECT, default), pread (page cache), mmap.
+    #[arg(long)]
+    pub io: Option<String>,
+    /// Read experts from this expert pack in live mode (`shadowmoe expert-pack`).
+    #[arg(long)]
+    pub pack: Option<PathBuf>,
+    /// A calibration of this machine (`bench-sweep calibrate`) for the simulator's disk,
+    /// compute per layer and predictor times; the flags below override its values (sim mode).
+    #[arg(long)]
+    pub io_profile: Option<PathBuf>,
+    /// Bandwidth of one I/O reader, GB/s, readers independent (sim mode; default 1.0, or the
+    /// calibration's shared bandwidth).
+    #[arg(long)]
+    pub ssd_gbps: Option<f64>,
+    /// Latency of one expert read, microseconds (sim mode; default 100, 0 with a calibration).
+    #[arg(long)]
+    pub ssd_latency_us: Option<f64>,
+    /// I/O threads: readers in flight at most (both modes).
     #[arg(long, default_value_t = 4)]
     pub io_threads: usize,
-    /// Bytes of one expert (default: the model's, from the trace's config); e.g. 1769472 models
+    /// Bytes of one expert (sim mode; default: the model's); e.g. 1769472 models
     /// Qwen3-Coder-Next's 4-bit experts on this routing.
     #[arg(long)]
     pub expert_bytes: Option<u64>,
-    /// Compute time of one MoE layer for one token, milliseconds (sim mode).
-    #[arg(long, default_value_t = 0.5)]
-    pub layer_ms: f64,
-    /// Time of one shadow-predictor call, milliseconds, on the critical path of each decode
-    /// layer that prefetches (sim mode; 0: not modelled; the baselines cost nothing here). Live
-    /// mode measures every predictor's time.
-    #[arg(long, default_value_t = 0.0)]
-    pub predictor_ms: f64,
+    /// Compute time of one MoE layer for one token, milliseconds (sim mode; default 0.5, or the
+    /// calibration's).
+    #[arg(long)]
+    pub layer_ms: Option<f64>,
+    /// Time of one shadow-predictor call, milliseconds (sim mode; default: the calibration's, else
+    /// 0). Live mode measures every predictor's time.
+    #[arg(long)]
+    pub predictor_ms: Option<f64>,
     /// Backend of `shadow:` predictors: auto (a hardware GPU, else the CPU), wgpu (any
     /// adapter, software ones included) or cpu.
     #[arg(long, default_value = "auto")]
@@ -112,6 +137,7 @@ pub struct Combo {
     pub capacity: usize,
     pub pinning: String,
     pub prefetch_depth: usize,
+    pub prefetch_span: String,
     pub predictor: String,
     pub policy: String,
     pub on_miss: String,
@@ -151,6 +177,11 @@ pub fn combos(a: &SweepArgs, max_experts: usize) -> Result<Vec<Combo>> {
         m.parse::<MissMode>()
             .map_err(|e| anyhow::anyhow!("--on-miss: {e}"))?;
     }
+    let spans = split(&a.prefetch_span);
+    for sp in &spans {
+        sp.parse::<PrefetchSpan>()
+            .map_err(|e| anyhow::anyhow!("--prefetch-span: {e}"))?;
+    }
     let mut out = Vec::new();
     for &capacity in &caps {
         for pinning in split(&a.pinning) {
@@ -159,16 +190,25 @@ pub fn combos(a: &SweepArgs, max_experts: usize) -> Result<Vec<Combo>> {
                     if (prefetch_depth == 0) != (predictor == "none") {
                         continue;
                     }
-                    for policy in &policies {
-                        for on_miss in &misses {
-                            out.push(Combo {
-                                capacity,
-                                pinning: pinning.clone(),
-                                prefetch_depth,
-                                predictor: predictor.clone(),
-                                policy: policy.clone(),
-                                on_miss: on_miss.clone(),
-                            });
+                    // Without prefetching the span means nothing: one row, `target`.
+                    let my_spans: Vec<String> = if prefetch_depth == 0 {
+                        vec!["target".into()]
+                    } else {
+                        spans.clone()
+                    };
+                    for span in &my_spans {
+                        for policy in &policies {
+                            for on_miss in &misses {
+                                out.push(Combo {
+                                    capacity,
+                                    pinning: pinning.clone(),
+                                    prefetch_depth,
+                                    prefetch_span: span.clone(),
+                                    predictor: predictor.clone(),
+                                    policy: policy.clone(),
+                                    on_miss: on_miss.clone(),
+                                });
+                            }
                         }
                     }
                 }
@@ -253,6 +293,13 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     std::fs::remove_file(&probe)?;
 
     let k = a.prefetch_k.unwrap_or(top_k);
+    let timing: PredictorTiming = if a.deterministic {
+        PredictorTiming::Inline
+    } else {
+        a.predictor_timing
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--predictor-timing: {e}"))?
+    };
     let repeats = if matches!(source, Source::Live(_)) {
         a.repeat
     } else {
@@ -274,51 +321,73 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     for c in &mine {
         for rep in 0..repeats {
             let mut row = Row::new(c, &a.mode, rep);
+            row.predictor_timing = if c.prefetch_depth > 0 {
+                format!("{timing:?}").to_lowercase()
+            } else {
+                String::new()
+            };
             let policy: PolicyKind = c.policy.parse().map_err(|e: String| anyhow::anyhow!(e))?;
             let on_miss: MissMode = c.on_miss.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-            let pinned = pins(&c.pinning, c.capacity, &ids)?;
+            let span: PrefetchSpan = c.prefetch_span.parse().map_err(|e: String| anyhow::anyhow!(e))?;
             match &source {
-                Source::Sim { trace, reqs, io } => {
+                Source::Sim {
+                    trace,
+                    reqs,
+                    io,
+                    layer_ms,
+                    predictor_ms,
+                } => {
+                    row.io_mode = "modelled".into();
                     row.modelled_cache_bytes =
                         (c.capacity as u64) * moe_layers.len() as u64 * io.expert_bytes;
                     let result = (|| -> Result<crate::sim::SimResult> {
+                        let inputs = PredictorInputs {
+                            trace,
+                            model: a.model.as_deref(),
+                            backend,
+                            profile: a.profile.as_deref(),
+                            k,
+                        };
+                        let pkey = if c.predictor.starts_with("shadow:") {
+                            "shadow"
+                        } else {
+                            c.predictor.as_str()
+                        };
                         let cfg = SimConfig {
                             budget: Budget::PerLayer(c.capacity),
                             policy,
-                            pinned,
+                            pinned: pins(&c.pinning, c.capacity, &ids)?,
                             on_miss,
                             prefetch_depth: c.prefetch_depth,
                             prefetch_k: k,
+                            prefetch_span: span,
                             predictor: predictor(
                                 &c.predictor,
                                 c.prefetch_depth,
-                                reqs,
-                                trace,
+                                span,
+                                &inputs,
                                 &mut predictors,
-                                (a.model.as_deref(), backend),
-                                k,
                             )?,
-                            io: *io,
-                            layer_secs: a.layer_ms * 1e-3,
-                            predictor_secs: if c.predictor.starts_with("shadow:") {
-                                a.predictor_ms * 1e-3
-                            } else {
-                                0.0
-                            },
+                            timing,
+                            io: io.clone(),
+                            layer_secs: layer_ms * 1e-3,
+                            predictor_secs: predictor_ms.get(pkey).copied().unwrap_or(0.0) * 1e-3,
+                            settle_loads: a.deterministic,
                         };
                         simulate(reqs, &moe_layers, &cfg).map_err(|e| anyhow::anyhow!(e))
                     })();
                     match result {
                         Ok(r) => {
                             row.cache_stats(&r.stats);
+                            row.predict_stats(&r.predict, r.decode_tokens);
                             row.bytes_read = r.bytes_read;
                             row.stall_secs = r.stall_secs;
                             row.est_decode_tok_s = r.est_decode_tok_s;
                             let t = r.decode_tokens.max(1) as f64;
                             row.decode_ms_per_token = r.decode_secs / t * 1e3;
                             row.stall_ms_per_token = r.decode_stall_secs / t * 1e3;
-                            row.predictor_ms_per_token = r.decode_predictor_secs / t * 1e3;
-                            row.compute_ms_per_token = a.layer_ms * layers;
+                            row.compute_ms_per_token = layer_ms * layers;
+                            row.bytes_per_token = r.bytes_read as f64 / t;
                         }
                         Err(e) => row.error = format!("{e:#}"),
                     }
@@ -327,16 +396,21 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                     let cfg = crate::live::LiveConfig {
                         capacity: c.capacity,
                         policy,
-                        pinned,
+                        pin: pin_spec(&c.pinning, c.capacity),
                         on_miss,
                         prefetch_depth: c.prefetch_depth,
                         prefetch_k: k,
+                        prefetch_span: span,
+                        timing,
+                        settle_loads: a.deterministic,
                         predictor: c.predictor.clone(),
                         quality: false,
                     };
                     match setup.run(&cfg) {
                         Ok(r) => {
+                            row.io_mode = r.io_mode.clone();
                             row.cache_stats(&r.stats);
+                            row.predict_stats(&r.predict, r.decode_steps);
                             row.bytes_read = r.bytes_read;
                             row.stall_secs = r.stall_secs;
                             row.modelled_cache_bytes =
@@ -344,11 +418,13 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             let t = r.decode_steps.max(1) as f64;
                             row.decode_ms_per_token = r.decode_secs / t * 1e3;
                             row.stall_ms_per_token = r.decode_stall_secs / t * 1e3;
-                            row.predictor_ms_per_token = r.decode_predictor_secs / t * 1e3;
+                            // The forward thread's own time: the predictor's thread (async)
+                            // runs beside it.
                             row.compute_ms_per_token = (row.decode_ms_per_token
                                 - row.stall_ms_per_token
                                 - row.predictor_ms_per_token)
                                 .max(0.0);
+                            row.bytes_per_token = r.decode_bytes as f64 / t;
                             row.decode_tok_s = (r.decode_steps > 0)
                                 .then(|| r.decode_steps as f64 / r.decode_secs.max(1e-12));
                             row.prefill_tok_s = (r.prefill_tokens > 0)

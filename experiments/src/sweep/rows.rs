@@ -2,6 +2,7 @@
 //! (Parquet and CSV) and the median/spread summary.
 
 use super::*;
+use shadowmoe_engine::predict::PredictStats;
 
 /// One result row.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +33,20 @@ pub(super) struct Row {
     pub(super) predictor_ms_per_token: f64,
     /// capacity × MoE layers × expert bytes.
     pub(super) modelled_cache_bytes: u64,
+    /// `direct`, `pread`, `mmap` (the mode a live run actually used), or `modelled`.
+    pub(super) io_mode: String,
+    /// `async` or `inline` (empty without prefetching).
+    pub(super) predictor_timing: String,
+    /// Bytes read per decode token.
+    pub(super) bytes_per_token: f64,
+    /// The predictor's own time per decode token, wherever it runs (its thread, when async).
+    pub(super) predictor_busy_ms_per_token: f64,
+    pub(super) predictor_calls: u64,
+    /// Predictions that arrived after their target layer had routed (dropped).
+    pub(super) predictions_late: u64,
+    /// Routed layers the predictor never reached (it skipped to a newer one).
+    pub(super) predictions_skipped: u64,
+    pub(super) prefetch_cancelled: u64,
     // Live only.
     pub(super) decode_tok_s: Option<f64>,
     pub(super) prefill_tok_s: Option<f64>,
@@ -71,6 +86,14 @@ impl Row {
             stall_ms_per_token: f64::NAN,
             predictor_ms_per_token: f64::NAN,
             modelled_cache_bytes: 0,
+            io_mode: String::new(),
+            predictor_timing: String::new(),
+            bytes_per_token: f64::NAN,
+            predictor_busy_ms_per_token: 0.0,
+            predictor_calls: 0,
+            predictions_late: 0,
+            predictions_skipped: 0,
+            prefetch_cancelled: 0,
             decode_tok_s: None,
             prefill_tok_s: None,
             peak_rss_bytes: None,
@@ -81,6 +104,17 @@ impl Row {
             perplexity_exact: None,
             error: String::new(),
         }
+    }
+
+    pub(super) fn predict_stats(&mut self, p: &PredictStats, decode_tokens: u64) {
+        let t = decode_tokens.max(1) as f64;
+        // On the critical path: the forward thread's share (handing over, or running inline).
+        self.predictor_ms_per_token = p.forward_decode_secs / t * 1e3;
+        self.predictor_busy_ms_per_token = p.predictor_secs / t * 1e3;
+        self.predictor_calls = p.calls;
+        self.predictions_late = p.late;
+        self.predictions_skipped = p.skipped;
+        self.prefetch_cancelled = p.cancelled;
     }
 
     pub(super) fn cache_stats(&mut self, s: &CacheStats) {
@@ -121,6 +155,9 @@ pub(super) fn frame(rows: &[Row], ids: &RunIds<'_>) -> PolarsResult<DataFrame> {
             Column::new("capacity".into(), u(&|r| r.combo.capacity as u64)),
             Column::new("pinning".into(), s(&|r| r.combo.pinning.clone())),
             Column::new("prefetch_depth".into(), u(&|r| r.combo.prefetch_depth as u64)),
+            Column::new("prefetch_span".into(), s(&|r| r.combo.prefetch_span.clone())),
+            Column::new("predictor_timing".into(), s(&|r| r.predictor_timing.clone())),
+            Column::new("io_mode".into(), s(&|r| r.io_mode.clone())),
             Column::new("predictor".into(), s(&|r| r.combo.predictor.clone())),
             Column::new("policy".into(), s(&|r| r.combo.policy.clone())),
             Column::new("on_miss".into(), s(&|r| r.combo.on_miss.clone())),
@@ -146,6 +183,15 @@ pub(super) fn frame(rows: &[Row], ids: &RunIds<'_>) -> PolarsResult<DataFrame> {
             Column::new("stall_ms_per_token".into(), fl(&|r| r.stall_ms_per_token)),
             Column::new("predictor_ms_per_token".into(), fl(&|r| r.predictor_ms_per_token)),
             Column::new("modelled_cache_bytes".into(), u(&|r| r.modelled_cache_bytes)),
+            Column::new("bytes_per_token".into(), fl(&|r| r.bytes_per_token)),
+            Column::new(
+                "predictor_busy_ms_per_token".into(),
+                fl(&|r| r.predictor_busy_ms_per_token),
+            ),
+            Column::new("predictor_calls".into(), u(&|r| r.predictor_calls)),
+            Column::new("predictions_late".into(), u(&|r| r.predictions_late)),
+            Column::new("predictions_skipped".into(), u(&|r| r.predictions_skipped)),
+            Column::new("prefetch_cancelled".into(), u(&|r| r.prefetch_cancelled)),
             Column::new("decode_tok_s".into(), of(&|r| r.decode_tok_s)),
             Column::new("prefill_tok_s".into(), of(&|r| r.prefill_tok_s)),
             Column::new("peak_rss_bytes".into(), ou(&|r| r.peak_rss_bytes)),
@@ -222,10 +268,11 @@ pub(super) fn summary(rows: &[Row]) -> String {
         (m, v[0], v[v.len() - 1])
     };
     let mut out = format!(
-        "{:>8} {:<24} {:>5} {:<28} {:<6} {:<5} {:>3} {:>17} {:>22} {:>9}\n",
+        "{:>8} {:<24} {:>5} {:<6} {:<28} {:<6} {:<5} {:>3} {:>17} {:>22} {:>9}\n",
         "capacity",
         "pinning",
         "depth",
+        "span",
         "predictor",
         "policy",
         "miss",
@@ -253,10 +300,11 @@ pub(super) fn summary(rows: &[Row]) -> String {
         };
         let errors = rs.iter().filter(|r| !r.error.is_empty()).count();
         out += &format!(
-            "{:>8} {:<24} {:>5} {:<28} {:<6} {:<5} {:>3} {:>6.3} ({:.3}-{:.3}) {:>8.1} ({:.1}-{:.1}) {:>9.4}{}\n",
+            "{:>8} {:<24} {:>5} {:<6} {:<28} {:<6} {:<5} {:>3} {:>6.3} ({:.3}-{:.3}) {:>8.1} ({:.1}-{:.1}) {:>9.4}{}\n",
             c.capacity,
             pin,
             c.prefetch_depth,
+            c.prefetch_span,
             pred,
             c.policy,
             c.on_miss,

@@ -2,13 +2,16 @@
 //! flag before work starts), the pinned set of a configuration and the simulator's predictors.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use shadowmoe_engine::offload::{ExpertKey, Profile};
+use shadowmoe_engine::offload::{ExpertKey, IoMode, PinSpec, Profile};
+use shadowmoe_engine::predict::{ExpertPredictor, GateLookahead, LayerView, PrefetchSpan, prefetch_targets};
+use shadowmoe_trace::reader::HiddenRows;
 use shadowmoe_trace::{RequestRouting, Trace};
 
 use super::SweepArgs;
+use crate::calibrate::Calibration;
 use crate::sim::{IoModel, SimPredictor};
 
 /// The model a sweep runs on: what pinning and predictors check profiles against.
@@ -18,98 +21,171 @@ pub(super) struct ModelIds<'a> {
     pub(super) num_experts: usize,
 }
 
-pub(super) fn pins(spec: &str, capacity: usize, m: &ModelIds<'_>) -> Result<Vec<ExpertKey>> {
+/// `off` or `PROFILE[:K]` at `capacity`: the profile and K (default half the capacity, never
+/// the whole of it).
+pub(super) fn pin_spec(spec: &str, capacity: usize) -> Option<PinSpec> {
     if spec == "off" {
-        return Ok(Vec::new());
+        return None;
     }
-    let (path, k) = match spec.rsplit_once(':') {
-        Some((p, k)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_digit()) => {
-            (PathBuf::from(p), k.parse()?)
-        }
-        _ => (PathBuf::from(spec), capacity / 2),
+    let p = PinSpec::parse(spec);
+    let k = p.k.unwrap_or(capacity / 2).min(capacity.saturating_sub(1));
+    Some(PinSpec { k: Some(k), ..p })
+}
+
+pub(super) fn pins(spec: &str, capacity: usize, m: &ModelIds<'_>) -> Result<Vec<ExpertKey>> {
+    let Some(p) = pin_spec(spec, capacity) else {
+        return Ok(Vec::new());
     };
-    let profile = Profile::read(&path).map_err(|e| anyhow::anyhow!("--pinning: {e}"))?;
+    let profile = Profile::read(&p.profile).map_err(|e| anyhow::anyhow!("--pinning: {e}"))?;
     if profile.config_sha256 != m.config_sha256 {
         bail!(
             "--pinning: {} is a profile of another model than the sweep's",
+            p.profile.display()
+        );
+    }
+    Ok(profile.top_k(&p.profile, m.moe_layers, m.num_experts, p.k.unwrap_or(0))?)
+}
+
+/// The experts of every MoE layer (by ordinal) ranked by a profile: the `popularity` baseline.
+pub(super) fn popularity(path: &Path, m: &ModelIds<'_>) -> Result<Vec<Vec<u16>>> {
+    let profile = Profile::read(path).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
+    if profile.config_sha256 != m.config_sha256 {
+        bail!(
+            "--profile: {} is a profile of another model than the sweep's",
             path.display()
         );
     }
-    Ok(profile.top_k(
-        &path,
-        m.moe_layers,
-        m.num_experts,
-        k.min(capacity.saturating_sub(1)),
-    )?)
+    let keys = profile.top_k(path, m.moe_layers, m.num_experts, m.num_experts)?;
+    let mut ranked = vec![Vec::new(); m.moe_layers.len()];
+    for k in keys {
+        let ord = m
+            .moe_layers
+            .iter()
+            .position(|&l| l == k.layer as usize)
+            .context("profile layer")?;
+        ranked[ord].push(k.expert as u16);
+    }
+    Ok(ranked)
 }
 
+/// What the simulator's predictors are built from.
+pub(super) struct PredictorInputs<'a> {
+    pub(super) trace: &'a Trace,
+    pub(super) model: Option<&'a str>,
+    pub(super) backend: shadowmoe_predictor::BackendChoice,
+    pub(super) profile: Option<&'a Path>,
+    pub(super) k: usize,
+}
+
+/// The simulator's predictor `name` for `depth` and `span` (built once, then cached).
 pub(super) fn predictor(
     name: &str,
     depth: usize,
-    reqs: &[RequestRouting],
-    trace: &Trace,
-    cache: &mut HashMap<(String, usize), SimPredictor>,
-    (model, backend): (Option<&str>, shadowmoe_predictor::BackendChoice),
-    k: usize,
+    span: PrefetchSpan,
+    inp: &PredictorInputs<'_>,
+    cache: &mut HashMap<(String, usize, PrefetchSpan), SimPredictor>,
 ) -> Result<SimPredictor> {
-    if let Some(p) = cache.get(&(name.to_string(), depth)) {
+    let key = (name.to_string(), depth, span);
+    if let Some(p) = cache.get(&key) {
         return Ok(p.clone());
     }
-    let m = &trace.manifest;
+    let m = &inp.trace.manifest;
+    let ids = ModelIds {
+        config_sha256: &m.config_sha256,
+        moe_layers: &m.moe_layers,
+        num_experts: m.num_experts,
+    };
     let p = match name {
         "none" => SimPredictor::None,
         "previous-token" => SimPredictor::PreviousToken,
         "oracle" => SimPredictor::Oracle,
         "popularity" => {
-            let mut counts = vec![vec![0u64; m.num_experts]; m.moe_layers.len()];
-            for r in reqs {
-                for t in 0..r.tokens() {
-                    for (l, c) in counts.iter_mut().enumerate() {
-                        for &e in r.experts_at(t, l) {
-                            c[e as usize] += 1;
-                        }
-                    }
-                }
-            }
-            SimPredictor::Popularity(
-                counts
-                    .iter()
-                    .map(|c| shadowmoe_predictor::baselines::rank_by_count(c))
-                    .collect(),
-            )
+            let path = inp.profile.context(
+                "--predictor popularity needs --profile (the training traces' profile, from trace-stats): ranking by the replayed trace itself would be in-sample",
+            )?;
+            SimPredictor::Popularity(popularity(path, &ids)?)
         }
         "gate-lookahead" => {
-            let model_id = model.unwrap_or(&m.model_id);
+            let model_id = inp.model.unwrap_or(&m.model_id);
             let ckpt = shadowmoe_engine::Checkpoint::open(model_id).with_context(|| {
                 format!("gate-lookahead needs the checkpoint's routers (--model): {model_id}")
             })?;
-            let routers = shadowmoe_predictor::baselines::routers(&ckpt)?;
-            let ex = shadowmoe_predictor::data::all_examples(trace, &[depth], 64, &|_| true)?;
-            let pred = shadowmoe_predictor::baselines::gate_lookahead(&routers, &ex, k);
-            precomputed(&ex, &pred, k)
+            let mut gl = GateLookahead::new(ckpt.load_model()?.routers());
+            let k = inp.k;
+            precompute(inp.trace, depth, span, &mut |rows, li, ord, _ahead| {
+                let layer = m.moe_layers[li];
+                let target = m.moe_layers[ord];
+                let h = rows.hidden_size;
+                (0..rows.request.len())
+                    .map(|i| {
+                        let view = LayerView {
+                            layer,
+                            hidden: &rows.values[i * h..(i + 1) * h],
+                            experts: &[],
+                        };
+                        Ok(gl.predict(&view, target, k)?)
+                    })
+                    .collect()
+            })?
         }
         s => {
             let dir = s.strip_prefix("shadow:").context("predictor")?;
-            let sp =
-                shadowmoe_predictor::ShadowPredictor::load(Path::new(dir), Some(&m.config_sha256), backend)?;
-            let ex = shadowmoe_predictor::data::all_examples(trace, &[depth], 64, &|_| true)?;
-            let pred = sp.predict(&ex.hidden, &ex.src, &ex.depth, k);
-            precomputed(&ex, &pred, k)
+            let sp = shadowmoe_predictor::ShadowPredictor::load(
+                Path::new(dir),
+                Some(&m.config_sha256),
+                inp.backend,
+            )?;
+            let k = inp.k;
+            // The shadow model predicts within a token only: nothing for the next token's layers.
+            precompute(inp.trace, depth, span, &mut |rows, li, ord, ahead| {
+                let n = rows.request.len();
+                if ahead > 0 || ord <= li || ord - li > sp.meta.shape.max_depth {
+                    return Ok(vec![Vec::new(); n]);
+                }
+                let top = sp.predict(&rows.values, &vec![li as u16; n], &vec![(ord - li) as u8; n], k);
+                Ok(top
+                    .chunks(k)
+                    .map(|c| c.iter().map(|&e| u32::from(e)).collect())
+                    .collect())
+            })?
         }
     };
-    cache.insert((name.to_string(), depth), p.clone());
+    cache.insert(key, p.clone());
     Ok(p)
 }
 
-fn precomputed(ex: &shadowmoe_predictor::data::Examples, pred: &[u16], k: usize) -> SimPredictor {
+/// For every source MoE layer with stored hidden states and every target `span` names at
+/// `depth`, `predict(rows, source ordinal, target ordinal, tokens ahead)` gives one prediction
+/// per hidden row; they are keyed by (request, token, source, target).
+#[allow(clippy::type_complexity)]
+fn precompute(
+    trace: &Trace,
+    depth: usize,
+    span: PrefetchSpan,
+    predict: &mut dyn FnMut(&HiddenRows, usize, usize, usize) -> Result<Vec<Vec<u32>>>,
+) -> Result<SimPredictor> {
+    let m = &trace.manifest;
+    let n = m.moe_layers.len();
     let mut map = HashMap::new();
-    for i in 0..ex.len() {
-        map.insert(
-            (ex.request[i], ex.token[i], ex.src[i]),
-            pred[i * k..(i + 1) * k].to_vec(),
-        );
+    for (li, &layer) in m.moe_layers.iter().enumerate() {
+        let targets = prefetch_targets(li, n, depth, span);
+        if targets.is_empty() || !m.hidden_layers.contains(&layer) {
+            continue;
+        }
+        let rows = trace.hidden(layer, None)?;
+        for (ord, ahead) in targets {
+            let preds = predict(&rows, li, ord, ahead)?;
+            for (i, p) in preds.into_iter().enumerate() {
+                if !p.is_empty() {
+                    map.insert(
+                        (rows.request[i], rows.token[i], li as u16, ord as u16),
+                        p.into_iter().map(|e| e as u16).collect(),
+                    );
+                }
+            }
+        }
     }
-    SimPredictor::Precomputed(map)
+    Ok(SimPredictor::Precomputed(map))
 }
 
 /// What a sweep runs on.
@@ -118,8 +194,45 @@ pub(super) enum Source {
         trace: Box<Trace>,
         reqs: Vec<RequestRouting>,
         io: IoModel,
+        layer_ms: f64,
+        /// Milliseconds per predictor call, by predictor name (`shadow` for shadow models).
+        predictor_ms: HashMap<String, f64>,
     },
     Live(Box<crate::live::LiveSetup>),
+}
+
+/// Flags that only one mode reads: given in the other, they are refused, not ignored.
+fn refuse_other_mode(a: &SweepArgs) -> Result<()> {
+    let (mode, given): (&str, Vec<(&str, bool)>) = match a.mode.as_str() {
+        "live" => (
+            "sim",
+            vec![
+                ("--trace", a.trace.is_some()),
+                ("--ssd-gbps", a.ssd_gbps.is_some()),
+                ("--ssd-latency-us", a.ssd_latency_us.is_some()),
+                ("--expert-bytes", a.expert_bytes.is_some()),
+                ("--layer-ms", a.layer_ms.is_some()),
+                ("--predictor-ms", a.predictor_ms.is_some()),
+                ("--io-profile", a.io_profile.is_some()),
+            ],
+        ),
+        _ => (
+            "live",
+            vec![
+                ("--dataset", a.dataset.is_some()),
+                ("--io", a.io.is_some()),
+                ("--pack", a.pack.is_some()),
+                ("--limit", a.limit.is_some()),
+            ],
+        ),
+    };
+    if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+        bail!(
+            "{flag} applies to --mode {mode} only (this sweep is --mode {}): drop it",
+            a.mode
+        );
+    }
+    Ok(())
 }
 
 /// Checks the flags and opens the inputs: every error here comes before any work starts.
@@ -127,6 +240,10 @@ pub(super) fn open_source(
     a: &SweepArgs,
     backend: shadowmoe_predictor::BackendChoice,
 ) -> Result<(Source, serde_json::Value)> {
+    refuse_other_mode(a)?;
+    if a.io_threads == 0 {
+        bail!("--io-threads: expected at least one thread");
+    }
     match a.mode.as_str() {
         "sim" => {
             let trace_path = a.trace.as_ref().context("--mode sim needs --trace")?;
@@ -144,45 +261,92 @@ pub(super) fn open_source(
                     );
                 }
             }
+            let cal = match &a.io_profile {
+                None => None,
+                Some(p) => {
+                    let c = Calibration::read(p)?;
+                    c.warn_if_foreign(p, &m.config_sha256);
+                    Some(c)
+                }
+            };
             let expert_bytes = match a.expert_bytes {
                 Some(0) => bail!("--expert-bytes: expected a positive number of bytes"),
                 Some(b) => b,
-                None => {
-                    let ckpt = shadowmoe_engine::Checkpoint::open(a.model.as_deref().unwrap_or(&m.model_id))
-                        .context("the expert size comes from the model: pass --model, or --expert-bytes")?;
-                    let store = ckpt.expert_store(shadowmoe_engine::offload::IoMode::Pread, None, false)?;
-                    store.expert_bytes()
+                None => match &cal {
+                    Some(c) if c.model.config_sha256 == m.config_sha256 => c.model.expert_bytes,
+                    _ => {
+                        let ckpt =
+                            shadowmoe_engine::Checkpoint::open(a.model.as_deref().unwrap_or(&m.model_id))
+                                .context(
+                                    "the expert size comes from the model: pass --model, or --expert-bytes",
+                                )?;
+                        ckpt.expert_store(IoMode::Pread, None, false)?.expert_bytes()
+                    }
+                },
+            };
+            let positive = |v: Option<f64>, flag: &str, zero_ok: bool| -> Result<()> {
+                match v {
+                    Some(x) if !x.is_finite() || x < 0.0 || (!zero_ok && x == 0.0) => {
+                        bail!(
+                            "{flag}: expected a {} number, got {x}",
+                            if zero_ok { "non-negative" } else { "positive" }
+                        )
+                    }
+                    _ => Ok(()),
                 }
             };
-            let io_ok = a.ssd_gbps.is_finite()
-                && a.ssd_gbps > 0.0
-                && a.ssd_latency_us.is_finite()
-                && a.ssd_latency_us >= 0.0
-                && a.io_threads > 0;
-            if !io_ok {
-                bail!(
-                    "--ssd-gbps, --ssd-latency-us, --io-threads: expected a positive bandwidth, a latency ≥ 0 and at least one thread"
-                );
-            }
-            let io = IoModel {
-                gbps: a.ssd_gbps,
-                latency_us: a.ssd_latency_us,
-                threads: a.io_threads,
-                expert_bytes,
+            positive(a.ssd_gbps, "--ssd-gbps", false)?;
+            positive(a.ssd_latency_us, "--ssd-latency-us", true)?;
+            positive(a.layer_ms, "--layer-ms", true)?;
+            positive(a.predictor_ms, "--predictor-ms", true)?;
+            // The calibration gives what the flags do not.
+            let io = match (&cal, a.ssd_gbps) {
+                (Some(c), None) => {
+                    let mut io = c.io_model(a.io_threads, expert_bytes);
+                    if let Some(l) = a.ssd_latency_us {
+                        io.latency_us = l;
+                    }
+                    io
+                }
+                _ => IoModel::independent(
+                    a.ssd_gbps.unwrap_or(1.0),
+                    a.ssd_latency_us.unwrap_or(100.0),
+                    a.io_threads,
+                    expert_bytes,
+                ),
             };
+            let layer_ms = a
+                .layer_ms
+                .or_else(|| cal.as_ref().map(|c| c.compute.layer_ms))
+                .unwrap_or(0.5);
+            let mut predictor_ms: HashMap<String, f64> = cal
+                .as_ref()
+                .map(|c| {
+                    c.predictors
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.ms_per_call))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(ms) = a.predictor_ms {
+                predictor_ms.insert("shadow".into(), ms);
+            }
             let reqs = trace.requests(None)?;
             let info = serde_json::json!({
                 "trace": trace_path.display().to_string(),
                 "trace_manifest": m,
                 "io_model": io,
-                "layer_ms": a.layer_ms,
-                "predictor_ms": a.predictor_ms,
+                "io_profile": a.io_profile.as_ref().map(|p| p.display().to_string()),
+                "layer_ms": layer_ms,
+                "predictor_ms": predictor_ms,
             });
             Ok((
                 Source::Sim {
                     trace: Box::new(trace),
                     reqs,
                     io,
+                    layer_ms,
+                    predictor_ms,
                 },
                 info,
             ))
@@ -193,6 +357,11 @@ pub(super) fn open_source(
             if a.repeat == 0 {
                 bail!("--repeat: expected at least 1");
             }
+            let io: IoMode =
+                a.io.as_deref()
+                    .unwrap_or("direct")
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("--io: {e}"))?;
             let ckpt =
                 shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
             let tok = ckpt.tokenizer()?;
@@ -206,26 +375,16 @@ pub(super) fn open_source(
                 .map(|p| p.encode(&tok, !a.no_chat_template))
                 .collect::<Result<Vec<_>>>()?;
             let sha = ckpt.config_sha256()?;
-            let moe_layers = ckpt.config.moe_layers();
             let popularity = match &a.profile {
                 None => None,
-                Some(path) => {
-                    let profile = Profile::read(path).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
-                    if profile.config_sha256 != sha {
-                        bail!(
-                            "--profile: {} is a profile of another model than --model",
-                            path.display()
-                        );
-                    }
-                    let n = ckpt.config.num_experts;
-                    let keys = profile.top_k(path, &moe_layers, n, n)?;
-                    let mut ranked: HashMap<usize, Vec<u32>> = HashMap::new();
-                    for k in keys {
-                        ranked.entry(k.layer as usize).or_default().push(k.expert);
-                    }
-                    Some(ranked)
-                }
+                Some(path) => Some(shadowmoe_engine::offload::setup::ranking(
+                    &ckpt,
+                    path,
+                    "--profile",
+                )?),
             };
+            // The store opens once here: a pack for another model or a bad --io fails now.
+            let probe = ckpt.expert_store(io, a.pack.as_deref(), false)?;
             let info = serde_json::json!({
                 "model": model,
                 "config_sha256": sha,
@@ -234,12 +393,27 @@ pub(super) fn open_source(
                 "prompts": ids.len(),
                 "max_new_tokens": a.max_new_tokens,
                 "io_threads": a.io_threads,
-                "io_mode": "pread",
+                "io_mode_requested": io.name(),
+                "io_mode": probe.mode().name(),
+                "expert_source": probe.source(),
+                "pack": a.pack.as_ref().map(|p| p.display().to_string()),
                 "chat_template": !a.no_chat_template,
                 "repeat": a.repeat,
+                "deterministic": a.deterministic,
             });
-            let setup =
-                crate::live::LiveSetup::new(ckpt, ids, a.max_new_tokens, a.io_threads, backend, popularity)?;
+            drop(probe);
+            let setup = crate::live::LiveSetup::new(
+                ckpt,
+                ids,
+                a.max_new_tokens,
+                crate::live::LiveIo {
+                    mode: io,
+                    pack: a.pack.clone(),
+                    threads: a.io_threads,
+                },
+                backend,
+                popularity,
+            )?;
             Ok((Source::Live(Box::new(setup)), info))
         }
         m => bail!("--mode: unknown `{m}` (expected sim or live)"),
