@@ -173,6 +173,7 @@ fn every_figure_program_draws_from_a_real_run_folder() {
             "fig8_quality_under_skip",
             env!("CARGO_BIN_EXE_fig8_quality_under_skip"),
         ),
+        ("fig9_headline", env!("CARGO_BIN_EXE_fig9_headline")),
     ];
     for (stem, exe) in programs {
         let o = Command::new(exe)

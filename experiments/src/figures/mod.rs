@@ -14,6 +14,7 @@ use plotters::prelude::*;
 use polars::prelude::*;
 use serde_json::Value;
 
+mod headline;
 mod stats_figs;
 mod sweep_figs;
 use stats_figs::{fig3, fig4, fig5};
@@ -33,7 +34,7 @@ fn register_font() -> Result<()> {
 }
 
 /// Every figure, in the order: (file stem, what it shows).
-pub const FIGURES: [(&str, &str); 8] = [
+pub const FIGURES: [(&str, &str); 9] = [
     (
         "fig1_hit_rate_vs_capacity",
         "decode hit rate vs capacity per eviction policy, with Belady and pinning",
@@ -60,6 +61,10 @@ pub const FIGURES: [(&str, &str); 8] = [
         "fig8_quality_under_skip",
         "quality vs capacity under skip-on-miss",
     ),
+    (
+        "fig9_headline",
+        "decode tok/s and stall vs capacity per predictor, live and simulated on one chart",
+    ),
 ];
 
 /// One row of a sweep's results (the columns figures use; absent columns read as NaN/empty).
@@ -69,6 +74,7 @@ pub struct Res {
     pub capacity: f64,
     pub pinning: String,
     pub prefetch_depth: f64,
+    pub prefetch_span: String,
     pub predictor: String,
     pub policy: String,
     pub on_miss: String,
@@ -142,6 +148,7 @@ pub fn read_results(dir: &Path) -> Result<Vec<Res>> {
                 })
                 .unwrap_or_else(|| vec![String::new(); df.height()])
         };
+        let span = st("prefetch_span");
         let (mode, pinning, predictor, policy, on_miss, error) = (
             st("mode"),
             st("pinning"),
@@ -177,6 +184,11 @@ pub fn read_results(dir: &Path) -> Result<Vec<Res>> {
                 capacity: cap[i],
                 pinning: pinning[i].clone(),
                 prefetch_depth: depth[i],
+                prefetch_span: if span[i].is_empty() {
+                    "target".into()
+                } else {
+                    span[i].clone()
+                },
                 predictor: predictor[i].clone(),
                 policy: policy[i].clone(),
                 on_miss: on_miss[i].clone(),
@@ -536,7 +548,8 @@ pub fn draw(
             "fig5" => fig5(stats.as_ref(), out, stem)?,
             "fig6" => fig6(&rows, out, stem)?,
             "fig7" => fig7(&rows, out, stem)?,
-            _ => fig8(&rows, out, stem)?,
+            "fig8" => fig8(&rows, out, stem)?,
+            _ => headline::fig9(&rows, out, stem)?,
         };
         done.push((stem.to_string(), r));
     }

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The headline experiment: the bundled reference model inflated past this machine's memory
+# (hidden 2048, experts of Qwen3-Coder-Next's shape: 6,291,456 bytes each, 25.9 GB in all),
+# experts read with O_DIRECT, live sweeps next to the simulator calibrated on the same machine.
+#
+#   bash experiments/headline.sh [OUT]          # default OUT: runs/headline
+#
+# Steps (finished ones are kept: rerunning continues where it stopped):
+#   inflate → calibrate (I/O at depths 1..8 vs a random-bytes file, compute, baselines) →
+#   trace-collect on the inflated model (experts from disk, --capacity) → trace-stats →
+#   train-shadow → calibrate again with the shadow predictor → live sweep → simulated sweep
+#   with the calibration → figures.
+#
+# Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256), DEPTHS
+# (1,2,4), PREDICTORS (none,previous-token,gate-lookahead,shadow), PINNING (off,PROFILE:32),
+# SPAN (target), REPEAT (3), LIVE_PROMPTS (4), LIVE_TOKENS (24), IO_THREADS (4), CONTROL (1:
+# also read a random-bytes file the size of the experts; needs 26 GB free), PROFILE (dev: the
+# build `cargo test` makes, every crate optimised).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/headline}
+BIG=${BIG:-models/inflated/h2048-i512}
+CAPACITY=${CAPACITY:-32,64,128,160,192,256}
+DEPTHS=${DEPTHS:-1,2,4}
+REPEAT=${REPEAT:-3}
+IO_THREADS=${IO_THREADS:-4}
+PROFILE=${PROFILE:-dev}
+DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
+BIN=${CARGO_TARGET_DIR:-target}/$DIR
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+t0=$(date +%s)
+step() { echo "== $(( $(date +%s) - t0 ))s: $*" >&2; }
+
+if [ "$PROFILE" = dev ]; then
+  cargo test --workspace --no-run -q
+else
+  cargo build --workspace --profile "$PROFILE" -q
+fi
+mkdir -p "$OUT"
+
+step "inflate"
+[ -d "$BIG" ] || "$BIN/shadowmoe" inflate --model models/reference/checkpoint --out "$BIG" \
+  --hidden 2048 --moe-intermediate 512
+
+step "calibrate (I/O, compute, baselines)"
+if [ ! -f "$OUT/calibration-io.json" ]; then
+  control=(); [ "${CONTROL:-1}" = 1 ] && control=(--control-file "$OUT/control-random.bin")
+  "$BIN/bench-sweep" calibrate --model "$BIG" --depths 1..8 --reads 192 "${control[@]}" \
+    --predictor gate-lookahead,previous-token --out "$OUT/calibration-io.json"
+  rm -f "$OUT/control-random.bin"
+fi
+
+# Traces of the inflated model itself (experts from disk through a cache of 256 per layer).
+cat datasets/code.jsonl datasets/chat.jsonl datasets/math.jsonl datasets/tools.jsonl > "$OUT/train.jsonl"
+for set in train heldout; do
+  ds="$OUT/train.jsonl"; [ "$set" = heldout ] && ds=datasets/heldout.jsonl
+  step "trace-collect $set"
+  [ -f "$OUT/$set.parquet" ] || "$BIN/trace-collect" --model "$BIG" --dataset "$ds" \
+    --out "$OUT/$set.parquet" --max-new-tokens 32 --temperature 0.8 --seed 0 \
+    --hidden-layers all --hidden-dtype f16 --no-chat-template --resume --capacity 256 --io direct
+done
+step "trace-stats"
+[ -f "$OUT/profile.json" ] || "$BIN/trace-stats" --trace "$OUT/train.parquet" --out "$OUT/stats" \
+  --profile "$OUT/profile.json" > "$OUT/stats.txt"
+step "train-shadow"
+[ -f "$OUT/shadow/predictor.json" ] || "$BIN/train-shadow" --traces "$OUT/train.parquet" \
+  --eval-traces "$OUT/heldout.parquet" --model "$BIG" --depth 1..4 --top-k 10 \
+  --backend "${BACKEND:-auto}" --loss softmax --epochs "${EPOCHS:-3}" --patience 2 --out "$OUT/shadow"
+
+step "calibrate (with the shadow predictor)"
+[ -f "$OUT/calibration.json" ] || "$BIN/bench-sweep" calibrate --model "$BIG" --depths 1..8 \
+  --reads 192 --predictor "gate-lookahead,previous-token,shadow:$OUT/shadow" --targets 1 \
+  --backend "${BACKEND:-auto}" --out "$OUT/calibration.json"
+
+PREDICTORS=${PREDICTORS:-none,previous-token,gate-lookahead,shadow}
+PRED=${PREDICTORS/shadow/shadow:$OUT/shadow}
+PINNING=${PINNING:-off,$OUT/profile.json:32}
+common=(--model "$BIG" --capacity "$CAPACITY" --prefetch-depth "0,$DEPTHS" --predictor "$PRED"
+  --prefetch-span "${SPAN:-target}" --pinning "$PINNING" --profile "$OUT/profile.json"
+  --io-threads "$IO_THREADS" --backend "${BACKEND:-auto}")
+
+step "bench-sweep live (O_DIRECT)"
+[ -f "$OUT/sweep-live/results.parquet" ] || "$BIN/bench-sweep" --mode live "${common[@]}" \
+  --dataset datasets/heldout.jsonl --limit "${LIVE_PROMPTS:-4}" --max-new-tokens "${LIVE_TOKENS:-24}" \
+  --no-chat-template --io direct --repeat "$REPEAT" --out "$OUT/sweep-live"
+
+# The simulator replays the live run's own routing: a trace of the same prompts, greedy.
+step "trace-collect live prompts"
+[ -f "$OUT/live.parquet" ] || "$BIN/trace-collect" --model "$BIG" --dataset datasets/heldout.jsonl \
+  --limit "${LIVE_PROMPTS:-4}" --out "$OUT/live.parquet" --max-new-tokens "${LIVE_TOKENS:-24}" \
+  --hidden-layers all --hidden-dtype f16 --no-chat-template --capacity 256 --io direct
+step "bench-sweep sim (calibrated)"
+"$BIN/bench-sweep" --mode sim "${common[@]}" --trace "$OUT/live.parquet" \
+  --io-profile "$OUT/calibration.json" --out "$OUT/sweep-sim"
+
+step "plot-figures"
+"$BIN/plot-figures" --results "$OUT" --out "$OUT/figures"
+step "done: $OUT (calibration.json, sweep-live/, sweep-sim/, figures/)"
