@@ -106,6 +106,7 @@ fn child(dir: &std::path::Path, spec: &str, tokens: usize) {
             io_threads: 4,
             pinned: vec![],
             settle_loads: false,
+            prefetch_readers: 0,
         };
         let (model, cached) = ckpt.load_model_cached(store, &opts).unwrap();
         (

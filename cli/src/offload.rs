@@ -79,6 +79,10 @@ pub struct CacheArgs {
     /// forward thread after each layer: deterministic).
     #[arg(long, default_value = "async")]
     predictor_timing: String,
+    /// Readers that may be busy with prefetches at once (0: all --io-threads); the disk's
+    /// bandwidth is shared, so fewer leaves more of it to demand loads.
+    #[arg(long, default_value_t = 0)]
+    prefetch_readers: usize,
 }
 
 /// A model ready to run, with what is needed to report on it.
@@ -156,6 +160,7 @@ impl CacheArgs {
             io_threads: self.io_threads,
             pin: self.pin.as_deref().map(PinSpec::parse),
             settle_loads: false,
+            prefetch_readers: self.prefetch_readers,
         };
         let prefetch = self.prefetch(ckpt)?;
         let off = ckpt.offload(&cfg)?;

@@ -65,6 +65,7 @@ fn inflated_reference_model_computes_the_same_function() {
         io_threads: 2,
         pinned: Vec::new(),
         settle_loads: false,
+        prefetch_readers: 0,
     };
     let (model, _cached) = big.load_model_cached(store, &opts).unwrap();
     let moe = big.config.moe_layers();

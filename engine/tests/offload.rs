@@ -28,6 +28,7 @@ fn opts(budget: Budget) -> CacheOptions {
         io_threads: 2,
         pinned: vec![],
         settle_loads: false,
+        prefetch_readers: 0,
     }
 }
 
@@ -349,6 +350,53 @@ fn demand_loads_go_ahead_of_queued_prefetches() {
     let order: Vec<u64> = (0..6).map(|_| pool.recv().unwrap().id).collect();
     let pos = order.iter().position(|&id| id == 99).unwrap();
     assert!(pos <= 1, "demand load finished at position {pos}: {order:?}");
+}
+
+/// With one prefetch reader of four, queued prefetches are read one at a time, and a demand
+/// load still gets a reader at once.
+#[test]
+fn prefetch_readers_limit_the_prefetches_in_flight() {
+    use shadowmoe_engine::offload::PageBuf;
+    use shadowmoe_engine::offload::pool::LoadJob;
+    use std::sync::atomic::AtomicBool;
+    let ckpt = Checkpoint::open_dir(&fixture_dir("qwen3_moe")).unwrap();
+    let wait_for = |store: &ExpertStore, n: u64| {
+        let t = std::time::Instant::now();
+        while store.reads_started() < n && t.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+    for (limit, want) in [(1u64, 1u64), (0, 4)] {
+        let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+        store.hold_reads(true);
+        let pool = shadowmoe_engine::offload::IoPool::with_prefetch_limit(store.clone(), 4, limit as usize);
+        let job = |id: u64, e: u32| LoadJob {
+            id,
+            key: ExpertKey::new(1, e),
+            buf: Some(PageBuf::zeroed(store.slot_bytes())),
+            cancelled: Arc::new(AtomicBool::new(false)),
+        };
+        for i in 0..6 {
+            pool.submit(job(i, i as u32), false).unwrap();
+        }
+        wait_for(&store, want);
+        // Give any reader that should not start time to (wrongly) start.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(store.reads_started(), want, "prefetch readers {limit}");
+        if limit == 1 {
+            pool.submit(job(99, 9), true).unwrap();
+            wait_for(&store, 2);
+            assert_eq!(
+                store.reads_started(),
+                2,
+                "the demand load waited for a prefetch slot"
+            );
+        }
+        store.hold_reads(false);
+        let n = if limit == 1 { 7 } else { 6 };
+        let done: Vec<u64> = (0..n).map(|_| pool.recv().unwrap().id).collect();
+        assert_eq!(done.len(), n);
+    }
 }
 
 /// A prefetch cancelled while still queued is never read and counts as wasted; a prefetch used

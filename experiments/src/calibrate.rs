@@ -206,6 +206,7 @@ impl Calibration {
             expert_bytes,
             latency_us: 0.0,
             gbps_by_depth,
+            prefetch_readers: 0,
         }
     }
 }

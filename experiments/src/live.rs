@@ -23,6 +23,8 @@ pub struct LiveIo {
     pub mode: IoMode,
     pub pack: Option<std::path::PathBuf>,
     pub threads: usize,
+    /// Readers that may be busy with prefetches at once (0: all).
+    pub prefetch_readers: usize,
 }
 
 /// What every live configuration shares.
@@ -182,6 +184,7 @@ impl LiveSetup {
             io_threads: self.io.threads,
             pin,
             settle_loads,
+            prefetch_readers: self.io.prefetch_readers,
         }
     }
 

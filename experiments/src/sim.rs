@@ -38,6 +38,8 @@ pub struct IoModel {
     /// Aggregate bandwidth in GB/s with 1, 2, … reads transferring at once (the last value
     /// holds beyond): the readers share it.
     pub gbps_by_depth: Vec<f64>,
+    /// Reads that may be prefetches at once (0: all `threads`).
+    pub prefetch_readers: usize,
 }
 
 impl IoModel {
@@ -49,6 +51,7 @@ impl IoModel {
             expert_bytes,
             latency_us,
             gbps_by_depth: (1..=threads.max(1)).map(|q| q as f64 * gbps).collect(),
+            prefetch_readers: 0,
         }
     }
 
@@ -106,6 +109,8 @@ pub struct SimResult {
     pub stats: CacheStats,
     pub predict: PredictStats,
     pub bytes_read: u64,
+    /// Bytes read while decode passes ran.
+    pub decode_bytes: u64,
     pub stall_secs: f64,
     pub decode_secs: f64,
     /// Of `decode_secs`: waiting for loads, and predictor calls on the critical path.
@@ -121,6 +126,7 @@ pub struct SimResult {
 struct Read {
     key: ExpertKey,
     generation: u64,
+    prefetch: bool,
     /// When its bytes start to flow.
     ready: f64,
     /// Bytes still to transfer.
@@ -175,15 +181,26 @@ impl Io {
     }
 
     fn start_queued(&mut self) {
+        let limit = match self.model.prefetch_readers {
+            0 => usize::MAX,
+            n => n,
+        };
         while self.active.len() < self.model.threads.max(1) {
-            let Some((key, generation)) = self.demand.pop_front().or_else(|| self.prefetch.pop_front())
-            else {
-                return;
+            let prefetching = self.active.iter().filter(|r| r.prefetch).count();
+            let (next, prefetch) = match self.demand.pop_front() {
+                Some(d) => (d, false),
+                None if prefetching < limit => match self.prefetch.pop_front() {
+                    Some(p) => (p, true),
+                    None => return,
+                },
+                None => return,
             };
+            let (key, generation) = next;
             self.bytes += self.model.expert_bytes;
             self.active.push(Read {
                 key,
                 generation,
+                prefetch,
                 ready: self.clock + self.model.latency_us * 1e-6,
                 left: self.model.expert_bytes as f64,
             });
@@ -612,6 +629,7 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
     for (pass_no, (ri, toks, phase)) in passes.iter().enumerate() {
         let r = &reqs[*ri];
         let pass_start = l.now;
+        let bytes_start = l.io.bytes;
         l.decoding = *phase == Phase::Decode;
         let last_t = *toks.last().expect("a pass has tokens");
         for (li, &layer) in moe_layers.iter().enumerate() {
@@ -706,6 +724,7 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
         }
         if *phase == Phase::Decode {
             res.decode_secs += l.now - pass_start;
+            res.decode_bytes += l.io.bytes - bytes_start;
             res.decode_tokens += 1;
         }
     }
@@ -743,6 +762,7 @@ mod tests {
             expert_bytes: 1_000_000,
             latency_us: 0.0,
             gbps_by_depth: vec![1.0, 1.0],
+            prefetch_readers: 0,
         };
         let mut io = Io::new(shared.clone());
         io.submit(key(0), true);
@@ -762,6 +782,21 @@ mod tests {
         io.submit(key(4), true);
         assert_eq!(io.active.len(), 2);
         assert_eq!(io.bytes, 2_000_000);
+    }
+
+    #[test]
+    fn prefetch_readers_limit_the_prefetches_in_flight() {
+        let model = IoModel {
+            prefetch_readers: 1,
+            ..IoModel::independent(1.0, 0.0, 4, 1_000_000)
+        };
+        let mut io = Io::new(model);
+        for e in 0..3 {
+            io.submit(key(e), false);
+        }
+        assert_eq!(io.active.len(), 1, "one prefetch reader");
+        io.submit(key(9), true);
+        assert_eq!(io.active.len(), 2, "a demand read starts beside it");
     }
 
     #[test]

@@ -321,6 +321,7 @@ fn simulated_and_live_agree() {
             io_threads: 2,
             pinned: pins.clone(),
             settle_loads: prefetch,
+            prefetch_readers: 0,
         };
         let (model, cached) = ckpt.load_model_cached(store.clone(), &opts).unwrap();
         if prefetch {
@@ -612,6 +613,7 @@ fn live_sweep_measures_and_scores_quality() {
         mode: IoMode::Direct,
         pack: None,
         threads: 2,
+        prefetch_readers: 0,
     };
     let setup = LiveSetup::new(ckpt, ids, 4, io, shadowmoe_predictor::BackendChoice::Cpu, None).unwrap();
     let r = setup

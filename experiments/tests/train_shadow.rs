@@ -164,6 +164,7 @@ fn prefetch_with(predictor: ShadowPredictor, config_sha256: &str) {
         io_threads: 2,
         pinned: vec![],
         settle_loads: false,
+        prefetch_readers: 0,
     };
     let (model, cached) = ckpt.load_model_cached(store, &cache).unwrap();
     model.set_prefetch(Some(Prefetch {

@@ -4,7 +4,7 @@
 //! allocates nothing: the cache hands it slots it already owns.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,23 +49,67 @@ pub struct IoPool {
     workers: Vec<JoinHandle<()>>,
 }
 
+/// How many workers may be reading prefetches at once.
+#[derive(Debug)]
+struct PrefetchSlots {
+    max: usize,
+    busy: AtomicUsize,
+}
+
+impl PrefetchSlots {
+    /// Takes a slot if one is free.
+    fn take(&self) -> bool {
+        let mut cur = self.busy.load(Ordering::Acquire);
+        while cur < self.max {
+            match self
+                .busy
+                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+        false
+    }
+
+    fn give_back(&self) {
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl IoPool {
     /// Starts `threads` workers reading from `store`.
     pub fn new(store: Arc<ExpertStore>, threads: usize) -> Self {
+        Self::with_prefetch_limit(store, threads, 0)
+    }
+
+    /// Starts `threads` workers reading from `store`, at most `prefetch_readers` of them busy
+    /// with prefetches at once (0: no limit).
+    pub fn with_prefetch_limit(store: Arc<ExpertStore>, threads: usize, prefetch_readers: usize) -> Self {
+        let threads = threads.max(1);
+        let slots = Arc::new(PrefetchSlots {
+            max: if prefetch_readers == 0 {
+                threads
+            } else {
+                prefetch_readers
+            },
+            busy: AtomicUsize::new(0),
+        });
         let (demand_tx, demand_rx) = unbounded::<LoadJob>();
         let (prefetch_tx, prefetch_rx) = unbounded::<LoadJob>();
         let (done_tx, done_rx) = unbounded::<LoadDone>();
-        let workers = (0..threads.max(1))
+        let workers = (0..threads)
             .map(|i| {
-                let (store, demand_rx, prefetch_rx, done_tx) = (
+                let (store, demand_rx, prefetch_rx, done_tx, slots) = (
                     store.clone(),
                     demand_rx.clone(),
                     prefetch_rx.clone(),
                     done_tx.clone(),
+                    slots.clone(),
                 );
                 std::thread::Builder::new()
                     .name(format!("shadowmoe-io-{i}"))
-                    .spawn(move || worker(&store, &demand_rx, &prefetch_rx, &done_tx))
+                    .spawn(move || worker(&store, &demand_rx, &prefetch_rx, &done_tx, &slots))
                     .expect("spawning an I/O thread")
             })
             .collect();
@@ -117,15 +161,35 @@ fn worker(
     demand: &Receiver<LoadJob>,
     prefetch: &Receiver<LoadJob>,
     done: &Sender<LoadDone>,
+    slots: &PrefetchSlots,
 ) {
     loop {
-        let job = select_biased! {
-            recv(demand) -> j => j,
-            recv(prefetch) -> j => j,
+        // A prefetch only with a free prefetch slot; without one, demand loads alone (and a
+        // look again soon, when a slot may have freed).
+        let reserved = slots.take();
+        let (job, is_prefetch) = if reserved {
+            select_biased! {
+                recv(demand) -> j => (j, false),
+                recv(prefetch) -> j => (j, true),
+            }
+        } else {
+            select_biased! {
+                recv(demand) -> j => (j, false),
+                default(Duration::from_millis(1)) => continue,
+            }
         };
+        if reserved && !is_prefetch {
+            slots.give_back();
+        }
         // A closed channel means the pool is shutting down.
         let Ok(mut job) = job else { return };
+        let release = || {
+            if is_prefetch {
+                slots.give_back();
+            }
+        };
         if job.cancelled.load(Ordering::Acquire) {
+            release();
             let _ = done.send(LoadDone {
                 id: job.id,
                 key: job.key,
@@ -148,6 +212,7 @@ fn worker(
                 "the I/O thread panicked while reading",
             ))
         });
+        release();
         let _ = done.send(LoadDone {
             id: job.id,
             key,

@@ -68,6 +68,9 @@ pub struct CacheOptions {
     /// looks its experts up, so hits depend on the order of events alone, as in the simulator
     /// with instant I/O.
     pub settle_loads: bool,
+    /// Readers that may be busy with prefetches at once (0: all of them): the disk's bandwidth
+    /// is shared, so a demand load competing with many prefetches in flight waits longer.
+    pub prefetch_readers: usize,
 }
 
 /// The live side of the cache: slots, buffers and loads in flight.
@@ -269,7 +272,7 @@ impl CachedExperts {
         let core = CacheCore::new(moe_layers, opts.budget, opts.policy, &opts.pinned);
         let mapped = store.mode() == IoMode::Mmap;
         let this = Self {
-            pool: IoPool::new(store.clone(), opts.io_threads),
+            pool: IoPool::with_prefetch_limit(store.clone(), opts.io_threads, opts.prefetch_readers),
             store,
             first_moe_layer: moe_layers.first().copied().unwrap_or(0),
             on_miss: opts.on_miss,

@@ -69,6 +69,8 @@ pub struct OffloadConfig {
     /// Deterministic timing: every load in flight lands before a layer looks its experts up
     /// (tests, and runs that must equal the simulator's event order).
     pub settle_loads: bool,
+    /// Readers that may be busy with prefetches at once (0: all).
+    pub prefetch_readers: usize,
 }
 
 impl OffloadConfig {
@@ -85,6 +87,7 @@ impl OffloadConfig {
             io_threads: 4,
             pin: None,
             settle_loads: false,
+            prefetch_readers: 0,
         }
     }
 }
@@ -217,6 +220,7 @@ impl Checkpoint {
             io_threads: cfg.io_threads,
             pinned: pinned.clone(),
             settle_loads: cfg.settle_loads,
+            prefetch_readers: cfg.prefetch_readers,
         };
         let (model, cached) = self.load_model_cached(store.clone(), &opts)?;
         tracing::info!(

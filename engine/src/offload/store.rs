@@ -300,6 +300,11 @@ impl ExpertStore {
         }
     }
 
+    /// Reads started since the store opened (or faults were last injected).
+    pub fn reads_started(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+
     /// The read mode actually used.
     pub fn mode(&self) -> IoMode {
         self.mode

@@ -43,6 +43,7 @@ fn main() {
                 );
             }
             (None, Some(args)) => {
+                shadowmoe_engine::init_threads(args.threads)?;
                 let out = run(&args, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
                 eprintln!("wrote {}", out.join("results.parquet").display());
             }

@@ -107,6 +107,9 @@ pub struct SweepArgs {
     /// I/O threads: readers in flight at most (both modes).
     #[arg(long, default_value_t = 4)]
     pub io_threads: usize,
+    /// Readers that may be busy with prefetches at once (both modes; 0: all of them).
+    #[arg(long, default_value_t = 0)]
+    pub prefetch_readers: usize,
     /// Bytes of one expert (sim mode; default: the model's); e.g. 1769472 models
     /// Qwen3-Coder-Next's 4-bit experts on this routing.
     #[arg(long)]
@@ -123,6 +126,10 @@ pub struct SweepArgs {
     /// adapter, software ones included) or cpu.
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// Threads of the engine's forward pass (live mode; 0: one per core). The predictor's thread
+    /// and the I/O threads come on top.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// Run one share of the combinations: I/N.
     #[arg(long)]
     pub shard: Option<String>,
@@ -387,7 +394,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             row.decode_ms_per_token = r.decode_secs / t * 1e3;
                             row.stall_ms_per_token = r.decode_stall_secs / t * 1e3;
                             row.compute_ms_per_token = layer_ms * layers;
-                            row.bytes_per_token = r.bytes_read as f64 / t;
+                            row.bytes_per_token = r.decode_bytes as f64 / t;
                         }
                         Err(e) => row.error = format!("{e:#}"),
                     }

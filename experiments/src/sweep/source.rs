@@ -223,6 +223,7 @@ fn refuse_other_mode(a: &SweepArgs) -> Result<()> {
                 ("--io", a.io.is_some()),
                 ("--pack", a.pack.is_some()),
                 ("--limit", a.limit.is_some()),
+                ("--threads", a.threads != 0),
             ],
         ),
     };
@@ -331,6 +332,8 @@ pub(super) fn open_source(
             if let Some(ms) = a.predictor_ms {
                 predictor_ms.insert("shadow".into(), ms);
             }
+            let mut io = io;
+            io.prefetch_readers = a.prefetch_readers;
             let reqs = trace.requests(None)?;
             let info = serde_json::json!({
                 "trace": trace_path.display().to_string(),
@@ -393,6 +396,7 @@ pub(super) fn open_source(
                 "prompts": ids.len(),
                 "max_new_tokens": a.max_new_tokens,
                 "io_threads": a.io_threads,
+                "prefetch_readers": a.prefetch_readers,
                 "io_mode_requested": io.name(),
                 "io_mode": probe.mode().name(),
                 "expert_source": probe.source(),
@@ -400,6 +404,7 @@ pub(super) fn open_source(
                 "chat_template": !a.no_chat_template,
                 "repeat": a.repeat,
                 "deterministic": a.deterministic,
+                "threads": shadowmoe_engine::threads(),
             });
             drop(probe);
             let setup = crate::live::LiveSetup::new(
@@ -410,6 +415,7 @@ pub(super) fn open_source(
                     mode: io,
                     pack: a.pack.clone(),
                     threads: a.io_threads,
+                    prefetch_readers: a.prefetch_readers,
                 },
                 backend,
                 popularity,
