@@ -11,9 +11,8 @@
 #   train-shadow → calibrate again with the shadow predictor → live sweep → simulated sweep
 #   with the calibration → figures.
 #
-# Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256), DEPTHS
-# (1,2,4), PREDICTORS (none,previous-token,gate-lookahead,shadow), PINNING (off,PROFILE:32),
-# SPAN (target), REPEAT (3), LIVE_PROMPTS (4), LIVE_TOKENS (24), IO_THREADS (4), CONTROL (1:
+# Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256), REPEAT (3),
+# LIVE_PROMPTS (4), LIVE_TOKENS (24), IO_THREADS (4), CONTROL (1:
 # also read a random-bytes file the size of the experts; needs 26 GB free), PROFILE (dev: the
 # build `cargo test` makes, every crate optimised).
 set -euo pipefail
@@ -21,7 +20,6 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/headline}
 BIG=${BIG:-models/inflated/h2048-i512}
 CAPACITY=${CAPACITY:-32,64,128,160,192,256}
-DEPTHS=${DEPTHS:-1,2,4}
 REPEAT=${REPEAT:-3}
 IO_THREADS=${IO_THREADS:-4}
 PROFILE=${PROFILE:-dev}
@@ -72,26 +70,50 @@ step "calibrate (with the shadow predictor)"
   --reads 192 --predictor "gate-lookahead,previous-token,shadow:$OUT/shadow" --targets 1 \
   --backend "${BACKEND:-auto}" --out "$OUT/calibration.json"
 
-PREDICTORS=${PREDICTORS:-none,previous-token,gate-lookahead,shadow}
-PRED=${PREDICTORS/shadow/shadow:$OUT/shadow}
-PINNING=${PINNING:-off,$OUT/profile.json:32}
-common=(--model "$BIG" --capacity "$CAPACITY" --prefetch-depth "0,$DEPTHS" --predictor "$PRED"
-  --prefetch-span "${SPAN:-target}" --pinning "$PINNING" --profile "$OUT/profile.json"
-  --io-threads "$IO_THREADS" --backend "${BACKEND:-auto}")
-
-step "bench-sweep live (O_DIRECT)"
-[ -f "$OUT/sweep-live/results.parquet" ] || "$BIN/bench-sweep" --mode live "${common[@]}" \
-  --dataset datasets/heldout.jsonl --limit "${LIVE_PROMPTS:-4}" --max-new-tokens "${LIVE_TOKENS:-24}" \
-  --no-chat-template --io direct --repeat "$REPEAT" --out "$OUT/sweep-live"
-
 # The simulator replays the live run's own routing: a trace of the same prompts, greedy.
 step "trace-collect live prompts"
 [ -f "$OUT/live.parquet" ] || "$BIN/trace-collect" --model "$BIG" --dataset datasets/heldout.jsonl \
   --limit "${LIVE_PROMPTS:-4}" --out "$OUT/live.parquet" --max-new-tokens "${LIVE_TOKENS:-24}" \
   --hidden-layers all --hidden-dtype f16 --no-chat-template --capacity 256 --io direct
-step "bench-sweep sim (calibrated)"
-"$BIN/bench-sweep" --mode sim "${common[@]}" --trace "$OUT/live.parquet" \
-  --io-profile "$OUT/calibration.json" --out "$OUT/sweep-sim"
+
+SH="shadow:$OUT/shadow"
+PROF="$OUT/profile.json"
+run_sweep() { # NAME MODE ARGS...: one sweep (skipped when its results exist)
+  local name=$1 mode=$2; shift 2
+  [ -f "$OUT/$name/results.parquet" ] && return 0
+  if [ "$mode" = live ]; then
+    "$BIN/bench-sweep" --mode live --model "$BIG" --dataset datasets/heldout.jsonl \
+      --limit "${LIVE_PROMPTS:-4}" --max-new-tokens "${LIVE_TOKENS:-24}" --no-chat-template --io direct \
+      --repeat "$REPEAT" --io-threads "$IO_THREADS" --profile "$PROF" --backend "${BACKEND:-auto}" \
+      "$@" --out "$OUT/$name"
+  else
+    "$BIN/bench-sweep" --mode sim --trace "$OUT/live.parquet" --model "$BIG" \
+      --io-profile "$OUT/calibration.json" --io-threads "$IO_THREADS" --profile "$PROF" \
+      --backend "${BACKEND:-auto}" "$@" --out "$OUT/$name"
+  fi
+}
+# A: every capacity, each predictor at the depths worth measuring (no pinning, span target).
+# B: capacity 160 with the profile's 32 most used experts pinned, and the baselines at depth 4.
+# C: capacity 160, spans all/wrap and one prefetch reader.
+grid_a=(--capacity "$CAPACITY" --prefetch-depth 0,1,2,4)
+pred_a="none,previous-token,gate-lookahead,$SH"
+for mode in live sim; do
+  step "bench-sweep $mode: A (capacity × predictor × depth)"
+  if [ "$mode" = live ]; then
+    # Live time is dear: previous-token at depth 1, gate-lookahead at 1 and 2, shadow at 1, 2, 4.
+    run_sweep sweep-live-a live --capacity "$CAPACITY" --prefetch-depth 0,1 --predictor "none,previous-token,gate-lookahead,$SH"
+    run_sweep sweep-live-a2 live --capacity "$CAPACITY" --prefetch-depth 2 --predictor "gate-lookahead,$SH"
+    run_sweep sweep-live-a4 live --capacity "$CAPACITY" --prefetch-depth 4 --predictor "$SH"
+  else
+    run_sweep sweep-sim-a sim "${grid_a[@]}" --predictor "$pred_a,oracle"
+  fi
+  step "bench-sweep $mode: B (pinning, baselines at depth 4)"
+  run_sweep "sweep-$mode-b" "$mode" --capacity 160 --pinning "$PROF:32" --prefetch-depth 0,1,2 --predictor "none,previous-token,gate-lookahead,$SH"
+  run_sweep "sweep-$mode-b4" "$mode" --capacity 160 --prefetch-depth 4 --predictor "previous-token,gate-lookahead"
+  step "bench-sweep $mode: C (spans, prefetch readers)"
+  run_sweep "sweep-$mode-c" "$mode" --capacity 160 --prefetch-depth 2 --prefetch-span all,wrap --predictor "gate-lookahead,$SH"
+  run_sweep "sweep-$mode-c1" "$mode" --capacity 160 --prefetch-depth 0,2 --prefetch-readers 1 --predictor "none,gate-lookahead,$SH"
+done
 
 step "plot-figures"
 "$BIN/plot-figures" --results "$OUT" --out "$OUT/figures"
