@@ -11,7 +11,8 @@
 #   train-shadow → calibrate again with the shadow predictor → live sweep → simulated sweep
 #   with the calibration → figures.
 #
-# Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256), REPEAT (3),
+# Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256; the simulated
+# grid), LIVE_CAPACITY (CAPACITY), REPEAT (3), TRAIN_TOKENS (16: new tokens per training prompt), TRAIN_LIMIT (1000: prompts per trace),
 # LIVE_PROMPTS (4), LIVE_TOKENS (24), IO_THREADS (4), CONTROL (1:
 # also read a random-bytes file the size of the experts; needs 26 GB free), PROFILE (dev: the
 # build `cargo test` makes, every crate optimised).
@@ -54,7 +55,7 @@ for set in train heldout; do
   ds="$OUT/train.jsonl"; [ "$set" = heldout ] && ds=datasets/heldout.jsonl
   step "trace-collect $set"
   [ -f "$OUT/$set.parquet" ] || "$BIN/trace-collect" --model "$BIG" --dataset "$ds" \
-    --out "$OUT/$set.parquet" --max-new-tokens 32 --temperature 0.8 --seed 0 \
+    --out "$OUT/$set.parquet" --max-new-tokens "${TRAIN_TOKENS:-16}" --limit "${TRAIN_LIMIT:-1000}" --temperature 0.8 --seed 0 \
     --hidden-layers all --hidden-dtype f16 --no-chat-template --resume --capacity 256 --io direct
 done
 step "trace-stats"
@@ -92,29 +93,31 @@ run_sweep() { # NAME MODE ARGS...: one sweep (skipped when its results exist)
       --backend "${BACKEND:-auto}" "$@" --out "$OUT/$name"
   fi
 }
-# A: every capacity, each predictor at the depths worth measuring (no pinning, span target).
-# B: capacity 160 with the profile's 32 most used experts pinned, and the baselines at depth 4.
-# C: capacity 160, spans all/wrap and one prefetch reader.
-grid_a=(--capacity "$CAPACITY" --prefetch-depth 0,1,2,4)
-pred_a="none,previous-token,gate-lookahead,$SH"
+# Live time is dear (a configuration takes ~15 s per repeat here), so the live grid is the
+# question's core and the simulator covers the rest of it:
+# A: every capacity: no prefetching, gate-lookahead and shadow at depth 1.
+# A160: capacity 160: previous-token, gate-lookahead and shadow at depths 2 and 4 too.
+# B: capacity 160 with the profile's 32 most used experts pinned.
+# C: capacity 160, spans all/wrap; C1: one prefetch reader.
+LIVE_CAPACITY=${LIVE_CAPACITY:-$CAPACITY}
 for mode in live sim; do
+  caps=$CAPACITY; [ "$mode" = live ] && caps=$LIVE_CAPACITY
   step "bench-sweep $mode: A (capacity × predictor × depth)"
   if [ "$mode" = live ]; then
-    # Live time is dear: previous-token at depth 1, gate-lookahead at 1 and 2, shadow at 1, 2, 4.
-    run_sweep sweep-live-a live --capacity "$CAPACITY" --prefetch-depth 0,1 --predictor "none,previous-token,gate-lookahead,$SH"
-    run_sweep sweep-live-a2 live --capacity "$CAPACITY" --prefetch-depth 2 --predictor "gate-lookahead,$SH"
-    run_sweep sweep-live-a4 live --capacity "$CAPACITY" --prefetch-depth 4 --predictor "$SH"
+    run_sweep sweep-live-a live --capacity "$caps" --prefetch-depth 0,1 --predictor "none,gate-lookahead,$SH"
+    run_sweep sweep-live-a160 live --capacity 160 --prefetch-depth 1,2,4 --predictor previous-token
+    run_sweep sweep-live-a160g live --capacity 160 --prefetch-depth 2,4 --predictor "gate-lookahead,$SH"
   else
-    run_sweep sweep-sim-a sim "${grid_a[@]}" --predictor "$pred_a,oracle"
+    run_sweep sweep-sim-a sim --capacity "$caps" --prefetch-depth 0,1,2,4 \
+      --predictor "none,previous-token,gate-lookahead,$SH,oracle"
   fi
-  step "bench-sweep $mode: B (pinning, baselines at depth 4)"
-  run_sweep "sweep-$mode-b" "$mode" --capacity 160 --pinning "$PROF:32" --prefetch-depth 0,1,2 --predictor "none,previous-token,gate-lookahead,$SH"
-  run_sweep "sweep-$mode-b4" "$mode" --capacity 160 --prefetch-depth 4 --predictor "previous-token,gate-lookahead"
+  step "bench-sweep $mode: B (pinning)"
+  run_sweep "sweep-$mode-b" "$mode" --capacity 160 --pinning "$PROF:32" --prefetch-depth 0,1 --predictor "none,gate-lookahead,$SH"
   step "bench-sweep $mode: C (spans, prefetch readers)"
   run_sweep "sweep-$mode-c" "$mode" --capacity 160 --prefetch-depth 2 --prefetch-span all,wrap --predictor "gate-lookahead,$SH"
-  run_sweep "sweep-$mode-c1" "$mode" --capacity 160 --prefetch-depth 0,2 --prefetch-readers 1 --predictor "none,gate-lookahead,$SH"
+  run_sweep "sweep-$mode-c1" "$mode" --capacity 160 --prefetch-depth 0,1 --prefetch-readers 1 --predictor "none,gate-lookahead,$SH"
 done
 
 step "plot-figures"
 "$BIN/plot-figures" --results "$OUT" --out "$OUT/figures"
-step "done: $OUT (calibration.json, sweep-live/, sweep-sim/, figures/)"
+step "done: $OUT (calibration.json, sweep-live-*/, sweep-sim-*/, figures/; python3 experiments/headline_table.py $OUT)"

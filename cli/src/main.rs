@@ -112,6 +112,10 @@ struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Print where the decode passes spent their time (attention, router, experts and their
+    /// loads, LM head), milliseconds per token.
+    #[arg(long)]
+    profile_ops: bool,
     #[command(flatten)]
     cache: offload::CacheArgs,
 }
@@ -202,7 +206,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
+    let mut first = true;
     let (_, stats) = generate(model, &prompt, &opts, &mut NoObserver, |id| {
+        // The profile starts after the prompt's pass: decode passes only.
+        if a.profile_ops && std::mem::take(&mut first) {
+            model.set_op_profile(true);
+        }
         if let Some(piece) = stream.push(&tok, id)? {
             // A closed pipe (`| head`) ends the stream quietly.
             let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
@@ -224,6 +233,14 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             b as f64 / (1 << 20) as f64
         )),
     );
+    if let Some(p) = model.op_profile() {
+        eprintln!(
+            "decode passes: {} ({} threads)\n{}",
+            p.passes,
+            shadowmoe_engine::threads(),
+            p.table()
+        );
+    }
     a.cache.finish(&mut loaded, Some(&stats), context)
 }
 

@@ -17,6 +17,24 @@ const LANES: usize = 64;
 const FUSED_BF16_MAX_T: usize = 4;
 /// Below this many multiply-adds a matmul runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
+/// From this many tokens on, a matmul is a GEMM (the `gemm` crate's packed micro-kernels) over
+/// blocks of `GEMM_ROWS` weight rows converted to f32 a block at a time.
+const GEMM_MIN_T: usize = 8;
+const GEMM_ROWS: usize = 128;
+
+thread_local! {
+    /// Set while a task that is itself one of several running in parallel computes: its
+    /// matmuls stay on its thread (no nested fork/join).
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every [`linear`] inside it on the calling thread.
+pub fn serial<T>(f: impl FnOnce() -> T) -> T {
+    let was = SERIAL.with(|s| s.replace(true));
+    let out = f();
+    SERIAL.with(|s| s.set(was));
+    out
+}
 
 /// `y = x · Wᵀ (+ b)`: x is `[T, K]`, W is `[N, K]`, the result `[T, N]`.
 pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array2<f32> {
@@ -27,6 +45,9 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
     let x = x.as_standard_layout();
     let x = x.as_slice().expect("standard layout");
 
+    if t >= GEMM_MIN_T {
+        return linear_gemm(x, t, k, w, n, bias);
+    }
     // yt is [N, T]: each block of weight rows owns a contiguous stretch of it.
     let mut yt = vec![0.0f32; n * t];
     let block = |(bi, out): (usize, &mut [f32])| {
@@ -59,7 +80,7 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
             }
         }
     };
-    if n * k * t >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 {
+    if n * k * t >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get()) {
         yt.par_chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
     } else {
         yt.chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
@@ -82,6 +103,77 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
         }
     }
     y
+}
+
+/// Many tokens: `y[T, N] = x[T, K] · W[N, K]ᵀ` as GEMMs over blocks of weight rows, each block
+/// converted to f32 once and used for every token; the blocks run in parallel.
+fn linear_gemm(x: &[f32], t: usize, k: usize, w: &Weight, n: usize, bias: Option<&[f32]>) -> Array2<f32> {
+    let mut y = vec![0.0f32; t * n]; // (T, N), row-major
+    let blocks = n.div_ceil(GEMM_ROWS);
+    // Column blocks of y are not contiguous: each block writes its own [T, rows] buffer.
+    let block = |bi: usize| -> Vec<f32> {
+        let row0 = bi * GEMM_ROWS;
+        let rows = GEMM_ROWS.min(n - row0);
+        let mut conv = Vec::new();
+        let wrows: &[f32] = match w.dtype() {
+            DType::F32 => &w.as_f32()[row0 * k..(row0 + rows) * k],
+            _ => {
+                conv.resize(rows * k, 0.0);
+                w.read_f32(row0 * k, &mut conv);
+                &conv
+            }
+        };
+        let mut out = vec![0.0f32; t * rows]; // (T, rows)
+        // SAFETY: every pointer covers its matrix for the strides given: out is T×rows
+        // row-major (rs = rows, cs = 1), x is T×K row-major (rs = k, cs = 1), and wrows is
+        // rows×K row-major, read as its transpose K×rows (rs = 1, cs = k).
+        unsafe {
+            gemm::gemm(
+                t,
+                rows,
+                k,
+                out.as_mut_ptr(),
+                1,
+                rows as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                wrows.as_ptr(),
+                k as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        out
+    };
+    let parallel =
+        n * k * t >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get());
+    let outs: Vec<Vec<f32>> = if parallel {
+        (0..blocks).into_par_iter().map(block).collect()
+    } else {
+        (0..blocks).map(block).collect()
+    };
+    for (bi, out) in outs.iter().enumerate() {
+        let row0 = bi * GEMM_ROWS;
+        let rows = out.len() / t;
+        for ti in 0..t {
+            y[ti * n + row0..ti * n + row0 + rows].copy_from_slice(&out[ti * rows..(ti + 1) * rows]);
+        }
+    }
+    if let Some(b) = bias {
+        for row in y.chunks_mut(n) {
+            for (v, bb) in row.iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+    }
+    Array2::from_shape_vec((t, n), y).expect("shape")
 }
 
 /// Dot product of two equal-length f32 slices.

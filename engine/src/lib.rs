@@ -38,7 +38,7 @@ pub use checkpoint::{Checkpoint, GenerationConfig};
 pub use config::{Arch, MlpKind, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{GenerateOptions, GenerationStats, generate, peak_rss_bytes};
-pub use model::{LogitsFor, Model};
+pub use model::{LogitsFor, Model, OpProfile};
 pub use moe::{ExpertProvider, ExpertWeights, InMemoryExperts, Router, RoutingDecision};
 pub use observer::{NoObserver, Phase, RecordedRoute, RecordingObserver, RouteEvent, RoutingObserver};
 pub use sampling::{Sampler, SamplingParams};

@@ -44,6 +44,72 @@ pub enum LogitsFor {
     Last,
 }
 
+/// Where forward passes spent their time (when [`Model::set_op_profile`] is on), in seconds.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct OpProfile {
+    pub passes: u64,
+    pub tokens: u64,
+    pub embed_secs: f64,
+    /// Input norm, q/k/v, rope, attention, o_proj, residual.
+    pub attention_secs: f64,
+    /// Post-attention norm, router, observer, handing the router input to the predictor.
+    pub router_secs: f64,
+    /// Routed experts: prepare, fetching each expert (its load included), their matmuls.
+    pub experts_secs: f64,
+    /// Of `experts_secs`: on the forward thread, getting experts from the provider (waiting
+    /// for loads included); the rest is their matmuls (in parallel with the fetching when
+    /// threads > 1).
+    pub expert_fetch_secs: f64,
+    /// Dense MLP layers and shared experts.
+    pub dense_secs: f64,
+    /// Inline predictor after each layer.
+    pub predictor_secs: f64,
+    /// Final norm and LM head.
+    pub head_secs: f64,
+}
+
+impl OpProfile {
+    /// One line per part, milliseconds per pass.
+    pub fn table(&self) -> String {
+        let n = self.passes.max(1) as f64;
+        let total = self.embed_secs
+            + self.attention_secs
+            + self.router_secs
+            + self.experts_secs
+            + self.dense_secs
+            + self.predictor_secs
+            + self.head_secs;
+        let mut out = String::from("| part | ms per pass | share |\n|---|---:|---:|\n");
+        for (name, v) in [
+            ("embedding", self.embed_secs),
+            (
+                "attention (norm, q/k/v, rope, scores, o_proj)",
+                self.attention_secs,
+            ),
+            (
+                "router (norm, gate, top-k, observer, predictor hand-off)",
+                self.router_secs,
+            ),
+            ("routed experts", self.experts_secs),
+            (
+                "  of which fetching experts (loads included)",
+                self.expert_fetch_secs,
+            ),
+            ("dense MLP / shared expert", self.dense_secs),
+            ("predictor (inline)", self.predictor_secs),
+            ("final norm + LM head", self.head_secs),
+        ] {
+            out += &format!(
+                "| {name} | {:.3} | {:.1}% |\n",
+                v / n * 1e3,
+                100.0 * v / total.max(1e-12)
+            );
+        }
+        out += &format!("| total | {:.3} | 100% |\n", total / n * 1e3);
+        out
+    }
+}
+
 /// A loaded model: non-expert weights resident, experts served by an [`ExpertProvider`].
 pub struct Model {
     pub config: ModelConfig,
@@ -55,6 +121,7 @@ pub struct Model {
     prefetch: std::sync::Mutex<Option<Prefetcher>>,
     /// Forward passes so far (the predictor's clock).
     passes: std::sync::atomic::AtomicU64,
+    op_profile: std::sync::Mutex<Option<OpProfile>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -103,6 +170,7 @@ impl Model {
             experts,
             prefetch: std::sync::Mutex::new(None),
             passes: std::sync::atomic::AtomicU64::new(0),
+            op_profile: std::sync::Mutex::new(None),
         })
     }
 
@@ -139,6 +207,16 @@ impl Model {
             p.flush();
             p.stats()
         })
+    }
+
+    /// Turns the per-part timing of forward passes on (from zero) or off.
+    pub fn set_op_profile(&self, on: bool) {
+        *self.op_profile.lock().unwrap_or_else(|e| e.into_inner()) = on.then(OpProfile::default);
+    }
+
+    /// The per-part timing so far (None when off).
+    pub fn op_profile(&self) -> Option<OpProfile> {
+        self.op_profile.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The router of every MoE layer, by model layer index.
@@ -196,6 +274,17 @@ impl Model {
         };
         let pass = self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut moe_ordinal = 0;
+        let profiling = self.op_profile.lock().is_ok_and(|p| p.is_some());
+        let mut prof = OpProfile::default();
+        let mut clock = profiling.then(std::time::Instant::now);
+        // Adds the time since the last mark to `slot`.
+        let mut mark = |slot: &mut f64| {
+            if let Some(c) = clock.as_mut() {
+                let now = std::time::Instant::now();
+                *slot += (now - *c).as_secs_f64();
+                *c = now;
+            }
+        };
         let rope = RopeTables::new(&cfg.rope, &positions);
 
         let mut x = Array2::<f32>::zeros((t, h)); // (T, H)
@@ -203,6 +292,7 @@ impl Model {
             self.embed_tokens
                 .read_f32(tok as usize * h, row.as_slice_mut().expect("standard layout"));
         }
+        mark(&mut prof.embed_secs);
 
         for (l, layer) in self.layers.iter().enumerate() {
             let mut hn = x.clone();
@@ -211,11 +301,16 @@ impl Model {
                 .self_attn
                 .forward(hn.view(), &rope, &positions, &mut cache.layers[l]);
             x += &attn;
+            mark(&mut prof.attention_secs);
 
             let mut hn = x.clone();
             rms_norm_rows(&mut hn, &layer.post_attention_layernorm, cfg.rms_norm_eps);
             let ff = match &layer.mlp {
-                FeedForward::Dense(mlp) => mlp.forward(hn.view()),
+                FeedForward::Dense(mlp) => {
+                    let y = mlp.forward(hn.view());
+                    mark(&mut prof.dense_secs);
+                    y
+                }
                 FeedForward::Moe(block) => {
                     let decision = block.router.route(hn.view());
                     let want_hidden = observer.wants_hidden(l);
@@ -236,10 +331,16 @@ impl Model {
                         p.routed(pass, moe_ordinal, phase, hidden, decision.experts_of(t - 1));
                     }
                     moe_ordinal += 1;
-                    let out = block.forward(hn.view(), decision, phase, self.experts.as_ref())?;
+                    mark(&mut prof.router_secs);
+                    let mut fetch = profiling.then_some(0.0);
+                    let out =
+                        block.forward_timed(hn.view(), decision, phase, self.experts.as_ref(), &mut fetch)?;
+                    prof.expert_fetch_secs += fetch.unwrap_or(0.0);
+                    mark(&mut prof.experts_secs);
                     if prefetching && let Some(p) = self.prefetch_lock().as_mut() {
                         p.after_layer()?;
                     }
+                    mark(&mut prof.predictor_secs);
                     out
                 }
             };
@@ -252,7 +353,21 @@ impl Model {
             LogitsFor::Last => x.slice(s![t - 1.., ..]).to_owned(),
         };
         rms_norm_rows(&mut last, &self.norm, cfg.rms_norm_eps);
-        Ok(linear(last.view(), &self.lm_head, None))
+        let logits = linear(last.view(), &self.lm_head, None);
+        mark(&mut prof.head_secs);
+        if profiling && let Some(p) = self.op_profile.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            p.passes += 1;
+            p.tokens += t as u64;
+            p.embed_secs += prof.embed_secs;
+            p.attention_secs += prof.attention_secs;
+            p.router_secs += prof.router_secs;
+            p.experts_secs += prof.experts_secs;
+            p.expert_fetch_secs += prof.expert_fetch_secs;
+            p.dense_secs += prof.dense_secs;
+            p.predictor_secs += prof.predictor_secs;
+            p.head_secs += prof.head_secs;
+        }
+        Ok(logits)
     }
 
     /// Logits of the last row as a plain vector.

@@ -123,7 +123,8 @@ pub trait ExpertProvider: Send + Sync {
         Ok(())
     }
 
-    /// The weights of one expert. While the caller holds them they are never evicted.
+    /// The weights of one expert. They stay valid while the caller holds them, even if the
+    /// expert leaves the cache meanwhile (its memory lives until the last view goes).
     fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>>;
 
     /// Starts loading `experts` of model layer `layer` ahead of need (a provider that holds
@@ -356,13 +357,41 @@ impl MoeBlock {
     pub fn forward(
         &self,
         x: ArrayView2<'_, f32>,
-        mut decision: RoutingDecision,
+        decision: RoutingDecision,
         phase: Phase,
         experts: &dyn ExpertProvider,
     ) -> Result<Array2<f32>> {
+        self.forward_timed(x, decision, phase, experts, &mut None)
+    }
+
+    /// [`MoeBlock::forward`], adding to `fetch_secs` the time spent getting experts from the
+    /// provider (their loads included) when it is `Some`.
+    pub fn forward_timed(
+        &self,
+        x: ArrayView2<'_, f32>,
+        mut decision: RoutingDecision,
+        phase: Phase,
+        experts: &dyn ExpertProvider,
+        fetch_secs: &mut Option<f64>,
+    ) -> Result<Array2<f32>> {
         let (t, h) = x.dim();
         let mut out = Array2::<f32>::zeros((t, h));
+        let timing = fetch_secs.is_some();
+        let mut fetched = 0.0;
+        let fetch = |e: u32, fetched: &mut f64| -> Result<Arc<ExpertWeights>> {
+            if !timing {
+                return experts.expert(self.layer, e);
+            }
+            let t0 = std::time::Instant::now();
+            let w = experts.expert(self.layer, e);
+            *fetched += t0.elapsed().as_secs_f64();
+            w
+        };
+        let t0 = std::time::Instant::now();
         experts.prepare(self.layer, phase, &mut decision)?;
+        if timing {
+            fetched += t0.elapsed().as_secs_f64();
+        }
         let mut used: Vec<u32> = decision
             .experts
             .iter()
@@ -371,17 +400,72 @@ impl MoeBlock {
             .collect();
         used.sort_unstable();
         used.dedup();
-        // Experts in ascending id order, as transformers accumulates them.
-        for &e in &used {
-            let (rows, scales): (Vec<usize>, Vec<f32>) = (0..t)
+        // Experts in ascending id order, as transformers accumulates them. With more than one
+        // thread, this thread fetches each expert in that order (waiting for its load if it has
+        // to) and hands its matmuls to the pool, one expert per task on one thread, so that
+        // experts compute in parallel and while later ones load; the outputs are summed in the
+        // same order afterwards, so the result is bitwise the serial one.
+        let rows_of = |e: u32| -> (Vec<usize>, Vec<f32>) {
+            (0..t)
                 .filter_map(|ti| {
                     let k = decision.experts_of(ti).iter().position(|&x| x == e)?;
                     Some((ti, decision.weights_of(ti)[k]))
                 })
-                .unzip();
-            let weights = experts.expert(self.layer, e)?;
-            let xe = x.select(Axis(0), &rows); // (Te, H)
-            let ye = weights.forward(xe.view()); // (Te, H)
+                .unzip()
+        };
+        let parallel = used.len() > 1 && rayon::current_num_threads() > 1;
+        let outputs: Vec<(Vec<usize>, Vec<f32>, Array2<f32>)> = if parallel {
+            let slots: Vec<std::sync::Mutex<Option<Array2<f32>>>> =
+                used.iter().map(|_| std::sync::Mutex::new(None)).collect();
+            let mut routed = Vec::with_capacity(used.len());
+            let mut failed = None;
+            rayon::scope(|s| {
+                for (&e, slot) in used.iter().zip(&slots) {
+                    let (rows, scales) = rows_of(e);
+                    let weights = match fetch(e, &mut fetched) {
+                        Ok(w) => w,
+                        Err(err) => {
+                            failed = Some(err);
+                            break;
+                        }
+                    };
+                    let xe = x.select(Axis(0), &rows); // (Te, H)
+                    routed.push((rows, scales));
+                    s.spawn(move |_| {
+                        let ye = crate::kernels::serial(|| weights.forward(xe.view())); // (Te, H)
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(ye);
+                    });
+                }
+            });
+            if let Some(err) = failed {
+                return Err(err);
+            }
+            routed
+                .into_iter()
+                .zip(slots)
+                .map(|((rows, scales), slot)| {
+                    let ye = slot
+                        .into_inner()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or_else(|| Array2::zeros((0, h)));
+                    (rows, scales, ye)
+                })
+                .collect()
+        } else {
+            let mut out = Vec::with_capacity(used.len());
+            for &e in &used {
+                let (rows, scales) = rows_of(e);
+                let weights = fetch(e, &mut fetched)?;
+                let xe = x.select(Axis(0), &rows); // (Te, H)
+                let ye = weights.forward(xe.view()); // (Te, H)
+                out.push((rows, scales, ye));
+            }
+            out
+        };
+        if let Some(f) = fetch_secs {
+            *f += fetched;
+        }
+        for (rows, scales, ye) in outputs {
             for ((&ti, &s), yrow) in rows.iter().zip(&scales).zip(ye.rows()) {
                 for (o, v) in out.row_mut(ti).iter_mut().zip(yrow) {
                     *o += v * s;

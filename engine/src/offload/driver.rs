@@ -26,10 +26,6 @@ pub trait Loader {
     /// Waits for the next load to finish and lands it; false if none is in flight. The wait
     /// is stall time.
     fn wait_one(&mut self, core: &mut CacheCore) -> Result<bool>;
-    /// Whether `key` must not be evicted for reasons of the loader's own (views still held).
-    fn held(&self, _key: ExpertKey) -> bool {
-        false
-    }
     /// Why the last load of `key` failed, once (then it is forgotten).
     fn take_error(&mut self, _key: ExpertKey) -> Option<String> {
         None
@@ -75,7 +71,7 @@ pub fn issue(
         let guard = |k: ExpertKey| {
             let pend =
                 pending.is_some_and(|p| p.contains(&k)) && (strict || here.is_some_and(|h| h.contains(&k)));
-            pend || protect.is_some_and(|p| p.contains(&k)) || loader.held(k)
+            pend || protect.is_some_and(|p| p.contains(&k))
         };
         core.admit(key, prefetch, &guard, loader.future())
     };
@@ -170,10 +166,12 @@ pub fn serve(core: &mut CacheCore, loader: &mut dyn Loader, pass: &mut Pass, key
         }
         if core.is_loading(key) {
             loader.wait_one(core)?;
-            if let Some(msg) = loader.take_error(key) {
-                return Err(EngineError::invalid("expert load", msg));
-            }
             continue;
+        }
+        // Its load failed (perhaps while this thread waited for another one): that stops the
+        // pass, rather than a second read that might succeed hiding the fault.
+        if let Some(msg) = loader.take_error(key) {
+            return Err(EngineError::invalid("expert load", msg));
         }
         if issue(core, loader, Some(pass), None, key, true)?
             || issue(core, loader, Some(pass), None, key, false)?
@@ -195,7 +193,7 @@ pub fn serve(core: &mut CacheCore, loader: &mut dyn Loader, pass: &mut Pass, key
 }
 
 /// Starts loading `keys` ahead of need, behind every demand load; a prefetch evicts neither a
-/// pinned expert, nor one held, nor one of `protect` (the experts of the layer pass running or
+/// pinned expert nor one of `protect` (the experts of the layer pass running or
 /// just run). Returns how many were started.
 pub fn prefetch(
     core: &mut CacheCore,

@@ -5,8 +5,10 @@
 //! bytes into the slots they are handed. A layer pass goes: `prepare` counts the activations,
 //! starts every missing expert's load at once (demand priority), and — on `skip` — drops the
 //! missing experts from the decision; `expert` then waits for each expert in turn (the wait is
-//! stall time) and hands out views of its slot. An expert whose views are still held is never
-//! evicted.
+//! stall time) and hands out views of its slot. An expert whose views are still held (its
+//! matmuls still running on another thread) may be evicted like any other — the simulator
+//! cannot know about views, so they must not change the cache's decisions — and is safe: its
+//! buffer leaves the pool and lives until the last view goes, and the new load gets a fresh one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -139,8 +141,8 @@ impl LiveLoader<'_> {
         {
             match Arc::try_unwrap(arc) {
                 Ok(buf) => return Some(buf),
-                // Still viewed somewhere (cannot happen: held experts are protected); it leaves
-                // the pool and is freed when the last view goes.
+                // Still viewed (its matmuls are running on another thread): it leaves the pool
+                // and is freed when the last view goes; the load gets a fresh buffer.
                 Err(_) => io.allocated -= 1,
             }
         }
@@ -225,10 +227,6 @@ impl Loader for LiveLoader<'_> {
         self.handle_done(core, done);
         self.io.io.stall += start.elapsed();
         Ok(true)
-    }
-
-    fn held(&self, key: ExpertKey) -> bool {
-        self.io.slots.get(&key).is_some_and(|a| Arc::strong_count(a) > 1)
     }
 
     fn take_error(&mut self, key: ExpertKey) -> Option<String> {

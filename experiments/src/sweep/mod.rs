@@ -325,8 +325,10 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     };
     let layers = moe_layers.len() as f64;
     let mut rows = Vec::new();
-    for c in &mine {
-        for rep in 0..repeats {
+    // Repeats go round-robin over the configurations, so that a slow spell of this shared
+    // machine falls on all of them rather than on one configuration's repeats.
+    for rep in 0..repeats {
+        for c in &mine {
             let mut row = Row::new(c, &a.mode, rep);
             row.predictor_timing = if c.prefetch_depth > 0 {
                 format!("{timing:?}").to_lowercase()

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# shadowmoe's engine against llama.cpp on the same weights, side by side (issue 12):
+#
+#   bash benches/llama_cpp_compare.sh [MODEL_DIR ...]
+#
+# Default models: the bundled reference model (hidden 64) and function-preserving inflated
+# copies at hidden 1024 (expert width 256) and hidden 2048 (width 128), all in memory (bf16).
+# Steps, each kept for the next run under $SHADOWMOE_LLAMA_DIR (~/.cache/shadowmoe/llama):
+#   1. llama.cpp from the llama-cpp-python 0.3.36 sdist, built with cmake (GGML_NATIVE=ON):
+#      about 10 minutes on 2 cores (apt: cmake g++);
+#   2. a Python venv with the sdist's convert_hf_to_gguf.py requirements (torch CPU, ~1 GB);
+#   3. each checkpoint converted to GGUF bf16 (the bundled tokenizer's pre-tokenizer is
+#      llama.cpp's `qwen2` split rule; the script says so to the converter);
+#   4. `cargo bench --profile dev --bench engine_speed` (the test build, every crate optimised): decode (tg64) and prefill (pp128) tok/s at 1 and 2
+#      threads, the two engines alternating, 3 repeats, medians; weight bytes per decode token,
+#      the GB/s each reaches, and this machine's memory-read bandwidth in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${SHADOWMOE_LLAMA_DIR:-$HOME/.cache/shadowmoe/llama}
+mkdir -p "$CACHE"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+
+# 1. llama.cpp
+SRC="$CACHE/llama_cpp_python-0.3.36/vendor/llama.cpp"
+if [ ! -x "$SRC/build/bin/llama-bench" ]; then
+  if [ ! -d "$SRC" ]; then
+    python3 -m pip download --no-deps --no-build-isolation --no-binary llama-cpp-python \
+      llama-cpp-python==0.3.36 -d "$CACHE"
+    tar -xzf "$CACHE"/llama_cpp_python-0.3.36.tar.gz -C "$CACHE"
+  fi
+  echo "building llama.cpp (about 10 minutes on 2 cores)" >&2
+  t=$(date +%s)
+  cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF > "$CACHE/cmake.log"
+  cmake --build "$SRC/build" -j"$(nproc)" --target llama-bench >> "$CACHE/cmake.log"
+  echo "built llama-bench in $(( $(date +%s) - t )) s" >&2
+fi
+BENCH="$SRC/build/bin/llama-bench"
+
+# 2. the converter's Python
+PY="$CACHE/venv/bin/python"
+if ! "$PY" -c "import gguf, torch, transformers" 2>/dev/null; then
+  python3 -m venv "$CACHE/venv"
+  "$CACHE/venv/bin/pip" install -q --extra-index-url https://download.pytorch.org/whl/cpu \
+    -r "$SRC/requirements/requirements-convert_hf_to_gguf.txt" || \
+  "$CACHE/venv/bin/pip" install -q numpy sentencepiece transformers torch safetensors
+  "$CACHE/venv/bin/pip" install -q -e "$SRC/gguf-py"
+fi
+# Our tokenizer's pre-tokenizer hash is unknown to the converter; its split rule is qwen2's.
+CONVERT="$CACHE/convert_hf_to_gguf.py"
+sed 's/^\(\s*\)res = None$/\1res = "qwen2"/' "$SRC/convert_hf_to_gguf.py" > "$CONVERT"
+
+# 3. the checkpoints
+# The test build: every crate optimised (Cargo.toml's dev profile), and no second build of burn.
+cargo test --workspace --no-run -q
+SM="$CARGO_TARGET_DIR/debug/shadowmoe"
+models=("$@")
+if [ ${#models[@]} -eq 0 ]; then
+  models=(models/reference/checkpoint)
+  for spec in 1024:256 2048:128; do
+    h=${spec%%:*} w=${spec##*:}
+    d="$CACHE/reference-h$h-i$w"
+    [ -d "$d" ] || "$SM" inflate --model models/reference/checkpoint --out "$d" --hidden "$h" --moe-intermediate "$w"
+    models+=("$d")
+  done
+fi
+for m in "${models[@]}"; do
+  name=$(basename "$m")
+  gguf="$CACHE/$name.bf16.gguf"
+  if [ ! -f "$gguf" ]; then
+    # The converter reads the hub spellings of two renamed config keys.
+    tmp="$CACHE/hf-$name"; rm -rf "$tmp"; mkdir -p "$tmp"
+    for f in "$m"/*; do ln -s "$(realpath "$f")" "$tmp/"; done
+    rm "$tmp/config.json"
+    "$PY" - "$m/config.json" "$tmp/config.json" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.setdefault("num_experts", c.get("num_local_experts"))
+rp = c.get("rope_parameters") or {}
+c.setdefault("rope_theta", rp.get("rope_theta", 1e6))
+json.dump(c, open(sys.argv[2], "w"), indent=2)
+EOF
+    "$PY" "$CONVERT" "$tmp" --outtype bf16 --outfile "$gguf" > "$CACHE/convert-$name.log" 2>&1
+  fi
+  echo
+  SHADOWMOE_BENCH_MODEL="$m" SHADOWMOE_LLAMA_BENCH="$BENCH" SHADOWMOE_LLAMA_GGUF="$gguf" \
+    cargo bench -q --workspace --profile dev --bench engine_speed
+done
