@@ -12,7 +12,7 @@
 #   with the calibration → figures.
 #
 # Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256; the simulated
-# grid), LIVE_CAPACITY (CAPACITY), REPEAT (3), TRAIN_TOKENS (16: new tokens per training prompt), TRAIN_LIMIT (1000: prompts per trace),
+# grid), LIVE_CAPACITY (CAPACITY), REPEAT (3), TRAIN_TOKENS (16: new tokens per training prompt), TRAIN_SHARD (0/1: every N-th prompt of both traces),
 # LIVE_PROMPTS (4), LIVE_TOKENS (24), IO_THREADS (4), CONTROL (1:
 # also read a random-bytes file the size of the experts; needs 26 GB free), PROFILE (dev: the
 # build `cargo test` makes, every crate optimised).
@@ -55,7 +55,7 @@ for set in train heldout; do
   ds="$OUT/train.jsonl"; [ "$set" = heldout ] && ds=datasets/heldout.jsonl
   step "trace-collect $set"
   [ -f "$OUT/$set.parquet" ] || "$BIN/trace-collect" --model "$BIG" --dataset "$ds" \
-    --out "$OUT/$set.parquet" --max-new-tokens "${TRAIN_TOKENS:-16}" --limit "${TRAIN_LIMIT:-1000}" --temperature 0.8 --seed 0 \
+    --out "$OUT/$set.parquet" --max-new-tokens "${TRAIN_TOKENS:-16}" --shard "${TRAIN_SHARD:-0/1}" --temperature 0.8 --seed 0 \
     --hidden-layers all --hidden-dtype f16 --no-chat-template --resume --capacity 256 --io direct
 done
 step "trace-stats"
