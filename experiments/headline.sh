@@ -13,7 +13,7 @@
 #
 # Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256; the simulated
 # grid), LIVE_CAPACITY (CAPACITY), REPEAT (3), TRAIN_TOKENS (16: new tokens per training prompt), TRAIN_SHARD (0/1: every N-th prompt of both traces),
-# LIVE_PROMPTS (4), LIVE_TOKENS (24), IO_THREADS (4), CONTROL (1:
+# LIVE_DATASET (datasets/live-short.jsonl), LIVE_PROMPTS (2), LIVE_TOKENS (40), IO_THREADS (4), CONTROL (1:
 # also read a random-bytes file the size of the experts; needs 26 GB free), PROFILE (dev: the
 # build `cargo test` makes, every crate optimised).
 set -euo pipefail
@@ -23,6 +23,8 @@ BIG=${BIG:-models/inflated/h2048-i512}
 CAPACITY=${CAPACITY:-32,64,128,160,192,256}
 REPEAT=${REPEAT:-3}
 IO_THREADS=${IO_THREADS:-4}
+# Short prompts: a prompt's prefill at low capacity reads most of the 25.8 GB, decode is the point.
+LIVE_DATASET=${LIVE_DATASET:-datasets/live-short.jsonl}
 PROFILE=${PROFILE:-dev}
 DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
 BIN=${CARGO_TARGET_DIR:-target}/$DIR
@@ -73,8 +75,8 @@ step "calibrate (with the shadow predictor)"
 
 # The simulator replays the live run's own routing: a trace of the same prompts, greedy.
 step "trace-collect live prompts"
-[ -f "$OUT/live.parquet" ] || "$BIN/trace-collect" --model "$BIG" --dataset datasets/heldout.jsonl \
-  --limit "${LIVE_PROMPTS:-4}" --out "$OUT/live.parquet" --max-new-tokens "${LIVE_TOKENS:-24}" \
+[ -f "$OUT/live.parquet" ] || "$BIN/trace-collect" --model "$BIG" --dataset "$LIVE_DATASET" \
+  --limit "${LIVE_PROMPTS:-2}" --out "$OUT/live.parquet" --max-new-tokens "${LIVE_TOKENS:-40}" \
   --hidden-layers all --hidden-dtype f16 --no-chat-template --capacity 256 --io direct
 
 SH="shadow:$OUT/shadow"
@@ -83,8 +85,8 @@ run_sweep() { # NAME MODE ARGS...: one sweep (skipped when its results exist)
   local name=$1 mode=$2; shift 2
   [ -f "$OUT/$name/results.parquet" ] && return 0
   if [ "$mode" = live ]; then
-    "$BIN/bench-sweep" --mode live --model "$BIG" --dataset datasets/heldout.jsonl \
-      --limit "${LIVE_PROMPTS:-4}" --max-new-tokens "${LIVE_TOKENS:-24}" --no-chat-template --io direct \
+    "$BIN/bench-sweep" --mode live --model "$BIG" --dataset "$LIVE_DATASET" \
+      --limit "${LIVE_PROMPTS:-2}" --max-new-tokens "${LIVE_TOKENS:-40}" --no-chat-template --io direct \
       --repeat "$REPEAT" --io-threads "$IO_THREADS" --profile "$PROF" --backend "${BACKEND:-auto}" \
       "$@" --out "$OUT/$name"
   else
@@ -105,17 +107,17 @@ for mode in live sim; do
   step "bench-sweep $mode: A (capacity × predictor × depth)"
   if [ "$mode" = live ]; then
     run_sweep sweep-live-a live --capacity "$caps" --prefetch-depth 0,1 --predictor "none,gate-lookahead,$SH"
-    run_sweep sweep-live-a160 live --capacity 160 --prefetch-depth 1,2,4 --predictor previous-token
-    run_sweep sweep-live-a160g live --capacity 160 --prefetch-depth 2,4 --predictor "gate-lookahead,$SH"
+    run_sweep sweep-live-a160 live --capacity 160 --prefetch-depth 1 --predictor previous-token
+    run_sweep sweep-live-a160g live --capacity 160 --prefetch-depth 2 --predictor "gate-lookahead,$SH"
+    run_sweep sweep-live-a160s live --capacity 160 --prefetch-depth 4 --predictor "$SH"
   else
     run_sweep sweep-sim-a sim --capacity "$caps" --prefetch-depth 0,1,2,4 \
       --predictor "none,previous-token,gate-lookahead,$SH,oracle"
   fi
   step "bench-sweep $mode: B (pinning)"
-  run_sweep "sweep-$mode-b" "$mode" --capacity 160 --pinning "$PROF:32" --prefetch-depth 0,1 --predictor "none,gate-lookahead,$SH"
-  step "bench-sweep $mode: C (spans, prefetch readers)"
-  run_sweep "sweep-$mode-c" "$mode" --capacity 160 --prefetch-depth 2 --prefetch-span all,wrap --predictor "gate-lookahead,$SH"
-  run_sweep "sweep-$mode-c1" "$mode" --capacity 160 --prefetch-depth 0,1 --prefetch-readers 1 --predictor "none,gate-lookahead,$SH"
+  run_sweep "sweep-$mode-b" "$mode" --capacity 160 --pinning "$PROF:32" --prefetch-depth 0,1 --predictor "none,$SH"
+  step "bench-sweep $mode: C (spans)"
+  run_sweep "sweep-$mode-c" "$mode" --capacity 160 --prefetch-depth 2 --prefetch-span all,wrap --predictor "$SH"
 done
 
 step "plot-figures"
