@@ -12,7 +12,7 @@
 #   with the calibration → figures.
 #
 # Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256; the simulated
-# grid), LIVE_CAPACITY (CAPACITY), REPEAT (3), TRAIN_TOKENS (16: new tokens per training prompt), TRAIN_SHARD (0/1: every N-th prompt of both traces),
+# grid), LIVE_CAPACITY (CAPACITY), LIVE_MORE (1; 0: live grid A and depth 2 at 160 only), REPEAT (3), TRAIN_TOKENS (16: new tokens per training prompt), TRAIN_SHARD (0/1: every N-th prompt of both traces),
 # LIVE_DATASET (datasets/live-short.jsonl), LIVE_PROMPTS (2), LIVE_TOKENS (40), IO_THREADS (4), CONTROL (1:
 # also read a random-bytes file the size of the experts; needs 26 GB free), PROFILE (dev: the
 # build `cargo test` makes, every crate optimised).
@@ -107,13 +107,14 @@ for mode in live sim; do
   step "bench-sweep $mode: A (capacity × predictor × depth)"
   if [ "$mode" = live ]; then
     run_sweep sweep-live-a live --capacity "$caps" --prefetch-depth 0,1 --predictor "none,gate-lookahead,$SH"
-    run_sweep sweep-live-a160 live --capacity 160 --prefetch-depth 1 --predictor previous-token
+    [ "${LIVE_MORE:-1}" = 1 ] && run_sweep sweep-live-a160 live --capacity 160 --prefetch-depth 1 --predictor previous-token
     run_sweep sweep-live-a160g live --capacity 160 --prefetch-depth 2 --predictor "gate-lookahead,$SH"
-    run_sweep sweep-live-a160s live --capacity 160 --prefetch-depth 4 --predictor "$SH"
+    [ "${LIVE_MORE:-1}" = 1 ] && run_sweep sweep-live-a160s live --capacity 160 --prefetch-depth 4 --predictor "$SH"
   else
     run_sweep sweep-sim-a sim --capacity "$caps" --prefetch-depth 0,1,2,4 \
       --predictor "none,previous-token,gate-lookahead,$SH,oracle"
   fi
+  [ "$mode" = live ] && [ "${LIVE_MORE:-1}" = 0 ] && continue
   step "bench-sweep $mode: B (pinning)"
   run_sweep "sweep-$mode-b" "$mode" --capacity 160 --pinning "$PROF:32" --prefetch-depth 0,1 --predictor "none,$SH"
   step "bench-sweep $mode: C (spans)"

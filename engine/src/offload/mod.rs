@@ -128,13 +128,26 @@ impl PageBuf {
 
     /// `len` zero bytes, aligned to [`ALIGN`].
     pub fn zeroed(len: usize) -> Self {
+        Self::map(len, 0)
+    }
+
+    /// [`PageBuf::zeroed`] with its pages faulted in at once (Linux: `MAP_POPULATE`).
+    pub fn populated(len: usize) -> Self {
+        #[cfg(target_os = "linux")]
+        let flags = libc::MAP_POPULATE;
+        #[cfg(not(target_os = "linux"))]
+        let flags = 0;
+        Self::map(len, flags)
+    }
+
+    fn map(len: usize, extra_flags: libc::c_int) -> Self {
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 Self::map_len(len),
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra_flags,
                 -1,
                 0,
             )

