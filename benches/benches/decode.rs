@@ -111,20 +111,3 @@ fn decode_rate(model: &shadowmoe_engine::Model, tokens: usize, seed: u64) -> f64
     }
     tokens as f64 / start.elapsed().as_secs_f64()
 }
-
-/// Plain parallel read of a 1 GiB buffer (sum of u64 words), GB/s, best of 3.
-fn memory_read_gbs() -> f64 {
-    use rayon::prelude::*;
-    let words: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
-    let mut best = 0.0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let s: u64 = words
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-            .sum();
-        std::hint::black_box(s);
-        best = best.max((words.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}

@@ -15,6 +15,8 @@
 use std::process::Command;
 use std::time::Instant;
 
+use shadowmoe_benches::memory_read_gbs;
+use shadowmoe_engine::sampling::argmax;
 use shadowmoe_engine::{Checkpoint, LogitsFor, Model, NoObserver, Phase};
 
 fn env_or(key: &str, default: usize) -> usize {
@@ -27,16 +29,6 @@ fn env_or(key: &str, default: usize) -> usize {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// (prefill tok/s for `pp` tokens, decode tok/s for `tg` tokens after a 1-token prompt), as
@@ -123,23 +115,6 @@ fn bytes_per_token(ckpt: &Checkpoint) -> f64 {
     let embed = if c.tie_word_embeddings { 0 } else { embed };
     let non_expert = ckpt.weights.total_bytes() - experts - embed;
     (non_expert + (c.moe_layers().len() * c.num_experts_per_tok) as u64 * store.expert_bytes()) as f64
-}
-
-/// A plain read of a 1 GiB buffer with `threads` threads (sum of u64 words), GB/s, best of 3.
-fn memory_read_gbs() -> f64 {
-    use rayon::prelude::*;
-    let words: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
-    let mut best = 0.0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let s: u64 = words
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-            .sum();
-        std::hint::black_box(s);
-        best = best.max((words.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
 }
 
 fn main() {

@@ -181,3 +181,20 @@ pub fn write_checkpoint(dir: &Path) {
     drop(w);
     std::fs::rename(&tmp, dir.join("model.safetensors")).unwrap();
 }
+
+/// Plain read of a 1 GiB buffer on the current rayon pool's threads (sum of u64 words), GB/s, best of 3.
+pub fn memory_read_gbs() -> f64 {
+    use rayon::prelude::*;
+    let words: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let s: u64 = words
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .sum();
+        std::hint::black_box(s);
+        best = best.max((words.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
