@@ -24,7 +24,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 SRC="$CACHE/llama_cpp_python-0.3.36/vendor/llama.cpp"
 if [ ! -x "$SRC/build/bin/llama-bench" ]; then
   if [ ! -d "$SRC" ]; then
-    python3 -m pip download --no-deps --no-build-isolation --no-binary llama-cpp-python \
+    python3 -m pip download -q --no-deps --no-binary llama-cpp-python \
       llama-cpp-python==0.3.36 -d "$CACHE"
     tar -xzf "$CACHE"/llama_cpp_python-0.3.36.tar.gz -C "$CACHE"
   fi
