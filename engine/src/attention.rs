@@ -1,4 +1,5 @@
-//! Causal grouped-query self-attention with RoPE, optional q/k norms, and a KV cache.
+//! Causal grouped-query self-attention with RoPE (whole or partial), optional q/k norms, an
+//! optional output gate (qwen3_next), and a KV cache.
 //!
 //! Dimensions: `T` = new tokens, `S` = cached + new positions, `Hq` = query heads,
 //! `Hkv` = key/value heads, `Dh` = head_dim, `H` = hidden.
@@ -12,11 +13,16 @@ use crate::kernels::{linear, rms_norm, softmax};
 use crate::rope::RopeTables;
 use crate::weights::{Weight, WeightIndex};
 
-/// Keys and values of one layer for every position so far: `[S, Hkv * Dh]` each.
+/// What one layer keeps between passes. Attention layers: keys and values of every position so
+/// far, `[S, Hkv * Dh]` each. Linear-attention layers (qwen3_next): the last `kernel - 1`
+/// inputs of the causal convolution, `[kernel - 1, conv_dim]`, and the recurrent state,
+/// `[value_heads, key_head_dim, value_head_dim]` (empty until the first pass).
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    pub conv: Vec<f32>,
+    pub state: Vec<f32>,
 }
 
 /// The KV cache of every layer.
@@ -51,6 +57,8 @@ pub struct Attention {
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     qk_norm: QkNorm,
+    /// q_proj yields, per head, `Dh` query values then `Dh` gate values (qwen3_next).
+    output_gate: bool,
     clip_qkv: Option<f32>,
     heads: usize,
     kv_heads: usize,
@@ -67,19 +75,21 @@ impl Attention {
         let vec = |name: &str, n: usize| -> Result<Vec<f32>> {
             Ok(w.get(&format!("{p}{name}"), &[n])?.to_f32_vec())
         };
+        let norm = |name: &str, n: usize| -> Result<Vec<f32>> { Ok(norm_weight(cfg, vec(name, n)?)) };
         let bias = |name: &str, n: usize, present: bool| -> Result<Option<Vec<f32>>> {
             if present { vec(name, n).map(Some) } else { Ok(None) }
         };
         let (q_norm, k_norm) = match cfg.qk_norm {
             QkNorm::None => (None, None),
             QkNorm::PerHead => (
-                Some(vec("q_norm.weight", cfg.head_dim)?),
-                Some(vec("k_norm.weight", cfg.head_dim)?),
+                Some(norm("q_norm.weight", cfg.head_dim)?),
+                Some(norm("k_norm.weight", cfg.head_dim)?),
             ),
-            QkNorm::FullWidth => (Some(vec("q_norm.weight", qw)?), Some(vec("k_norm.weight", kvw)?)),
+            QkNorm::FullWidth => (Some(norm("q_norm.weight", qw)?), Some(norm("k_norm.weight", kvw)?)),
         };
+        let q_rows = if cfg.attn_output_gate { 2 * qw } else { qw };
         Ok(Self {
-            q_proj: w.get(&format!("{p}q_proj.weight"), &[qw, h])?,
+            q_proj: w.get(&format!("{p}q_proj.weight"), &[q_rows, h])?,
             k_proj: w.get(&format!("{p}k_proj.weight"), &[kvw, h])?,
             v_proj: w.get(&format!("{p}v_proj.weight"), &[kvw, h])?,
             o_proj: w.get(&format!("{p}o_proj.weight"), &[h, qw])?,
@@ -90,6 +100,7 @@ impl Attention {
             q_norm,
             k_norm,
             qk_norm: cfg.qk_norm,
+            output_gate: cfg.attn_output_gate,
             clip_qkv: cfg.clip_qkv,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
@@ -111,7 +122,23 @@ impl Attention {
     ) -> Array2<f32> {
         let t = x.nrows();
         let dh = self.head_dim;
-        let mut q = linear(x, &self.q_proj, self.q_bias.as_deref()); // (T, Hq*Dh)
+        let mut q = linear(x, &self.q_proj, self.q_bias.as_deref()); // (T, Hq*Dh), or (T, Hq*2Dh)
+        // With an output gate, each head's 2·Dh values are its query, then its gate.
+        let gate = self.output_gate.then(|| {
+            let (qd, hq) = (self.heads * dh, self.heads);
+            let mut query = Array2::<f32>::zeros((t, qd));
+            let mut gate = Array2::<f32>::zeros((t, qd));
+            for ti in 0..t {
+                for h in 0..hq {
+                    for j in 0..dh {
+                        query[[ti, h * dh + j]] = q[[ti, h * 2 * dh + j]];
+                        gate[[ti, h * dh + j]] = q[[ti, h * 2 * dh + dh + j]];
+                    }
+                }
+            }
+            q = query;
+            gate
+        });
         let mut k = linear(x, &self.k_proj, self.k_bias.as_deref()); // (T, Hkv*Dh)
         let mut v = linear(x, &self.v_proj, self.v_bias.as_deref()); // (T, Hkv*Dh)
 
@@ -131,11 +158,13 @@ impl Attention {
                 m.mapv_inplace(|x| x.clamp(-c, c));
             }
         }
+        // The first `rope.head_dim` values of each head rotate (all of them unless partial).
+        let rd = rope.head_dim;
         for (ti, (mut qr, mut kr)) in q.rows_mut().into_iter().zip(k.rows_mut()).enumerate() {
             let qr = qr.as_slice_mut().expect("standard layout");
-            qr.chunks_mut(dh).for_each(|hv| rope.apply(hv, ti));
+            qr.chunks_mut(dh).for_each(|hv| rope.apply(&mut hv[..rd], ti));
             let kr = kr.as_slice_mut().expect("standard layout");
-            kr.chunks_mut(dh).for_each(|hv| rope.apply(hv, ti));
+            kr.chunks_mut(dh).for_each(|hv| rope.apply(&mut hv[..rd], ti));
         }
 
         debug_assert_eq!(kv.k.len() / (self.kv_heads * dh), positions[0]);
@@ -143,7 +172,10 @@ impl Attention {
         kv.v.extend_from_slice(v.as_slice().expect("standard layout"));
 
         let out = self.attend(q.as_slice().expect("standard layout"), t, positions, kv); // (T, Hq*Dh)
-        let out = Array2::from_shape_vec((t, self.heads * dh), out).expect("shape");
+        let mut out = Array2::from_shape_vec((t, self.heads * dh), out).expect("shape");
+        if let Some(gate) = gate {
+            out.zip_mut_with(&gate, |o, &g| *o *= crate::kernels::sigmoid(g));
+        }
         linear(out.view(), &self.o_proj, self.o_bias.as_deref())
     }
 
@@ -192,4 +224,13 @@ impl Attention {
         }
         out
     }
+}
+
+/// An RMSNorm weight as the kernels use it: zero-centred norms (qwen3_next) scale by
+/// `1 + weight`, computed in f32 as transformers does.
+pub fn norm_weight(cfg: &ModelConfig, mut w: Vec<f32>) -> Vec<f32> {
+    if cfg.norm_zero_centred {
+        w.iter_mut().for_each(|v| *v += 1.0);
+    }
+    w
 }

@@ -19,11 +19,12 @@ pub enum Arch {
     Olmoe,
     Mixtral,
     Qwen2Moe,
+    Qwen3Next,
 }
 
 impl Arch {
     /// Every supported `model_type` string, in the order of the README table.
-    pub const SUPPORTED: [&'static str; 4] = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"];
+    pub const SUPPORTED: [&'static str; 5] = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next"];
 
     /// The architecture for a `model_type` string, if supported.
     pub fn from_model_type(s: &str) -> Option<Self> {
@@ -32,6 +33,7 @@ impl Arch {
             "olmoe" => Arch::Olmoe,
             "mixtral" => Arch::Mixtral,
             "qwen2_moe" => Arch::Qwen2Moe,
+            "qwen3_next" => Arch::Qwen3Next,
             _ => return None,
         })
     }
@@ -43,6 +45,7 @@ impl Arch {
             Arch::Olmoe => "olmoe",
             Arch::Mixtral => "mixtral",
             Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Qwen3Next => "qwen3_next",
         }
     }
 
@@ -58,7 +61,7 @@ impl Arch {
     fn default_eps(self) -> f64 {
         match self {
             Arch::Olmoe | Arch::Mixtral => 1e-5,
-            Arch::Qwen3Moe | Arch::Qwen2Moe => 1e-6,
+            Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next => 1e-6,
         }
     }
 }
@@ -71,6 +74,43 @@ pub enum QkNorm {
     PerHead,
     /// Over the whole projection width before the reshape (OLMoE).
     FullWidth,
+}
+
+/// What mixes the tokens in one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mixer {
+    /// Softmax attention over the KV cache.
+    Attention,
+    /// qwen3_next's Gated DeltaNet: a causal conv1d and a recurrent state per layer.
+    LinearAttention,
+}
+
+/// Shape of qwen3_next's Gated DeltaNet layers (`linear_*` keys of its config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearAttnConfig {
+    pub num_key_heads: usize,
+    pub num_value_heads: usize,
+    pub key_head_dim: usize,
+    pub value_head_dim: usize,
+    /// Width of the depthwise causal convolution over q, k and v.
+    pub conv_kernel: usize,
+}
+
+impl LinearAttnConfig {
+    /// `num_key_heads * key_head_dim`.
+    pub fn key_dim(&self) -> usize {
+        self.num_key_heads * self.key_head_dim
+    }
+
+    /// `num_value_heads * value_head_dim`.
+    pub fn value_dim(&self) -> usize {
+        self.num_value_heads * self.value_head_dim
+    }
+
+    /// Channels of the convolution: q, k and v side by side.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
 }
 
 /// What the feed-forward block of one layer is.
@@ -114,6 +154,15 @@ pub struct ModelConfig {
     pub mlp_kinds: Vec<MlpKind>,
     /// Per layer: the sliding attention window, if the layer has one.
     pub sliding_windows: Vec<Option<usize>>,
+    /// Per layer: attention or linear attention (only qwen3_next has the latter).
+    pub mixers: Vec<Mixer>,
+    /// The linear-attention shape, when some layer has one.
+    pub linear_attn: Option<LinearAttnConfig>,
+    /// qwen3_next: q_proj also yields a gate per query value; the attention output is scaled
+    /// by its sigmoid before o_proj.
+    pub attn_output_gate: bool,
+    /// qwen3_next: every RMSNorm but the gated one scales by `1 + weight` (zero-centred).
+    pub norm_zero_centred: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The file this was read from.
@@ -325,7 +374,7 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     // Expert width: qwen*_moe name it moe_intermediate_size; mixtral and olmoe use
     // intermediate_size for their experts (they have no dense layers).
     let (intermediate_size, moe_intermediate_size) = match arch {
-        Arch::Qwen3Moe | Arch::Qwen2Moe => (
+        Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next => (
             f.usize_opt(&["intermediate_size"])?.unwrap_or(0),
             f.positive(&["moe_intermediate_size"])?,
         ),
@@ -347,13 +396,13 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     let (qkv_bias, o_bias) = match arch {
         Arch::Qwen2Moe => (f.bool_or("qkv_bias", true)?, false),
         Arch::Mixtral => (false, false),
-        Arch::Qwen3Moe | Arch::Olmoe => {
+        Arch::Qwen3Moe | Arch::Olmoe | Arch::Qwen3Next => {
             let b = f.bool_or("attention_bias", false)?;
             (b, b)
         }
     };
     let qk_norm = match arch {
-        Arch::Qwen3Moe => QkNorm::PerHead,
+        Arch::Qwen3Moe | Arch::Qwen3Next => QkNorm::PerHead,
         Arch::Olmoe => QkNorm::FullWidth,
         Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
     };
@@ -365,8 +414,11 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         ));
     }
 
-    let rope = RopeConfig::from_config(f.map, f.path, arch.default_theta(), head_dim)?;
+    // qwen3_next rotates a quarter of each head unless its config says otherwise.
+    let partial = (arch == Arch::Qwen3Next).then_some(0.25);
+    let rope = RopeConfig::from_config_partial(f.map, f.path, arch.default_theta(), head_dim, partial)?;
     let sliding_windows = sliding_windows(f, arch, num_hidden_layers)?;
+    let (mixers, linear_attn) = mixers(f, arch, num_hidden_layers)?;
 
     Ok(ModelConfig {
         arch,
@@ -396,11 +448,15 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
             _ => f.bool_or("norm_topk_prob", false)?,
         },
         shared_expert_intermediate_size: match arch {
-            Arch::Qwen2Moe => Some(f.positive(&["shared_expert_intermediate_size"])?),
+            Arch::Qwen2Moe | Arch::Qwen3Next => Some(f.positive(&["shared_expert_intermediate_size"])?),
             _ => None,
         },
         mlp_kinds,
         sliding_windows,
+        mixers,
+        linear_attn,
+        attn_output_gate: arch == Arch::Qwen3Next,
+        norm_zero_centred: arch == Arch::Qwen3Next,
         bos_token_id: f.usize_opt(&["bos_token_id"])?.map(|n| n as u32),
         eos_token_ids: f.token_ids("eos_token_id")?,
         path: f.path.to_path_buf(),
@@ -411,7 +467,7 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
 fn mlp_kinds(f: &Fields<'_>, arch: Arch, layers: usize, experts: usize) -> Result<Vec<MlpKind>> {
     match arch {
         Arch::Mixtral | Arch::Olmoe => Ok(vec![MlpKind::Moe; layers]),
-        Arch::Qwen3Moe | Arch::Qwen2Moe => {
+        Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next => {
             let only_dense = f.usize_list("mlp_only_layers")?;
             let step = f.usize_opt(&["decoder_sparse_step"])?.unwrap_or(1);
             if step == 0 {
@@ -453,6 +509,8 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
         Some((k, _)) => return Err(EngineError::field(f.path, k, "expected a list of strings")),
     };
     let per_layer: Vec<bool> = match (arch, explicit) {
+        // qwen3_next's layer_types name its token mixers; it has no sliding windows.
+        (Arch::Qwen3Next, _) => vec![false; layers],
         (_, Some(types)) if arch == Arch::Qwen2Moe || use_sliding => {
             if types.len() != layers {
                 return Err(EngineError::field(
@@ -481,6 +539,86 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
         .into_iter()
         .map(|sliding| if sliding { window } else { None })
         .collect())
+}
+
+/// Per layer, what mixes tokens (qwen3_next: `layer_types`, or a full-attention layer every
+/// `full_attention_interval` layers), and the linear-attention shape when any layer has it.
+fn mixers(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<(Vec<Mixer>, Option<LinearAttnConfig>)> {
+    if arch != Arch::Qwen3Next {
+        return Ok((vec![Mixer::Attention; layers], None));
+    }
+    let mixers: Vec<Mixer> = match f.lookup(&["layer_types"]) {
+        Some((k, Value::Array(items))) => {
+            if items.len() != layers {
+                return Err(EngineError::field(
+                    f.path,
+                    k,
+                    format!(
+                        "has {} entries, expected num_hidden_layers = {layers}",
+                        items.len()
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v.as_str() {
+                    Some("full_attention") => Ok(Mixer::Attention),
+                    Some("linear_attention") => Ok(Mixer::LinearAttention),
+                    other => Err(EngineError::field(
+                        f.path,
+                        format!("{k}[{i}]"),
+                        format!(
+                            "{} is not a layer type this engine knows (expected \"linear_attention\" or \"full_attention\")",
+                            other.map_or_else(|| v.to_string(), |s| format!("\"{s}\""))
+                        ),
+                    )),
+                })
+                .collect::<Result<_>>()?
+        }
+        Some((k, _)) => return Err(EngineError::field(f.path, k, "expected a list of strings")),
+        None => {
+            let interval = f.usize_opt(&["full_attention_interval"])?.unwrap_or(4);
+            if interval == 0 {
+                return Err(EngineError::field(f.path, "full_attention_interval", "must be at least 1"));
+            }
+            (0..layers)
+                .map(|i| {
+                    if (i + 1) % interval == 0 {
+                        Mixer::Attention
+                    } else {
+                        Mixer::LinearAttention
+                    }
+                })
+                .collect()
+        }
+    };
+    let at_least_one = |key: &str, default: usize| -> Result<usize> {
+        let n = f.usize_opt(&[key])?.unwrap_or(default);
+        if n == 0 {
+            return Err(EngineError::field(f.path, key, "must be at least 1"));
+        }
+        Ok(n)
+    };
+    let linear = LinearAttnConfig {
+        num_key_heads: at_least_one("linear_num_key_heads", 16)?,
+        num_value_heads: at_least_one("linear_num_value_heads", 32)?,
+        key_head_dim: at_least_one("linear_key_head_dim", 128)?,
+        value_head_dim: at_least_one("linear_value_head_dim", 128)?,
+        conv_kernel: at_least_one("linear_conv_kernel_dim", 4)?,
+    };
+    if linear.num_value_heads % linear.num_key_heads != 0 {
+        return Err(EngineError::field(
+            f.path,
+            "linear_num_value_heads",
+            format!(
+                "{} is not a multiple of linear_num_key_heads = {}",
+                linear.num_value_heads, linear.num_key_heads
+            ),
+        ));
+    }
+    let any_linear = mixers.contains(&Mixer::LinearAttention);
+    Ok((mixers, any_linear.then_some(linear)))
 }
 
 #[cfg(test)]
@@ -544,6 +682,50 @@ mod tests {
             err.contains("`num_experts_per_tok`: expected a non-negative integer"),
             "{err}"
         );
+    }
+
+    const QWEN3_NEXT: &str = r#"{"model_type":"qwen3_next","vocab_size":100,"hidden_size":32,
+        "num_hidden_layers":8,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+        "max_position_embeddings":64,"num_experts":8,"num_experts_per_tok":2,
+        "moe_intermediate_size":16,"shared_expert_intermediate_size":16,"norm_topk_prob":true,
+        "linear_num_key_heads":2,"linear_num_value_heads":4,"linear_key_head_dim":8,
+        "linear_value_head_dim":12,"rope_theta":10000000.0,"partial_rotary_factor":0.25}"#;
+
+    #[test]
+    fn qwen3_next_layers_follow_the_interval() {
+        let c = parse_str(QWEN3_NEXT).unwrap();
+        assert_eq!(c.arch, Arch::Qwen3Next);
+        let full: Vec<usize> = (0..8).filter(|&l| c.mixers[l] == Mixer::Attention).collect();
+        assert_eq!(full, vec![3, 7], "default full_attention_interval is 4");
+        assert_eq!(c.rope.head_dim, 4, "a quarter of head_dim 16 rotates");
+        assert_eq!(c.rope.theta, 1e7);
+        let lin = c.linear_attn.unwrap();
+        assert_eq!((lin.key_dim(), lin.value_dim(), lin.conv_dim()), (16, 48, 80));
+        assert!(c.attn_output_gate && c.norm_zero_centred);
+        assert_eq!(c.shared_expert_intermediate_size, Some(16));
+        let c = parse_str(&QWEN3_NEXT.replace("\"num_hidden_layers\":8", "\"num_hidden_layers\":4,\"full_attention_interval\":2")).unwrap();
+        assert_eq!(c.mixers, vec![Mixer::LinearAttention, Mixer::Attention, Mixer::LinearAttention, Mixer::Attention]);
+    }
+
+    #[test]
+    fn qwen3_next_bad_layer_type_is_named() {
+        let s = QWEN3_NEXT.replace(
+            "\"num_hidden_layers\":8",
+            "\"num_hidden_layers\":2,\"layer_types\":[\"linear_attention\",\"sliding_attention\"]",
+        );
+        let err = parse_str(&s).unwrap_err().to_string();
+        assert!(err.contains("layer_types[1]") && err.contains("\"sliding_attention\" is not a layer type"), "{err}");
+        let err = parse_str(&QWEN3_NEXT.replace("\"linear_num_value_heads\":4", "\"linear_num_value_heads\":3"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("linear_num_value_heads"), "{err}");
+    }
+
+    #[test]
+    fn partial_rotary_is_refused_where_unsupported() {
+        let s = QWEN3.replace("\"rope_theta\":1000000.0", "\"rope_theta\":1000000.0,\"partial_rotary_factor\":0.5");
+        let err = parse_str(&s).unwrap_err().to_string();
+        assert!(err.contains("partial_rotary_factor"), "{err}");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! shadowmoe's inference engine: Hugging Face MoE checkpoints (qwen3_moe, olmoe, mixtral,
-//! qwen2_moe) loaded through memory maps and run on the CPU.
+//! qwen2_moe, qwen3_next) loaded through memory maps and run on the CPU.
 //!
 //! The pieces, in the order a token meets them:
 //! - [`Checkpoint`] opens `config.json` ([`ModelConfig`]), the safetensors weights
 //!   ([`WeightIndex`]) and the tokenizer with its chat template ([`Tokenizer`]).
-//! - [`Model::forward`] runs a pass: attention with a KV cache, then per layer a dense MLP or a
+//! - [`Model::forward`] runs a pass: attention with a KV cache (or qwen3_next's Gated
+//!   DeltaNet with its recurrent state), then per layer a dense MLP or a
 //!   MoE block, where a [`Router`] makes a [`RoutingDecision`] and an [`ExpertProvider`] serves
 //!   each chosen expert's weights.
 //! - A [`RoutingObserver`] sees every decision (and, on request, the router's input).
@@ -28,6 +29,7 @@ pub mod moe;
 pub mod observer;
 pub mod offload;
 pub mod predict;
+pub mod qwen3_next;
 mod prefetcher;
 pub mod rope;
 pub mod sampling;

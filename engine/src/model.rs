@@ -1,6 +1,6 @@
 //! The decoder-only MoE transformer, read top to bottom: embeddings, decoder layers
-//! (attention, then a dense or MoE feed-forward, each pre-normed with a residual), final norm,
-//! LM head.
+//! (a token mixer — attention, or qwen3_next's Gated DeltaNet — then a dense or MoE
+//! feed-forward, each pre-normed with a residual), final norm, LM head.
 //!
 //! Dimensions: `T` = tokens in the pass, `H` = hidden, `V` = vocabulary.
 
@@ -8,14 +8,15 @@ use std::sync::Arc;
 
 use ndarray::{Array2, Axis, s};
 
-use crate::attention::{Attention, KvCache};
-use crate::config::{MlpKind, ModelConfig};
+use crate::attention::{Attention, KvCache, norm_weight};
+use crate::config::{Mixer, MlpKind, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::{linear, rms_norm_rows};
 use crate::moe::{ExpertProvider, InMemoryExperts, Mlp, MoeBlock, load_mlp};
 use crate::observer::{Phase, RouteEvent, RoutingObserver};
 use crate::predict::{PredictStats, Prefetch};
 use crate::prefetcher::Prefetcher;
+use crate::qwen3_next::GatedDeltaNet;
 use crate::rope::RopeTables;
 use crate::weights::{Weight, WeightIndex};
 
@@ -26,11 +27,19 @@ pub enum FeedForward {
     Moe(MoeBlock),
 }
 
+/// The token-mixing half of a decoder layer.
+#[derive(Debug, Clone)]
+pub enum TokenMixer {
+    Attention(Attention),
+    /// qwen3_next's linear attention.
+    GatedDeltaNet(GatedDeltaNet),
+}
+
 /// One decoder layer.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: Vec<f32>,
-    pub self_attn: Attention,
+    pub mixer: TokenMixer,
     pub post_attention_layernorm: Vec<f32>,
     pub mlp: FeedForward,
 }
@@ -50,7 +59,8 @@ pub struct OpProfile {
     pub passes: u64,
     pub tokens: u64,
     pub embed_secs: f64,
-    /// Input norm, q/k/v, rope, attention, o_proj, residual.
+    /// Input norm, the token mixer (q/k/v, rope, attention, o_proj; or the linear
+    /// attention), residual.
     pub attention_secs: f64,
     /// Post-attention norm, router, observer, handing the router input to the predictor.
     pub router_secs: f64,
@@ -144,13 +154,16 @@ impl Model {
         } else {
             w.get("lm_head.weight", &[cfg.vocab_size, h])?
         };
-        let norm_vec = |name: &str| -> Result<Vec<f32>> { Ok(w.get(name, &[h])?.to_f32_vec()) };
+        let norm_vec = |name: &str| -> Result<Vec<f32>> { Ok(norm_weight(&cfg, w.get(name, &[h])?.to_f32_vec())) };
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}.");
                 Ok(DecoderLayer {
                     input_layernorm: norm_vec(&format!("{p}input_layernorm.weight"))?,
-                    self_attn: Attention::load(&cfg, w, l)?,
+                    mixer: match cfg.mixers[l] {
+                        Mixer::Attention => TokenMixer::Attention(Attention::load(&cfg, w, l)?),
+                        Mixer::LinearAttention => TokenMixer::GatedDeltaNet(GatedDeltaNet::load(&cfg, w, l)?),
+                    },
                     post_attention_layernorm: norm_vec(&format!("{p}post_attention_layernorm.weight"))?,
                     mlp: match cfg.mlp_kinds[l] {
                         MlpKind::Dense => {
@@ -297,9 +310,10 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let mut hn = x.clone();
             rms_norm_rows(&mut hn, &layer.input_layernorm, cfg.rms_norm_eps);
-            let attn = layer
-                .self_attn
-                .forward(hn.view(), &rope, &positions, &mut cache.layers[l]);
+            let attn = match &layer.mixer {
+                TokenMixer::Attention(a) => a.forward(hn.view(), &rope, &positions, &mut cache.layers[l]),
+                TokenMixer::GatedDeltaNet(d) => d.forward(hn.view(), &mut cache.layers[l]),
+            };
             x += &attn;
             mark(&mut prof.attention_secs);
 

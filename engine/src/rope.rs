@@ -41,6 +41,7 @@ pub enum RopeScaling {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
     pub theta: f64,
+    /// The rotated width of a head: `head_dim`, or its `partial_rotary_factor` share.
     pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub scaling: RopeScaling,
@@ -56,6 +57,20 @@ impl RopeConfig {
         path: &Path,
         default_theta: f64,
         head_dim: usize,
+    ) -> Result<Self> {
+        Self::from_config_partial(map, path, default_theta, head_dim, None)
+    }
+
+    /// [`RopeConfig::from_config`] for an architecture that rotates only the first
+    /// `partial_rotary_factor · head_dim` values of each head (qwen3_next): the factor is read
+    /// from `rope_parameters` or the top level, `default_factor` when absent, and the
+    /// config's `head_dim` is the rotated width. `None`: a factor other than 1 is refused.
+    pub fn from_config_partial(
+        map: &Map<String, Value>,
+        path: &Path,
+        default_theta: f64,
+        head_dim: usize,
+        default_factor: Option<f64>,
     ) -> Result<Self> {
         let (params, params_key) = match (map.get("rope_parameters"), map.get("rope_scaling")) {
             (Some(Value::Object(p)), _) => (Some(p), "rope_parameters"),
@@ -98,15 +113,46 @@ impl RopeConfig {
             .get("max_position_embeddings")
             .and_then(Value::as_u64)
             .unwrap_or(0) as usize;
-        if let Some(f) = num("partial_rotary_factor")?
-            && f != 1.0
-        {
-            return Err(EngineError::field(
-                path,
-                format!("{params_key}.partial_rotary_factor"),
-                "partial rotary embeddings are not supported by these architectures",
-            ));
-        }
+        let top_factor = match map.get("partial_rotary_factor") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| {
+                EngineError::field(path, "partial_rotary_factor", "expected a number")
+            })?),
+        };
+        let in_params = num("partial_rotary_factor")?;
+        let factor_key = if in_params.is_some() {
+            format!("{params_key}.partial_rotary_factor")
+        } else {
+            "partial_rotary_factor".to_string()
+        };
+        let factor = in_params.or(top_factor);
+        let head_dim = match default_factor {
+            None => {
+                if let Some(f) = factor
+                    && f != 1.0
+                {
+                    return Err(EngineError::field(
+                        path,
+                        factor_key,
+                        "partial rotary embeddings are not supported by this architecture",
+                    ));
+                }
+                head_dim
+            }
+            Some(d) => {
+                let f = factor.unwrap_or(d);
+                // transformers: int(head_dim * partial_rotary_factor), rotated in pairs.
+                let rotary = (head_dim as f64 * f) as usize;
+                if !(f > 0.0 && f <= 1.0) || rotary == 0 || rotary % 2 != 0 {
+                    return Err(EngineError::field(
+                        path,
+                        factor_key,
+                        format!("{f} gives {rotary} rotated values of head_dim {head_dim} (expected a positive even number)"),
+                    ));
+                }
+                rotary
+            }
+        };
 
         let rope_type = params
             .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))

@@ -153,6 +153,44 @@ fn qwen2_moe_matches_transformers() {
     check_arch("qwen2_moe");
 }
 
+#[test]
+fn qwen3_next_matches_transformers() {
+    check_arch("qwen3_next");
+}
+
+/// qwen3_next keeps a conv window and a recurrent state per linear-attention layer: a prefill
+/// of part of the prompt followed by one-token passes gives the logits of one long prefill.
+#[test]
+fn qwen3_next_prefill_then_decode_equals_one_prefill() {
+    let dir = fixture_dir("qwen3_next");
+    let golden = Golden::read(&dir);
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    let model = ckpt.load_model().unwrap();
+    let ids = &golden.prompt_ids;
+    let v = golden.vocab;
+    let split = ids.len() - 6;
+    let mut cache = model.new_cache();
+    let mut obs = shadowmoe_engine::NoObserver;
+    let mut rows = model
+        .forward(&ids[..split], &mut cache, Phase::Prefill, LogitsFor::All, &mut obs)
+        .unwrap()
+        .into_raw_vec_and_offset()
+        .0;
+    for &tok in &ids[split..] {
+        let l = model
+            .forward(&[tok], &mut cache, Phase::Decode, LogitsFor::Last, &mut obs)
+            .unwrap();
+        rows.extend(l.iter());
+    }
+    assert_eq!(rows.len(), ids.len() * v);
+    let max_diff = rows
+        .iter()
+        .zip(&golden.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max_diff <= LOGIT_TOL, "split passes differ from transformers' one prefill by {max_diff:e}");
+}
+
 /// The observer sees decode tokens too, with their positions and hidden states on request.
 #[test]
 fn observer_sees_decode_and_hidden_states() {

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"]
+ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next"]
 GENERATE = 16
 
 # Qwen2/3's pre-tokenizer split pattern (byte-level BPE after it).
@@ -168,6 +168,31 @@ def arch_config(arch, s, vocab):
             rope_parameters=dict(rope_type="dynamic", rope_theta=10_000.0, factor=2.0),
             tie_word_embeddings=False,
         ), torch.float32
+    if arch == "qwen3_next":
+        # The hybrid stack: Gated DeltaNet layers with a gated full-attention layer every
+        # `full_attention_interval` layers; grouped value heads (more value than key heads) of
+        # another width than the keys; partial rotary; a shared expert; one dense layer.
+        return dict(
+            common,
+            model_type=arch,
+            num_key_value_heads=heads // 2,
+            head_dim=2 * h // heads,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=24,
+            linear_conv_kernel_dim=4,
+            full_attention_interval=2,
+            num_experts=2 * e,
+            num_experts_per_tok=4,
+            moe_intermediate_size=w,
+            shared_expert_intermediate_size=w + 16,
+            intermediate_size=3 * w,
+            mlp_only_layers=[2],
+            norm_topk_prob=True,
+            rope_parameters=dict(rope_type="default", rope_theta=10_000.0, partial_rotary_factor=0.25),
+            tie_word_embeddings=False,
+        ), torch.bfloat16
     raise ValueError(arch)
 
 
@@ -194,10 +219,14 @@ def train_tokenizer(vocab, bos_style):
 
 
 def init_weights(model, gen):
-    """Non-trivial random weights: norms around 1, biases around 0 but not 0, decisive routers."""
+    """Non-trivial random weights: norms around 1, biases around 0 but not 0, decisive routers.
+    Zero-centred norms (qwen3_next's, which scale by 1 + weight) get weights around 0."""
+    zero_centred = model.config.model_type == "qwen3_next"
     for name, p in model.named_parameters():
         with torch.no_grad():
-            if "norm" in name:
+            if "norm" in name and zero_centred and "linear_attn.norm" not in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name:
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
