@@ -34,7 +34,7 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 
 #[test]
 fn logits_command_matches_the_golden_file() {
-    for arch in ["mixtral", "qwen3_moe"] {
+    for arch in ["mixtral", "qwen3_moe", "qwen3_next"] {
         let dir = fixture(arch);
         let golden_bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
         let golden = safetensors::SafeTensors::deserialize(&golden_bytes).unwrap();

@@ -85,7 +85,10 @@ impl Attention {
                 Some(norm("q_norm.weight", cfg.head_dim)?),
                 Some(norm("k_norm.weight", cfg.head_dim)?),
             ),
-            QkNorm::FullWidth => (Some(norm("q_norm.weight", qw)?), Some(norm("k_norm.weight", kvw)?)),
+            QkNorm::FullWidth => (
+                Some(norm("q_norm.weight", qw)?),
+                Some(norm("k_norm.weight", kvw)?),
+            ),
         };
         let q_rows = if cfg.attn_output_gate { 2 * qw } else { qw };
         Ok(Self {

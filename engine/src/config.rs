@@ -580,7 +580,11 @@ fn mixers(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<(Vec<Mixer>, Opti
         None => {
             let interval = f.usize_opt(&["full_attention_interval"])?.unwrap_or(4);
             if interval == 0 {
-                return Err(EngineError::field(f.path, "full_attention_interval", "must be at least 1"));
+                return Err(EngineError::field(
+                    f.path,
+                    "full_attention_interval",
+                    "must be at least 1",
+                ));
             }
             (0..layers)
                 .map(|i| {
@@ -607,7 +611,7 @@ fn mixers(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<(Vec<Mixer>, Opti
         value_head_dim: at_least_one("linear_value_head_dim", 128)?,
         conv_kernel: at_least_one("linear_conv_kernel_dim", 4)?,
     };
-    if linear.num_value_heads % linear.num_key_heads != 0 {
+    if !linear.num_value_heads.is_multiple_of(linear.num_key_heads) {
         return Err(EngineError::field(
             f.path,
             "linear_num_value_heads",
@@ -703,8 +707,20 @@ mod tests {
         assert_eq!((lin.key_dim(), lin.value_dim(), lin.conv_dim()), (16, 48, 80));
         assert!(c.attn_output_gate && c.norm_zero_centred);
         assert_eq!(c.shared_expert_intermediate_size, Some(16));
-        let c = parse_str(&QWEN3_NEXT.replace("\"num_hidden_layers\":8", "\"num_hidden_layers\":4,\"full_attention_interval\":2")).unwrap();
-        assert_eq!(c.mixers, vec![Mixer::LinearAttention, Mixer::Attention, Mixer::LinearAttention, Mixer::Attention]);
+        let c = parse_str(&QWEN3_NEXT.replace(
+            "\"num_hidden_layers\":8",
+            "\"num_hidden_layers\":4,\"full_attention_interval\":2",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.mixers,
+            vec![
+                Mixer::LinearAttention,
+                Mixer::Attention,
+                Mixer::LinearAttention,
+                Mixer::Attention
+            ]
+        );
     }
 
     #[test]
@@ -714,16 +730,23 @@ mod tests {
             "\"num_hidden_layers\":2,\"layer_types\":[\"linear_attention\",\"sliding_attention\"]",
         );
         let err = parse_str(&s).unwrap_err().to_string();
-        assert!(err.contains("layer_types[1]") && err.contains("\"sliding_attention\" is not a layer type"), "{err}");
-        let err = parse_str(&QWEN3_NEXT.replace("\"linear_num_value_heads\":4", "\"linear_num_value_heads\":3"))
-            .unwrap_err()
-            .to_string();
+        assert!(
+            err.contains("layer_types[1]") && err.contains("\"sliding_attention\" is not a layer type"),
+            "{err}"
+        );
+        let err =
+            parse_str(&QWEN3_NEXT.replace("\"linear_num_value_heads\":4", "\"linear_num_value_heads\":3"))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("linear_num_value_heads"), "{err}");
     }
 
     #[test]
     fn partial_rotary_is_refused_where_unsupported() {
-        let s = QWEN3.replace("\"rope_theta\":1000000.0", "\"rope_theta\":1000000.0,\"partial_rotary_factor\":0.5");
+        let s = QWEN3.replace(
+            "\"rope_theta\":1000000.0",
+            "\"rope_theta\":1000000.0,\"partial_rotary_factor\":0.5",
+        );
         let err = parse_str(&s).unwrap_err().to_string();
         assert!(err.contains("partial_rotary_factor"), "{err}");
     }

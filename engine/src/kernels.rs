@@ -189,10 +189,50 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
+/// Four 8-wide FMA accumulators, 32 values a step (one f32 vector of weights and one of x per
+/// accumulator); the tail in scalar.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
+    use std::arch::x86_64::*;
+    debug_assert_eq!(a.len(), b.len());
+    let n = a.len().min(b.len());
+    let body = n / 32 * 32;
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < body {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 <= body <= n, so both 8-value loads are inside the slices.
+            let (x, y) = unsafe {
+                (
+                    _mm256_loadu_ps(ap.add(i + 8 * j)),
+                    _mm256_loadu_ps(bp.add(i + 8 * j)),
+                )
+            };
+            *accj = _mm256_fmadd_ps(x, y, *accj);
+        }
+        i += 32;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    for (x, y) in a[body..n].iter().zip(&b[body..n]) {
+        s += x * y;
+    }
+    s
+}
+
+/// Sum of the eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
+    _mm_cvtss_f32(q)
 }
 
 /// Dot product of bf16 weights (as bits) with f32 values.
@@ -208,10 +248,40 @@ pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
     dot_bf16_portable(w, x)
 }
 
+/// As [`dot_avx2`], each 8 bf16 weights widened to f32 in registers (zero-extend, shift 16).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
-    dot_bf16_portable(w, x)
+    use std::arch::x86_64::*;
+    debug_assert_eq!(w.len(), x.len());
+    let n = w.len().min(x.len());
+    let body = n / 32 * 32;
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < body {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 <= body <= n: the 8 u16 (16 bytes) and 8 f32 loaded are inside
+            // the slices.
+            let (wv, xv) = unsafe {
+                (
+                    _mm_loadu_si128(wp.add(i + 8 * j).cast::<__m128i>()),
+                    _mm256_loadu_ps(xp.add(i + 8 * j)),
+                )
+            };
+            let wf = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(wv)));
+            *accj = _mm256_fmadd_ps(wf, xv, *accj);
+        }
+        i += 32;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    for (wk, xk) in w[body..n].iter().zip(&x[body..n]) {
+        s += f32::from_bits((*wk as u32) << 16) * xk;
+    }
+    s
 }
 
 #[inline(always)]

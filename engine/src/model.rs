@@ -154,7 +154,8 @@ impl Model {
         } else {
             w.get("lm_head.weight", &[cfg.vocab_size, h])?
         };
-        let norm_vec = |name: &str| -> Result<Vec<f32>> { Ok(norm_weight(&cfg, w.get(name, &[h])?.to_f32_vec())) };
+        let norm_vec =
+            |name: &str| -> Result<Vec<f32>> { Ok(norm_weight(&cfg, w.get(name, &[h])?.to_f32_vec())) };
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}.");

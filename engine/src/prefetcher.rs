@@ -176,7 +176,23 @@ impl Prefetcher {
                 let predictor = p.predictor;
                 let worker = std::thread::Builder::new()
                     .name("shadowmoe-predictor".into())
-                    .spawn(move || run_worker(predictor, *issuer, &rx))
+                    .spawn(move || {
+                        // A pool of its own, one thread: the predictor's matmuls (the engine's
+                        // kernels and any rayon work of its backend) stay on this thread instead
+                        // of queueing in the global pool behind the expert matmuls of the very
+                        // pass it is predicting for.
+                        match rayon::ThreadPoolBuilder::new()
+                            .num_threads(1)
+                            .thread_name(|_| "shadowmoe-predictor".into())
+                            .build()
+                        {
+                            Ok(pool) => pool.install(move || run_worker(predictor, *issuer, &rx)),
+                            Err(e) => {
+                                tracing::warn!("predictor thread pool: {e}; its matmuls stay on one thread");
+                                crate::kernels::serial(move || run_worker(predictor, *issuer, &rx))
+                            }
+                        }
+                    })
                     .expect("spawning the predictor thread");
                 Mode::Async {
                     tx: Some(tx),

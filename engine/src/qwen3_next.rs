@@ -93,7 +93,12 @@ impl GatedDeltaNet {
     pub fn forward(&self, x: ArrayView2<'_, f32>, kv: &mut LayerKv) -> Array2<f32> {
         let t = x.nrows();
         let s = self.shape;
-        let (nk, nv, dk, dv) = (s.num_key_heads, s.num_value_heads, s.key_head_dim, s.value_head_dim);
+        let (nk, nv, dk, dv) = (
+            s.num_key_heads,
+            s.num_value_heads,
+            s.key_head_dim,
+            s.value_head_dim,
+        );
         let r = nv / nk; // value heads per key head
         let (kd, vd, c, kernel) = (s.key_dim(), s.value_dim(), s.conv_dim(), s.conv_kernel);
         let qkvz = linear(x, &self.in_proj_qkvz, None); // (T, 2·kd + 2·vd), grouped by key head
@@ -114,7 +119,8 @@ impl GatedDeltaNet {
                 let src = &row[g * group..(g + 1) * group];
                 m[g * dk..(g + 1) * dk].copy_from_slice(&src[..dk]);
                 m[kd + g * dk..kd + (g + 1) * dk].copy_from_slice(&src[dk..2 * dk]);
-                m[2 * kd + g * r * dv..2 * kd + (g + 1) * r * dv].copy_from_slice(&src[2 * dk..2 * dk + r * dv]);
+                m[2 * kd + g * r * dv..2 * kd + (g + 1) * r * dv]
+                    .copy_from_slice(&src[2 * dk..2 * dk + r * dv]);
                 z[ti * vd + g * r * dv..ti * vd + (g + 1) * r * dv].copy_from_slice(&src[2 * dk + r * dv..]);
             }
             let row = ba.row(ti);

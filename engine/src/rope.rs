@@ -115,9 +115,10 @@ impl RopeConfig {
             .unwrap_or(0) as usize;
         let top_factor = match map.get("partial_rotary_factor") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_f64().ok_or_else(|| {
-                EngineError::field(path, "partial_rotary_factor", "expected a number")
-            })?),
+            Some(v) => Some(
+                v.as_f64()
+                    .ok_or_else(|| EngineError::field(path, "partial_rotary_factor", "expected a number"))?,
+            ),
         };
         let in_params = num("partial_rotary_factor")?;
         let factor_key = if in_params.is_some() {
@@ -143,11 +144,13 @@ impl RopeConfig {
                 let f = factor.unwrap_or(d);
                 // transformers: int(head_dim * partial_rotary_factor), rotated in pairs.
                 let rotary = (head_dim as f64 * f) as usize;
-                if !(f > 0.0 && f <= 1.0) || rotary == 0 || rotary % 2 != 0 {
+                if !(f > 0.0 && f <= 1.0) || rotary == 0 || !rotary.is_multiple_of(2) {
                     return Err(EngineError::field(
                         path,
                         factor_key,
-                        format!("{f} gives {rotary} rotated values of head_dim {head_dim} (expected a positive even number)"),
+                        format!(
+                            "{f} gives {rotary} rotated values of head_dim {head_dim} (expected a positive even number)"
+                        ),
                     ));
                 }
                 rotary

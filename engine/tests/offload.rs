@@ -18,7 +18,7 @@ use shadowmoe_engine::{
     Checkpoint, GenerateOptions, LogitsFor, Model, NoObserver, Phase, SamplingParams, generate,
 };
 
-const ARCHS: [&str; 4] = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"];
+const ARCHS: [&str; 5] = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next"];
 
 fn opts(budget: Budget) -> CacheOptions {
     CacheOptions {

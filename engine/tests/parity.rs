@@ -172,7 +172,13 @@ fn qwen3_next_prefill_then_decode_equals_one_prefill() {
     let mut cache = model.new_cache();
     let mut obs = shadowmoe_engine::NoObserver;
     let mut rows = model
-        .forward(&ids[..split], &mut cache, Phase::Prefill, LogitsFor::All, &mut obs)
+        .forward(
+            &ids[..split],
+            &mut cache,
+            Phase::Prefill,
+            LogitsFor::All,
+            &mut obs,
+        )
         .unwrap()
         .into_raw_vec_and_offset()
         .0;
@@ -188,7 +194,10 @@ fn qwen3_next_prefill_then_decode_equals_one_prefill() {
         .zip(&golden.logits)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(max_diff <= LOGIT_TOL, "split passes differ from transformers' one prefill by {max_diff:e}");
+    assert!(
+        max_diff <= LOGIT_TOL,
+        "split passes differ from transformers' one prefill by {max_diff:e}"
+    );
 }
 
 /// The observer sees decode tokens too, with their positions and hidden states on request.

@@ -29,6 +29,10 @@ const LIMIT: usize = 6;
 const NEW: usize = 20;
 
 fn trace(dir: &Path) -> PathBuf {
+    trace_of(MODEL, dir)
+}
+
+fn trace_of(model: &str, dir: &Path) -> PathBuf {
     let out = dir.join("t.parquet");
     let a = CollectArgs {
         max_new_tokens: NEW,
@@ -37,7 +41,7 @@ fn trace(dir: &Path) -> PathBuf {
         flush_every: 8,
         hidden_layers: "all".into(),
         ..CollectArgs::new(
-            root().join(MODEL).display().to_string(),
+            root().join(model).display().to_string(),
             root().join("datasets/chat.jsonl"),
             out.clone(),
         )
@@ -232,11 +236,22 @@ fn gate_lookahead_predictions(
 /// loads, evictions, prefetches issued, used and wasted, bytes.
 #[test]
 fn simulated_and_live_agree() {
+    agree(MODEL);
+}
+
+/// The same agreement on qwen3_next (linear-attention layers, a shared expert, a dense layer
+/// between MoE layers).
+#[test]
+fn simulated_and_live_agree_on_qwen3_next() {
+    agree("engine/tests/golden/qwen3_next");
+}
+
+fn agree(model_dir: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let t = Trace::open(&trace(tmp.path())).unwrap();
+    let t = Trace::open(&trace_of(model_dir, tmp.path())).unwrap();
     let reqs = t.requests(None).unwrap();
     let m = t.manifest.clone();
-    let ckpt = Checkpoint::open_dir(&root().join(MODEL)).unwrap();
+    let ckpt = Checkpoint::open_dir(&root().join(model_dir)).unwrap();
     let tok = ckpt.tokenizer().unwrap();
     let (prompts, _) = dataset::load(&root().join("datasets/chat.jsonl")).unwrap();
     let pinned = vec![ExpertKey::new(m.moe_layers[0], 5)];

@@ -1,0 +1,216 @@
+//! The pipeline on qwen3_next, unchanged: trace-collect, trace-stats, train-shadow and
+//! bench-sweep (simulated and live) on the transformers-checked fixture, whose layers mix Gated
+//! DeltaNet and gated attention, whose MoE layers carry a shared expert and skip a dense layer
+//! (MoE layers 0, 1, 3).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+use shadowmoe_engine::{Checkpoint, LogitsFor, Phase, RecordingObserver};
+use shadowmoe_experiments::collect::{CollectArgs, run as collect};
+use shadowmoe_experiments::dataset;
+use shadowmoe_experiments::sweep::{SweepArgs, run as sweep};
+use shadowmoe_experiments::trace_stats::{StatsArgs, run as stats};
+use shadowmoe_experiments::train_shadow::{ShadowArgs, run as train};
+use shadowmoe_trace::Trace;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model() -> PathBuf {
+    root().join("engine/tests/golden/qwen3_next")
+}
+
+fn sweep_args(argv: &[&str]) -> SweepArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SweepArgs,
+    }
+    let mut all = vec!["bench-sweep".to_string()];
+    all.extend(argv.iter().map(|s| s.to_string()));
+    Cli::try_parse_from(all).unwrap().args
+}
+
+fn results(dir: &Path) -> DataFrame {
+    LazyFrame::scan_parquet(
+        PlRefPath::new(dir.join("results.parquet").to_string_lossy().as_ref()),
+        ScanArgsParquet::default(),
+    )
+    .unwrap()
+    .collect()
+    .unwrap()
+}
+
+#[test]
+fn pipeline_runs_on_qwen3_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("datasets/code.jsonl");
+
+    // trace-collect: the routing of the first prompt's prefill is the engine's own pass.
+    let trace_path = tmp.path().join("t.parquet");
+    let a = CollectArgs {
+        max_new_tokens: 16,
+        limit: Some(12),
+        threads: 2,
+        flush_every: 4,
+        hidden_layers: "all".into(),
+        ..CollectArgs::new(model().display().to_string(), &data, &trace_path)
+    };
+    collect(&a, false).unwrap();
+    let trace = Trace::open(&trace_path).unwrap();
+    let m = trace.manifest.clone();
+    assert_eq!(m.architecture, "qwen3_next");
+    assert_eq!(m.moe_layers, vec![0, 1, 3]);
+    assert_eq!(m.hidden_layers, m.moe_layers);
+    let reqs = trace.requests(None).unwrap();
+    assert_eq!(reqs.len(), 12);
+    let ckpt = Checkpoint::open_dir(&model()).unwrap();
+    let tok = ckpt.tokenizer().unwrap();
+    let (prompts, _) = dataset::load(&data).unwrap();
+    let ids = prompts[0].encode(&tok, true).unwrap();
+    let engine = ckpt.load_model().unwrap();
+    let mut obs = RecordingObserver::default();
+    let mut cache = engine.new_cache();
+    engine
+        .forward(&ids, &mut cache, Phase::Prefill, LogitsFor::Last, &mut obs)
+        .unwrap();
+    let r0 = &reqs[0];
+    assert_eq!(&r0.token_ids[..ids.len()], &ids[..]);
+    assert!(r0.tokens() > ids.len(), "decode rows follow the prompt");
+    for ev in &obs.events {
+        let li = m.moe_layers.iter().position(|&l| l == ev.layer).unwrap();
+        let got: Vec<u32> = r0.experts_at(ev.position, li).iter().map(|&e| e as u32).collect();
+        assert_eq!(got, ev.experts, "layer {} token {}", ev.layer, ev.position);
+    }
+
+    // trace-stats: a table over the three MoE layers and a profile.
+    let profile = tmp.path().join("profile.json");
+    let text = stats(&StatsArgs {
+        trace: trace_path.clone(),
+        out: Some(tmp.path().join("stats")),
+        profile: Some(profile.clone()),
+        no_profile: false,
+        pin_threshold: 0.5,
+        batch: 4,
+        by_domain: false,
+    })
+    .unwrap();
+    assert!(tmp.path().join("stats/stats.json").is_file(), "{text}");
+    let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
+    assert_eq!(p["layers"].as_object().unwrap().len(), 3, "{p}");
+
+    // train-shadow: trains, and gate-lookahead at depth 0 reproduces the routing exactly.
+    let shadow = tmp.path().join("shadow");
+    let text = train(&ShadowArgs {
+        traces: vec![trace_path.clone()],
+        eval_traces: vec![],
+        depth: "1,2".into(),
+        top_k: 4,
+        out: shadow.clone(),
+        backend: "cpu".into(),
+        model: Some(model().display().to_string()),
+        loss: "softmax".into(),
+        epochs: 2,
+        batch: 64,
+        lr: 1e-3,
+        width: 32,
+        patience: 2,
+        seed: 0,
+        val_share: 0.2,
+        test_share: 0.2,
+    })
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shadow.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["gate_lookahead_depth0_recall"].as_f64(),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(shadow.join("predictor.json").is_file());
+
+    // bench-sweep, simulated: every combination is a row; the shadow model drives prefetching.
+    let sim_out = tmp.path().join("sim");
+    let shadow_arg = format!("shadow:{}", shadow.display());
+    let (t, mdl, po) = (
+        trace_path.display().to_string(),
+        model().display().to_string(),
+        profile.display().to_string(),
+    );
+    let dir = sweep(
+        &sweep_args(&[
+            "--trace",
+            &t,
+            "--model",
+            &mdl,
+            "--profile",
+            &po,
+            "--out",
+            sim_out.to_str().unwrap(),
+            "--capacity",
+            "4,8",
+            "--prefetch-depth",
+            "0,1",
+            "--predictor",
+            &format!("none,gate-lookahead,{shadow_arg}"),
+            "--backend",
+            "cpu",
+        ]),
+        false,
+    )
+    .unwrap();
+    let df = results(&dir);
+    assert_eq!(df.height(), 2 * 3, "{df}");
+    let errors = df.column("error").unwrap().str().unwrap().clone();
+    assert!(errors.iter().all(|e| e == Some("")), "{df}");
+
+    // bench-sweep, live: the engine itself over a bounded cache with experts read from disk.
+    let live_out = tmp.path().join("live");
+    let dir = sweep(
+        &sweep_args(&[
+            "--mode",
+            "live",
+            "--model",
+            &mdl,
+            "--dataset",
+            data.to_str().unwrap(),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--profile",
+            &po,
+            "--out",
+            live_out.to_str().unwrap(),
+            "--capacity",
+            "4,8",
+            "--prefetch-depth",
+            "0,1",
+            "--predictor",
+            "none,previous-token",
+            "--io",
+            "pread",
+            "--backend",
+            "cpu",
+        ]),
+        false,
+    )
+    .unwrap();
+    let df = results(&dir);
+    assert_eq!(df.height(), 2 * 2, "{df}");
+    let errors = df.column("error").unwrap().str().unwrap().clone();
+    assert!(errors.iter().all(|e| e == Some("")), "{df}");
+    let hits = df.column("hit_rate").unwrap().cast(&DataType::Float64).unwrap();
+    assert!(
+        hits.f64()
+            .unwrap()
+            .into_no_null_iter()
+            .all(|h| (0.0..1.0).contains(&h)),
+        "{df}"
+    );
+}
