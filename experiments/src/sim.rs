@@ -728,6 +728,11 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
             res.decode_tokens += 1;
         }
     }
+    // Reads still queued or in flight after the last pass run to the end, as the live cache's
+    // `wait_idle` lets them before its counters are read (the clock stays at the last pass).
+    while let Some(t) = l.io.peek_done() {
+        l.io.advance_to(t, &mut core);
+    }
     res.stats = core.stats.clone();
     res.predict = l.pstats.clone();
     res.bytes_read = l.io.bytes;
