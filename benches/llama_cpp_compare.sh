@@ -14,6 +14,8 @@
 #   4. `cargo bench --profile dev --bench engine_speed` (the test build, every crate optimised): decode (tg64) and prefill (pp128) tok/s at 1 and 2
 #      threads, the two engines alternating, 3 repeats, medians; weight bytes per decode token,
 #      the GB/s each reaches, and this machine's memory-read bandwidth in the same run.
+# PREPARE_ONLY=1 stops after step 3 (build, convert: nothing timed), so that the timed part can
+# run later on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SHADOWMOE_LLAMA_DIR:-$HOME/.cache/shadowmoe/llama}
@@ -47,8 +49,13 @@ if ! "$PY" -c "import gguf, torch, transformers" 2>/dev/null; then
   "$CACHE/venv/bin/pip" install -q -e "$SRC/gguf-py"
 fi
 # Our tokenizer's pre-tokenizer hash is unknown to the converter; its split rule is qwen2's.
-CONVERT="$CACHE/convert_hf_to_gguf.py"
-sed 's/^\(\s*\)res = None$/\1res = "qwen2"/' "$SRC/convert_hf_to_gguf.py" > "$CONVERT"
+# A patched copy beside its own modules (this llama.cpp splits the converter into conversion/).
+CONVERT_DIR="$CACHE/convert"
+rm -rf "$CONVERT_DIR"; mkdir -p "$CONVERT_DIR"
+cp "$SRC/convert_hf_to_gguf.py" "$CONVERT_DIR/"
+[ -d "$SRC/conversion" ] && cp -r "$SRC/conversion" "$CONVERT_DIR/"
+grep -rl --include='*.py' '^\s*res = None$' "$CONVERT_DIR" | xargs sed -i 's/^\(\s*\)res = None$/\1res = "qwen2"/'
+CONVERT="$CONVERT_DIR/convert_hf_to_gguf.py"
 
 # 3. the checkpoints
 # The test build: every crate optimised (Cargo.toml's dev profile), and no second build of burn.
@@ -82,7 +89,11 @@ json.dump(c, open(sys.argv[2], "w"), indent=2)
 EOF
     "$PY" "$CONVERT" "$tmp" --outtype bf16 --outfile "$gguf" > "$CACHE/convert-$name.log" 2>&1
   fi
+  [ "${PREPARE_ONLY:-0}" = 1 ] && { echo "prepared $gguf"; continue; }
   echo
-  SHADOWMOE_BENCH_MODEL="$m" SHADOWMOE_LLAMA_BENCH="$BENCH" SHADOWMOE_LLAMA_GGUF="$gguf" \
+  # Both engines' files in the page cache before anything is timed (the bench's warm-up pass
+  # touches only the experts its tokens route to).
+  cat "$m"/*.safetensors "$gguf" > /dev/null
+  SHADOWMOE_BENCH_MODEL="$(realpath "$m")" SHADOWMOE_LLAMA_BENCH="$BENCH" SHADOWMOE_LLAMA_GGUF="$gguf" \
     cargo bench -q --workspace --profile dev --bench engine_speed
 done

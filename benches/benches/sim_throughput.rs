@@ -95,6 +95,7 @@ fn main() {
         layer_secs: 5e-4,
         predictor_secs: 0.0,
         settle_loads: false,
+        compute_threads: 1,
     };
     let (small, large) = (e * 5 / 16, e / 2);
     let runs = [

@@ -30,6 +30,7 @@ pub mod observer;
 pub mod offload;
 pub mod predict;
 mod prefetcher;
+pub mod quant;
 pub mod qwen3_next;
 pub mod rope;
 pub mod sampling;

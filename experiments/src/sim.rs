@@ -101,6 +101,11 @@ pub struct SimConfig {
     pub predictor_secs: f64,
     /// Every load in flight lands before a layer looks up its experts.
     pub settle_loads: bool,
+    /// Threads the engine computes with (those `layer_secs` was measured with). Above 1, a
+    /// layer's experts compute while the forward thread waits for the next one's load, as the
+    /// engine runs them (one pool task per expert, fetched in ascending order): their compute
+    /// is a queue that overlaps the loads. 1: load, compute, load, compute.
+    pub compute_threads: usize,
 }
 
 /// What a simulation measured (the metric names of DESIGN.md).
@@ -689,6 +694,8 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                 .filter(|k| !gone.contains(k))
                 .collect();
             let per_expert = cfg.layer_secs * toks.len() as f64 / 2.0 / serve.len().max(1) as f64;
+            // When the expert compute queue is free (overlapping the loads with > 1 thread).
+            let mut compute_free = l.now;
             for key in serve {
                 let mut d = Driven {
                     l: &mut l,
@@ -699,8 +706,12 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
                 if let Some(e) = d.error {
                     return Err(e);
                 }
-                l.now += per_expert;
+                compute_free = l.now.max(compute_free) + per_expert;
+                if cfg.compute_threads <= 1 {
+                    l.now = compute_free;
+                }
             }
+            l.now = l.now.max(compute_free);
             // Inline: the predictor runs now, on the critical path, and prefetches at once.
             if prefetching && cfg.timing == PredictorTiming::Inline && *phase == Phase::Decode {
                 let job = Job {

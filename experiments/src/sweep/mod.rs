@@ -344,6 +344,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                     reqs,
                     io,
                     layer_ms,
+                    compute_threads,
                     predictor_ms,
                 } => {
                     row.io_mode = "modelled".into();
@@ -382,6 +383,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             layer_secs: layer_ms * 1e-3,
                             predictor_secs: predictor_ms.get(pkey).copied().unwrap_or(0.0) * 1e-3,
                             settle_loads: a.deterministic,
+                            compute_threads: *compute_threads,
                         };
                         simulate(reqs, &moe_layers, &cfg).map_err(|e| anyhow::anyhow!(e))
                     })();

@@ -195,6 +195,8 @@ pub(super) enum Source {
         reqs: Vec<RequestRouting>,
         io: IoModel,
         layer_ms: f64,
+        /// Threads `layer_ms` was measured with (the calibration's; 1 without one).
+        compute_threads: usize,
         /// Milliseconds per predictor call, by predictor name (`shadow` for shadow models).
         predictor_ms: HashMap<String, f64>,
     },
@@ -320,6 +322,11 @@ pub(super) fn open_source(
                 .layer_ms
                 .or_else(|| cal.as_ref().map(|c| c.compute.layer_ms))
                 .unwrap_or(0.5);
+            // --layer-ms is a serial figure; a calibration says how many threads computed it.
+            let compute_threads = match (a.layer_ms, cal.as_ref()) {
+                (None, Some(c)) => c.compute.threads.max(1),
+                _ => 1,
+            };
             let mut predictor_ms: HashMap<String, f64> = cal
                 .as_ref()
                 .map(|c| {
@@ -341,6 +348,7 @@ pub(super) fn open_source(
                 "io_model": io,
                 "io_profile": a.io_profile.as_ref().map(|p| p.display().to_string()),
                 "layer_ms": layer_ms,
+                "compute_threads": compute_threads,
                 "predictor_ms": predictor_ms,
             });
             Ok((
@@ -349,6 +357,7 @@ pub(super) fn open_source(
                     reqs,
                     io,
                     layer_ms,
+                    compute_threads,
                     predictor_ms,
                 },
                 info,

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""MLX-quantised copies of the golden fixtures and what mlx-lm itself computes on them.
+
+flash-moe's users hold checkpoints written by `mlx_lm.convert -q`; the referee for reading them
+is mlx-lm. For each fixture (made by make.py) and each quantisation asked for, this script runs
+`mlx_lm.convert` and then mlx-lm's own model on the fixture's golden prompt:
+
+    <out>/<arch>-q<bits>g<group>/   config.json (with its `quantization` block), model.safetensors
+                                    (u32 `weight`, `scales`, `biases` per quantised linear; experts
+                                    stacked as `switch_mlp.{gate,up,down}_proj`), tokenizer files
+    .../golden.safetensors          prompt_ids i64 [T], logits f32 [T, V], generated i64 [N]
+    .../golden.json                 versions, bits, group size, dtype, prompt ids, generated ids
+
+Scales and biases are kept in f32 (`--dtype float32`, the default here) so that mlx-lm's
+arithmetic and the engine's can be compared tightly; `--dtype bfloat16` writes them as the hub's
+4-bit checkpoints do. Layers whose input width is not a multiple of the group size stay
+unquantised (mlx-lm's rule), so a fixture mixes both.
+
+Usage (pinned versions: mlx[cpu]==0.32.4, mlx-lm==0.32.2 run on a Linux CPU):
+    python3 -m venv /tmp/mlx && /tmp/mlx/bin/pip install "mlx[cpu]==0.32.4" "mlx-lm==0.32.2"
+    /tmp/mlx/bin/python engine/tests/golden/make_mlx.py --out engine/tests/golden/mlx
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+from mlx_lm import convert, load
+from mlx_lm.models.cache import make_prompt_cache
+from safetensors.numpy import save_file
+
+HERE = Path(__file__).resolve().parent
+GENERATE = 16
+
+
+def golden_prompt(fixture: Path):
+    meta = json.loads((fixture / "golden.json").read_text())
+    return meta["prompt_ids"]
+
+
+def run(model, ids):
+    """Logits for every prompt position (one pass), then GENERATE greedy tokens through mlx-lm's
+    cache (EOS does not stop it)."""
+    x = mx.array([ids])
+    logits = model(x).astype(mx.float32)
+    mx.eval(logits)
+    all_logits = np.array(logits[0])
+    cache = make_prompt_cache(model)
+    out = model(x, cache=cache)
+    generated = []
+    for _ in range(GENERATE):
+        nxt = int(mx.argmax(out[0, -1]).item())
+        generated.append(nxt)
+        out = model(mx.array([[nxt]]), cache=cache)
+    return all_logits, generated
+
+
+def make(arch, bits, group, dtype, out_root):
+    fixture = HERE / arch
+    out = out_root / f"{arch}-q{bits}g{group}"
+    if out.exists():
+        shutil.rmtree(out)
+    convert(
+        str(fixture),
+        mlx_path=str(out),
+        quantize=True,
+        q_bits=bits,
+        q_group_size=group,
+        dtype=dtype,
+    )
+    model, _ = load(str(out))
+    ids = golden_prompt(fixture)
+    logits, generated = run(model, ids)
+    save_file(
+        {
+            "prompt_ids": np.array(ids, dtype=np.int64),
+            "logits": np.ascontiguousarray(logits, dtype=np.float32),
+            "generated": np.array(generated, dtype=np.int64),
+        },
+        str(out / "golden.safetensors"),
+    )
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    meta = {
+        "made_by": "engine/tests/golden/make_mlx.py",
+        "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
+        "source_fixture": arch,
+        "bits": bits,
+        "group_size": group,
+        "dtype": dtype,
+        "prompt_ids": ids,
+        "generated": generated,
+        "min_logit_top2_gap": float((top2[:, 1] - top2[:, 0]).min()),
+    }
+    (out / "golden.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"{out.name}: {len(ids)} prompt tokens, generated {generated}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory that receives one folder per quantised fixture")
+    ap.add_argument("--arch", default="qwen3_moe,qwen3_next")
+    ap.add_argument("--quant", default="4:64,8:64", help="comma list of bits:group_size")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = ap.parse_args()
+    out_root = Path(args.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    for arch in args.arch.split(","):
+        if not (HERE / arch / "golden.json").is_file():
+            sys.exit(f"--arch: no fixture {HERE / arch} (make it with make.py first)")
+        for q in args.quant.split(","):
+            bits, group = (int(v) for v in q.split(":"))
+            make(arch, bits, group, args.dtype, out_root)
+
+
+if __name__ == "__main__":
+    main()
