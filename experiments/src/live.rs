@@ -86,6 +86,10 @@ pub struct LiveResult {
     pub stats: CacheStats,
     pub bytes_read: u64,
     pub stall_secs: f64,
+    /// Read time of each load on its I/O worker, as the run saw it (ms percentiles).
+    pub read_latency: shadowmoe_engine::offload::metrics::Latency,
+    /// Bytes read over the summed read time of the loads (per-load throughput, GB/s).
+    pub read_gbps: Option<f64>,
     pub prefill_tokens: u64,
     pub prefill_secs: f64,
     pub decode_steps: u64,
@@ -347,6 +351,9 @@ impl LiveSetup {
         r.stats = stats;
         r.bytes_read = io.bytes_read;
         r.stall_secs = io.stall.as_secs_f64();
+        r.read_latency = shadowmoe_engine::offload::metrics::Latency::of(&io.latencies);
+        let busy: f64 = io.latencies.iter().sum();
+        r.read_gbps = (busy > 0.0).then(|| io.bytes_read as f64 / busy / 1e9);
         r.peak_rss_bytes = shadowmoe_engine::peak_rss_bytes();
         if quality {
             r.quality = Some(self.quality(&model)?);

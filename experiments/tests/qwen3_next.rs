@@ -205,6 +205,11 @@ fn pipeline_runs_on_qwen3_next() {
     assert_eq!(df.height(), 2 * 2, "{df}");
     let errors = df.column("error").unwrap().str().unwrap().clone();
     assert!(errors.iter().all(|e| e == Some("")), "{df}");
+    // Every live row carries the read time its loads saw on the I/O workers.
+    let p50 = df.column("read_ms_p50").unwrap().f64().unwrap().clone();
+    let gbps = df.column("read_gbps").unwrap().f64().unwrap().clone();
+    assert!(p50.iter().all(|v| v.is_some_and(|ms| ms > 0.0)), "{df}");
+    assert!(gbps.iter().all(|v| v.is_some_and(|g| g > 0.0)), "{df}");
     let hits = df.column("hit_rate").unwrap().cast(&DataType::Float64).unwrap();
     assert!(
         hits.f64()

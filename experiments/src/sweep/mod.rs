@@ -420,6 +420,10 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                     match setup.run(&cfg) {
                         Ok(r) => {
                             row.io_mode = r.io_mode.clone();
+                            let lat = &r.read_latency;
+                            row.read_ms_p50 = (lat.count > 0).then_some(lat.p50_ms);
+                            row.read_ms_p95 = (lat.count > 0).then_some(lat.p95_ms);
+                            row.read_gbps = r.read_gbps;
                             row.cache_stats(&r.stats);
                             row.predict_stats(&r.predict, r.decode_steps);
                             row.bytes_read = r.bytes_read;

@@ -48,6 +48,11 @@ pub(super) struct Row {
     pub(super) predictions_skipped: u64,
     pub(super) prefetch_cancelled: u64,
     // Live only.
+    /// Median and 95th percentile of one load's read time on its I/O worker, ms.
+    pub(super) read_ms_p50: Option<f64>,
+    pub(super) read_ms_p95: Option<f64>,
+    /// Bytes over the summed read time of the loads: each read's own throughput, GB/s.
+    pub(super) read_gbps: Option<f64>,
     pub(super) decode_tok_s: Option<f64>,
     pub(super) prefill_tok_s: Option<f64>,
     pub(super) peak_rss_bytes: Option<u64>,
@@ -94,6 +99,9 @@ impl Row {
             predictions_late: 0,
             predictions_skipped: 0,
             prefetch_cancelled: 0,
+            read_ms_p50: None,
+            read_ms_p95: None,
+            read_gbps: None,
             decode_tok_s: None,
             prefill_tok_s: None,
             peak_rss_bytes: None,
@@ -192,6 +200,9 @@ pub(super) fn frame(rows: &[Row], ids: &RunIds<'_>) -> PolarsResult<DataFrame> {
             Column::new("predictions_late".into(), u(&|r| r.predictions_late)),
             Column::new("predictions_skipped".into(), u(&|r| r.predictions_skipped)),
             Column::new("prefetch_cancelled".into(), u(&|r| r.prefetch_cancelled)),
+            Column::new("read_ms_p50".into(), of(&|r| r.read_ms_p50)),
+            Column::new("read_ms_p95".into(), of(&|r| r.read_ms_p95)),
+            Column::new("read_gbps".into(), of(&|r| r.read_gbps)),
             Column::new("decode_tok_s".into(), of(&|r| r.decode_tok_s)),
             Column::new("prefill_tok_s".into(), of(&|r| r.prefill_tok_s)),
             Column::new("peak_rss_bytes".into(), ou(&|r| r.peak_rss_bytes)),
