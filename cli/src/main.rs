@@ -116,6 +116,9 @@ struct GenerateArgs {
     /// loads, LM head), milliseconds per token.
     #[arg(long)]
     profile_ops: bool,
+    /// Print where the prompt's pass (prefill) spent its time, in the same parts.
+    #[arg(long)]
+    profile_prefill: bool,
     #[command(flatten)]
     cache: offload::CacheArgs,
 }
@@ -207,10 +210,17 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
     let mut first = true;
+    let mut prefill_profile = None;
+    if a.profile_prefill {
+        model.set_op_profile(true);
+    }
     let (_, stats) = generate(model, &prompt, &opts, &mut NoObserver, |id| {
-        // The profile starts after the prompt's pass: decode passes only.
-        if a.profile_ops && std::mem::take(&mut first) {
-            model.set_op_profile(true);
+        // After the prompt's pass: its profile is kept, and the decode profile starts.
+        if std::mem::take(&mut first) && (a.profile_ops || a.profile_prefill) {
+            if a.profile_prefill {
+                prefill_profile = model.op_profile();
+            }
+            model.set_op_profile(a.profile_ops);
         }
         if let Some(piece) = stream.push(&tok, id)? {
             // A closed pipe (`| head`) ends the stream quietly.
@@ -233,6 +243,14 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             b as f64 / (1 << 20) as f64
         )),
     );
+    if let Some(p) = prefill_profile {
+        eprintln!(
+            "prompt pass: {} tokens ({} threads)\n{}",
+            p.tokens,
+            shadowmoe_engine::threads(),
+            p.table()
+        );
+    }
     if let Some(p) = model.op_profile() {
         eprintln!(
             "decode passes: {} ({} threads)\n{}",
