@@ -65,8 +65,14 @@ impl Router {
             softmax(&mut probs);
             order.clear();
             order.extend(0..probs.len() as u32);
-            // Descending probability; ties keep the lower id first.
-            order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+            // Descending probability; ties keep the lower id first. The comparison is a total
+            // order, so selecting the k best and sorting only those gives the full sort's top k.
+            let best_first =
+                |a: &u32, b: &u32| probs[*b as usize].total_cmp(&probs[*a as usize]).then(a.cmp(b));
+            if k < order.len() {
+                order.select_nth_unstable_by(k - 1, best_first);
+            }
+            order[..k].sort_by(best_first);
             let top = &order[..k];
             let mut w: Vec<f32> = top.iter().map(|&e| probs[e as usize]).collect();
             if self.norm_topk_prob {
@@ -513,5 +519,29 @@ mod tests {
         }
         .route(array![[2.0f32, 0.0]].view());
         assert!(raw.weights_of(0).iter().sum::<f32>() < 1.0);
+    }
+
+    #[test]
+    fn top_k_selection_equals_a_full_sort_with_ties() {
+        // 64 experts whose logits repeat in runs of 4 (ties everywhere), hidden 1.
+        let e = 64;
+        let w: Vec<f32> = (0..e).map(|i| ((i / 4) * 7 % 16) as f32 * 0.25).collect();
+        for k in [1, 3, 4, 10, 64] {
+            let r = Router {
+                weight: Weight::from_f32(&w, vec![e, 1]),
+                top_k: k,
+                norm_topk_prob: false,
+            };
+            let d = r.route(array![[1.0f32], [-1.0]].view());
+            for (t, sign) in [(0, 1.0f32), (1, -1.0)] {
+                let mut all: Vec<u32> = (0..e as u32).collect();
+                all.sort_by(|&a, &b| {
+                    (sign * w[b as usize])
+                        .total_cmp(&(sign * w[a as usize]))
+                        .then(a.cmp(&b))
+                });
+                assert_eq!(d.experts_of(t), &all[..k], "k {k}, token {t}");
+            }
+        }
     }
 }
