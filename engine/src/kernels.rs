@@ -13,8 +13,6 @@ use crate::weights::{DType, Weight};
 const ROW_BLOCK: usize = 16;
 /// Accumulators per dot product: 8 AVX2 vectors in flight.
 const LANES: usize = 64;
-/// Up to this many tokens, bf16 weights are converted inside the dot product.
-const FUSED_BF16_MAX_T: usize = 4;
 /// Below this many multiply-adds a matmul runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// From this many tokens on, a matmul is a GEMM (the `gemm` crate's packed micro-kernels) over
@@ -53,32 +51,19 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
     let block = |(bi, out): (usize, &mut [f32])| {
         let row0 = bi * ROW_BLOCK;
         let rows = out.len() / t;
-        // bf16 with few tokens: convert inside the dot (each weight is used only t times).
-        if w.dtype() == DType::BF16 && t <= FUSED_BF16_MAX_T {
-            let wb = &w.as_u16()[row0 * k..(row0 + rows) * k];
-            for r in 0..rows {
-                let wr = &wb[r * k..(r + 1) * k];
-                for ti in 0..t {
-                    out[r * t + ti] = dot_bf16(wr, &x[ti * k..(ti + 1) * k]);
-                }
-            }
-            return;
-        }
+        // f32 and bf16 rows are read as they are (bf16 widened in registers); f16 converted a
+        // block at a time.
         let mut buf = Vec::new();
-        let wrows: &[f32] = match w.dtype() {
-            DType::F32 => &w.as_f32()[row0 * k..(row0 + rows) * k],
-            _ => {
+        let wrows = match w.dtype() {
+            DType::F32 => Rows::F32(&w.as_f32()[row0 * k..(row0 + rows) * k]),
+            DType::BF16 => Rows::Bf16(&w.as_u16()[row0 * k..(row0 + rows) * k]),
+            DType::F16 => {
                 buf.resize(rows * k, 0.0);
                 w.read_f32(row0 * k, &mut buf);
-                &buf
+                Rows::F32(&buf)
             }
         };
-        for ti in 0..t {
-            let xt = &x[ti * k..(ti + 1) * k];
-            for r in 0..rows {
-                out[r * t + ti] = dot(&wrows[r * k..(r + 1) * k], xt);
-            }
-        }
+        tile(wrows, rows, k, x, t, out);
     };
     if n * k * t >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get()) {
         yt.par_chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
@@ -176,6 +161,175 @@ fn linear_gemm(x: &[f32], t: usize, k: usize, w: &Weight, n: usize, bias: Option
     Array2::from_shape_vec((t, n), y).expect("shape")
 }
 
+/// Weight rows as a tile kernel reads them.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    /// bf16 bits, widened to f32 in registers.
+    Bf16(&'a [u16]),
+}
+
+/// `out[r * t + ti] = W[r] · x[ti]` for `rows` weight rows of width `k` and `t` tokens (`x` is
+/// `[t, k]` row-major). Each (row, token) sum is accumulated in the same order whatever the
+/// tile it falls in, so one token alone gets exactly what it gets among others.
+fn tile(w: Rows<'_>, rows: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports avx2 and fma (checked just above).
+            unsafe { tile_avx2(w, rows, k, x, t, out) };
+            return;
+        }
+    }
+    for r in 0..rows {
+        for ti in 0..t {
+            let xt = &x[ti * k..(ti + 1) * k];
+            out[r * t + ti] = match w {
+                Rows::F32(w) => dot_portable(&w[r * k..(r + 1) * k], xt),
+                Rows::Bf16(w) => dot_bf16_portable(&w[r * k..(r + 1) * k], xt),
+            };
+        }
+    }
+}
+
+/// Tiles of `R` rows × `T` tokens: each 8 weights are loaded (and widened) once for `T` tokens,
+/// each 8 inputs once for `R` rows, with `R·T` independent accumulators in flight (8 or 12 of
+/// the 16 vector registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(w: Rows<'_>, rows: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    debug_assert!(x.len() >= t * k && out.len() >= rows * t);
+    debug_assert!(match w {
+        Rows::F32(s) => s.len() >= rows * k,
+        Rows::Bf16(s) => s.len() >= rows * k,
+    });
+    let mut t0 = 0;
+    while t0 < t {
+        let tn = (t - t0).min(4);
+        let mut r0 = 0;
+        while r0 < rows {
+            let left = rows - r0;
+            // SAFETY (every call): rows r0.. r0 + R and tokens t0 .. t0 + T are inside w, x
+            // and out (R <= left, T = tn <= t - t0), as micro requires.
+            let done = unsafe {
+                match (tn, w) {
+                    (1, Rows::F32(s)) if left >= 8 => micro::<8, 1, _>(s, k, r0, x, t0, out, t),
+                    (1, Rows::Bf16(s)) if left >= 8 => micro::<8, 1, _>(s, k, r0, x, t0, out, t),
+                    (1, Rows::F32(s)) => micro::<1, 1, _>(s, k, r0, x, t0, out, t),
+                    (1, Rows::Bf16(s)) => micro::<1, 1, _>(s, k, r0, x, t0, out, t),
+                    (2, Rows::F32(s)) if left >= 4 => micro::<4, 2, _>(s, k, r0, x, t0, out, t),
+                    (2, Rows::Bf16(s)) if left >= 4 => micro::<4, 2, _>(s, k, r0, x, t0, out, t),
+                    (2, Rows::F32(s)) => micro::<1, 2, _>(s, k, r0, x, t0, out, t),
+                    (2, Rows::Bf16(s)) => micro::<1, 2, _>(s, k, r0, x, t0, out, t),
+                    (3, Rows::F32(s)) if left >= 4 => micro::<4, 3, _>(s, k, r0, x, t0, out, t),
+                    (3, Rows::Bf16(s)) if left >= 4 => micro::<4, 3, _>(s, k, r0, x, t0, out, t),
+                    (3, Rows::F32(s)) => micro::<1, 3, _>(s, k, r0, x, t0, out, t),
+                    (3, Rows::Bf16(s)) => micro::<1, 3, _>(s, k, r0, x, t0, out, t),
+                    (_, Rows::F32(s)) if left >= 2 => micro::<2, 4, _>(s, k, r0, x, t0, out, t),
+                    (_, Rows::Bf16(s)) if left >= 2 => micro::<2, 4, _>(s, k, r0, x, t0, out, t),
+                    (_, Rows::F32(s)) => micro::<1, 4, _>(s, k, r0, x, t0, out, t),
+                    (_, Rows::Bf16(s)) => micro::<1, 4, _>(s, k, r0, x, t0, out, t),
+                }
+            };
+            r0 += done;
+        }
+        t0 += tn;
+    }
+}
+
+/// A weight element type the tile kernel widens to f32.
+#[cfg(target_arch = "x86_64")]
+trait Lane: Copy {
+    /// Eight weights from `p` as f32.
+    ///
+    /// # Safety
+    /// `p .. p + 8` must be readable; the CPU must support avx2.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    fn to_f32(self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lane for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable values.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lane for u16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable values (16 bytes) and avx2.
+        unsafe {
+            let v = _mm_loadu_si128(p.cast::<__m128i>());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+        }
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// One `R × T` tile at rows `r0..`, tokens `t0..`; returns `R`. One accumulator per (row,
+/// token) over `k` in steps of 8, then the lanes' sum, then the scalar tail.
+///
+/// # Safety
+/// `w` holds rows `r0 .. r0 + R` of width `k`, `x` tokens `t0 .. t0 + T`, `out` is
+/// `[rows, t]` with those entries inside; the CPU supports avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro<const R: usize, const T: usize, W: Lane>(
+    w: &[W],
+    k: usize,
+    r0: usize,
+    x: &[f32],
+    t0: usize,
+    out: &mut [f32],
+    t: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    let body = k / 8 * 8;
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut i = 0;
+    while i < body {
+        let mut xv = [_mm256_setzero_ps(); T];
+        for (j, v) in xv.iter_mut().enumerate() {
+            // SAFETY: token t0 + j < t and i + 8 <= k: inside x.
+            *v = unsafe { _mm256_loadu_ps(xp.add((t0 + j) * k + i)) };
+        }
+        for (r, accr) in acc.iter_mut().enumerate() {
+            // SAFETY: row r0 + r is inside w and i + 8 <= k.
+            let wv = unsafe { W::load8(wp.add((r0 + r) * k + i)) };
+            for (a, xj) in accr.iter_mut().zip(&xv) {
+                *a = _mm256_fmadd_ps(wv, *xj, *a);
+            }
+        }
+        i += 8;
+    }
+    for (r, accr) in acc.iter().enumerate() {
+        let wr = &w[(r0 + r) * k..(r0 + r + 1) * k];
+        for (j, a) in accr.iter().enumerate() {
+            let xt = &x[(t0 + j) * k..(t0 + j + 1) * k];
+            let mut s = hsum(*a);
+            for (wk, xk) in wr[body..].iter().zip(&xt[body..]) {
+                s += wk.to_f32() * xk;
+            }
+            out[(r0 + r) * t + t0 + j] = s;
+        }
+    }
+    R
+}
+
 /// Dot product of two equal-length f32 slices.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -233,55 +387,6 @@ fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
     let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
     _mm_cvtss_f32(q)
-}
-
-/// Dot product of bf16 weights (as bits) with f32 values.
-#[inline]
-pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports avx2 and fma (checked just above).
-            return unsafe { dot_bf16_avx2(w, x) };
-        }
-    }
-    dot_bf16_portable(w, x)
-}
-
-/// As [`dot_avx2`], each 8 bf16 weights widened to f32 in registers (zero-extend, shift 16).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    debug_assert_eq!(w.len(), x.len());
-    let n = w.len().min(x.len());
-    let body = n / 32 * 32;
-    let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i < body {
-        for (j, accj) in acc.iter_mut().enumerate() {
-            // SAFETY: i + 8j + 8 <= body <= n: the 8 u16 (16 bytes) and 8 f32 loaded are inside
-            // the slices.
-            let (wv, xv) = unsafe {
-                (
-                    _mm_loadu_si128(wp.add(i + 8 * j).cast::<__m128i>()),
-                    _mm256_loadu_ps(xp.add(i + 8 * j)),
-                )
-            };
-            let wf = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(wv)));
-            *accj = _mm256_fmadd_ps(wf, xv, *accj);
-        }
-        i += 32;
-    }
-    let mut s = hsum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ));
-    for (wk, xk) in w[body..n].iter().zip(&x[body..n]) {
-        s += f32::from_bits((*wk as u32) << 16) * xk;
-    }
-    s
 }
 
 #[inline(always)]
@@ -384,9 +489,30 @@ mod tests {
 
     #[test]
     fn linear_matches_naive_for_every_dtype() {
-        // t = 1 and 3 take the fused bf16 path, t = 7 the converting one.
-        for t in [1, 3, 7] {
+        // Every tile shape (t = 1..4, then 4 + 1..3) with remainder rows and a scalar tail;
+        // t = 9 is a GEMM.
+        for t in [1, 2, 3, 4, 5, 7, 9] {
             check_linear(37, 19, t);
+        }
+        check_linear(64, 2048, 3);
+    }
+
+    #[test]
+    fn a_token_alone_gets_what_it_gets_among_others() {
+        use crate::weights::AlignedBytes;
+        use std::sync::Arc;
+        let (n, k) = (45, 203);
+        let bits: Vec<u8> = (0..n * k)
+            .flat_map(|i| half::bf16::from_f32(((i * 37) % 61) as f32 / 30.0 - 1.0).to_le_bytes())
+            .collect();
+        let w = Weight::new(Arc::new(AlignedBytes::copy_from(&bits)), 0, DType::BF16, vec![n, k]);
+        let x = Array2::from_shape_fn((7, k), |(i, j)| ((i * 13 + j * 7) % 17) as f32 / 8.0 - 1.0);
+        for t in 1..=7 {
+            let many = linear(x.slice(ndarray::s![..t, ..]), &w, None);
+            for ti in 0..t {
+                let one = linear(x.slice(ndarray::s![ti..ti + 1, ..]), &w, None);
+                assert_eq!(one.row(0), many.row(ti), "token {ti} of {t}");
+            }
         }
     }
 
@@ -402,8 +528,12 @@ mod tests {
         let y = linear(x.view(), &w32, Some(&bias));
         for ti in 0..t {
             for ni in 0..n {
-                let want: f32 = (0..k).map(|j| wv[ni * k + j] * x[[ti, j]]).sum::<f32>() + bias[ni];
-                assert!((y[[ti, ni]] - want).abs() < 1e-4, "{ti},{ni}");
+                // An f64 reference; f32 sums in any order stay within a few ulps of Σ|w·x|.
+                let terms = (0..k).map(|j| f64::from(wv[ni * k + j]) * f64::from(x[[ti, j]]));
+                let want = terms.clone().sum::<f64>() + f64::from(bias[ni]);
+                let scale: f64 = terms.map(f64::abs).sum::<f64>() + 1.0;
+                let err = (f64::from(y[[ti, ni]]) - want).abs();
+                assert!(err < 1e-5 * scale, "{ti},{ni}: {} vs {want}", y[[ti, ni]]);
             }
         }
         // bf16 and f16 weights give what their f32 values give.
