@@ -505,7 +505,12 @@ mod tests {
         let bits: Vec<u8> = (0..n * k)
             .flat_map(|i| half::bf16::from_f32(((i * 37) % 61) as f32 / 30.0 - 1.0).to_le_bytes())
             .collect();
-        let w = Weight::new(Arc::new(AlignedBytes::copy_from(&bits)), 0, DType::BF16, vec![n, k]);
+        let w = Weight::new(
+            Arc::new(AlignedBytes::copy_from(&bits)),
+            0,
+            DType::BF16,
+            vec![n, k],
+        );
         let x = Array2::from_shape_fn((7, k), |(i, j)| ((i * 13 + j * 7) % 17) as f32 / 8.0 - 1.0);
         for t in 1..=7 {
             let many = linear(x.slice(ndarray::s![..t, ..]), &w, None);

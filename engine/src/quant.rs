@@ -9,6 +9,11 @@
 //! `Σ_g scale_g · Σ_{j∈g} q_j x_j + bias_g · Σ_{j∈g} x_j`, with the group sums of `x` computed
 //! once per input and shared by every row.
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+
 use crate::error::{EngineError, Result};
 
 /// Bits and group size of one quantised tensor.
@@ -50,6 +55,90 @@ impl QuantSpec {
     /// occupies on disk and in the cache.
     pub fn matrix_bytes(self, n: usize, k: usize, scale_bytes: usize) -> usize {
         n * (self.words_per_row(k) * 4 + 2 * (k / self.group_size) * scale_bytes)
+    }
+}
+
+/// A checkpoint's `quantization` block (`config.json`; `quantization_config` is its copy for
+/// the hub): the default bits and group size, and per-module entries that override them
+/// (`{"group_size": 64, "bits": 8}`) or leave a module unquantised (`false`). A module is
+/// quantised exactly when its `scales` tensor is in the weights, as mlx-lm decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantConfig {
+    pub default: QuantSpec,
+    /// Module path (`model.layers.0.mlp.gate`) → its spec, or `None`: left unquantised.
+    pub overrides: HashMap<String, Option<QuantSpec>>,
+}
+
+impl QuantConfig {
+    /// Parses the block at `key` of `config.json` (`path`, for errors).
+    pub fn parse(v: &Value, path: &Path, key: &str) -> Result<Self> {
+        let Value::Object(map) = v else {
+            return Err(EngineError::field(
+                path,
+                key,
+                "expected an object with group_size and bits",
+            ));
+        };
+        let spec_of = |m: &serde_json::Map<String, Value>, at: &str| -> Result<QuantSpec> {
+            if let Some(mode) = m.get("mode")
+                && mode.as_str() != Some("affine")
+            {
+                return Err(EngineError::field(
+                    path,
+                    format!("{at}.mode"),
+                    format!(
+                        "{mode} quantisation is not supported (expected \"affine\", what mlx_lm.convert -q writes)"
+                    ),
+                ));
+            }
+            let int = |name: &str| -> Result<u64> {
+                m.get(name).and_then(Value::as_u64).ok_or_else(|| {
+                    EngineError::field(
+                        path,
+                        format!("{at}.{name}"),
+                        "missing or not a non-negative integer",
+                    )
+                })
+            };
+            let (bits, group) = (int("bits")?, int("group_size")?);
+            QuantSpec::new(bits as u32, group as usize, &format!("{}: {at}", path.display()))
+        };
+        let default = spec_of(map, key)?;
+        let mut overrides = HashMap::new();
+        for (name, val) in map {
+            if matches!(name.as_str(), "group_size" | "bits" | "mode") {
+                continue;
+            }
+            let at = format!("{key}.{name}");
+            let spec = match val {
+                Value::Bool(false) => None,
+                Value::Bool(true) => Some(default),
+                Value::Object(m) => {
+                    let mut m = m.clone();
+                    for k in ["bits", "group_size"] {
+                        if !m.contains_key(k) {
+                            m.insert(k.into(), map[k].clone());
+                        }
+                    }
+                    Some(spec_of(&m, &at)?)
+                }
+                _ => {
+                    return Err(EngineError::field(
+                        path,
+                        at,
+                        "expected a module's {group_size, bits} or false",
+                    ));
+                }
+            };
+            overrides.insert(name.clone(), spec);
+        }
+        Ok(Self { default, overrides })
+    }
+
+    /// The spec of module `module` (its path without `.weight`) if it is listed, else the
+    /// default.
+    pub fn spec_for(&self, module: &str) -> Option<QuantSpec> {
+        self.overrides.get(module).copied().unwrap_or(Some(self.default))
     }
 }
 
@@ -167,6 +256,43 @@ mod tests {
         let s = QuantSpec::new(4, 64, "test").unwrap();
         let bytes = 2 * s.matrix_bytes(512, 2048, 2) + s.matrix_bytes(2048, 512, 2);
         assert_eq!(bytes, 1_769_472);
+    }
+
+    #[test]
+    fn quantization_block_with_overrides() {
+        let v: Value = serde_json::from_str(
+            r#"{"group_size": 64, "bits": 4, "mode": "affine",
+                "model.layers.0.mlp.gate": {"group_size": 64, "bits": 8},
+                "model.layers.1.mlp.gate": {"bits": 8},
+                "lm_head": false}"#,
+        )
+        .unwrap();
+        let q = QuantConfig::parse(&v, Path::new("config.json"), "quantization").unwrap();
+        let four = QuantSpec::new(4, 64, "t").unwrap();
+        let eight = QuantSpec::new(8, 64, "t").unwrap();
+        assert_eq!(q.spec_for("model.layers.0.self_attn.q_proj"), Some(four));
+        assert_eq!(q.spec_for("model.layers.0.mlp.gate"), Some(eight));
+        assert_eq!(q.spec_for("model.layers.1.mlp.gate"), Some(eight));
+        assert_eq!(q.spec_for("lm_head"), None);
+        for (text, want) in [
+            (r#"{"group_size": 64, "bits": 3}"#, "3-bit"),
+            (r#"{"group_size": 64}"#, "quantization.bits"),
+            (
+                r#"{"group_size": 32, "bits": 4, "mode": "mxfp4"}"#,
+                "quantization.mode",
+            ),
+            (
+                r#"{"group_size": 64, "bits": 4, "x": {"bits": 5}}"#,
+                "quantization.x",
+            ),
+            (r#"{"group_size": 64, "bits": 4, "x": 3}"#, "quantization.x"),
+        ] {
+            let v: Value = serde_json::from_str(text).unwrap();
+            let e = QuantConfig::parse(&v, Path::new("config.json"), "quantization")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want) && e.contains("config.json"), "{text}: {e}");
+        }
     }
 
     #[test]

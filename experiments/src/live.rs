@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use shadowmoe_engine::offload::cache::CacheStats;
+use shadowmoe_engine::offload::metrics::DiskActivity;
 use shadowmoe_engine::offload::{Capacity, IoMode, MissMode, OffloadConfig, PinSpec, PolicyKind};
 use shadowmoe_engine::predict::{
     ExpertPredictor, GateLookahead, Popularity, PredictStats, PredictorTiming, Prefetch, PrefetchSpan,
@@ -90,6 +91,10 @@ pub struct LiveResult {
     pub read_latency: shadowmoe_engine::offload::metrics::Latency,
     /// Bytes read over the summed read time of the loads (per-load throughput, GB/s).
     pub read_gbps: Option<f64>,
+    /// Reads that landed during decode: mean reads in flight while the disk was busy, and
+    /// their bytes over that busy time (aggregate GB/s).
+    pub decode_reads_in_flight: Option<f64>,
+    pub decode_disk_gbps: Option<f64>,
     pub prefill_tokens: u64,
     pub prefill_secs: f64,
     pub decode_steps: u64,
@@ -354,6 +359,9 @@ impl LiveSetup {
         r.read_latency = shadowmoe_engine::offload::metrics::Latency::of(&io.latencies);
         let busy: f64 = io.latencies.iter().sum();
         r.read_gbps = (busy > 0.0).then(|| io.bytes_read as f64 / busy / 1e9);
+        let disk = DiskActivity::of(&io.spans, |s| s.decode);
+        r.decode_reads_in_flight = disk.in_flight();
+        r.decode_disk_gbps = disk.gbps(disk.reads as u64 * cached.store().expert_bytes());
         r.peak_rss_bytes = shadowmoe_engine::peak_rss_bytes();
         if quality {
             r.quality = Some(self.quality(&model)?);

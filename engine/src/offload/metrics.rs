@@ -1,7 +1,8 @@
 //! Run metrics, with the definitions of DESIGN.md: what `--metrics-out` writes and what
 //! `generate` summarises.
 
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -17,6 +18,82 @@ pub struct IoStats {
     pub latencies: Vec<f64>,
     /// Loads that failed (the run stops at a failed demand load).
     pub load_errors: u64,
+    /// When each read ran on its worker.
+    pub spans: Vec<ReadSpan>,
+}
+
+/// One read on a worker: seconds since the process's first read, and whether a decode pass
+/// was running when it landed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadSpan {
+    pub start: f64,
+    pub end: f64,
+    pub decode: bool,
+}
+
+impl ReadSpan {
+    /// The span of a read that began at `started` and took `latency`.
+    pub fn new(started: Instant, latency: Duration, decode: bool) -> Self {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        let start = started.saturating_duration_since(epoch).as_secs_f64();
+        Self {
+            start,
+            end: start + latency.as_secs_f64(),
+            decode,
+        }
+    }
+}
+
+/// How the disk was used by a set of reads: time with at least one read in flight, and the
+/// summed read time (their ratio is the mean number of reads in flight while reading).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DiskActivity {
+    pub reads: usize,
+    pub busy_secs: f64,
+    pub read_secs: f64,
+}
+
+impl DiskActivity {
+    /// Of the spans `keep` selects.
+    pub fn of(spans: &[ReadSpan], keep: impl Fn(&ReadSpan) -> bool) -> Self {
+        let mut v: Vec<(f64, f64)> = spans
+            .iter()
+            .filter(|s| keep(s))
+            .map(|s| (s.start, s.end))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut out = Self {
+            reads: v.len(),
+            ..Self::default()
+        };
+        let mut cur: Option<(f64, f64)> = None;
+        for (s, e) in v {
+            out.read_secs += e - s;
+            cur = match cur {
+                Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+                Some((cs, ce)) => {
+                    out.busy_secs += ce - cs;
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+        if let Some((cs, ce)) = cur {
+            out.busy_secs += ce - cs;
+        }
+        out
+    }
+
+    /// Mean reads in flight while at least one was.
+    pub fn in_flight(&self) -> Option<f64> {
+        (self.busy_secs > 0.0).then(|| self.read_secs / self.busy_secs)
+    }
+
+    /// Bytes over the time the disk was busy: the aggregate throughput the reads got.
+    pub fn gbps(&self, bytes: u64) -> Option<f64> {
+        (self.busy_secs > 0.0).then(|| bytes as f64 / self.busy_secs / 1e9)
+    }
 }
 
 /// Percentiles of load latency, in milliseconds.
@@ -81,6 +158,11 @@ pub struct RunMetrics {
     pub load_latency: Latency,
     /// Bytes read over the summed read time of the loads (per-load throughput).
     pub io_gbps: Option<f64>,
+    /// Mean reads in flight while the disk was busy, and bytes over that busy time (the
+    /// aggregate throughput the reads got); the first also for reads that landed in decode.
+    pub reads_in_flight: Option<f64>,
+    pub disk_gbps: Option<f64>,
+    pub decode_reads_in_flight: Option<f64>,
     pub fallbacks: u64,
     pub fallback_rate: Option<f64>,
     pub prefetch_issued: u64,
@@ -122,6 +204,10 @@ impl RunMetrics {
         self.load_latency = Latency::of(&io.latencies);
         let busy: f64 = io.latencies.iter().sum();
         self.io_gbps = (busy > 0.0).then(|| io.bytes_read as f64 / busy / 1e9);
+        let all = DiskActivity::of(&io.spans, |_| true);
+        self.reads_in_flight = all.in_flight();
+        self.disk_gbps = all.gbps(io.bytes_read);
+        self.decode_reads_in_flight = DiskActivity::of(&io.spans, |s| s.decode).in_flight();
         self.load_errors = io.load_errors;
     }
 
@@ -130,7 +216,7 @@ impl RunMetrics {
         let pct = |x: Option<f64>| x.map_or("n/a".into(), |v| format!("{:.1}%", v * 100.0));
         let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
         format!(
-            "experts: hit rate {} (prefill {}, decode {}), misses {} cold + {} capacity, {} loads, {} read ({} via {}), stall {:.3}s, load p50/p95/p99 {:.2}/{:.2}/{:.2} ms, fallback rate {}\nmemory: peak RSS {} vs byte model {}",
+            "experts: hit rate {} (prefill {}, decode {}), misses {} cold + {} capacity, {} loads, {} read ({} via {}), stall {:.3}s, load p50/p95/p99 {:.2}/{:.2}/{:.2} ms, {} reads in flight at {} while reading, fallback rate {}\nmemory: peak RSS {} vs byte model {}",
             pct(self.hit_rate),
             pct(self.hit_rate_prefill),
             pct(self.hit_rate_decode),
@@ -144,9 +230,39 @@ impl RunMetrics {
             self.load_latency.p50_ms,
             self.load_latency.p95_ms,
             self.load_latency.p99_ms,
+            self.reads_in_flight.map_or("n/a".into(), |v| format!("{v:.2}")),
+            self.disk_gbps.map_or("n/a".into(), |v| format!("{v:.2} GB/s")),
             pct(self.fallback_rate),
             self.peak_rss_bytes.map_or("n/a".into(), gb),
             gb(self.predicted_rss_bytes),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: f64, end: f64) -> ReadSpan {
+        ReadSpan {
+            start,
+            end,
+            decode: start >= 10.0,
+        }
+    }
+
+    #[test]
+    fn disk_activity_counts_overlap_once() {
+        // Two reads overlapping on [1, 2], a gap, then one alone: busy 3 + 1, read 2 + 2 + 1.
+        let spans = [span(0.0, 2.0), span(1.0, 3.0), span(10.0, 11.0)];
+        let a = DiskActivity::of(&spans, |_| true);
+        assert_eq!(a.reads, 3);
+        assert!((a.busy_secs - 4.0).abs() < 1e-12, "{a:?}");
+        assert!((a.read_secs - 5.0).abs() < 1e-12);
+        assert!((a.in_flight().unwrap() - 1.25).abs() < 1e-12);
+        assert!((a.gbps(8_000_000_000).unwrap() - 2.0).abs() < 1e-12);
+        let d = DiskActivity::of(&spans, |s| s.decode);
+        assert_eq!((d.reads, d.in_flight()), (1, Some(1.0)));
+        assert_eq!(DiskActivity::of(&[], |_| true).in_flight(), None);
     }
 }

@@ -36,6 +36,8 @@ pub struct LoadDone {
     pub result: Result<u64>,
     /// Time the read took on the worker.
     pub latency: Duration,
+    /// When the worker began the read (`None`: dropped unread).
+    pub started: Option<Instant>,
     /// Dropped unread because it was cancelled.
     pub cancelled: bool,
 }
@@ -196,6 +198,7 @@ fn worker(
                 buf: job.buf,
                 result: Ok(0),
                 latency: Duration::ZERO,
+                started: None,
                 cancelled: true,
             });
             continue;
@@ -219,6 +222,7 @@ fn worker(
             buf: job.buf,
             result,
             latency: start.elapsed(),
+            started: Some(start),
             cancelled: false,
         });
     }

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use super::cache::{Budget, CacheCore, CacheStats};
 use super::driver::{self, Loader, Pass};
-use super::metrics::IoStats;
+use super::metrics::{IoStats, ReadSpan};
 use super::policy::PolicyKind;
 use super::pool::{IoPool, LoadDone, LoadJob};
 use super::store::{ExpertStore, IoMode};
@@ -89,6 +89,8 @@ struct LiveIo {
     /// Why a load failed, until someone waits for it.
     failed: HashMap<ExpertKey, String>,
     io: IoStats,
+    /// A decode pass is running (what a read that lands now is counted under).
+    decoding: bool,
 }
 
 struct Inner {
@@ -166,6 +168,9 @@ impl LiveLoader<'_> {
         {
             io.io.bytes_read += bytes;
             io.io.latencies.push(done.latency.as_secs_f64());
+            if let Some(at) = done.started {
+                io.io.spans.push(ReadSpan::new(at, done.latency, io.decoding));
+            }
         }
         if !current || done.cancelled || !core.is_loading(key) {
             if let Some(buf) = done.buf {
@@ -288,6 +293,7 @@ impl CachedExperts {
                     next_job: 0,
                     failed: HashMap::new(),
                     io: IoStats::default(),
+                    decoding: false,
                 },
                 pass: Pass::default(),
             }),
@@ -406,6 +412,7 @@ impl ExpertProvider for CachedExperts {
     fn prepare(&self, layer: usize, phase: Phase, decision: &mut RoutingDecision) -> Result<()> {
         let mut guard = self.lock();
         let Inner { core, live, pass } = &mut *guard;
+        live.decoding = phase == Phase::Decode;
         let mut loader = LiveLoader {
             cache: self,
             io: live,

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 
 use serde::Serialize;
 use shadowmoe_engine::offload::cache::CacheCore;
+use shadowmoe_engine::offload::metrics::ReadSpan;
 use shadowmoe_engine::offload::{ExpertKey, KeyMap};
 
 /// The I/O model.
@@ -59,6 +60,8 @@ struct Read {
     ready: f64,
     /// Bytes still to transfer.
     left: f64,
+    /// When it started (left the queue).
+    started: f64,
 }
 
 /// The modelled disk: reads in flight share the bandwidth.
@@ -74,6 +77,11 @@ pub(super) struct Io {
     next_gen: u64,
     /// Bytes of every read started so far.
     pub(super) bytes: u64,
+    /// A decode pass is running (set by the simulator).
+    pub(super) decoding: bool,
+    /// When each finished read ran, and whether it landed during a decode pass, as a live
+    /// run records them.
+    pub(super) spans: Vec<ReadSpan>,
 }
 
 const DONE_EPS: f64 = 1e-6;
@@ -89,6 +97,8 @@ impl Io {
             current: KeyMap::default(),
             next_gen: 0,
             bytes: 0,
+            decoding: false,
+            spans: Vec::new(),
         }
     }
 
@@ -132,6 +142,7 @@ impl Io {
                 prefetch,
                 ready: self.clock + self.model.latency_us * 1e-6,
                 left: self.model.expert_bytes as f64,
+                started: self.clock,
             });
         }
     }
@@ -176,6 +187,11 @@ impl Io {
                         let r = self.active[i];
                         if r.ready <= self.clock && r.left <= DONE_EPS * self.model.expert_bytes as f64 {
                             self.active.swap_remove(i);
+                            self.spans.push(ReadSpan {
+                                start: r.started,
+                                end: self.clock,
+                                decode: self.decoding,
+                            });
                             if self.current.get(&r.key) == Some(&r.generation) {
                                 self.current.remove(&r.key);
                                 core.loaded(r.key);

@@ -22,6 +22,7 @@ use serde::Serialize;
 use shadowmoe_engine::observer::Phase;
 use shadowmoe_engine::offload::cache::{Admit, Budget, CacheCore, CacheStats};
 use shadowmoe_engine::offload::driver::{self, Loader};
+use shadowmoe_engine::offload::metrics::DiskActivity;
 use shadowmoe_engine::offload::policy::{NextUse, PolicyKind};
 use shadowmoe_engine::offload::{ExpertKey, KeyMap, KeySet, MissMode};
 use shadowmoe_engine::predict::{PredictStats, PredictorTiming, PrefetchSpan, prefetch_targets};
@@ -88,6 +89,9 @@ pub struct SimResult {
     pub decode_tokens: u64,
     pub est_decode_tok_s: f64,
     pub total_secs: f64,
+    /// The modelled disk during decode: mean reads in flight while busy, aggregate GB/s.
+    pub decode_reads_in_flight: Option<f64>,
+    pub decode_disk_gbps: Option<f64>,
 }
 
 /// The future of every expert key, for Belady.
@@ -437,6 +441,7 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
         let pass_start = l.now;
         let bytes_start = l.io.bytes;
         l.decoding = *phase == Phase::Decode;
+        l.io.decoding = l.decoding;
         let last_t = *toks.last().expect("a pass has tokens");
         for (li, &layer) in moe_layers.iter().enumerate() {
             // Half of a layer's compute (attention, router) comes before its experts are
@@ -552,5 +557,8 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
     res.decode_stall_secs = l.decode_stall;
     res.total_secs = l.now;
     res.est_decode_tok_s = res.decode_tokens as f64 / res.decode_secs.max(f64::MIN_POSITIVE);
+    let disk = DiskActivity::of(&l.io.spans, |s| s.decode);
+    res.decode_reads_in_flight = disk.in_flight();
+    res.decode_disk_gbps = disk.gbps(disk.reads as u64 * cfg.io.expert_bytes);
     Ok(res)
 }

@@ -399,6 +399,8 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             row.stall_ms_per_token = r.decode_stall_secs / t * 1e3;
                             row.compute_ms_per_token = layer_ms * layers;
                             row.bytes_per_token = r.decode_bytes as f64 / t;
+                            row.decode_reads_in_flight = r.decode_reads_in_flight;
+                            row.decode_disk_gbps = r.decode_disk_gbps;
                         }
                         Err(e) => row.error = format!("{e:#}"),
                     }
@@ -424,6 +426,8 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             row.read_ms_p50 = (lat.count > 0).then_some(lat.p50_ms);
                             row.read_ms_p95 = (lat.count > 0).then_some(lat.p95_ms);
                             row.read_gbps = r.read_gbps;
+                            row.decode_reads_in_flight = r.decode_reads_in_flight;
+                            row.decode_disk_gbps = r.decode_disk_gbps;
                             row.cache_stats(&r.stats);
                             row.predict_stats(&r.predict, r.decode_steps);
                             row.bytes_read = r.bytes_read;

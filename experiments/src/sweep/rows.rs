@@ -53,6 +53,11 @@ pub(super) struct Row {
     pub(super) read_ms_p95: Option<f64>,
     /// Bytes over the summed read time of the loads: each read's own throughput, GB/s.
     pub(super) read_gbps: Option<f64>,
+    // Both modes.
+    /// Reads that landed during decode: mean reads in flight while the disk was busy, and
+    /// their bytes over that busy time (the aggregate throughput they got), GB/s.
+    pub(super) decode_reads_in_flight: Option<f64>,
+    pub(super) decode_disk_gbps: Option<f64>,
     pub(super) decode_tok_s: Option<f64>,
     pub(super) prefill_tok_s: Option<f64>,
     pub(super) peak_rss_bytes: Option<u64>,
@@ -102,6 +107,8 @@ impl Row {
             read_ms_p50: None,
             read_ms_p95: None,
             read_gbps: None,
+            decode_reads_in_flight: None,
+            decode_disk_gbps: None,
             decode_tok_s: None,
             prefill_tok_s: None,
             peak_rss_bytes: None,
@@ -203,6 +210,8 @@ pub(super) fn frame(rows: &[Row], ids: &RunIds<'_>) -> PolarsResult<DataFrame> {
             Column::new("read_ms_p50".into(), of(&|r| r.read_ms_p50)),
             Column::new("read_ms_p95".into(), of(&|r| r.read_ms_p95)),
             Column::new("read_gbps".into(), of(&|r| r.read_gbps)),
+            Column::new("decode_reads_in_flight".into(), of(&|r| r.decode_reads_in_flight)),
+            Column::new("decode_disk_gbps".into(), of(&|r| r.decode_disk_gbps)),
             Column::new("decode_tok_s".into(), of(&|r| r.decode_tok_s)),
             Column::new("prefill_tok_s".into(), of(&|r| r.prefill_tok_s)),
             Column::new("peak_rss_bytes".into(), ou(&|r| r.peak_rss_bytes)),
