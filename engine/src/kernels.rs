@@ -198,40 +198,40 @@ fn tile(w: Rows<'_>, rows: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2(w: Rows<'_>, rows: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
-    debug_assert!(x.len() >= t * k && out.len() >= rows * t);
-    debug_assert!(match w {
-        Rows::F32(s) => s.len() >= rows * k,
-        Rows::Bf16(s) => s.len() >= rows * k,
-    });
+    // SAFETY: as this function's (the CPU supports avx2 and fma).
+    unsafe {
+        match w {
+            Rows::F32(s) => tiles_avx2(s, rows, k, x, t, out),
+            Rows::Bf16(s) => tiles_avx2(s, rows, k, x, t, out),
+        }
+    }
+}
+
+/// [`tile_avx2`] over one element type.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tiles_avx2<W: Lane>(w: &[W], rows: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    debug_assert!(x.len() >= t * k && out.len() >= rows * t && w.len() >= rows * k);
     let mut t0 = 0;
     while t0 < t {
         let tn = (t - t0).min(4);
         let mut r0 = 0;
         while r0 < rows {
             let left = rows - r0;
-            // SAFETY (every call): rows r0.. r0 + R and tokens t0 .. t0 + T are inside w, x
+            // SAFETY (every call): rows r0 .. r0 + R and tokens t0 .. t0 + T are inside w, x
             // and out (R <= left, T = tn <= t - t0), as micro requires.
-            let done = unsafe {
-                match (tn, w) {
-                    (1, Rows::F32(s)) if left >= 8 => micro::<8, 1, _>(s, k, r0, x, t0, out, t),
-                    (1, Rows::Bf16(s)) if left >= 8 => micro::<8, 1, _>(s, k, r0, x, t0, out, t),
-                    (1, Rows::F32(s)) => micro::<1, 1, _>(s, k, r0, x, t0, out, t),
-                    (1, Rows::Bf16(s)) => micro::<1, 1, _>(s, k, r0, x, t0, out, t),
-                    (2, Rows::F32(s)) if left >= 4 => micro::<4, 2, _>(s, k, r0, x, t0, out, t),
-                    (2, Rows::Bf16(s)) if left >= 4 => micro::<4, 2, _>(s, k, r0, x, t0, out, t),
-                    (2, Rows::F32(s)) => micro::<1, 2, _>(s, k, r0, x, t0, out, t),
-                    (2, Rows::Bf16(s)) => micro::<1, 2, _>(s, k, r0, x, t0, out, t),
-                    (3, Rows::F32(s)) if left >= 4 => micro::<4, 3, _>(s, k, r0, x, t0, out, t),
-                    (3, Rows::Bf16(s)) if left >= 4 => micro::<4, 3, _>(s, k, r0, x, t0, out, t),
-                    (3, Rows::F32(s)) => micro::<1, 3, _>(s, k, r0, x, t0, out, t),
-                    (3, Rows::Bf16(s)) => micro::<1, 3, _>(s, k, r0, x, t0, out, t),
-                    (_, Rows::F32(s)) if left >= 2 => micro::<2, 4, _>(s, k, r0, x, t0, out, t),
-                    (_, Rows::Bf16(s)) if left >= 2 => micro::<2, 4, _>(s, k, r0, x, t0, out, t),
-                    (_, Rows::F32(s)) => micro::<1, 4, _>(s, k, r0, x, t0, out, t),
-                    (_, Rows::Bf16(s)) => micro::<1, 4, _>(s, k, r0, x, t0, out, t),
+            r0 += unsafe {
+                match tn {
+                    1 if left >= 8 => micro::<8, 1, W>(w, k, r0, x, t0, out, t),
+                    1 => micro::<1, 1, W>(w, k, r0, x, t0, out, t),
+                    2 if left >= 4 => micro::<4, 2, W>(w, k, r0, x, t0, out, t),
+                    2 => micro::<1, 2, W>(w, k, r0, x, t0, out, t),
+                    3 if left >= 4 => micro::<4, 3, W>(w, k, r0, x, t0, out, t),
+                    3 => micro::<1, 3, W>(w, k, r0, x, t0, out, t),
+                    _ if left >= 2 => micro::<2, 4, W>(w, k, r0, x, t0, out, t),
+                    _ => micro::<1, 4, W>(w, k, r0, x, t0, out, t),
                 }
             };
-            r0 += done;
         }
         t0 += tn;
     }

@@ -356,9 +356,9 @@ impl LiveSetup {
         r.stats = stats;
         r.bytes_read = io.bytes_read;
         r.stall_secs = io.stall.as_secs_f64();
-        r.read_latency = shadowmoe_engine::offload::metrics::Latency::of(&io.latencies);
-        let busy: f64 = io.latencies.iter().sum();
-        r.read_gbps = (busy > 0.0).then(|| io.bytes_read as f64 / busy / 1e9);
+        r.read_latency = shadowmoe_engine::offload::metrics::Latency::of(&io.latencies());
+        let all = DiskActivity::of(&io.spans, |_| true);
+        r.read_gbps = (all.read_secs > 0.0).then(|| io.bytes_read as f64 / all.read_secs / 1e9);
         let disk = DiskActivity::of(&io.spans, |s| s.decode);
         r.decode_reads_in_flight = disk.in_flight();
         r.decode_disk_gbps = disk.gbps(disk.reads as u64 * cached.store().expert_bytes());

@@ -14,12 +14,17 @@ pub struct IoStats {
     pub bytes_read: u64,
     /// Wall time the forward pass waited on expert loads.
     pub stall: Duration,
-    /// Per-load read latency on the worker, in seconds.
-    pub latencies: Vec<f64>,
     /// Loads that failed (the run stops at a failed demand load).
     pub load_errors: u64,
     /// When each read ran on its worker.
     pub spans: Vec<ReadSpan>,
+}
+
+impl IoStats {
+    /// Per-load read latency on the worker, in seconds.
+    pub fn latencies(&self) -> Vec<f64> {
+        self.spans.iter().map(|s| s.end - s.start).collect()
+    }
 }
 
 /// One read on a worker: seconds since the process's first read, and whether a decode pass
@@ -201,10 +206,9 @@ impl RunMetrics {
         self.prefetch_precision = s.prefetch_precision();
         self.bytes_read = io.bytes_read;
         self.stall_secs = io.stall.as_secs_f64();
-        self.load_latency = Latency::of(&io.latencies);
-        let busy: f64 = io.latencies.iter().sum();
-        self.io_gbps = (busy > 0.0).then(|| io.bytes_read as f64 / busy / 1e9);
+        self.load_latency = Latency::of(&io.latencies());
         let all = DiskActivity::of(&io.spans, |_| true);
+        self.io_gbps = (all.read_secs > 0.0).then(|| io.bytes_read as f64 / all.read_secs / 1e9);
         self.reads_in_flight = all.in_flight();
         self.disk_gbps = all.gbps(io.bytes_read);
         self.decode_reads_in_flight = DiskActivity::of(&io.spans, |s| s.decode).in_flight();

@@ -167,7 +167,6 @@ impl LiveLoader<'_> {
             && !done.cancelled
         {
             io.io.bytes_read += bytes;
-            io.io.latencies.push(done.latency.as_secs_f64());
             if let Some(at) = done.started {
                 io.io.spans.push(ReadSpan::new(at, done.latency, io.decoding));
             }

@@ -135,7 +135,6 @@ struct SimLoader<'a> {
     now: f64,
     stall: f64,
     decode_stall: f64,
-    decoding: bool,
     future: Option<&'a dyn NextUse>,
     /// The experts of the layer pass running or just run (prefetches may not evict them).
     pass_all: KeySet,
@@ -322,7 +321,7 @@ impl Loader for Driven<'_, '_> {
             }
             let waited = (t - self.l.now).max(0.0);
             self.l.stall += waited;
-            if self.l.decoding {
+            if self.l.io.decoding {
                 self.l.decode_stall += waited;
             }
             self.l.now = self.l.now.max(t);
@@ -417,7 +416,6 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
         now: 0.0,
         stall: 0.0,
         decode_stall: 0.0,
-        decoding: false,
         future: future.as_ref().map(|f| f as &dyn NextUse),
         pass_all: KeySet::default(),
         position: 0,
@@ -440,8 +438,7 @@ pub fn simulate(reqs: &[RequestRouting], moe_layers: &[usize], cfg: &SimConfig) 
         let r = &reqs[*ri];
         let pass_start = l.now;
         let bytes_start = l.io.bytes;
-        l.decoding = *phase == Phase::Decode;
-        l.io.decoding = l.decoding;
+        l.io.decoding = *phase == Phase::Decode;
         let last_t = *toks.last().expect("a pass has tokens");
         for (li, &layer) in moe_layers.iter().enumerate() {
             // Half of a layer's compute (attention, router) comes before its experts are
