@@ -81,6 +81,23 @@ pub struct IoCalibration {
     pub control: Vec<DepthPoint>,
     #[serde(default)]
     pub control_file: Option<String>,
+    /// Where the reads were drawn from when not from all the model's experts.
+    #[serde(default)]
+    pub working_set: Option<WorkingSet>,
+}
+
+/// Reads drawn from the experts a trace routes to, after one untimed pass over them
+/// (`calibrate --trace`): the disk as a sweep over the same prompts sees it. Sweeps read the
+/// same experts again and again, and a virtual disk's host may keep recently read blocks in its
+/// own cache, which O_DIRECT in the guest cannot bypass: measured here, re-reading a trace's
+/// working set ran about twice as fast as reading experts picked at random.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkingSet {
+    pub trace: String,
+    /// Distinct experts the trace routes to.
+    pub experts: usize,
+    /// The untimed warming pass over them.
+    pub warm_gbps: f64,
 }
 
 /// The compute part.
@@ -233,6 +250,10 @@ pub struct CalibrateArgs {
     /// the same reads must run at the same speed.
     #[arg(long)]
     pub control_file: Option<PathBuf>,
+    /// Draw the reads from the experts this trace routes to (its working set), after one
+    /// untimed pass over them: the disk as a sweep over the trace's prompts sees it.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
     /// Experts resident per layer for the compute run.
     #[arg(long, default_value_t = 64)]
     pub capacity: usize,
@@ -351,6 +372,46 @@ fn control_file(path: &Path, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// The distinct experts `path`'s routing reaches, in file order; the trace must be of a model
+/// with `cfg`'s MoE layers and experts.
+fn trace_working_set(path: &Path, cfg: &shadowmoe_engine::ModelConfig) -> Result<Vec<ExpertKey>> {
+    let trace = shadowmoe_trace::Trace::open(path).with_context(|| format!("--trace {}", path.display()))?;
+    let m = &trace.manifest;
+    if m.moe_layers != cfg.moe_layers() || m.num_experts != cfg.num_experts {
+        bail!(
+            "--trace {}: a trace of another model (MoE layers {:?} with {} experts; --model has {:?} with {})",
+            path.display(),
+            m.moe_layers,
+            m.num_experts,
+            cfg.moe_layers(),
+            cfg.num_experts
+        );
+    }
+    let layers = m.moe_layers.clone();
+    let mut seen = std::collections::BTreeSet::new();
+    trace
+        .for_each_batch(64, |reqs| {
+            for r in &reqs {
+                for t in 0..r.tokens() {
+                    for (l, &layer) in layers.iter().enumerate() {
+                        for &e in r.experts_at(t, l) {
+                            seen.insert((layer, e as u32));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .with_context(|| format!("--trace {}", path.display()))?;
+    if seen.is_empty() {
+        bail!(
+            "--trace {}: no routing rows (expected a trace with tokens)",
+            path.display()
+        );
+    }
+    Ok(seen.into_iter().map(|(l, e)| ExpertKey::new(l, e)).collect())
+}
+
 /// A fixed pseudo-random order of `n` items (SplitMix64 of the index).
 fn scatter(i: usize, n: usize) -> usize {
     let mut z = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d;
@@ -391,6 +452,37 @@ pub fn run(a: &CalibrateArgs) -> Result<Calibration> {
         .flat_map(|&l| (0..cfg.num_experts as u32).map(move |e| ExpertKey::new(l, e)))
         .collect();
     let expert_bytes = store.expert_bytes();
+    let all_experts = keys.len();
+    let mut working_set = None;
+    let keys = match &a.trace {
+        None => keys,
+        Some(path) => {
+            let ws = trace_working_set(path, &cfg)?;
+            let warm_depth = depths.iter().copied().max().unwrap_or(1);
+            tracing::info!(
+                "warming the working set of {}: {} experts at depth {warm_depth}",
+                path.display(),
+                ws.len()
+            );
+            let store = store.clone();
+            let ws_ref = &ws;
+            let p = measure(warm_depth, ws.len(), store.slot_bytes(), &|i, buf| {
+                Ok(store.read_into(ws_ref[i], buf)?)
+            })?;
+            eprintln!(
+                "working set of {}: {} experts, warming pass {:.3} GB/s",
+                path.display(),
+                ws.len(),
+                p.gbps
+            );
+            working_set = Some(WorkingSet {
+                trace: path.display().to_string(),
+                experts: ws.len(),
+                warm_gbps: p.gbps,
+            });
+            ws
+        }
+    };
     let mut points = Vec::new();
     let mut salt = 0;
     for &q in &depths {
@@ -410,7 +502,7 @@ pub fn run(a: &CalibrateArgs) -> Result<Calibration> {
     }
     let mut control = Vec::new();
     if let Some(path) = &a.control_file {
-        let len = keys.len() as u64 * shadowmoe_engine::offload::align_up(expert_bytes);
+        let len = all_experts as u64 * shadowmoe_engine::offload::align_up(expert_bytes);
         control_file(path, len)?;
         let f = if io == IoMode::Direct {
             use std::os::unix::fs::OpenOptionsExt;
@@ -424,7 +516,7 @@ pub fn run(a: &CalibrateArgs) -> Result<Calibration> {
         }
         .with_context(|| format!("--control-file: cannot open {}", path.display()))?;
         let chunk = shadowmoe_engine::offload::align_up(expert_bytes) as usize;
-        let slots = keys.len();
+        let slots = all_experts;
         for &q in &depths {
             salt += a.reads;
             let f = &f;
@@ -567,6 +659,7 @@ pub fn run(a: &CalibrateArgs) -> Result<Calibration> {
             depths: points,
             control,
             control_file: a.control_file.as_ref().map(|p| p.display().to_string()),
+            working_set,
         },
         compute,
         predictors,
