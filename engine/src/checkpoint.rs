@@ -74,8 +74,13 @@ impl Checkpoint {
 
     /// Opens the checkpoint in `dir`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let weights = WeightIndex::open_dir(dir)?;
+        let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut weights = WeightIndex::open_dir(dir)?;
+        weights.set_quantization(config.quantization.clone());
+        if weights.mlx_layout() {
+            // mlx_lm's sanitize stored qwen3_next's zero-centred norms as `1 + w`.
+            config.norm_zero_centred = false;
+        }
         let generation = GenerationConfig::open(&dir.join("generation_config.json"))?;
         Ok(Self {
             dir: dir.to_path_buf(),

@@ -163,6 +163,9 @@ pub struct ModelConfig {
     pub attn_output_gate: bool,
     /// qwen3_next: every RMSNorm but the gated one scales by `1 + weight` (zero-centred).
     pub norm_zero_centred: bool,
+    /// MLX's `quantization` block (or its copy `quantization_config`), when the checkpoint
+    /// holds quantised weights.
+    pub quantization: Option<crate::quant::QuantConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The file this was read from.
@@ -457,6 +460,15 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         linear_attn,
         attn_output_gate: arch == Arch::Qwen3Next,
         norm_zero_centred: arch == Arch::Qwen3Next,
+        quantization: match (f.map.get("quantization"), f.map.get("quantization_config")) {
+            (Some(v), _) => Some(crate::quant::QuantConfig::parse(v, f.path, "quantization")?),
+            (None, Some(v)) => Some(crate::quant::QuantConfig::parse(
+                v,
+                f.path,
+                "quantization_config",
+            )?),
+            (None, None) => None,
+        },
         bos_token_id: f.usize_opt(&["bos_token_id"])?.map(|n| n as u32),
         eos_token_ids: f.token_ids("eos_token_id")?,
         path: f.path.to_path_buf(),

@@ -255,6 +255,7 @@ impl Rng {
                     }
                 }
             }
+            DType::U32 => unreachable!("inflate refuses quantised checkpoints up front"),
         }
     }
 }
@@ -276,6 +277,7 @@ fn encode(v: f32, dtype: DType, dst: &mut [u8]) -> bool {
             dst.copy_from_slice(&x.to_bits().to_le_bytes());
             x.to_f32() == v
         }
+        DType::U32 => unreachable!("inflate refuses quantised checkpoints up front"),
     }
 }
 
@@ -424,6 +426,15 @@ pub fn inflate(
     opts: &InflateOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<InflateSummary> {
+    if src.config.quantization.is_some() || src.weights.mlx_layout() {
+        return Err(EngineError::invalid(
+            "--model",
+            format!(
+                "{}: inflate grows float checkpoints in the Hugging Face layout; this one is MLX-converted (quantised or switch_mlp experts)",
+                src.dir.display()
+            ),
+        ));
+    }
     let p = plan(src, opts)?;
     let cfg = &src.config;
     if out.exists() {

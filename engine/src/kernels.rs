@@ -7,7 +7,8 @@
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
-use crate::weights::{DType, Weight};
+use crate::quant;
+use crate::weights::{DType, QuantParts, Weight};
 
 /// Rows of W converted and multiplied together: x[t] stays in L1 across the block.
 const ROW_BLOCK: usize = 16;
@@ -46,6 +47,11 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
     if t >= GEMM_MIN_T {
         return linear_gemm(x, t, k, w, n, bias);
     }
+    let parallel =
+        n * k * t >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get());
+    if let Some(q) = w.quant() {
+        return finish(quant_rows(w, q, k, x, t, n, parallel), t, n, bias);
+    }
     // yt is [N, T]: each block of weight rows owns a contiguous stretch of it.
     let mut yt = vec![0.0f32; n * t];
     let block = |(bi, out): (usize, &mut [f32])| {
@@ -57,7 +63,7 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
         let wrows = match w.dtype() {
             DType::F32 => Rows::F32(&w.as_f32()[row0 * k..(row0 + rows) * k]),
             DType::BF16 => Rows::Bf16(&w.as_u16()[row0 * k..(row0 + rows) * k]),
-            DType::F16 => {
+            DType::F16 | DType::U32 => {
                 buf.resize(rows * k, 0.0);
                 w.read_f32(row0 * k, &mut buf);
                 Rows::F32(&buf)
@@ -65,12 +71,16 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
         };
         tile(wrows, rows, k, x, t, out);
     };
-    if n * k * t >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get()) {
+    if parallel {
         yt.par_chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
     } else {
         yt.chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
     }
+    finish(yt, t, n, bias)
+}
 
+/// `yt` (`[N, T]`) as `y` (`[T, N]`), plus the bias.
+fn finish(yt: Vec<f32>, t: usize, n: usize, bias: Option<&[f32]>) -> Array2<f32> {
     let mut y = if t == 1 {
         Array2::from_shape_vec((1, n), yt).expect("shape")
     } else {
@@ -88,6 +98,50 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
         }
     }
     y
+}
+
+/// A quantised weight's rows against `t` tokens (`yt`, `[N, T]`): each row's dot product on
+/// its packed values ([`quant::dot_row`]), scales and biases converted a block of rows at a
+/// time; the weight is never widened to f32 as a whole. One sum per (row, token), so a token
+/// alone gets what it gets among others.
+fn quant_rows(
+    w: &Weight,
+    q: &QuantParts,
+    k: usize,
+    x: &[f32],
+    t: usize,
+    n: usize,
+    parallel: bool,
+) -> Vec<f32> {
+    let spec = q.spec;
+    let (wpr, groups) = (spec.words_per_row(k), k / spec.group_size);
+    let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
+    let sums: Vec<Vec<f32>> = xs.iter().map(|x| quant::group_sums(x, spec.group_size)).collect();
+    let words = w.as_u32();
+    let block = |(bi, out): (usize, &mut [f32])| {
+        let row0 = bi * ROW_BLOCK;
+        let rows = out.len() / t;
+        let (mut sc, mut bs) = (vec![0.0; rows * groups], vec![0.0; rows * groups]);
+        q.scales.read_f32(row0 * groups, &mut sc);
+        q.biases.read_f32(row0 * groups, &mut bs);
+        for r in 0..rows {
+            let wr = &words[(row0 + r) * wpr..(row0 + r + 1) * wpr];
+            let (s, b) = (
+                &sc[r * groups..(r + 1) * groups],
+                &bs[r * groups..(r + 1) * groups],
+            );
+            for ti in 0..t {
+                out[r * t + ti] = quant::dot_row(spec, wr, s, b, xs[ti], &sums[ti]);
+            }
+        }
+    };
+    let mut yt = vec![0.0f32; n * t];
+    if parallel {
+        yt.par_chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
+    } else {
+        yt.chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
+    }
+    yt
 }
 
 /// Many tokens: `y[T, N] = x[T, K] · W[N, K]ᵀ` as GEMMs over blocks of weight rows, each block

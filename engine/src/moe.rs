@@ -239,6 +239,29 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
     let prefix = moe_prefix(cfg, w, l);
     let fused = format!("{prefix}experts.gate_up_proj");
     let entry = |name: &str, shape: &[usize]| w.entry_checked(name, shape);
+    let switch = format!("{prefix}switch_mlp.");
+    if w.contains(&format!("{switch}gate_proj.weight")) {
+        // mlx_lm's stacked experts: `switch_mlp.{gate,up,down}_proj.weight` `[E, out, in]`.
+        let names = ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{switch}{n}.weight"));
+        if let Some(q) = names.iter().find(|n| w.is_quantized(n)) {
+            return Err(EngineError::invalid(
+                q.as_str(),
+                "MLX-quantised experts are computed in memory; serving them from disk (--capacity, expert-pack) is not supported yet",
+            ));
+        }
+        let shapes = [[i, h], [i, h], [h, i]];
+        let mut refs = Vec::with_capacity(3);
+        for (name, shape) in names.iter().zip(shapes) {
+            let en = entry(name, &[cfg.num_experts, shape[0], shape[1]])?;
+            refs.push(TensorRef {
+                file: en.file,
+                offset: en.offset as u64 + (e * shape[0] * shape[1] * en.dtype.size()) as u64,
+                dtype: en.dtype,
+                shape,
+            });
+        }
+        return Ok(refs.try_into().expect("three refs"));
+    }
     if w.contains(&fused) {
         let down_name = format!("{prefix}experts.down_proj");
         let gu = entry(&fused, &[cfg.num_experts, 2 * i, h])?;
@@ -283,6 +306,21 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
 
 /// Expert `e` of layer `l` as views into the memory-mapped checkpoint (no copy).
 pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
+    let switch = format!("{}switch_mlp.", moe_prefix(cfg, w, l));
+    let gate = format!("{switch}gate_proj.weight");
+    if w.is_quantized(&gate) {
+        // One expert of mlx_lm's stacked, quantised `[E, out, in]` matrices.
+        let (h, i, n) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
+        let one = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
+            Ok(w.get(&format!("{switch}{name}.weight"), &[n, rows, cols])?
+                .index(e))
+        };
+        return Ok(ExpertWeights {
+            gate: one("gate_proj", i, h)?,
+            up: one("up_proj", i, h)?,
+            down: one("down_proj", h, i)?,
+        });
+    }
     let [g, u, d] = expert_tensor_refs(cfg, w, l, e)?;
     let view = |r: TensorRef| {
         Weight::new(

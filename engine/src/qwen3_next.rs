@@ -78,7 +78,14 @@ impl GatedDeltaNet {
         Ok(Self {
             in_proj_qkvz: w.get(&format!("{p}in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?,
             in_proj_ba: w.get(&format!("{p}in_proj_ba.weight"), &[2 * nv, h])?,
-            conv: vec("conv1d.weight", &[shape.conv_dim(), 1, shape.conv_kernel])?,
+            // `[C, 1, K]` as transformers stores it, `[C, K, 1]` as mlx_lm does: the same order.
+            conv: {
+                let (c, k) = (shape.conv_dim(), shape.conv_kernel);
+                let mlx = w
+                    .entry(&format!("{p}conv1d.weight"))
+                    .is_some_and(|e| e.shape == [c, k, 1]);
+                vec("conv1d.weight", &if mlx { [c, k, 1] } else { [c, 1, k] })?
+            },
             dt_bias: vec("dt_bias", &[nv])?,
             neg_a: vec("A_log", &[nv])?.into_iter().map(|a| -a.exp()).collect(),
             norm: vec("norm.weight", &[shape.value_head_dim])?,

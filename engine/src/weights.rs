@@ -14,6 +14,7 @@ use memmap2::Mmap;
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
+use crate::quant::{QuantConfig, QuantSpec};
 
 /// Element type of a weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -21,13 +22,16 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// MLX's packed quantised values (`32 / bits` per word), only ever inside a quantised
+    /// [`Weight`] with its scales and biases.
+    U32,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::U32 => 4,
             DType::F16 | DType::BF16 => 2,
         }
     }
@@ -38,6 +42,7 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::U32 => "U32",
         }
     }
 }
@@ -84,12 +89,26 @@ impl AsRef<[u8]> for AlignedBytes {
 }
 
 /// One weight tensor: a typed, shaped view into shared bytes. Cloning is cheap.
+///
+/// A quantised weight (MLX affine, [`crate::quant`]) has dtype [`DType::U32`], its logical
+/// shape (`[.., N, K]`, as the float weight would have), its packed words as bytes
+/// (`[.., N, K·bits/32]`) and its scales and biases (`[.., N, K/G]`) beside them.
 #[derive(Clone)]
 pub struct Weight {
     backing: Backing,
     start: usize,
     dtype: DType,
     shape: Vec<usize>,
+    quant: Option<Arc<QuantParts>>,
+}
+
+/// The scales and biases of a quantised [`Weight`], one pair per group of its rows' inputs.
+#[derive(Debug, Clone)]
+pub struct QuantParts {
+    pub spec: QuantSpec,
+    /// `[.., N, K/G]`, any float dtype.
+    pub scales: Weight,
+    pub biases: Weight,
 }
 
 impl std::fmt::Debug for Weight {
@@ -113,6 +132,7 @@ impl Weight {
                 start,
                 dtype,
                 shape,
+                quant: None,
             }
         } else {
             Self {
@@ -120,8 +140,28 @@ impl Weight {
                 start: 0,
                 dtype,
                 shape,
+                quant: None,
             }
         }
+    }
+
+    /// A quantised weight of logical shape `shape` from its packed words (a [`DType::U32`]
+    /// weight of shape `[.., N, K·bits/32]`) and its scales and biases; the shapes must agree
+    /// (checked by [`WeightIndex::get`], which names the tensor).
+    pub fn quantized(words: Weight, shape: Vec<usize>, parts: QuantParts) -> Self {
+        debug_assert_eq!(words.dtype, DType::U32);
+        Self {
+            backing: words.backing,
+            start: words.start,
+            dtype: DType::U32,
+            shape,
+            quant: Some(Arc::new(parts)),
+        }
+    }
+
+    /// The scales and biases of a quantised weight.
+    pub fn quant(&self) -> Option<&QuantParts> {
+        self.quant.as_deref()
     }
 
     /// A weight that owns f32 values.
@@ -147,9 +187,12 @@ impl Weight {
         self.shape.iter().product()
     }
 
-    /// Size in bytes.
+    /// Size in bytes (of the packed words, for a quantised weight).
     pub fn nbytes(&self) -> usize {
-        self.numel() * self.dtype.size()
+        match &self.quant {
+            Some(q) => self.numel() / q.spec.per_word() * 4,
+            None => self.numel() * self.dtype.size(),
+        }
     }
 
     /// The raw little-endian bytes.
@@ -163,6 +206,14 @@ impl Weight {
         let b = self.bytes();
         // SAFETY: alignment to 2 is guaranteed by `new`; every bit pattern is a valid u16.
         unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u16>(), b.len() / 2) }
+    }
+
+    /// The packed words of a quantised weight.
+    pub fn as_u32(&self) -> &[u32] {
+        debug_assert_eq!(self.dtype, DType::U32);
+        let b = self.bytes();
+        // SAFETY: alignment to 4 is guaranteed by `new`; every bit pattern is a valid u32.
+        unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u32>(), b.len() / 4) }
     }
 
     /// The elements as `f32` (f32 weights).
@@ -192,6 +243,28 @@ impl Weight {
                 };
                 src.convert_to_f32_slice(out);
             }
+            DType::U32 => {
+                let q = self
+                    .quant
+                    .as_ref()
+                    .expect("a U32 weight is always quantised (built by Weight::quantized)");
+                let k = *self.shape.last().expect("a quantised weight has a shape");
+                let (wpr, groups) = (q.spec.words_per_row(k), k / q.spec.group_size);
+                let words = self.as_u32();
+                let (mut sc, mut bi, mut row) = (vec![0.0; groups], vec![0.0; groups], vec![0.0; k]);
+                let mut i = from;
+                let mut done = 0;
+                while done < n {
+                    let (r, c) = (i / k, i % k);
+                    q.scales.read_f32(r * groups, &mut sc);
+                    q.biases.read_f32(r * groups, &mut bi);
+                    crate::quant::dequantize_row(q.spec, &words[r * wpr..(r + 1) * wpr], &sc, &bi, &mut row);
+                    let take = (k - c).min(n - done);
+                    out[done..done + take].copy_from_slice(&row[c..c + take]);
+                    done += take;
+                    i += take;
+                }
+            }
         }
     }
 
@@ -205,14 +278,21 @@ impl Weight {
     /// Rows `[from, from + n)` along the first axis, as a weight of shape `[n, rest...]`.
     pub fn narrow(&self, from: usize, n: usize) -> Weight {
         assert!(from + n <= self.shape[0], "narrow out of range");
-        let row: usize = self.shape[1..].iter().product();
+        let row_bytes = self.nbytes() / self.shape[0].max(1);
         let mut shape = self.shape.clone();
         shape[0] = n;
         Weight {
             backing: self.backing.clone(),
-            start: self.start + from * row * self.dtype.size(),
+            start: self.start + from * row_bytes,
             dtype: self.dtype,
             shape,
+            quant: self.quant.as_ref().map(|q| {
+                Arc::new(QuantParts {
+                    spec: q.spec,
+                    scales: q.scales.narrow(from, n),
+                    biases: q.biases.narrow(from, n),
+                })
+            }),
         }
     }
 
@@ -220,6 +300,11 @@ impl Weight {
     pub fn index(&self, i: usize) -> Weight {
         let mut w = self.narrow(i, 1);
         w.shape.remove(0);
+        if let Some(q) = &mut w.quant {
+            let q = Arc::make_mut(q);
+            q.scales.shape.remove(0);
+            q.biases.shape.remove(0);
+        }
         w
     }
 }
@@ -248,6 +333,8 @@ pub struct WeightIndex {
     tensors: HashMap<String, TensorEntry>,
     /// Tensors whose dtype the engine does not compute with, by name (dtype shown in errors).
     other_dtype: HashMap<String, (usize, String)>,
+    /// config.json's `quantization` block: each quantised tensor must agree with it.
+    quantization: Option<QuantConfig>,
 }
 
 /// `model.safetensors.index.json`.
@@ -319,6 +406,7 @@ impl WeightIndex {
             files: Vec::new(),
             tensors: HashMap::new(),
             other_dtype: HashMap::new(),
+            quantization: None,
         };
         for path in paths {
             let file_idx = out.files.len();
@@ -381,10 +469,144 @@ impl WeightIndex {
         }
     }
 
-    /// The tensor `name`, which must have exactly `shape`.
+    /// Checks every quantised tensor against config.json's `quantization` block from now on.
+    pub fn set_quantization(&mut self, q: Option<QuantConfig>) {
+        self.quantization = q;
+    }
+
+    /// Whether the experts are stacked as mlx_lm writes them (`switch_mlp`): the checkpoint
+    /// went through mlx_lm's `sanitize` (qwen3_next's norms then hold `1 + w`).
+    pub fn mlx_layout(&self) -> bool {
+        self.tensors.keys().any(|k| k.contains(".switch_mlp."))
+    }
+
+    /// Whether `{stem}.weight` is quantised (its scales are in the checkpoint, as mlx-lm
+    /// decides).
+    pub fn is_quantized(&self, name: &str) -> bool {
+        name.strip_suffix(".weight")
+            .is_some_and(|stem| self.tensors.contains_key(&format!("{stem}.scales")))
+            || self.tensors.get(name).is_some_and(|e| e.dtype == DType::U32)
+    }
+
+    /// The tensor `name`, which must have exactly `shape` (for a quantised weight: the shape
+    /// of the float weight it stands for).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        if self.is_quantized(name) {
+            return self.get_quantized(name, shape);
+        }
         self.entry_checked(name, shape)?;
         self.get_any(name)
+    }
+
+    /// An MLX-quantised weight: `name` (packed U32 words), `{stem}.scales` and
+    /// `{stem}.biases`, with bits and group size read from their shapes and checked against
+    /// the supported ones and config.json's `quantization` block.
+    fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let stem = name.strip_suffix(".weight").unwrap_or(name);
+        let at = |file: usize, tensor: &str, message: String| EngineError::Tensor {
+            path: self.files[file].path.clone(),
+            tensor: tensor.to_string(),
+            message,
+        };
+        let missing = |tensor: &str| EngineError::MissingTensor {
+            path: self.where_(),
+            tensor: tensor.to_string(),
+        };
+        let words = self.tensors.get(name).ok_or_else(|| missing(name))?;
+        if words.dtype != DType::U32 {
+            return Err(at(
+                words.file,
+                name,
+                format!(
+                    "has `{stem}.scales` beside it, so it must be packed U32 words (MLX-quantised), but it is {}",
+                    words.dtype.name()
+                ),
+            ));
+        }
+        let (scales_name, biases_name) = (format!("{stem}.scales"), format!("{stem}.biases"));
+        let scales = self.tensors.get(&scales_name).ok_or_else(|| {
+            at(
+                words.file,
+                &scales_name,
+                format!("missing: `{name}` is packed U32 words and needs its scales and biases"),
+            )
+        })?;
+        let biases = self.tensors.get(&biases_name).ok_or_else(|| {
+            at(
+                words.file,
+                &biases_name,
+                format!("missing: `{name}` is quantised and needs its biases beside its scales"),
+            )
+        })?;
+        let k = shape.last().copied().unwrap_or(0);
+        let lead = &shape[..shape.len().saturating_sub(1)];
+        let fits = |got: &[usize]| got.len() == shape.len() && &got[..got.len() - 1] == lead;
+        let cols = words.shape.last().copied().unwrap_or(0);
+        if k == 0 || !fits(&words.shape) || cols == 0 || !(cols * 32).is_multiple_of(k) {
+            return Err(at(
+                words.file,
+                name,
+                format!(
+                    "packed shape {:?} does not fit the weight's shape {shape:?} (expected {lead:?} then K·bits/32 words for K = {k})",
+                    words.shape
+                ),
+            ));
+        }
+        let groups = scales.shape.last().copied().unwrap_or(0);
+        if scales.dtype == DType::U32 || !fits(&scales.shape) || groups == 0 || !k.is_multiple_of(groups) {
+            return Err(at(
+                scales.file,
+                &scales_name,
+                format!(
+                    "{} {:?} does not fit the weight's shape {shape:?} (expected floats of {lead:?} then K/group_size for K = {k})",
+                    scales.dtype.name(),
+                    scales.shape
+                ),
+            ));
+        }
+        if biases.shape != scales.shape || biases.dtype == DType::U32 {
+            return Err(at(
+                biases.file,
+                &biases_name,
+                format!(
+                    "{} {:?} (expected floats of the scales' shape {:?})",
+                    biases.dtype.name(),
+                    biases.shape,
+                    scales.shape
+                ),
+            ));
+        }
+        let spec = QuantSpec::new(
+            (cols * 32 / k) as u32,
+            k / groups,
+            &format!("{}: tensor `{name}`", self.files[words.file].path.display()),
+        )?;
+        if let Some(q) = &self.quantization {
+            let bad = |message: String| Err(at(words.file, name, message));
+            match q.spec_for(stem) {
+                Some(want) if want == spec => {}
+                Some(want) => {
+                    return bad(format!(
+                        "stored as {}-bit group {}, but config.json's quantization says {}-bit group {}",
+                        spec.bits, spec.group_size, want.bits, want.group_size
+                    ));
+                }
+                None => {
+                    return bad("config.json's quantization leaves it unquantised, but it has scales".into());
+                }
+            }
+        }
+        let raw =
+            |e: &TensorEntry| Weight::new(self.files[e.file].map.clone(), e.offset, e.dtype, e.shape.clone());
+        Ok(Weight::quantized(
+            raw(words),
+            shape.to_vec(),
+            QuantParts {
+                spec,
+                scales: raw(scales),
+                biases: raw(biases),
+            },
+        ))
     }
 
     /// Where tensor `name` lives, checking that it has exactly `shape` (its bytes are not
@@ -394,13 +616,22 @@ impl WeightIndex {
             return Err(EngineError::Tensor {
                 path: self.files[*file].path.clone(),
                 tensor: name.to_string(),
-                message: format!("dtype {dtype} is not supported (expected F32, F16 or BF16)"),
+                message: format!(
+                    "dtype {dtype} is not supported (expected F32, F16 or BF16, or U32 words with scales and biases)"
+                ),
             });
         }
         let entry = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
             path: self.where_(),
             tensor: name.to_string(),
         })?;
+        if entry.dtype == DType::U32 {
+            return Err(EngineError::Tensor {
+                path: self.files[entry.file].path.clone(),
+                tensor: name.to_string(),
+                message: "packed U32 words (MLX-quantised) cannot be read as a float tensor here".into(),
+            });
+        }
         if entry.shape != shape {
             return Err(EngineError::Shape {
                 path: self.files[entry.file].path.clone(),
@@ -505,6 +736,7 @@ fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, Strin
             "F32" => Ok(DType::F32),
             "F16" => Ok(DType::F16),
             "BF16" => Ok(DType::BF16),
+            "U32" => Ok(DType::U32),
             other => Err(other.to_string()),
         };
         let numel: usize = info.shape.iter().product();

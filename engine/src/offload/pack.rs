@@ -120,6 +120,12 @@ pub fn write_pack(
             for e in 0..cfg.num_experts {
                 let ew = expert_weights(cfg, w, l, e)?;
                 let mats = [("gate", &ew.gate), ("up", &ew.up), ("down", &ew.down)];
+                if mats.iter().any(|(_, m)| m.quant().is_some()) {
+                    return Err(EngineError::invalid(
+                        "expert-pack",
+                        "the experts are MLX-quantised: packing them (words, scales and biases) is not supported yet",
+                    ));
+                }
                 let mut these = Vec::with_capacity(3);
                 let mut within = 0;
                 for (n, m) in mats {
