@@ -219,14 +219,49 @@ pub struct TensorRef {
     pub file: usize,
     /// Byte offset from the start of the file.
     pub offset: u64,
+    /// [`DType::U32`](crate::weights::DType::U32) for a quantised matrix's packed words.
     pub dtype: crate::weights::DType,
-    /// `[out, in]`.
+    /// `[out, in]` (of the float matrix a quantised one stands for).
+    pub shape: [usize; 2],
+    /// A quantised matrix's scales and biases.
+    pub quant: Option<QuantRef>,
+}
+
+/// A float tensor's bytes in the checkpoint's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub file: usize,
+    pub offset: u64,
+    pub dtype: crate::weights::DType,
     pub shape: [usize; 2],
 }
 
-impl TensorRef {
+impl Piece {
     pub fn nbytes(&self) -> u64 {
         (self.shape[0] * self.shape[1] * self.dtype.size()) as u64
+    }
+}
+
+/// The scales and biases (`[out, in / group]`) of a quantised expert matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantRef {
+    pub spec: crate::quant::QuantSpec,
+    pub scales: Piece,
+    pub biases: Piece,
+}
+
+impl TensorRef {
+    /// Bytes of the matrix itself (a quantised one's packed words).
+    pub fn nbytes(&self) -> u64 {
+        match &self.quant {
+            Some(q) => (self.shape[0] * q.spec.words_per_row(self.shape[1]) * 4) as u64,
+            None => (self.shape[0] * self.shape[1] * self.dtype.size()) as u64,
+        }
+    }
+
+    /// Bytes of the matrix with its scales and biases.
+    pub fn total_bytes(&self) -> u64 {
+        self.nbytes() + self.quant.map_or(0, |q| q.scales.nbytes() + q.biases.nbytes())
     }
 }
 
@@ -242,22 +277,54 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
     let switch = format!("{prefix}switch_mlp.");
     if w.contains(&format!("{switch}gate_proj.weight")) {
         // mlx_lm's stacked experts: `switch_mlp.{gate,up,down}_proj.weight` `[E, out, in]`.
+        // Quantised ones (packed words, scales, biases) are sliced the same way.
         let names = ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{switch}{n}.weight"));
-        if let Some(q) = names.iter().find(|n| w.is_quantized(n)) {
-            return Err(EngineError::invalid(
-                q.as_str(),
-                "MLX-quantised experts are computed in memory; serving them from disk (--capacity, expert-pack) is not supported yet",
-            ));
-        }
         let shapes = [[i, h], [i, h], [h, i]];
         let mut refs = Vec::with_capacity(3);
         for (name, shape) in names.iter().zip(shapes) {
-            let en = entry(name, &[cfg.num_experts, shape[0], shape[1]])?;
+            let stacked = [cfg.num_experts, shape[0], shape[1]];
+            if w.is_quantized(name) {
+                // Validates words, scales and biases together, and gives the spec.
+                let spec = w
+                    .get(name, &stacked)?
+                    .quant()
+                    .map(|q| q.spec)
+                    .ok_or_else(|| EngineError::invalid(name.as_str(), "expected a quantised weight"))?;
+                let stem = name.strip_suffix(".weight").unwrap_or(name);
+                let slice = |tensor: &str, cols: usize| -> Result<Piece> {
+                    let en = w
+                        .entry(tensor)
+                        .ok_or_else(|| EngineError::invalid(tensor, "missing"))?;
+                    let per_expert = (shape[0] * cols * en.dtype.size()) as u64;
+                    Ok(Piece {
+                        file: en.file,
+                        offset: en.offset as u64 + e as u64 * per_expert,
+                        dtype: en.dtype,
+                        shape: [shape[0], cols],
+                    })
+                };
+                let words = slice(name, spec.words_per_row(shape[1]))?;
+                let groups = shape[1] / spec.group_size;
+                refs.push(TensorRef {
+                    file: words.file,
+                    offset: words.offset,
+                    dtype: words.dtype,
+                    shape,
+                    quant: Some(QuantRef {
+                        spec,
+                        scales: slice(&format!("{stem}.scales"), groups)?,
+                        biases: slice(&format!("{stem}.biases"), groups)?,
+                    }),
+                });
+                continue;
+            }
+            let en = entry(name, &stacked)?;
             refs.push(TensorRef {
                 file: en.file,
                 offset: en.offset as u64 + (e * shape[0] * shape[1] * en.dtype.size()) as u64,
                 dtype: en.dtype,
                 shape,
+                quant: None,
             });
         }
         return Ok(refs.try_into().expect("three refs"));
@@ -274,18 +341,21 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
                 offset: gate_off,
                 dtype: gu.dtype,
                 shape: [i, h],
+                quant: None,
             },
             TensorRef {
                 file: gu.file,
                 offset: gate_off + (i * h) as u64 * s,
                 dtype: gu.dtype,
                 shape: [i, h],
+                quant: None,
             },
             TensorRef {
                 file: dn.file,
                 offset: dn.offset as u64 + (e * h * i) as u64 * dn.dtype.size() as u64,
                 dtype: dn.dtype,
                 shape: [h, i],
+                quant: None,
             },
         ]);
     }
@@ -299,6 +369,7 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
             offset: en.offset as u64,
             dtype: en.dtype,
             shape,
+            quant: None,
         });
     }
     Ok(refs.try_into().expect("three refs"))

@@ -1,6 +1,7 @@
-//! Where one expert's bytes are in the files and where they go in its slot: up to three
-//! extents (merged where they touch), each keeping its offset modulo [`ALIGN`](super::ALIGN)
-//! so that O_DIRECT can read it, and the three matrices (gate, up, down) inside the slot.
+//! Where one expert's bytes are in the files and where they go in its slot: extents (merged
+//! where they touch), each keeping its offset modulo [`ALIGN`](super::ALIGN) so that O_DIRECT
+//! can read it, and the three matrices (gate, up, down) inside the slot — for quantised ones,
+//! their packed words, scales and biases (up to nine pieces), kept quantised.
 
 use super::{align_down, align_up};
 use crate::moe::TensorRef;
@@ -18,9 +19,43 @@ pub struct Extent {
 /// One matrix of an expert inside its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Part {
+    /// [`DType::U32`] for a quantised matrix's packed words.
+    pub dtype: DType,
+    /// `[out, in]` (of the float matrix a quantised one stands for).
+    pub shape: [usize; 2],
+    pub slot_offset: usize,
+    pub quant: Option<QuantPart>,
+}
+
+/// A float tensor inside the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotPiece {
     pub dtype: DType,
     pub shape: [usize; 2],
     pub slot_offset: usize,
+}
+
+/// A quantised matrix's scales and biases inside the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantPart {
+    pub spec: crate::quant::QuantSpec,
+    pub scales: SlotPiece,
+    pub biases: SlotPiece,
+}
+
+impl Part {
+    /// Bytes of the matrix (a quantised one's words, scales and biases).
+    pub fn nbytes(&self) -> u64 {
+        let piece = |p: &SlotPiece| (p.shape[0] * p.shape[1] * p.dtype.size()) as u64;
+        match &self.quant {
+            Some(q) => {
+                (self.shape[0] * q.spec.words_per_row(self.shape[1]) * 4) as u64
+                    + piece(&q.scales)
+                    + piece(&q.biases)
+            }
+            None => (self.shape[0] * self.shape[1] * self.dtype.size()) as u64,
+        }
+    }
 }
 
 /// Where one expert's bytes are, and where they go.
@@ -34,34 +69,38 @@ pub struct ExpertLayout {
 }
 
 pub(super) fn parts_bytes(parts: &[Part; 3]) -> u64 {
-    parts
-        .iter()
-        .map(|p| (p.shape[0] * p.shape[1] * p.dtype.size()) as u64)
-        .sum()
+    parts.iter().map(Part::nbytes).sum()
 }
 
-/// Extents of the three matrices, merged where they touch, laid out in the slot so that each
-/// extent's first byte keeps its offset modulo [`ALIGN`](super::ALIGN) (what an O_DIRECT read
-/// needs).
+/// Extents of the three matrices (and of quantised ones' scales and biases), merged where
+/// they touch, laid out in the slot so that each extent's first byte keeps its offset modulo
+/// [`ALIGN`](super::ALIGN) (what an O_DIRECT read needs).
 pub(super) fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
-    let mut order: Vec<usize> = (0..3).collect();
-    order.sort_by_key(|&i| (refs[i].file, refs[i].offset));
+    // Pieces: (matrix, role 0 words / 1 scales / 2 biases, file, offset, len).
+    let mut pieces: Vec<(usize, usize, usize, u64, u64)> = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        pieces.push((i, 0, r.file, r.offset, r.nbytes()));
+        if let Some(q) = &r.quant {
+            pieces.push((i, 1, q.scales.file, q.scales.offset, q.scales.nbytes()));
+            pieces.push((i, 2, q.biases.file, q.biases.offset, q.biases.nbytes()));
+        }
+    }
+    pieces.sort_by_key(|p| (p.2, p.3));
     let mut extents: Vec<Extent> = Vec::new();
-    let mut part_at = [(0usize, 0u64); 3]; // (extent index, offset within extent)
-    for &i in &order {
-        let r = &refs[i];
+    let mut piece_at = [[(0usize, 0u64); 3]; 3]; // [matrix][role]: (extent index, offset within)
+    for &(i, role, file, offset, len) in &pieces {
         let n = extents.len();
         match extents.last_mut() {
-            Some(x) if x.file == r.file && x.offset + x.len == r.offset => {
-                part_at[i] = (n - 1, x.len);
-                x.len += r.nbytes();
+            Some(x) if x.file == file && x.offset + x.len == offset => {
+                piece_at[i][role] = (n - 1, x.len);
+                x.len += len;
             }
             _ => {
-                part_at[i] = (extents.len(), 0);
+                piece_at[i][role] = (n, 0);
                 extents.push(Extent {
-                    file: r.file,
-                    offset: r.offset,
-                    len: r.nbytes(),
+                    file,
+                    offset,
+                    len,
                     slot_offset: 0,
                 });
             }
@@ -73,13 +112,27 @@ pub(super) fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
         x.slot_offset = (base + lead) as usize;
         base += align_up(lead + x.len);
     }
-    let parts = std::array::from_fn(|i| {
-        let (xi, within) = part_at[i];
-        Part {
-            dtype: refs[i].dtype,
-            shape: refs[i].shape,
-            slot_offset: extents[xi].slot_offset + within as usize,
-        }
+    let at = |i: usize, role: usize| {
+        let (xi, within) = piece_at[i][role];
+        extents[xi].slot_offset + within as usize
+    };
+    let parts = std::array::from_fn(|i| Part {
+        dtype: refs[i].dtype,
+        shape: refs[i].shape,
+        slot_offset: at(i, 0),
+        quant: refs[i].quant.map(|q| QuantPart {
+            spec: q.spec,
+            scales: SlotPiece {
+                dtype: q.scales.dtype,
+                shape: q.scales.shape,
+                slot_offset: at(i, 1),
+            },
+            biases: SlotPiece {
+                dtype: q.biases.dtype,
+                shape: q.biases.shape,
+                slot_offset: at(i, 2),
+            },
+        }),
     });
     ExpertLayout {
         extents,
@@ -99,6 +152,7 @@ mod tests {
             offset,
             dtype: DType::BF16,
             shape,
+            quant: None,
         }
     }
 

@@ -268,6 +268,7 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
                 dtype,
                 shape: p.shape,
                 slot_offset: p.offset,
+                quant: None,
             });
         }
         v.try_into()

@@ -23,7 +23,7 @@ use super::{ALIGN, ExpertKey, PageBuf, align_down, align_up};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::moe::{ExpertWeights, expert_tensor_refs};
-use crate::weights::{Weight, WeightIndex};
+use crate::weights::{Backing, DType, QuantParts, Weight, WeightIndex};
 
 /// How expert bytes are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -159,6 +159,31 @@ fn open_direct(path: &Path) -> std::io::Result<File> {
     Ok(f)
 }
 
+/// One matrix of an expert as a weight over the bytes `at(slot_offset)` names (its slot, or
+/// the mapped file): quantised matrices stay quantised.
+fn part_weight(p: &Part, at: &dyn Fn(usize) -> (Backing, usize)) -> Weight {
+    let piece = |off: usize, dtype: DType, shape: Vec<usize>| {
+        let (backing, start) = at(off);
+        Weight::new(backing, start, dtype, shape)
+    };
+    match &p.quant {
+        None => piece(p.slot_offset, p.dtype, p.shape.to_vec()),
+        Some(q) => Weight::quantized(
+            piece(
+                p.slot_offset,
+                DType::U32,
+                vec![p.shape[0], q.spec.words_per_row(p.shape[1])],
+            ),
+            p.shape.to_vec(),
+            QuantParts {
+                spec: q.spec,
+                scales: piece(q.scales.slot_offset, q.scales.dtype, q.scales.shape.to_vec()),
+                biases: piece(q.biases.slot_offset, q.biases.dtype, q.biases.shape.to_vec()),
+            },
+        ),
+    }
+}
+
 impl ExpertStore {
     /// A store over the checkpoint's own safetensors files.
     pub fn from_checkpoint(cfg: &ModelConfig, w: &WeightIndex, mode: IoMode) -> Result<Self> {
@@ -168,8 +193,11 @@ impl ExpertStore {
             for e in 0..cfg.num_experts {
                 let refs = expert_tensor_refs(cfg, w, l, e)?;
                 for r in &refs {
-                    if !used_files.contains(&r.file) {
-                        used_files.push(r.file);
+                    let quant_files = r.quant.iter().flat_map(|q| [q.scales.file, q.biases.file]);
+                    for f in std::iter::once(r.file).chain(quant_files) {
+                        if !used_files.contains(&f) {
+                            used_files.push(f);
+                        }
                     }
                 }
                 layouts.insert(ExpertKey::new(l, e as u32), layout_from_refs(&refs));
@@ -411,7 +439,8 @@ impl ExpertStore {
     /// The expert's weights as views into a loaded slot.
     pub fn view(&self, key: ExpertKey, slot: &Arc<PageBuf>) -> Result<ExpertWeights> {
         let layout = self.layout(key)?;
-        let w = |p: &Part| Weight::new(slot.clone(), p.slot_offset, p.dtype, p.shape.to_vec());
+        let backing: Backing = slot.clone();
+        let w = |p: &Part| part_weight(p, &|off| (backing.clone(), off));
         Ok(ExpertWeights {
             gate: w(&layout.parts[0]),
             up: w(&layout.parts[1]),
@@ -422,16 +451,17 @@ impl ExpertStore {
     /// mmap mode: the expert's weights as views into the memory-mapped file.
     pub fn view_mapped(&self, key: ExpertKey) -> Result<ExpertWeights> {
         let layout = self.layout(key)?;
-        let w = |p: &Part| -> Weight {
-            // The part lies inside one extent: map its slot offset back to the file.
+        // Every piece lies inside one extent: map its slot offset back to the file.
+        let in_file = |slot_offset: usize| -> (Backing, usize) {
             let x = layout
                 .extents
                 .iter()
-                .find(|x| p.slot_offset >= x.slot_offset && p.slot_offset < x.slot_offset + x.len as usize)
-                .expect("every part lies in an extent");
-            let off = x.offset as usize + (p.slot_offset - x.slot_offset);
-            Weight::new(self.files[x.file].map.clone(), off, p.dtype, p.shape.to_vec())
+                .find(|x| slot_offset >= x.slot_offset && slot_offset < x.slot_offset + x.len as usize)
+                .expect("every piece lies in an extent");
+            let map: Backing = self.files[x.file].map.clone();
+            (map, x.offset as usize + (slot_offset - x.slot_offset))
         };
+        let w = |p: &Part| part_weight(p, &in_file);
         Ok(ExpertWeights {
             gate: w(&layout.parts[0]),
             up: w(&layout.parts[1]),
