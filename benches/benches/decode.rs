@@ -68,13 +68,6 @@ fn main() {
     }
 }
 
-fn env_or(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Decode tokens per second after a prefill of `PROMPT` tokens.
 fn decode_rate(model: &shadowmoe_engine::Model, tokens: usize, seed: u64) -> f64 {
     let prompt: Vec<u32> = (0..PROMPT as u32)

@@ -15,16 +15,9 @@
 use std::process::Command;
 use std::time::Instant;
 
-use shadowmoe_benches::memory_read_gbs;
+use shadowmoe_benches::{env_or, memory_read_gbs};
 use shadowmoe_engine::sampling::argmax;
 use shadowmoe_engine::{Checkpoint, LogitsFor, Model, NoObserver, Phase};
-
-fn env_or(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

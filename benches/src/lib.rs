@@ -182,6 +182,14 @@ pub fn write_checkpoint(dir: &Path) {
     std::fs::rename(&tmp, dir.join("model.safetensors")).unwrap();
 }
 
+/// The environment variable `key` as a number, else `default`.
+pub fn env_or(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Plain read of a 1 GiB buffer on the current rayon pool's threads (sum of u64 words), GB/s, best of 3.
 pub fn memory_read_gbs() -> f64 {
     use rayon::prelude::*;

@@ -460,19 +460,31 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         linear_attn,
         attn_output_gate: arch == Arch::Qwen3Next,
         norm_zero_centred: arch == Arch::Qwen3Next,
-        quantization: match (f.map.get("quantization"), f.map.get("quantization_config")) {
-            (Some(v), _) => Some(crate::quant::QuantConfig::parse(v, f.path, "quantization")?),
-            (None, Some(v)) => Some(crate::quant::QuantConfig::parse(
-                v,
-                f.path,
-                "quantization_config",
-            )?),
-            (None, None) => None,
-        },
+        quantization: quantization(f)?,
         bos_token_id: f.usize_opt(&["bos_token_id"])?.map(|n| n as u32),
         eos_token_ids: f.token_ids("eos_token_id")?,
         path: f.path.to_path_buf(),
     })
+}
+
+/// MLX's `quantization` block, or its copy `quantization_config`; other quantisation formats
+/// (transformers' `quant_method`: fp8, gptq, awq, …) are refused by name.
+fn quantization(f: &Fields<'_>) -> Result<Option<crate::quant::QuantConfig>> {
+    let (key, v) = match (f.map.get("quantization"), f.map.get("quantization_config")) {
+        (Some(v), _) => ("quantization", v),
+        (None, Some(v)) => ("quantization_config", v),
+        (None, None) => return Ok(None),
+    };
+    if let Some(method) = v.get("quant_method") {
+        return Err(EngineError::field(
+            f.path,
+            format!("{key}.quant_method"),
+            format!(
+                "{method} checkpoints are not supported (expected MLX's affine quantisation: bits and group_size)"
+            ),
+        ));
+    }
+    crate::quant::QuantConfig::parse(v, f.path, key).map(Some)
 }
 
 /// Dense or MoE per layer, as transformers' decoder layer decides it.

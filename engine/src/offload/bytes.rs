@@ -43,6 +43,86 @@ impl ByteModel {
         }
     }
 
+    /// The model of a checkpoint that is not here, from its `config.json` alone: every matrix's
+    /// shape from the architecture, stored quantised where the config's `quantization` block
+    /// says (and its input width is a multiple of the group, mlx-lm's rule), else in
+    /// `float_bytes` per value (2: bf16); scales and biases of `float_bytes` each. Expert slots
+    /// are their stored bytes. Answers "how much memory would this checkpoint need".
+    pub fn from_config(cfg: &ModelConfig, float_bytes: u64) -> Self {
+        let bytes = |module: &str, rows: usize, cols: usize| -> u64 {
+            let params = (rows * cols) as u64;
+            match cfg.quantization.as_ref().and_then(|q| q.spec_for(module)) {
+                Some(s) if cols.is_multiple_of(s.group_size) => {
+                    quantized_bytes(params, s.bits as u64, s.group_size as u64, float_bytes)
+                }
+                _ => params * float_bytes,
+            }
+        };
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let mut non_expert = bytes("model.embed_tokens", v, h) + h as u64 * float_bytes;
+        if !cfg.tie_word_embeddings {
+            non_expert += bytes("lm_head", v, h);
+        }
+        let mut expert = 0;
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}.");
+            non_expert += 2 * h as u64 * float_bytes; // input and post-attention norms
+            non_expert += match cfg.mixers[l] {
+                crate::config::Mixer::Attention => {
+                    let (qw, kv) = (cfg.q_width(), cfg.kv_width());
+                    let q_rows = if cfg.attn_output_gate { 2 * qw } else { qw };
+                    let a = format!("{p}self_attn.");
+                    bytes(&format!("{a}q_proj"), q_rows, h)
+                        + 2 * bytes(&format!("{a}k_proj"), kv, h)
+                        + bytes(&format!("{a}o_proj"), h, qw)
+                        + 2 * cfg.head_dim as u64 * float_bytes
+                }
+                crate::config::Mixer::LinearAttention => {
+                    let s = cfg.linear_attn.unwrap_or(crate::config::LinearAttnConfig {
+                        num_key_heads: 0,
+                        num_value_heads: 0,
+                        key_head_dim: 0,
+                        value_head_dim: 0,
+                        conv_kernel: 0,
+                    });
+                    let a = format!("{p}linear_attn.");
+                    let (kd, vd, nv) = (s.key_dim(), s.value_dim(), s.num_value_heads);
+                    bytes(&format!("{a}in_proj_qkvz"), 2 * kd + 2 * vd, h)
+                        + bytes(&format!("{a}in_proj_ba"), 2 * nv, h)
+                        + bytes(&format!("{a}out_proj"), h, vd)
+                        + ((s.conv_dim() * s.conv_kernel + 2 * nv + s.value_head_dim) as u64) * float_bytes
+                }
+            };
+            let m = format!("{p}mlp.");
+            match cfg.mlp_kinds[l] {
+                crate::config::MlpKind::Dense => {
+                    let i = cfg.intermediate_size;
+                    non_expert +=
+                        2 * bytes(&format!("{m}gate_proj"), i, h) + bytes(&format!("{m}down_proj"), h, i);
+                }
+                crate::config::MlpKind::Moe => {
+                    non_expert += bytes(&format!("{m}gate"), cfg.num_experts, h);
+                    if let Some(i) = cfg.shared_expert_intermediate_size {
+                        let se = format!("{m}shared_expert.");
+                        non_expert += 2 * bytes(&format!("{se}gate_proj"), i, h)
+                            + bytes(&format!("{se}down_proj"), h, i)
+                            + bytes(&format!("{m}shared_expert_gate"), 1, h);
+                    }
+                    let (i, sw) = (cfg.moe_intermediate_size, format!("{m}switch_mlp."));
+                    expert =
+                        2 * bytes(&format!("{sw}gate_proj"), i, h) + bytes(&format!("{sw}down_proj"), h, i);
+                }
+            }
+        }
+        Self {
+            non_expert_bytes: non_expert,
+            expert_bytes: expert,
+            moe_layers: cfg.moe_layers().len(),
+            kv_bytes_per_token: (cfg.num_hidden_layers * 2 * cfg.kv_width() * 4) as u64,
+            overhead_bytes: DEFAULT_OVERHEAD,
+        }
+    }
+
     /// Predicted resident bytes at `capacity` experts per MoE layer with `tokens` of context.
     pub fn predict(&self, capacity: usize, tokens: usize) -> u64 {
         self.predict_slots(capacity * self.moe_layers, tokens)
@@ -149,6 +229,45 @@ mod tests {
             );
         }
         assert_eq!(m.capacity_for(20_000_000_000, 0, 512).unwrap(), 219);
+    }
+
+    /// The same figures from the config alone: Qwen3-Next-80B-A3B's published `config.json`
+    /// (Qwen3-Coder-Next has its shape) with the `quantization` block `mlx_lm.convert -q`
+    /// writes for it (4-bit group 64; routers and shared-expert gates 8-bit, its
+    /// `quant_predicate`), bf16 scales.
+    #[test]
+    fn qwen3_coder_next_config_gives_flash_moe_published_numbers() {
+        let mut quant = serde_json::json!({"group_size": 64, "bits": 4, "mode": "affine"});
+        for l in 0..48 {
+            for m in ["mlp.gate", "mlp.shared_expert_gate"] {
+                quant[format!("model.layers.{l}.{m}")] = serde_json::json!({"group_size": 64, "bits": 8});
+            }
+        }
+        let config = serde_json::json!({
+            "model_type": "qwen3_next", "hidden_size": 2048, "num_hidden_layers": 48,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+            "intermediate_size": 5120, "moe_intermediate_size": 512,
+            "shared_expert_intermediate_size": 512, "num_experts": 512, "num_experts_per_tok": 10,
+            "norm_topk_prob": true, "vocab_size": 151936, "max_position_embeddings": 262144,
+            "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+            "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rms_norm_eps": 1e-6,
+            "hidden_act": "silu", "tie_word_embeddings": false, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "quantization": quant
+        });
+        let cfg =
+            ModelConfig::from_json_str(&config.to_string(), std::path::Path::new("config.json")).unwrap();
+        let m = ByteModel::from_config(&cfg, 2);
+        assert_eq!(m.expert_bytes, 1_769_472);
+        assert_eq!(m.moe_layers, 48);
+        for (cap, published_gb) in [(160, 14.98), (192, 17.70), (208, 19.06), (256, 23.13)] {
+            let gb = (m.predict(cap, 0) - m.overhead_bytes) as f64 / 1e9;
+            assert!(
+                (gb - published_gb).abs() / published_gb < 0.01,
+                "capacity {cap}: {gb:.2} GB vs {published_gb} (non-expert {:.3} GB)",
+                m.non_expert_bytes as f64 / 1e9
+            );
+        }
     }
 
     #[test]

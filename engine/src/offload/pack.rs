@@ -4,7 +4,8 @@
 //! A pack is a directory:
 //! - `experts.bin`: the extents, in (layer, expert) order, each padded to 4 KiB;
 //! - `index.json`: format tag, the sha256 of the source `config.json`, shapes and dtype of the
-//!   three parts, and per expert its offset, length and xxh3-64 checksum.
+//!   three parts (a quantised part: its packed words, then its scales and biases, with bits and
+//!   group size), and per expert its offset, length and xxh3-64 checksum.
 //!
 //! It is written under a temporary name and renamed when complete.
 
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use super::layout::{QuantPart, SlotPiece};
 use super::store::{ExpertLayout, ExpertStore, Extent, IoMode, Part};
 use super::{ExpertKey, align_up};
 use crate::config::ModelConfig;
@@ -28,9 +30,29 @@ pub const PACK_FORMAT: &str = "shadowmoe-expert-pack/1";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PartIndex {
     name: String,
+    /// `U32` for a quantised part's packed words.
     dtype: String,
+    /// `[out, in]` (of the float matrix a quantised part stands for).
     shape: [usize; 2],
     /// Offset of the part inside the expert's extent.
+    offset: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quant: Option<QuantIndex>,
+}
+
+/// A quantised part's spec and where its scales and biases are in the extent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct QuantIndex {
+    bits: u32,
+    group_size: usize,
+    scales: PieceIndex,
+    biases: PieceIndex,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct PieceIndex {
+    dtype: String,
+    shape: [usize; 2],
     offset: usize,
 }
 
@@ -120,29 +142,58 @@ pub fn write_pack(
             for e in 0..cfg.num_experts {
                 let ew = expert_weights(cfg, w, l, e)?;
                 let mats = [("gate", &ew.gate), ("up", &ew.up), ("down", &ew.down)];
-                if mats.iter().any(|(_, m)| m.quant().is_some()) {
-                    return Err(EngineError::invalid(
-                        "expert-pack",
-                        "the experts are MLX-quantised: packing them (words, scales and biases) is not supported yet",
-                    ));
-                }
+                // Each matrix's bytes, in order: a quantised one's words, scales, biases.
                 let mut these = Vec::with_capacity(3);
+                let mut chunks: Vec<&[u8]> = Vec::with_capacity(9);
                 let mut within = 0;
                 for (n, m) in mats {
+                    let offset = within;
+                    within += m.nbytes();
+                    chunks.push(m.bytes());
+                    let quant = match m.quant() {
+                        None => None,
+                        Some(q) => {
+                            let mut pieces = Vec::with_capacity(2);
+                            for p in [&q.scales, &q.biases] {
+                                pieces.push(PieceIndex {
+                                    dtype: p.dtype().name().into(),
+                                    shape: [p.shape()[0], p.shape()[1]],
+                                    offset: within,
+                                });
+                                within += p.nbytes();
+                                chunks.push(p.bytes());
+                            }
+                            let [scales, biases]: [PieceIndex; 2] = pieces.try_into().expect("two pieces");
+                            Some(QuantIndex {
+                                bits: q.spec.bits,
+                                group_size: q.spec.group_size,
+                                scales,
+                                biases,
+                            })
+                        }
+                    };
                     these.push(PartIndex {
                         name: n.into(),
                         dtype: m.dtype().name().into(),
                         shape: [m.shape()[0], m.shape()[1]],
-                        offset: within,
+                        offset,
+                        quant,
                     });
-                    within += m.nbytes();
                 }
                 match &parts {
                     None => parts = Some(these),
                     Some(p)
-                        if p.iter()
-                            .zip(&these)
-                            .all(|(a, b)| a.dtype == b.dtype && a.shape == b.shape) => {}
+                        if p.iter().zip(&these).all(|(a, b)| {
+                            a.dtype == b.dtype
+                                && a.shape == b.shape
+                                && a.offset == b.offset
+                                && a.quant
+                                    .as_ref()
+                                    .map(|q| (q.bits, q.group_size, &q.scales, &q.biases))
+                                    == b.quant
+                                        .as_ref()
+                                        .map(|q| (q.bits, q.group_size, &q.scales, &q.biases))
+                        }) => {}
                     Some(_) => {
                         return Err(EngineError::invalid(
                             "expert-pack",
@@ -151,11 +202,9 @@ pub fn write_pack(
                     }
                 }
                 let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-                for (_, m) in mats {
-                    hasher.update(m.bytes());
-                    writer
-                        .write_all(m.bytes())
-                        .map_err(|e| EngineError::io(&bin, e))?;
+                for c in chunks {
+                    hasher.update(c);
+                    writer.write_all(c).map_err(|e| EngineError::io(&bin, e))?;
                 }
                 let length = within as u64;
                 let padded = align_up(length);
@@ -219,6 +268,7 @@ fn dtype_from(name: &str) -> Option<DType> {
         "F32" => Some(DType::F32),
         "F16" => Some(DType::F16),
         "BF16" => Some(DType::BF16),
+        "U32" => Some(DType::U32),
         _ => None,
     }
 }
@@ -264,11 +314,50 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
         for p in &index.parts {
             let dtype =
                 dtype_from(&p.dtype).ok_or_else(|| bad("parts", format!("unknown dtype {}", p.dtype)))?;
+            let quant = match &p.quant {
+                None if dtype == DType::U32 => {
+                    return Err(bad(
+                        "parts",
+                        format!("{}: U32 words without scales and biases", p.name),
+                    ));
+                }
+                None => None,
+                Some(q) => {
+                    let spec = crate::quant::QuantSpec::new(
+                        q.bits,
+                        q.group_size,
+                        &index_path.display().to_string(),
+                    )?;
+                    let piece = |x: &PieceIndex| -> Result<SlotPiece> {
+                        Ok(SlotPiece {
+                            dtype: dtype_from(&x.dtype).filter(|d| *d != DType::U32).ok_or_else(|| {
+                                bad("parts", format!("{}: scales/biases of dtype {}", p.name, x.dtype))
+                            })?,
+                            shape: x.shape,
+                            slot_offset: x.offset,
+                        })
+                    };
+                    if dtype != DType::U32 || q.scales.shape != [p.shape[0], p.shape[1] / spec.group_size] {
+                        return Err(bad(
+                            "parts",
+                            format!(
+                                "{}: quantised part with dtype {} or scales {:?}",
+                                p.name, p.dtype, q.scales.shape
+                            ),
+                        ));
+                    }
+                    Some(QuantPart {
+                        spec,
+                        scales: piece(&q.scales)?,
+                        biases: piece(&q.biases)?,
+                    })
+                }
+            };
             v.push(Part {
                 dtype,
                 shape: p.shape,
                 slot_offset: p.offset,
-                quant: None,
+                quant,
             });
         }
         v.try_into()

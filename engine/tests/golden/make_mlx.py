@@ -24,6 +24,13 @@ qwen3_next (greedy tokens equal).
 Usage (pinned versions: mlx[cpu]==0.32.4, mlx-lm==0.32.2 run on a Linux CPU):
     python3 -m venv /tmp/mlx && /tmp/mlx/bin/pip install "mlx[cpu]==0.32.4" "mlx-lm==0.32.2"
     /tmp/mlx/bin/python engine/tests/golden/make_mlx.py --out engine/tests/golden/mlx
+
+With --convert SRC it only quantises the checkpoint SRC into --out (no golden files), with
+bf16 scales as the hub's 4-bit checkpoints hold them: the bundled reference model and its
+inflated copies in flash-moe's format (at hidden 2048, width 512, 4-bit group 64 an expert is
+1,769,472 bytes, Qwen3-Coder-Next's):
+    /tmp/mlx/bin/python engine/tests/golden/make_mlx.py --convert models/reference/checkpoint \
+        --out models/reference/checkpoint-4bit --quant 4:64 --dtype bfloat16
 """
 
 import argparse
@@ -70,8 +77,11 @@ def hub_spelling(fixture: Path, tmp: Path) -> Path:
     writes `rope_parameters` and (for some families) `num_local_experts`."""
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(fixture, tmp)
-    c = json.loads((tmp / "config.json").read_text())
+    tmp.mkdir(parents=True)
+    for f in fixture.iterdir():  # links, not copies: the source may be larger than memory
+        if f.name != "config.json":
+            (tmp / f.name).symlink_to(f.resolve())
+    c = json.loads((fixture / "config.json").read_text())
     if "num_experts" not in c and "num_local_experts" in c:
         c["num_experts"] = c["num_local_experts"]
     rp = c.get("rope_parameters") or {}
@@ -98,6 +108,18 @@ def hub_spelling(fixture: Path, tmp: Path) -> Path:
         c["full_attention_interval"] = interval
     (tmp / "config.json").write_text(json.dumps(c, indent=1))
     return tmp
+
+
+def convert_only(src: Path, out: Path, bits, group, dtype):
+    """`mlx_lm.convert -q` of the checkpoint `src` into `out` (the config in the hub's spellings)."""
+    if out.exists():
+        sys.exit(f"--out: {out} already exists")
+    tmp = hub_spelling(src, out.parent / f".src-{out.name}")
+    try:
+        convert(str(tmp), mlx_path=str(out), quantize=True, q_bits=bits, q_group_size=group, dtype=dtype)
+    finally:
+        shutil.rmtree(tmp)
+    print(f"wrote {out} ({bits}-bit, group {group}, {dtype} scales)")
 
 
 def make(arch, bits, group, dtype, out_root):
@@ -147,7 +169,12 @@ def main():
     ap.add_argument("--arch", default="qwen3_moe,qwen3_next")
     ap.add_argument("--quant", default="4:64,8:64", help="comma list of bits:group_size")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--convert", help="only quantise this checkpoint into --out (one --quant)")
     args = ap.parse_args()
+    if args.convert:
+        bits, group = (int(v) for v in args.quant.split(",")[0].split(":"))
+        convert_only(Path(args.convert), Path(args.out), bits, group, args.dtype)
+        return
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     for arch in args.arch.split(","):
