@@ -1,7 +1,8 @@
 //! The pipeline on qwen3_next, unchanged: trace-collect, trace-stats, train-shadow and
 //! bench-sweep (simulated and live) on the transformers-checked fixture, whose layers mix Gated
 //! DeltaNet and gated attention, whose MoE layers carry a shared expert and skip a dense layer
-//! (MoE layers 0, 1, 3).
+//! (MoE layers 0, 1, 3) — in transformers' bf16 layout, and as mlx_lm.convert writes it in 4-bit
+//! (the quantised experts go through the cache, the traces and the sweeps as they are).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,9 +21,6 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn model() -> PathBuf {
-    root().join("engine/tests/golden/qwen3_next")
-}
 
 fn sweep_args(argv: &[&str]) -> SweepArgs {
     use clap::Parser;
@@ -48,6 +46,16 @@ fn results(dir: &Path) -> DataFrame {
 
 #[test]
 fn pipeline_runs_on_qwen3_next() {
+    pipeline(&root().join("engine/tests/golden/qwen3_next"));
+}
+
+#[test]
+fn pipeline_runs_on_qwen3_next_mlx_4bit() {
+    pipeline(&root().join("engine/tests/golden/mlx/qwen3_next-q4g64"));
+}
+
+fn pipeline(model: &Path) {
+    let model = || model.to_path_buf();
     let tmp = tempfile::tempdir().unwrap();
     let data = root().join("datasets/code.jsonl");
 
