@@ -194,22 +194,26 @@ unsafe fn dot_row_avx2(
         let nibble = _mm256_set1_epi32(0xF);
         for gi in 0..groups {
             let xg = x.as_ptr().add(gi * g);
-            let mut acc = _mm256_setzero_ps();
+            // Four accumulators: the FMAs of one group do not wait on each other.
+            let mut acc = [_mm256_setzero_ps(); 4];
             if spec.bits == 4 {
                 let wg = words.as_ptr().add(gi * g / 8);
                 for j in 0..g / 8 {
                     let w = _mm256_set1_epi32(*wg.add(j) as i32);
                     let q = _mm256_and_si256(_mm256_srlv_epi32(w, shifts), nibble);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc);
+                    acc[j % 4] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc[j % 4]);
                 }
             } else {
                 let bytes = words.as_ptr().add(gi * g / 4).cast::<u8>();
                 for j in 0..g / 8 {
                     let b = _mm_loadl_epi64(bytes.add(j * 8).cast());
                     let q = _mm256_cvtepu8_epi32(b);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc);
+                    acc[j % 4] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc[j % 4]);
                 }
             }
+            let acc = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
             total = _mm256_fmadd_ps(_mm256_set1_ps(scales[gi]), acc, total);
             bias_part += biases[gi] * xsum[gi];
         }
