@@ -12,7 +12,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::{linear, sigmoid, silu_mul, softmax};
 use crate::observer::Phase;
-use crate::weights::{Weight, WeightIndex};
+use crate::weights::{TensorEntry, Weight, WeightIndex};
 
 /// The router's top-k decision for every token of a pass.
 #[derive(Debug, Clone, PartialEq)]
@@ -284,36 +284,25 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
         for (name, shape) in names.iter().zip(shapes) {
             let stacked = [cfg.num_experts, shape[0], shape[1]];
             if w.is_quantized(name) {
-                // Validates words, scales and biases together, and gives the spec.
-                let spec = w
-                    .get(name, &stacked)?
-                    .quant()
-                    .map(|q| q.spec)
-                    .ok_or_else(|| EngineError::invalid(name.as_str(), "expected a quantised weight"))?;
-                let stem = name.strip_suffix(".weight").unwrap_or(name);
-                let slice = |tensor: &str, cols: usize| -> Result<Piece> {
-                    let en = w
-                        .entry(tensor)
-                        .ok_or_else(|| EngineError::invalid(tensor, "missing"))?;
-                    let per_expert = (shape[0] * cols * en.dtype.size()) as u64;
-                    Ok(Piece {
-                        file: en.file,
-                        offset: en.offset as u64 + e as u64 * per_expert,
-                        dtype: en.dtype,
-                        shape: [shape[0], cols],
-                    })
+                // Words, scales and biases checked together (their bytes untouched).
+                let q = w.quantized_entries(name, &stacked)?;
+                let slice = |en: &TensorEntry, cols: usize| Piece {
+                    file: en.file,
+                    offset: en.offset as u64 + (e * shape[0] * cols * en.dtype.size()) as u64,
+                    dtype: en.dtype,
+                    shape: [shape[0], cols],
                 };
-                let words = slice(name, spec.words_per_row(shape[1]))?;
-                let groups = shape[1] / spec.group_size;
+                let words = slice(q.words, q.spec.words_per_row(shape[1]));
+                let groups = shape[1] / q.spec.group_size;
                 refs.push(TensorRef {
                     file: words.file,
                     offset: words.offset,
                     dtype: words.dtype,
                     shape,
                     quant: Some(QuantRef {
-                        spec,
-                        scales: slice(&format!("{stem}.scales"), groups)?,
-                        biases: slice(&format!("{stem}.biases"), groups)?,
+                        spec: q.spec,
+                        scales: slice(q.scales, groups),
+                        biases: slice(q.biases, groups),
                     }),
                 });
                 continue;
@@ -377,29 +366,36 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
 
 /// Expert `e` of layer `l` as views into the memory-mapped checkpoint (no copy).
 pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
-    let switch = format!("{}switch_mlp.", moe_prefix(cfg, w, l));
-    let gate = format!("{switch}gate_proj.weight");
-    if w.is_quantized(&gate) {
-        // One expert of mlx_lm's stacked, quantised `[E, out, in]` matrices.
-        let (h, i, n) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
-        let one = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
-            Ok(w.get(&format!("{switch}{name}.weight"), &[n, rows, cols])?
-                .index(e))
-        };
-        return Ok(ExpertWeights {
-            gate: one("gate_proj", i, h)?,
-            up: one("up_proj", i, h)?,
-            down: one("down_proj", h, i)?,
-        });
-    }
     let [g, u, d] = expert_tensor_refs(cfg, w, l, e)?;
-    let view = |r: TensorRef| {
-        Weight::new(
-            w.file_map(r.file).clone(),
-            r.offset as usize,
-            r.dtype,
+    let piece = |file: usize, offset: u64, dtype, shape: Vec<usize>| {
+        Weight::new(w.file_map(file).clone(), offset as usize, dtype, shape)
+    };
+    let view = |r: TensorRef| match r.quant {
+        None => piece(r.file, r.offset, r.dtype, r.shape.to_vec()),
+        Some(q) => Weight::quantized(
+            piece(
+                r.file,
+                r.offset,
+                r.dtype,
+                vec![r.shape[0], q.spec.words_per_row(r.shape[1])],
+            ),
             r.shape.to_vec(),
-        )
+            crate::weights::QuantParts {
+                spec: q.spec,
+                scales: piece(
+                    q.scales.file,
+                    q.scales.offset,
+                    q.scales.dtype,
+                    q.scales.shape.to_vec(),
+                ),
+                biases: piece(
+                    q.biases.file,
+                    q.biases.offset,
+                    q.biases.dtype,
+                    q.biases.shape.to_vec(),
+                ),
+            },
+        ),
     };
     Ok(ExpertWeights {
         gate: view(g),

@@ -319,6 +319,15 @@ pub struct TensorEntry {
     pub shape: Vec<usize>,
 }
 
+/// A quantised weight's three tensors, checked against each other and the config.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantEntries<'a> {
+    pub spec: QuantSpec,
+    pub words: &'a TensorEntry,
+    pub scales: &'a TensorEntry,
+    pub biases: &'a TensorEntry,
+}
+
 /// One opened safetensors file.
 #[derive(Debug)]
 struct MappedFile {
@@ -502,6 +511,24 @@ impl WeightIndex {
     /// `{stem}.biases`, with bits and group size read from their shapes and checked against
     /// the supported ones and config.json's `quantization` block.
     fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let q = self.quantized_entries(name, shape)?;
+        let raw =
+            |e: &TensorEntry| Weight::new(self.files[e.file].map.clone(), e.offset, e.dtype, e.shape.clone());
+        Ok(Weight::quantized(
+            raw(q.words),
+            shape.to_vec(),
+            QuantParts {
+                spec: q.spec,
+                scales: raw(q.scales),
+                biases: raw(q.biases),
+            },
+        ))
+    }
+
+    /// The entries of the quantised weight `name` (words, scales, biases) and its spec, all
+    /// checked as [`WeightIndex::get`] checks them, without touching their bytes (slices of
+    /// stacked experts are built from these).
+    pub fn quantized_entries(&self, name: &str, shape: &[usize]) -> Result<QuantEntries<'_>> {
         let stem = name.strip_suffix(".weight").unwrap_or(name);
         let at = |file: usize, tensor: &str, message: String| EngineError::Tensor {
             path: self.files[file].path.clone(),
@@ -596,17 +623,12 @@ impl WeightIndex {
                 }
             }
         }
-        let raw =
-            |e: &TensorEntry| Weight::new(self.files[e.file].map.clone(), e.offset, e.dtype, e.shape.clone());
-        Ok(Weight::quantized(
-            raw(words),
-            shape.to_vec(),
-            QuantParts {
-                spec,
-                scales: raw(scales),
-                biases: raw(biases),
-            },
-        ))
+        Ok(QuantEntries {
+            spec,
+            words,
+            scales,
+            biases,
+        })
     }
 
     /// Where tensor `name` lives, checking that it has exactly `shape` (its bytes are not
