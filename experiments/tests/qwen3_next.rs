@@ -21,7 +21,6 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-
 fn sweep_args(argv: &[&str]) -> SweepArgs {
     use clap::Parser;
     #[derive(Parser)]
