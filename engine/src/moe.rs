@@ -12,7 +12,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::{linear, sigmoid, silu_mul, softmax};
 use crate::observer::Phase;
-use crate::weights::{TensorEntry, Weight, WeightIndex};
+use crate::weights::{TensorEntry, Weight, WeightIndex, matrix_from_pieces};
 
 /// The router's top-k decision for every token of a pass.
 #[derive(Debug, Clone, PartialEq)]
@@ -367,35 +367,17 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
 /// Expert `e` of layer `l` as views into the memory-mapped checkpoint (no copy).
 pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
     let [g, u, d] = expert_tensor_refs(cfg, w, l, e)?;
-    let piece = |file: usize, offset: u64, dtype, shape: Vec<usize>| {
-        Weight::new(w.file_map(file).clone(), offset as usize, dtype, shape)
-    };
-    let view = |r: TensorRef| match r.quant {
-        None => piece(r.file, r.offset, r.dtype, r.shape.to_vec()),
-        Some(q) => Weight::quantized(
-            piece(
-                r.file,
-                r.offset,
-                r.dtype,
-                vec![r.shape[0], q.spec.words_per_row(r.shape[1])],
-            ),
-            r.shape.to_vec(),
-            crate::weights::QuantParts {
-                spec: q.spec,
-                scales: piece(
-                    q.scales.file,
-                    q.scales.offset,
-                    q.scales.dtype,
-                    q.scales.shape.to_vec(),
-                ),
-                biases: piece(
-                    q.biases.file,
-                    q.biases.offset,
-                    q.biases.dtype,
-                    q.biases.shape.to_vec(),
-                ),
+    let piece = |p: &Piece| ((p.file, p.offset), p.dtype, p.shape);
+    let view = |r: TensorRef| {
+        matrix_from_pieces(
+            r.shape,
+            r.dtype,
+            (r.file, r.offset),
+            r.quant.map(|q| (q.spec, piece(&q.scales), piece(&q.biases))),
+            |(file, offset), dtype, shape| {
+                Weight::new(w.file_map(file).clone(), offset as usize, dtype, shape)
             },
-        ),
+        )
     };
     Ok(ExpertWeights {
         gate: view(g),

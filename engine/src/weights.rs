@@ -102,6 +102,33 @@ pub struct Weight {
     quant: Option<Arc<QuantParts>>,
 }
 
+/// Where one float piece of a matrix lies (`at`, in the caller's terms), its dtype and shape.
+pub type PieceAt<L> = (L, DType, [usize; 2]);
+
+/// A matrix `[out, in]` from the pieces `piece(at, dtype, shape)` builds: the matrix itself
+/// (float), or a quantised one's packed words (`[out, in·bits/32]` at `at`) with its scales and
+/// biases. One rule for every place an expert's matrices are viewed (checkpoint, slot, file map).
+pub fn matrix_from_pieces<L>(
+    shape: [usize; 2],
+    dtype: DType,
+    at: L,
+    quant: Option<(QuantSpec, PieceAt<L>, PieceAt<L>)>,
+    piece: impl Fn(L, DType, Vec<usize>) -> Weight,
+) -> Weight {
+    match quant {
+        None => piece(at, dtype, shape.to_vec()),
+        Some((spec, (sa, sd, ss), (ba, bd, bs))) => Weight::quantized(
+            piece(at, DType::U32, vec![shape[0], spec.words_per_row(shape[1])]),
+            shape.to_vec(),
+            QuantParts {
+                spec,
+                scales: piece(sa, sd, ss.to_vec()),
+                biases: piece(ba, bd, bs.to_vec()),
+            },
+        ),
+    }
+}
+
 /// The scales and biases of a quantised [`Weight`], one pair per group of its rows' inputs.
 #[derive(Debug, Clone)]
 pub struct QuantParts {

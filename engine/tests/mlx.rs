@@ -220,6 +220,17 @@ fn edited(
     tmp
 }
 
+/// Tensor `name` as `[rows, words]` packed words (its first bytes).
+fn packed_width(
+    m: &mut std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    name: &str,
+    words: usize,
+) {
+    let (_, s, b) = m.get_mut(name).unwrap();
+    s[1] = words;
+    b.truncate(s[0] * words * 4);
+}
+
 fn load_error(dir: &Path) -> String {
     match Checkpoint::open_dir(dir).and_then(|c| c.load_model()) {
         Ok(_) => panic!("{}: loaded", dir.display()),
@@ -241,11 +252,7 @@ fn bad_quantised_tensors_are_named() {
     // Packed words whose width fits no supported bit count (K = 64: 8 words is 4-bit; 6 is 3-bit).
     let d = edited(
         "qwen3_moe-q4g64",
-        |m| {
-            let (_, s, b) = m.get_mut(&format!("{q}.weight")).unwrap();
-            s[1] = 6;
-            b.truncate(s[0] * 6 * 4);
-        },
+        |m| packed_width(m, &format!("{q}.weight"), 6),
         |_| {},
     );
     let e = load_error(d.path());
@@ -253,11 +260,7 @@ fn bad_quantised_tensors_are_named() {
     // Words that do not divide into the weight's width at all.
     let d = edited(
         "qwen3_moe-q4g64",
-        |m| {
-            let (_, s, b) = m.get_mut(&format!("{q}.weight")).unwrap();
-            s[1] = 7;
-            b.truncate(s[0] * 7 * 4);
-        },
+        |m| packed_width(m, &format!("{q}.weight"), 7),
         |_| {},
     );
     let e = load_error(d.path());

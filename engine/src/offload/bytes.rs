@@ -77,21 +77,15 @@ impl ByteModel {
                         + bytes(&format!("{a}o_proj"), h, qw)
                         + 2 * cfg.head_dim as u64 * float_bytes
                 }
-                crate::config::Mixer::LinearAttention => {
-                    let s = cfg.linear_attn.unwrap_or(crate::config::LinearAttnConfig {
-                        num_key_heads: 0,
-                        num_value_heads: 0,
-                        key_head_dim: 0,
-                        value_head_dim: 0,
-                        conv_kernel: 0,
-                    });
+                // The config has the shape whenever a layer is linear attention.
+                crate::config::Mixer::LinearAttention => cfg.linear_attn.map_or(0, |s| {
                     let a = format!("{p}linear_attn.");
                     let (kd, vd, nv) = (s.key_dim(), s.value_dim(), s.num_value_heads);
                     bytes(&format!("{a}in_proj_qkvz"), 2 * kd + 2 * vd, h)
                         + bytes(&format!("{a}in_proj_ba"), 2 * nv, h)
                         + bytes(&format!("{a}out_proj"), h, vd)
                         + ((s.conv_dim() * s.conv_kernel + 2 * nv + s.value_head_dim) as u64) * float_bytes
-                }
+                }),
             };
             let m = format!("{p}mlp.");
             match cfg.mlp_kinds[l] {

@@ -18,12 +18,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use memmap2::Mmap;
 
 pub use super::layout::{ExpertLayout, Extent, Part};
-use super::layout::{layout_from_refs, parts_bytes};
+use super::layout::{SlotPiece, layout_from_refs, parts_bytes};
 use super::{ALIGN, ExpertKey, PageBuf, align_down, align_up};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::moe::{ExpertWeights, expert_tensor_refs};
-use crate::weights::{Backing, DType, QuantParts, Weight, WeightIndex};
+use crate::weights::{Backing, Weight, WeightIndex, matrix_from_pieces};
 
 /// How expert bytes are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -162,26 +162,17 @@ fn open_direct(path: &Path) -> std::io::Result<File> {
 /// One matrix of an expert as a weight over the bytes `at(slot_offset)` names (its slot, or
 /// the mapped file): quantised matrices stay quantised.
 fn part_weight(p: &Part, at: &dyn Fn(usize) -> (Backing, usize)) -> Weight {
-    let piece = |off: usize, dtype: DType, shape: Vec<usize>| {
-        let (backing, start) = at(off);
-        Weight::new(backing, start, dtype, shape)
-    };
-    match &p.quant {
-        None => piece(p.slot_offset, p.dtype, p.shape.to_vec()),
-        Some(q) => Weight::quantized(
-            piece(
-                p.slot_offset,
-                DType::U32,
-                vec![p.shape[0], q.spec.words_per_row(p.shape[1])],
-            ),
-            p.shape.to_vec(),
-            QuantParts {
-                spec: q.spec,
-                scales: piece(q.scales.slot_offset, q.scales.dtype, q.scales.shape.to_vec()),
-                biases: piece(q.biases.slot_offset, q.biases.dtype, q.biases.shape.to_vec()),
-            },
-        ),
-    }
+    let piece = |q: &SlotPiece| (q.slot_offset, q.dtype, q.shape);
+    matrix_from_pieces(
+        p.shape,
+        p.dtype,
+        p.slot_offset,
+        p.quant.map(|q| (q.spec, piece(&q.scales), piece(&q.biases))),
+        |off, dtype, shape| {
+            let (backing, start) = at(off);
+            Weight::new(backing, start, dtype, shape)
+        },
+    )
 }
 
 impl ExpertStore {
