@@ -12,7 +12,8 @@
 #   the live prompts' working set) → live sweep → simulated sweep
 #   with the calibration → figures.
 #
-# Environment: BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256; the simulated
+# Environment: SRC (models/reference/checkpoint; checkpoint-4bit: the MLX 4-bit copy, experts of
+# 1,769,472 bytes, 7.3 GB), BIG (models/inflated/h2048-i512), CAPACITY (32,64,128,160,192,256; the simulated
 # grid), LIVE_CAPACITY (CAPACITY), LIVE_MORE (1; 0: live grid A and depth 2 at 160 only), REPEAT (3), TRAIN_TOKENS (16: new tokens per training prompt), TRAIN_SHARD (0/1: every N-th prompt of both traces),
 # LIVE_DATASET (datasets/live-short.jsonl), LIVE_PROMPTS (2), LIVE_TOKENS (40), IO_THREADS (4), CONTROL (1:
 # also read a random-bytes file the size of the experts; needs 26 GB free), PROFILE (dev: the
@@ -20,6 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/headline}
+SRC=${SRC:-models/reference/checkpoint}
 BIG=${BIG:-models/inflated/h2048-i512}
 CAPACITY=${CAPACITY:-32,64,128,160,192,256}
 REPEAT=${REPEAT:-3}
@@ -41,7 +43,7 @@ fi
 mkdir -p "$OUT"
 
 step "inflate"
-[ -d "$BIG" ] || "$BIN/shadowmoe" inflate --model models/reference/checkpoint --out "$BIG" \
+[ -d "$BIG" ] || "$BIN/shadowmoe" inflate --model "$SRC" --out "$BIG" \
   --hidden 2048 --moe-intermediate 512
 
 step "calibrate (I/O, compute, baselines)"

@@ -47,7 +47,7 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct InflateArgs {
-    /// Checkpoint directory or hub id (qwen3_moe).
+    /// Checkpoint directory or hub id (qwen3_moe: float, or MLX-quantised with switch_mlp experts).
     #[arg(long)]
     model: String,
     /// Directory to create for the inflated checkpoint (must not exist).
@@ -396,13 +396,17 @@ fn run_inflate(a: InflateArgs) -> Result<()> {
         seed: a.seed,
     };
     let plan = shadowmoe_engine::inflate::plan(&ckpt, &opts)?;
+    let quant = plan.quant.map_or(String::new(), |q| {
+        format!(", {}-bit group {} experts", q.bits, q.group_size)
+    });
     eprintln!(
-        "inflating {} to hidden {} (x{} copies, norm shift {}), expert width {}",
+        "inflating {} to hidden {} (x{} copies, norm shift {}), expert width {}{quant}: {} bytes per expert",
         ckpt.dir.display(),
         plan.hidden,
         plan.copies,
         plan.shift,
-        plan.moe_intermediate
+        plan.moe_intermediate,
+        plan.expert_bytes
     );
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")

@@ -701,6 +701,21 @@ impl WeightIndex {
     }
 
     /// The tensor `name`, whatever its shape.
+    /// The tensor `name` as stored, whatever its dtype (a quantised matrix's packed U32 words
+    /// come back as a U32 [`Weight`] of the stored shape, without their scales).
+    pub fn get_stored(&self, name: &str) -> Result<Weight> {
+        let entry = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
+            path: self.where_(),
+            tensor: name.to_string(),
+        })?;
+        Ok(Weight::new(
+            self.files[entry.file].map.clone(),
+            entry.offset,
+            entry.dtype,
+            entry.shape.clone(),
+        ))
+    }
+
     pub fn get_any(&self, name: &str) -> Result<Weight> {
         let shape = self
             .tensors

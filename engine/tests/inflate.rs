@@ -1,7 +1,8 @@
 //! `inflate` against the outside referee: the bundled reference model inflated to a larger
 //! hidden size and expert width must still reproduce what transformers computed on the
 //! original (models/reference/checkpoint/golden.*): logits within 1e-4, the same routing, the
-//! same greedy tokens — from experts read straight off the inflated files with O_DIRECT.
+//! same greedy tokens — from experts read straight off the inflated files with O_DIRECT. Its
+//! MLX 4-bit copy, inflated on the quantised values, is judged by mlx-lm the same way.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::Golden;
+use common::{Golden, MlxGolden};
 use shadowmoe_engine::inflate::{InflateOptions, check_no_holes, inflate, plan};
 use shadowmoe_engine::offload::{Budget, CacheOptions, IoMode, MissMode, PolicyKind};
 use shadowmoe_engine::{
@@ -122,6 +123,105 @@ fn inflated_reference_model_computes_the_same_function() {
     assert_eq!(generated, golden.generated, "greedy tokens");
 }
 
+/// The bundled model's MLX 4-bit copy (`models/reference/checkpoint-4bit`), inflated on its
+/// quantised values. mlx-lm is the referee (`tests/golden/mlx/inflated-q4g64`, made by
+/// `make_mlx.py --inflated`): it ran the copies at hidden 64 and 512, width 64 (the source's
+/// 16-wide float down projections then quantised: the one rounding inflate adds) and found
+/// them equal. The engine must reproduce mlx-lm's logits on both — the wide one with its
+/// quantised experts read with O_DIRECT through a small cache — route the same tokens to the
+/// same experts at both widths, and give mlx-lm's greedy tokens.
+#[test]
+fn inflated_4bit_model_computes_what_mlx_lm_computes() {
+    let src_dir = reference().join("../checkpoint-4bit");
+    let src = Checkpoint::open_dir(&src_dir).unwrap();
+    let golden =
+        MlxGolden::read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/mlx/inflated-q4g64"));
+    let tmp = tempfile::tempdir().unwrap();
+    // At Qwen3-Coder-Next's widths an expert is its 1,769,472 bytes.
+    let full = plan(
+        &src,
+        &InflateOptions {
+            hidden: 2048,
+            moe_intermediate: 512,
+            seed: 0,
+        },
+    )
+    .unwrap();
+    assert_eq!(full.expert_bytes, 1_769_472);
+    assert_eq!(full.quant.map(|q| (q.bits, q.group_size)), Some((4, 64)));
+
+    let mut routes = Vec::new();
+    for (hidden, seed) in [(64, 1), (512, 2)] {
+        let out = tmp.path().join(format!("h{hidden}"));
+        let opts = InflateOptions {
+            hidden,
+            moe_intermediate: 64,
+            seed,
+        };
+        let summary = inflate(&src, &out, &opts, &|_, _| {}).unwrap();
+        // 4-bit words plus bf16 scales and biases per group of 64, three matrices.
+        let matrix = |n: usize, k: usize| (n * k / 2 + 2 * n * (k / 64) * 2) as u64;
+        assert_eq!(summary.expert_bytes, 2 * matrix(64, hidden) + matrix(hidden, 64));
+        let (checked, zero) = check_no_holes(&out, 256).unwrap();
+        assert!(checked >= 8 * 200, "{checked}");
+        assert_eq!(zero, 0, "zero pages among {checked}");
+
+        let ck = Checkpoint::open_dir(&out).unwrap();
+        assert!(ck.weights.mlx_layout());
+        for l in 0..ck.config.num_hidden_layers {
+            for m in ["gate_proj", "up_proj", "down_proj"] {
+                let name = format!("model.layers.{l}.mlp.switch_mlp.{m}.weight");
+                assert!(ck.weights.is_quantized(&name), "{name} is quantised");
+            }
+        }
+        let store = Arc::new(ck.expert_store(IoMode::Direct, None, false).unwrap());
+        assert_eq!(store.expert_bytes(), summary.expert_bytes);
+        let cache = CacheOptions {
+            budget: Budget::PerLayer(64),
+            policy: PolicyKind::Lru,
+            on_miss: MissMode::Sync,
+            io_threads: 2,
+            pinned: Vec::new(),
+            settle_loads: false,
+            prefetch_readers: 0,
+        };
+        let (model, _cached) = ck.load_model_cached(store, &cache).unwrap();
+        let mut obs = RecordingObserver::default();
+        let mut kv = model.new_cache();
+        let logits = model
+            .forward(
+                &golden.prompt_ids,
+                &mut kv,
+                Phase::Prefill,
+                LogitsFor::All,
+                &mut obs,
+            )
+            .unwrap();
+        assert_eq!(logits.dim(), (golden.prompt_ids.len(), golden.vocab));
+        let d = max_diff(logits.as_slice().unwrap(), &golden.logits);
+        assert!(d <= 1e-4, "hidden {hidden}: logits differ from mlx-lm's by {d:e}");
+        eprintln!("hidden {hidden}: logits within {d:e} of mlx-lm's");
+        routes.push(obs.events.iter().map(|e| e.experts.clone()).collect::<Vec<_>>());
+
+        let gen_opts = GenerateOptions {
+            max_new_tokens: golden.generated.len(),
+            sampling: SamplingParams::default(),
+            eos_token_ids: Vec::new(),
+        };
+        let (generated, _) = generate(
+            &model,
+            &golden.prompt_ids,
+            &gen_opts,
+            &mut shadowmoe_engine::NoObserver,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(generated, golden.generated, "hidden {hidden}: greedy tokens");
+    }
+    assert!(!routes[0].is_empty());
+    assert_eq!(routes[0], routes[1], "routing at hidden 64 and 512");
+}
+
 #[test]
 fn inflate_refuses_what_it_cannot_do() {
     let src = Checkpoint::open_dir(&reference()).unwrap();
@@ -168,4 +268,20 @@ fn inflate_refuses_what_it_cannot_do() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("qwen3_moe"), "{e}");
+    // A quantised source needs whole groups at the new expert width.
+    let q4 = Checkpoint::open_dir(&reference().join("../checkpoint-4bit")).unwrap();
+    let e = plan(
+        &q4,
+        &InflateOptions {
+            hidden: 128,
+            moe_intermediate: 96,
+            seed: 0,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--moe-intermediate") && e.contains("group size 64"),
+        "{e}"
+    );
 }

@@ -15,7 +15,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::MlxGolden;
 
 use shadowmoe_engine::{Checkpoint, GenerateOptions, LogitsFor, NoObserver, Phase, SamplingParams, generate};
 
@@ -27,46 +31,9 @@ fn mlx_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-struct MlxGolden {
-    prompt_ids: Vec<u32>,
-    vocab: usize,
-    logits: Vec<f32>,
-    generated: Vec<u32>,
-    bits: u64,
-    group: u64,
-}
-
-fn read_golden(dir: &Path) -> MlxGolden {
-    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids = |n: &str| -> Vec<u32> {
-        st.tensor(n)
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect()
-    };
-    let logits = st.tensor("logits").unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    MlxGolden {
-        prompt_ids: ids("prompt_ids"),
-        vocab: logits.shape()[1],
-        logits: logits
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        generated: ids("generated"),
-        bits: meta["bits"].as_u64().unwrap(),
-        group: meta["group_size"].as_u64().unwrap(),
-    }
-}
-
 fn check(name: &str) {
     let dir = mlx_dir(name);
-    let golden = read_golden(&dir);
+    let golden = MlxGolden::read(&dir);
     let ckpt = Checkpoint::open_dir(&dir).unwrap();
     let q = ckpt.config.quantization.as_ref().expect("a quantization block");
     assert_eq!(
@@ -133,7 +100,7 @@ fn quantised_experts_from_disk_match_mlx_lm() {
     use shadowmoe_engine::offload::{IoMode, OffloadConfig};
     for name in ["qwen3_moe-q4g64", "qwen3_next-q4g64", "qwen3_moe-q8g64"] {
         let dir = mlx_dir(name);
-        let golden = read_golden(&dir);
+        let golden = MlxGolden::read(&dir);
         let ckpt = Checkpoint::open_dir(&dir).unwrap();
         let (h, i) = (ckpt.config.hidden_size, ckpt.config.moe_intermediate_size);
         for io in [IoMode::Direct, IoMode::Pread, IoMode::Mmap] {
@@ -312,7 +279,7 @@ fn expert_pack_keeps_quantised_experts_quantised() {
     use shadowmoe_engine::offload::{IoMode, OffloadConfig, pack};
     for name in ["qwen3_next-q4g64", "qwen3_moe-q8g64"] {
         let dir = mlx_dir(name);
-        let golden = read_golden(&dir);
+        let golden = MlxGolden::read(&dir);
         let ckpt = Checkpoint::open_dir(&dir).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("pack");

@@ -89,3 +89,32 @@ impl Golden {
         golden
     }
 }
+
+/// What mlx-lm computed on an MLX-quantised checkpoint (`tests/golden/make_mlx.py`).
+pub struct MlxGolden {
+    pub prompt_ids: Vec<u32>,
+    pub vocab: usize,
+    /// `[T, V]`.
+    pub logits: Vec<f32>,
+    pub generated: Vec<u32>,
+    pub bits: u64,
+    pub group: u64,
+}
+
+impl MlxGolden {
+    pub fn read(dir: &Path) -> Self {
+        let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let logits = st.tensor("logits").unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+        MlxGolden {
+            prompt_ids: ids(st.tensor("prompt_ids").unwrap().data()),
+            vocab: logits.shape()[1],
+            logits: f32s(logits.data()),
+            generated: ids(st.tensor("generated").unwrap().data()),
+            bits: meta["bits"].as_u64().unwrap(),
+            group: meta["group_size"].as_u64().unwrap(),
+        }
+    }
+}

@@ -31,12 +31,23 @@ inflated copies in flash-moe's format (at hidden 2048, width 512, 4-bit group 64
 1,769,472 bytes, Qwen3-Coder-Next's):
     /tmp/mlx/bin/python engine/tests/golden/make_mlx.py --convert models/reference/checkpoint \
         --out models/reference/checkpoint-4bit --quant 4:64 --dtype bfloat16
+
+With --inflated BIN it judges `shadowmoe inflate` on quantised checkpoints (BIN: the shadowmoe
+binary): it inflates models/reference/checkpoint-4bit to its own hidden size at expert width 64
+(its 16-wide down projections are then quantised, the only rounding inflate adds) and to hidden
+512 (two copies of the real dimensions, norm shift 1), runs mlx-lm on both (scales cast to f32,
+so mlx-lm computes in f32), checks that the two agree within 1e-4, and writes mlx-lm's logits
+and greedy tokens of the first to <out>/inflated-q4g64/golden.*:
+    /tmp/mlx/bin/python engine/tests/golden/make_mlx.py --inflated target/debug/shadowmoe \
+        --out engine/tests/golden/mlx
 """
 
 import argparse
 import json
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -163,6 +174,59 @@ def make(arch, bits, group, dtype, out_root):
     print(f"{out.name}: {len(ids)} prompt tokens, generated {generated}")
 
 
+ROOT = HERE.parents[2]
+# The widths the engine's test (engine/tests/inflate.rs) inflates to.
+INFLATED = [(64, 64), (512, 64)]
+
+
+def make_inflated(binary, out_root):
+    src = ROOT / "models/reference/checkpoint-4bit"
+    ids = json.loads((ROOT / "models/reference/checkpoint/golden.json").read_text())["prompt_ids"]
+    out = out_root / "inflated-q4g64"
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for hidden, width in INFLATED:
+            dst = Path(tmp) / f"h{hidden}-i{width}"
+            subprocess.run(
+                [binary, "inflate", "--model", str(src), "--out", str(dst), "--hidden", str(hidden),
+                 "--moe-intermediate", str(width)],
+                check=True,
+            )
+            model, _ = load(str(dst))
+            model.set_dtype(mx.float32)  # the bf16 scales and biases, exactly, in f32
+            results.append(run(model, ids))
+            del model
+    (logits, generated), (wide, wide_generated) = results
+    diff = float(np.abs(wide - logits).max())
+    if diff > 1e-4 or wide_generated != generated:
+        sys.exit(f"mlx-lm: the inflated copy at hidden 512 differs from hidden 64 by {diff} (tokens {wide_generated} vs {generated})")
+    save_file(
+        {
+            "prompt_ids": np.array(ids, dtype=np.int64),
+            "logits": np.ascontiguousarray(logits, dtype=np.float32),
+            "generated": np.array(generated, dtype=np.int64),
+        },
+        str(out / "golden.safetensors"),
+    )
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    meta = {
+        "made_by": "engine/tests/golden/make_mlx.py --inflated",
+        "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
+        "source": "models/reference/checkpoint-4bit",
+        "inflated": [{"hidden": h, "moe_intermediate": w} for h, w in INFLATED],
+        "bits": 4,
+        "group_size": 64,
+        "dtype": "bfloat16 scales, computed in float32",
+        "prompt_ids": ids,
+        "generated": generated,
+        "mlx_max_logit_diff_between_widths": diff,
+        "min_logit_top2_gap": float((top2[:, 1] - top2[:, 0]).min()),
+    }
+    (out / "golden.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"{out.name}: {len(ids)} prompt tokens, widths agree within {diff:.2e}, generated {generated}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory that receives one folder per quantised fixture")
@@ -170,7 +234,11 @@ def main():
     ap.add_argument("--quant", default="4:64,8:64", help="comma list of bits:group_size")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--convert", help="only quantise this checkpoint into --out (one --quant)")
+    ap.add_argument("--inflated", metavar="BIN", help="only judge `BIN inflate` on the bundled 4-bit model")
     args = ap.parse_args()
+    if args.inflated:
+        make_inflated(args.inflated, Path(args.out))
+        return
     if args.convert:
         bits, group = (int(v) for v in args.quant.split(",")[0].split(":"))
         convert_only(Path(args.convert), Path(args.out), bits, group, args.dtype)

@@ -28,6 +28,14 @@
 //! contiguous, 4 KiB-aligned extent (gate, up, down), one shard per MoE layer, so the store
 //! reads one expert with one O_DIRECT read. The checkpoint is written under `OUT.partial` and
 //! renamed when complete.
+//!
+//! An MLX-quantised source (`mlx_lm.convert -q`, experts stacked as `switch_mlp`) is inflated
+//! on its quantised values, group by group ([`quantized`]), into the same layout: every
+//! expert matrix quantised (at hidden 2048 / width 512, 4-bit group 64, an expert is
+//! Qwen3-Coder-Next's 1,769,472 bytes), each of an expert's nine pieces at a 4 KiB boundary
+//! at that size.
+
+mod quantized;
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
@@ -40,6 +48,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{Arch, QkNorm};
 use crate::error::{EngineError, Result};
 use crate::offload::ALIGN;
+use crate::quant::QuantSpec;
 use crate::weights::{DType, Weight};
 
 /// What to inflate to.
@@ -61,6 +70,11 @@ pub struct InflatePlan {
     /// `H = copies · h · 4^shift`.
     pub shift: u32,
     pub rms_norm_eps: f64,
+    /// The quantisation every expert matrix of the copy gets (MLX-quantised sources): the
+    /// source's default bits and group size.
+    pub quant: Option<QuantSpec>,
+    /// Bytes of one expert of the copy (its three matrices, with scales and biases).
+    pub expert_bytes: u64,
 }
 
 /// What [`inflate`] wrote.
@@ -121,13 +135,70 @@ pub fn plan(src: &Checkpoint, opts: &InflateOptions) -> Result<InflatePlan> {
     } else {
         (2, bits / 2)
     };
+    let quant = cfg.quantization.as_ref().map(|q| q.default);
+    let mlx = src.weights.mlx_layout();
+    if mlx && quant.is_none() {
+        return Err(EngineError::invalid(
+            "--model",
+            format!(
+                "{}: experts stacked as switch_mlp but unquantised; inflate the Hugging Face checkpoint it was converted from",
+                src.dir.display()
+            ),
+        ));
+    }
+    if quant.is_some() && !mlx {
+        return Err(EngineError::invalid(
+            "--model",
+            format!(
+                "{}: quantised, but its experts are not stacked as mlx_lm writes them (switch_mlp)",
+                src.dir.display()
+            ),
+        ));
+    }
+    let (hh, ii) = (opts.hidden, opts.moe_intermediate);
+    let expert_bytes = match quant {
+        Some(q) => {
+            if !ii.is_multiple_of(q.group_size) {
+                return Err(EngineError::invalid(
+                    "--moe-intermediate",
+                    format!(
+                        "{ii} is not a multiple of the checkpoint's quantisation group size {}",
+                        q.group_size
+                    ),
+                ));
+            }
+            let sdt = scales_dtype(src);
+            (2 * q.matrix_bytes(ii, hh, sdt.size()) + q.matrix_bytes(hh, ii, sdt.size())) as u64
+        }
+        None => {
+            let dt = src
+                .weights
+                .names()
+                .find(|n| n.contains(".mlp.experts."))
+                .and_then(|n| src.weights.entry(n))
+                .map_or(2, |e| e.dtype.size());
+            (3 * hh * ii * dt) as u64
+        }
+    };
     Ok(InflatePlan {
-        hidden: opts.hidden,
-        moe_intermediate: opts.moe_intermediate,
+        hidden: hh,
+        moe_intermediate: ii,
         copies,
         shift,
         rms_norm_eps: f64::from(cfg.rms_norm_eps) / 4f64.powi(shift as i32),
+        quant,
+        expert_bytes,
     })
+}
+
+/// The dtype of a quantised checkpoint's scales and biases (the first `.scales` tensor's).
+fn scales_dtype(src: &Checkpoint) -> DType {
+    src.weights
+        .names()
+        .filter(|n| n.ends_with(".scales"))
+        .min()
+        .and_then(|n| src.weights.entry(n))
+        .map_or(DType::BF16, |e| e.dtype)
 }
 
 /// How one tensor is rewritten.
@@ -196,12 +267,14 @@ fn rule_of(name: &str, qk_norm: QkNorm, p: &InflatePlan) -> Option<Rule> {
         }
         "self_attn.o_proj.weight" | "mlp.down_proj.weight" => Rule::WriterRows,
         "self_attn.q_norm.weight" | "self_attn.k_norm.weight" => Rule::Copy,
-        t if t.starts_with("mlp.experts.") => match t.rsplit('.').nth(1)? {
-            "gate_proj" => Rule::ExpertGate,
-            "up_proj" => Rule::ExpertUp,
-            "down_proj" => Rule::ExpertDown,
-            _ => return None,
-        },
+        t if t.starts_with("mlp.experts.") || t.starts_with("mlp.switch_mlp.") => {
+            match t.rsplit('.').nth(1)? {
+                "gate_proj" => Rule::ExpertGate,
+                "up_proj" => Rule::ExpertUp,
+                "down_proj" => Rule::ExpertDown,
+                _ => return None,
+            }
+        }
         _ => return None,
     })
 }
@@ -296,6 +369,48 @@ fn put_scaled(src: &[f32], scale: f32, dtype: DType, dst: &mut [u8], name: &str)
         }
     }
     Ok(())
+}
+
+/// One unit of work: a float tensor, or a quantised matrix (its words, scales and biases,
+/// built together and written in that order).
+#[derive(Debug, Clone)]
+struct Item {
+    /// The source tensor (a quantised matrix's words).
+    src: String,
+    rule: Rule,
+    out: Vec<OutTensor>,
+    /// The bits and group size of the output matrix (quantised items).
+    quant: Option<QuantSpec>,
+}
+
+/// The bytes of `it`'s output tensors.
+fn build_item(it: &Item, src: &Checkpoint, p: &InflatePlan, seed: u64) -> Result<Vec<Vec<u8>>> {
+    let h = src.config.hidden_size;
+    match it.quant {
+        Some(spec) => {
+            let source = quantized::Source::read(&src.weights, &it.src, spec)?;
+            let sdt = it.out[1].dtype;
+            let [w, s, b] = quantized::build(
+                it.rule,
+                &source,
+                &it.src,
+                h,
+                p.copies,
+                p.hidden,
+                p.moe_intermediate,
+                sdt,
+                seed,
+            )?;
+            Ok(vec![w, s, b])
+        }
+        None => Ok(vec![build(
+            &it.out[0],
+            &src.weights.get_any(&it.src)?,
+            p,
+            h,
+            seed,
+        )?]),
+    }
 }
 
 /// The bytes of one output tensor.
@@ -426,15 +541,6 @@ pub fn inflate(
     opts: &InflateOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<InflateSummary> {
-    if src.config.quantization.is_some() || src.weights.mlx_layout() {
-        return Err(EngineError::invalid(
-            "--model",
-            format!(
-                "{}: inflate grows float checkpoints in the Hugging Face layout; this one is MLX-converted (quantised or switch_mlp experts)",
-                src.dir.display()
-            ),
-        ));
-    }
     let p = plan(src, opts)?;
     let cfg = &src.config;
     if out.exists() {
@@ -447,35 +553,114 @@ pub fn inflate(
         ));
     }
     // Every tensor gets its rule; experts go to one shard per MoE layer, the rest to the first.
+    // A quantised matrix's scales and biases travel with its words.
     let mut names: Vec<&str> = src.weights.names().collect();
     names.sort();
+    let sdt = scales_dtype(src);
     let mut base = Vec::new();
-    let mut experts: BTreeMap<usize, Vec<OutTensor>> = BTreeMap::new();
+    let mut experts: BTreeMap<usize, Vec<Item>> = BTreeMap::new();
     for name in names {
+        if let Some(stem) = name
+            .strip_suffix(".scales")
+            .or_else(|| name.strip_suffix(".biases"))
+            && src.weights.contains(&format!("{stem}.weight"))
+        {
+            continue;
+        }
         let entry = src.weights.entry(name).expect("listed");
-        let rule = rule_of(name, cfg.qk_norm, &p).ok_or_else(|| EngineError::Tensor {
+        let tensor_err = |message: String| EngineError::Tensor {
             path: src.weights.file_path(entry.file).to_path_buf(),
             tensor: name.to_string(),
-            message: "inflate does not know how to grow this tensor".into(),
-        })?;
-        let t = OutTensor {
-            name: name.to_string(),
-            rule,
-            dtype: entry.dtype,
-            shape: out_shape(rule, &entry.shape, &p),
+            message,
         };
-        if matches!(rule, Rule::ExpertGate | Rule::ExpertUp | Rule::ExpertDown) {
+        let rule = rule_of(name, cfg.qk_norm, &p)
+            .ok_or_else(|| tensor_err("inflate does not know how to grow this tensor".into()))?;
+        let is_expert = matches!(rule, Rule::ExpertGate | Rule::ExpertUp | Rule::ExpertDown);
+        let quantised = src.weights.is_quantized(name);
+        let item = match (p.quant, &cfg.quantization) {
+            (Some(_), Some(qc)) if quantised || is_expert => {
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                let spec = qc.spec_for(module).ok_or_else(|| {
+                    tensor_err(format!(
+                        "config.json's quantization leaves {module} unquantised; inflate quantises every expert matrix"
+                    ))
+                })?;
+                let mut logical = entry.shape.clone();
+                if quantised && let Some(last) = logical.last_mut() {
+                    *last *= spec.per_word();
+                }
+                let [.., rows, k] = logical[..] else {
+                    return Err(tensor_err(format!(
+                        "expected a matrix, found shape {:?}",
+                        entry.shape
+                    )));
+                };
+                let lead = &logical[..logical.len() - 2];
+                let (orows, ok) = quantized::out_dims(rule, rows, k, p.hidden, p.moe_intermediate);
+                let stem = name.strip_suffix(".weight").unwrap_or(name);
+                let sd = src
+                    .weights
+                    .entry(&format!("{stem}.scales"))
+                    .map_or(sdt, |e| e.dtype);
+                let shape = |cols: usize| [lead, &[orows, cols]].concat();
+                Item {
+                    src: name.to_string(),
+                    rule,
+                    quant: Some(spec),
+                    out: vec![
+                        OutTensor {
+                            name: name.to_string(),
+                            rule,
+                            dtype: DType::U32,
+                            shape: shape(spec.words_per_row(ok)),
+                        },
+                        OutTensor {
+                            name: format!("{stem}.scales"),
+                            rule,
+                            dtype: sd,
+                            shape: shape(ok / spec.group_size),
+                        },
+                        OutTensor {
+                            name: format!("{stem}.biases"),
+                            rule,
+                            dtype: sd,
+                            shape: shape(ok / spec.group_size),
+                        },
+                    ],
+                }
+            }
+            _ => {
+                if quantised {
+                    return Err(tensor_err(
+                        "quantised, but config.json has no quantization block".into(),
+                    ));
+                }
+                Item {
+                    src: name.to_string(),
+                    rule,
+                    quant: None,
+                    out: vec![OutTensor {
+                        name: name.to_string(),
+                        rule,
+                        dtype: entry.dtype,
+                        shape: out_shape(rule, &entry.shape, &p),
+                    }],
+                }
+            }
+        };
+        if is_expert {
             let layer: usize = name
                 .split('.')
                 .nth(2)
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| EngineError::invalid(name, "no layer index in the tensor name"))?;
-            experts.entry(layer).or_default().push(t);
+            experts.entry(layer).or_default().push(item);
         } else {
-            base.push(t);
+            base.push(item);
         }
     }
-    // Within a layer: expert by expert, gate, up, down: one contiguous extent each.
+    // Within a layer: expert by expert, gate, up, down: one contiguous extent each (stacked
+    // experts: the gate, up and down tensors in that order).
     let part_rank = |r: Rule| match r {
         Rule::ExpertGate => 0,
         Rule::ExpertUp => 1,
@@ -483,24 +668,24 @@ pub fn inflate(
     };
     let expert_of = |n: &str| -> usize { n.split('.').nth(5).and_then(|s| s.parse().ok()).unwrap_or(0) };
     for list in experts.values_mut() {
-        list.sort_by_key(|t| (expert_of(&t.name), part_rank(t.rule)));
+        list.sort_by_key(|it| (expert_of(&it.src), part_rank(it.rule)));
     }
     let n_files = 1 + experts.len();
     let file_name = |i: usize| format!("model-{:05}-of-{n_files:05}.safetensors", i + 1);
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
     metadata.insert("shadowmoe_inflated_from".to_string(), src.config_sha256()?);
-    let shards: Vec<Vec<&OutTensor>> = std::iter::once(base.iter().collect())
-        .chain(experts.values().map(|v| v.iter().collect()))
+    let shards: Vec<&[Item]> = std::iter::once(base.as_slice())
+        .chain(experts.values().map(Vec::as_slice))
         .collect();
     let headers = shards
         .iter()
-        .map(|s| header(s, &metadata))
+        .map(|s| header(&s.iter().flat_map(|it| &it.out).collect::<Vec<_>>(), &metadata))
         .collect::<Result<Vec<_>>>()?;
     let total: u64 = shards
         .iter()
         .zip(&headers)
-        .map(|(s, hd)| hd.len() as u64 + s.iter().map(|t| t.nbytes()).sum::<u64>())
+        .map(|(s, hd)| hd.len() as u64 + s.iter().flat_map(|it| &it.out).map(|t| t.nbytes()).sum::<u64>())
         .sum();
 
     let parent = match out.parent() {
@@ -545,12 +730,14 @@ pub fn inflate(
         for batch in shard.chunks(48) {
             let bytes = batch
                 .par_iter()
-                .map(|t| build(t, &src.weights.get_any(&t.name)?, &p, h, opts.seed))
+                .map(|it| build_item(it, src, &p, opts.seed))
                 .collect::<Result<Vec<_>>>()?;
-            for (t, b) in batch.iter().zip(bytes) {
-                w.write_all(&b).map_err(io)?;
-                bump(b.len() as u64);
-                weight_map.insert(t.name.clone(), file_name(i));
+            for (it, bufs) in batch.iter().zip(bytes) {
+                for (t, b) in it.out.iter().zip(bufs) {
+                    w.write_all(&b).map_err(io)?;
+                    bump(b.len() as u64);
+                    weight_map.insert(t.name.clone(), file_name(i));
+                }
             }
         }
         let file = w
@@ -573,12 +760,7 @@ pub fn inflate(
     obj.insert("moe_intermediate_size".into(), json!(p.moe_intermediate));
     obj.insert("rms_norm_eps".into(), json!(p.rms_norm_eps));
     obj.insert("head_dim".into(), json!(cfg.head_dim));
-    let expert_bytes = (3 * p.hidden * p.moe_intermediate) as u64
-        * experts
-            .values()
-            .next()
-            .and_then(|v| v.first())
-            .map_or(2, |t| t.dtype.size() as u64);
+    let expert_bytes = p.expert_bytes;
     obj.insert(
         "shadowmoe_inflate".into(),
         json!({
@@ -639,7 +821,7 @@ pub fn inflate(
         files: n_files,
         total_bytes: total,
         expert_bytes,
-        experts: experts.values().map(|v| v.len() / 3).sum(),
+        experts: experts.len() * cfg.num_experts,
     })
 }
 
