@@ -17,7 +17,7 @@
 # grid), LIVE_CAPACITY (CAPACITY), LIVE_MORE (1; 0: live grid A and depth 2 at 160 only), REPEAT (3), TRAIN_TOKENS (16: new tokens per training prompt), TRAIN_SHARD (0/1: every N-th prompt of both traces),
 # LIVE_DATASET (datasets/live-short.jsonl), LIVE_PROMPTS (2), LIVE_TOKENS (40), IO_THREADS (4), CONTROL (1:
 # also read a random-bytes file the size of the experts; needs 26 GB free), PROFILE (dev: the
-# build `cargo test` makes, every crate optimised).
+# build `cargo test` makes, every crate optimised), BIN (a folder of built binaries: nothing is built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/headline}
@@ -30,12 +30,16 @@ IO_THREADS=${IO_THREADS:-4}
 LIVE_DATASET=${LIVE_DATASET:-datasets/live-short.jsonl}
 PROFILE=${PROFILE:-dev}
 DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
-BIN=${CARGO_TARGET_DIR:-target}/$DIR
+# BIN: a folder of already built binaries (then nothing is built).
+PREBUILT=${BIN:-}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/$DIR}
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 t0=$(date +%s)
 step() { echo "== $(( $(date +%s) - t0 ))s: $*" >&2; }
 
-if [ "$PROFILE" = dev ]; then
+if [ -n "$PREBUILT" ]; then
+  :
+elif [ "$PROFILE" = dev ]; then
   cargo test --workspace --no-run -q
 else
   cargo build --workspace --profile "$PROFILE" -q
