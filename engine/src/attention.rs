@@ -41,6 +41,25 @@ impl KvCache {
             len: 0,
         }
     }
+
+    /// Keeps the first `len` positions only (a conversation's shared prefix). Attention keys and
+    /// values are cut; a recurrent state (Gated DeltaNet) cannot be rewound, so a cache that
+    /// holds one is left as it is and `false` comes back unless `len` is all of it.
+    pub fn truncate(&mut self, len: usize) -> bool {
+        if len >= self.len {
+            return len == self.len;
+        }
+        if self.layers.iter().any(|l| !l.conv.is_empty() || !l.state.is_empty()) {
+            return false;
+        }
+        for l in &mut self.layers {
+            let (kw, vw) = (l.k.len() / self.len, l.v.len() / self.len);
+            l.k.truncate(len * kw);
+            l.v.truncate(len * vw);
+        }
+        self.len = len;
+        true
+    }
 }
 
 /// Weights and shape of one attention block.
