@@ -77,6 +77,10 @@ struct ServeArgs {
     /// previous request's tokens reuses their KV cache).
     #[arg(long)]
     no_prefix_reuse: bool,
+    /// Warm start: load the resident expert set from FILE at start (when it exists) and save
+    /// it there at shutdown (SIGINT/SIGTERM).
+    #[arg(long, value_name = "FILE")]
+    cache_state: Option<PathBuf>,
     /// Defaults for requests that do not say (`--max-new-tokens`: when a request gives no
     /// `max_tokens`).
     #[command(flatten)]
@@ -320,13 +324,17 @@ fn run_serve(a: ServeArgs) -> Result<()> {
     let opts = shadowmoe_serve::ServeOptions {
         host: a.host.clone(),
         port: a.port,
-        model_id: a.served_model_name.clone().unwrap_or_else(|| a.model.model.clone()),
+        model_id: a
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| a.model.model.clone()),
         max_input_tokens: a.max_input_tokens,
         queue_depth: a.queue_depth,
         default_max_tokens: a.sampling.max_new_tokens,
         default_sampling: a.sampling.params(),
         chat_template: !a.no_chat_template,
         reuse_prefix: !a.no_prefix_reuse,
+        cache_state: a.cache_state.clone(),
     };
     // The port first: one taken is an error before the model loads.
     let server = shadowmoe_serve::Server::bind(opts)?;
@@ -338,6 +346,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         tokenizer: ckpt.tokenizer()?,
         eos_token_ids: ckpt.eos_token_ids(),
         cached: loaded.cached.clone(),
+        config_sha256: ckpt.config_sha256()?,
     };
     server.run(engine)?;
     a.cache.finish(&mut loaded, None, context)

@@ -19,7 +19,10 @@ fn root() -> PathBuf {
 }
 
 fn model() -> String {
-    root().join("models/reference/checkpoint").to_string_lossy().into_owned()
+    root()
+        .join("models/reference/checkpoint")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A server process, killed if the test fails before it is stopped.
@@ -72,7 +75,13 @@ impl Server {
     /// SIGTERM, then the exit status and the log.
     fn stop(mut self) -> (bool, String) {
         let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -89,7 +98,17 @@ impl Server {
 /// `shadowmoe generate`'s greedy text and prompt length.
 fn generate(flag: &str, prompt: &str, tokens: usize) -> serde_json::Value {
     let o = bin()
-        .args(["generate", "--model", &model(), flag, prompt, "--threads", "2", "--capacity", "160"])
+        .args([
+            "generate",
+            "--model",
+            &model(),
+            flag,
+            prompt,
+            "--threads",
+            "2",
+            "--capacity",
+            "160",
+        ])
         .args(["--max-new-tokens", &tokens.to_string()])
         .output()
         .unwrap();
@@ -109,7 +128,10 @@ fn generate(flag: &str, prompt: &str, tokens: usize) -> serde_json::Value {
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap();
-    assert_eq!(generated, tokens, "the reference stopped early at an end-of-sequence token: pick another prompt");
+    assert_eq!(
+        generated, tokens,
+        "the reference stopped early at an end-of-sequence token: pick another prompt"
+    );
     serde_json::json!({"prompt": prompt, "tokens": tokens, "text": text, "prompt_tokens": prompt_tokens})
 }
 
@@ -128,7 +150,9 @@ fn python_with_sdks() -> Option<String> {
         "the openai, anthropic and prometheus_client packages are required here: \
          pip install openai==3.57.0 anthropic==2.16.0 prometheus_client==0.26.0 (or set SHADOWMOE_PYTHON)"
     );
-    eprintln!("openai/anthropic/prometheus_client not installed for {python}: the SDK checks are skipped (CI runs them)");
+    eprintln!(
+        "openai/anthropic/prometheus_client not installed for {python}: the SDK checks are skipped (CI runs them)"
+    );
     None
 }
 
@@ -139,9 +163,19 @@ fn real_sdks_against_the_server() {
     };
     let completion = generate("--prompt", "def parse_args(argv):", 24);
     let chat = generate("--chat", "Write a function that reverses a list.", 16);
-    let server = Server::start(&["--capacity", "160", "--max-input-tokens", "256", "--queue-depth", "16"]);
-    let busy = Server::start(&["--queue-depth", "0"]);
     let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("cache-state.json");
+    let server = Server::start(&[
+        "--capacity",
+        "160",
+        "--max-input-tokens",
+        "256",
+        "--queue-depth",
+        "16",
+        "--cache-state",
+        state.to_str().unwrap(),
+    ]);
+    let busy = Server::start(&["--queue-depth", "0"]);
     let cfg = tmp.path().join("clients.json");
     let model = model();
     std::fs::write(
@@ -172,7 +206,10 @@ fn real_sdks_against_the_server() {
     );
     assert!(out.contains("all checks passed"), "{out}");
     assert!(ok, "the server did not exit cleanly on SIGTERM:\n{log}");
-    assert!(log.contains("experts: hit rate"), "no closing cache summary:\n{log}");
+    assert!(
+        log.contains("experts: hit rate"),
+        "no closing cache summary:\n{log}"
+    );
     let _ = busy.stop();
 }
 
@@ -190,6 +227,26 @@ fn a_port_in_use_is_a_one_line_error() {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
         lines[0].contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    // A cache state of another model: one line, before serving.
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state.json");
+    std::fs::write(
+        &state,
+        r#"{"format":"shadowmoe-cache-state","version":1,"config_sha256":"00ff","experts":[[0,1]]}"#,
+    )
+    .unwrap();
+    let o = bin()
+        .args(["serve", "--model", &model(), "--port", "0", "--capacity", "160"])
+        .args(["--cache-state", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert!(
+        lines.len() == 1 && lines[0].contains("cache state of another model"),
         "{err}"
     );
     // Bad flags: one line each.

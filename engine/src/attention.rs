@@ -49,7 +49,11 @@ impl KvCache {
         if len >= self.len {
             return len == self.len;
         }
-        if self.layers.iter().any(|l| !l.conv.is_empty() || !l.state.is_empty()) {
+        if self
+            .layers
+            .iter()
+            .any(|l| !l.conv.is_empty() || !l.state.is_empty())
+        {
             return false;
         }
         for l in &mut self.layers {

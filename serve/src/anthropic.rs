@@ -69,7 +69,10 @@ fn text_of(api: Api, field: &str, c: Content) -> Result<String, ApiError> {
                     return Err(ApiError::bad(
                         api,
                         field,
-                        format!("`{field}`: content block of type `{}` is not supported (text only)", b.kind),
+                        format!(
+                            "`{field}`: content block of type `{}` is not supported (text only)",
+                            b.kind
+                        ),
                     ));
                 }
                 out.push_str(&b.text.unwrap_or_default());
@@ -122,14 +125,21 @@ async fn inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> 
         }
     }
     if req.messages.is_empty() {
-        return Err(ApiError::bad(api, "messages", "`messages` is empty: give at least one message"));
+        return Err(ApiError::bad(
+            api,
+            "messages",
+            "`messages` is empty: give at least one message",
+        ));
     }
     for (i, m) in req.messages.into_iter().enumerate() {
         if !matches!(m.role.as_str(), "user" | "assistant") {
             return Err(ApiError::bad(
                 api,
                 "",
-                format!("messages.{i}.role: `{}` is not supported (expected user or assistant)", m.role),
+                format!(
+                    "messages.{i}.role: `{}` is not supported (expected user or assistant)",
+                    m.role
+                ),
             ));
         }
         let content = text_of(api, &format!("messages.{i}.content"), m.content)?;
@@ -197,7 +207,10 @@ async fn inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> 
                     Event::Done(reason, usage) => {
                         let (reason, seq) = stop_reason(&reason);
                         let closing = [
-                            ev("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+                            ev(
+                                "content_block_stop",
+                                json!({"type": "content_block_stop", "index": 0}),
+                            ),
                             ev(
                                 "message_delta",
                                 json!({"type": "message_delta",

@@ -50,7 +50,12 @@ pub struct SamplingFields {
 
 impl SamplingFields {
     /// Checks the ranges (`max_temperature`: 2 for OpenAI, 1 for Anthropic).
-    pub fn resolve(self, api: Api, defaults: SamplingParams, max_temperature: f64) -> Result<SamplingParams, ApiError> {
+    pub fn resolve(
+        self,
+        api: Api,
+        defaults: SamplingParams,
+        max_temperature: f64,
+    ) -> Result<SamplingParams, ApiError> {
         let mut p = defaults;
         if let Some(t) = self.temperature {
             if !(0.0..=max_temperature).contains(&t) {
@@ -64,13 +69,18 @@ impl SamplingFields {
         }
         if let Some(v) = self.top_p {
             if !(v > 0.0 && v <= 1.0) {
-                return Err(ApiError::bad(api, "top_p", format!("`top_p` is {v}, expected a number in (0, 1]")));
+                return Err(ApiError::bad(
+                    api,
+                    "top_p",
+                    format!("`top_p` is {v}, expected a number in (0, 1]"),
+                ));
             }
             p.top_p = v as f32;
         }
         if let Some(k) = self.top_k {
-            p.top_k = usize::try_from(k)
-                .map_err(|_| ApiError::bad(api, "top_k", format!("`top_k` is {k}, expected an integer >= 0")))?;
+            p.top_k = usize::try_from(k).map_err(|_| {
+                ApiError::bad(api, "top_k", format!("`top_k` is {k}, expected an integer >= 0"))
+            })?;
         }
         if let Some(s) = self.seed {
             // Negative seeds are fine: the bits are the seed.
@@ -84,8 +94,14 @@ impl SamplingFields {
 pub fn max_tokens(api: Api, field: &str, value: Option<i64>, default: usize) -> Result<usize, ApiError> {
     match value {
         None => Ok(default),
-        Some(n) if n >= 1 => usize::try_from(n).map_err(|_| ApiError::bad(api, field, format!("`{field}` is too large"))),
-        Some(n) => Err(ApiError::bad(api, field, format!("`{field}` is {n}, expected an integer >= 1"))),
+        Some(n) if n >= 1 => {
+            usize::try_from(n).map_err(|_| ApiError::bad(api, field, format!("`{field}` is too large")))
+        }
+        Some(n) => Err(ApiError::bad(
+            api,
+            field,
+            format!("`{field}` is {n}, expected an integer >= 1"),
+        )),
     }
 }
 
@@ -99,7 +115,10 @@ pub fn check_model(s: &Shared, api: Api, model: &str) -> Result<(), ApiError> {
         ..ApiError::new(
             api,
             Kind::NotFound,
-            format!("model `{model}` not found: this server serves `{}`", s.opts.model_id),
+            format!(
+                "model `{model}` not found: this server serves `{}`",
+                s.opts.model_id
+            ),
         )
     }
     .with_code("model_not_found"))
@@ -109,12 +128,21 @@ pub fn check_model(s: &Shared, api: Api, model: &str) -> Result<(), ApiError> {
 /// or, with `--no-chat-template` or no template, the texts joined by blank lines.
 pub fn chat_tokens(s: &Shared, api: Api, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::bad(api, "messages", "`messages` is empty: give at least one message"));
+        return Err(ApiError::bad(
+            api,
+            "messages",
+            "`messages` is empty: give at least one message",
+        ));
     }
     let tok = &s.tokenizer;
     let ids = if s.opts.chat_template && tok.has_chat_template() {
-        tok.encode_chat(messages)
-            .map_err(|e| ApiError::bad(api, "messages", format!("the chat template refused the messages: {e}")))?
+        tok.encode_chat(messages).map_err(|e| {
+            ApiError::bad(
+                api,
+                "messages",
+                format!("the chat template refused the messages: {e}"),
+            )
+        })?
     } else {
         let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         tok.encode(&text.join("\n\n"))
@@ -139,7 +167,10 @@ pub fn id_tokens(s: &Shared, api: Api, ids: Vec<u32>) -> Result<Vec<u32>, ApiErr
         return Err(ApiError::bad(
             api,
             "prompt",
-            format!("token id {bad} is outside the vocabulary (vocab_size = {})", s.vocab_size),
+            format!(
+                "token id {bad} is outside the vocabulary (vocab_size = {})",
+                s.vocab_size
+            ),
         ));
     }
     check_prompt(s, api, "prompt", ids)
@@ -177,10 +208,18 @@ pub struct Prepared {
 /// Stop strings checked: at most 4 (OpenAI's limit), none empty.
 pub fn stop_strings(api: Api, field: &str, stops: Vec<String>) -> Result<Vec<String>, ApiError> {
     if stops.len() > 4 {
-        return Err(ApiError::bad(api, field, format!("`{field}` has {} strings, at most 4 are allowed", stops.len())));
+        return Err(ApiError::bad(
+            api,
+            field,
+            format!("`{field}` has {} strings, at most 4 are allowed", stops.len()),
+        ));
     }
     if stops.iter().any(String::is_empty) {
-        return Err(ApiError::bad(api, field, format!("`{field}` has an empty string")));
+        return Err(ApiError::bad(
+            api,
+            field,
+            format!("`{field}` has an empty string"),
+        ));
     }
     Ok(stops)
 }
@@ -216,23 +255,38 @@ pub fn submit(s: &Shared, api: Api, p: Prepared) -> Result<UnboundedReceiver<Eve
                         ),
                     ))
                 }
-                TrySendError::Disconnected(_) => Err(ApiError::new(api, Kind::Internal, "the engine has stopped")),
+                TrySendError::Disconnected(_) => {
+                    Err(ApiError::new(api, Kind::Internal, "the engine has stopped"))
+                }
             }
         }
     }
 }
 
 /// Waits for a whole answer (non-streaming requests).
-pub async fn collect(api: Api, rx: &mut UnboundedReceiver<Event>) -> Result<(String, FinishReason, Usage), ApiError> {
+pub async fn collect(
+    api: Api,
+    rx: &mut UnboundedReceiver<Event>,
+) -> Result<(String, FinishReason, Usage), ApiError> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
             Event::Done(reason, usage) => return Ok((text, reason, usage)),
-            Event::Failed(m) => return Err(ApiError::new(api, Kind::Internal, format!("generation failed: {m}"))),
+            Event::Failed(m) => {
+                return Err(ApiError::new(
+                    api,
+                    Kind::Internal,
+                    format!("generation failed: {m}"),
+                ));
+            }
         }
     }
-    Err(ApiError::new(api, Kind::Internal, "the engine stopped before answering"))
+    Err(ApiError::new(
+        api,
+        Kind::Internal,
+        "the engine stopped before answering",
+    ))
 }
 
 /// Counts a refused request, then passes the error on.

@@ -10,8 +10,9 @@
 //! [`Server::run`] with the loaded [`Engine`]; it returns after SIGINT or SIGTERM, once the
 //! running request has finished.
 
-mod api;
 mod anthropic;
+mod api;
+mod cache_state;
 mod error;
 mod metrics;
 mod openai;
@@ -56,6 +57,9 @@ pub struct ServeOptions {
     pub chat_template: bool,
     /// Reuse the previous request's KV cache for a shared prompt prefix.
     pub reuse_prefix: bool,
+    /// Warm start: the resident expert set is loaded from this file at start (if it exists)
+    /// and written to it at shutdown.
+    pub cache_state: Option<std::path::PathBuf>,
 }
 
 /// The loaded model and what goes with it.
@@ -66,11 +70,15 @@ pub struct Engine {
     pub eos_token_ids: Vec<u32>,
     /// The expert cache, when experts stream from disk (its counters feed `/metrics`).
     pub cached: Option<Arc<CachedExperts>>,
+    /// sha256 of the checkpoint's `config.json` (ties a cache state to its model).
+    pub config_sha256: String,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("model", &self.model).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("model", &self.model)
+            .finish_non_exhaustive()
     }
 }
 
@@ -141,11 +149,30 @@ impl Server {
             tokenizer,
             eos_token_ids,
             cached,
+            config_sha256,
         } = engine;
+        let state_file = self.opts.cache_state.clone();
+        if let Some(path) = &state_file {
+            let Some(c) = &cached else {
+                return Err(ServeError::Invalid {
+                    what: "--cache-state".into(),
+                    message: "applies to the expert cache: give --capacity N or --cache-bytes SIZE too"
+                        .into(),
+                });
+            };
+            let start = Instant::now();
+            let cfg = &model.config;
+            let n = cache_state::load(path, &config_sha256, &cfg.moe_layers(), cfg.num_experts, c)?;
+            if n > 0 {
+                eprintln!(
+                    "shadowmoe serve: warm start: {n} experts loaded from {} in {:.2}s",
+                    path.display(),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        }
         if self.opts.chat_template && !tokenizer.has_chat_template() {
-            tracing::warn!(
-                "the checkpoint has no chat template: chat messages are joined as plain text"
-            );
+            tracing::warn!("the checkpoint has no chat template: chat messages are joined as plain text");
         }
         let tokenizer = Arc::new(tokenizer);
         let metrics = Arc::new(Metrics::default());
@@ -196,6 +223,13 @@ impl Server {
         // The router (and its queue sender) is gone: the worker finishes its job and stops.
         drop(runtime);
         handle.join().map_err(|_| ServeError::WorkerPanicked)?;
+        if let (Some(path), Some(c)) = (&state_file, &cached) {
+            let n = cache_state::save(path, &config_sha256, c)?;
+            eprintln!(
+                "shadowmoe serve: {n} resident experts saved to {}",
+                path.display()
+            );
+        }
         served
     }
 }

@@ -117,9 +117,17 @@ impl Metrics {
         let mut w = Writer::default();
         {
             let m = self.lock();
-            w.family("shadowmoe_requests_total", "counter", "HTTP generation requests by API and outcome");
+            w.family(
+                "shadowmoe_requests_total",
+                "counter",
+                "HTTP generation requests by API and outcome",
+            );
             if m.requests.is_empty() {
-                w.sample("shadowmoe_requests_total", &[("api", "chat_completions"), ("outcome", "ok")], 0.0);
+                w.sample(
+                    "shadowmoe_requests_total",
+                    &[("api", "chat_completions"), ("outcome", "ok")],
+                    0.0,
+                );
             }
             for ((api, outcome), n) in &m.requests {
                 w.sample(
@@ -128,19 +136,51 @@ impl Metrics {
                     *n as f64,
                 );
             }
-            w.counter("shadowmoe_engine_runs_total", "Requests the engine ran", m.runs as f64);
-            w.counter("shadowmoe_prompt_tokens_total", "Prompt tokens of the requests run", m.prompt_tokens as f64);
+            w.counter(
+                "shadowmoe_engine_runs_total",
+                "Requests the engine ran",
+                m.runs as f64,
+            );
+            w.counter(
+                "shadowmoe_prompt_tokens_total",
+                "Prompt tokens of the requests run",
+                m.prompt_tokens as f64,
+            );
             w.counter(
                 "shadowmoe_prefix_reused_tokens_total",
                 "Prompt tokens whose KV cache was reused from the previous request (sessions)",
                 m.reused_tokens as f64,
             );
-            w.counter("shadowmoe_prefill_tokens_total", "Prompt tokens run through prefill", m.prefill_tokens as f64);
-            w.counter("shadowmoe_generated_tokens_total", "Tokens generated", m.completion_tokens as f64);
-            w.counter("shadowmoe_prefill_seconds_total", "Time spent in prefill", m.prefill_secs);
-            w.counter("shadowmoe_decode_steps_total", "Decode steps (tokens after each request's first)", m.decode_steps as f64);
-            w.counter("shadowmoe_decode_seconds_total", "Time spent decoding after the first token", m.decode_secs);
-            w.counter("shadowmoe_queue_seconds_total", "Time requests waited in the queue", m.queue_secs);
+            w.counter(
+                "shadowmoe_prefill_tokens_total",
+                "Prompt tokens run through prefill",
+                m.prefill_tokens as f64,
+            );
+            w.counter(
+                "shadowmoe_generated_tokens_total",
+                "Tokens generated",
+                m.completion_tokens as f64,
+            );
+            w.counter(
+                "shadowmoe_prefill_seconds_total",
+                "Time spent in prefill",
+                m.prefill_secs,
+            );
+            w.counter(
+                "shadowmoe_decode_steps_total",
+                "Decode steps (tokens after each request's first)",
+                m.decode_steps as f64,
+            );
+            w.counter(
+                "shadowmoe_decode_seconds_total",
+                "Time spent decoding after the first token",
+                m.decode_secs,
+            );
+            w.counter(
+                "shadowmoe_queue_seconds_total",
+                "Time requests waited in the queue",
+                m.queue_secs,
+            );
             w.counter(
                 "shadowmoe_time_to_first_token_seconds_total",
                 "Sum over requests of the time from leaving the queue to the first token",
@@ -157,17 +197,45 @@ impl Metrics {
                 "Decode tok/s (after the first token) over all requests so far",
                 rate(m.decode_steps as f64, m.decode_secs),
             );
-            w.gauge("shadowmoe_last_prefill_tokens_per_second", "Prefill tok/s of the last request", m.last_prefill_tok_s);
-            w.gauge("shadowmoe_last_decode_tokens_per_second", "Decode tok/s of the last request", m.last_decode_tok_s);
+            w.gauge(
+                "shadowmoe_last_prefill_tokens_per_second",
+                "Prefill tok/s of the last request",
+                m.last_prefill_tok_s,
+            );
+            w.gauge(
+                "shadowmoe_last_decode_tokens_per_second",
+                "Decode tok/s of the last request",
+                m.last_decode_tok_s,
+            );
         }
-        w.gauge("shadowmoe_queue_depth", "Requests waiting in the queue", self.queued.load(Ordering::Relaxed) as f64);
-        w.gauge("shadowmoe_queue_capacity", "Requests the queue holds (--queue-depth)", queue_capacity as f64);
-        w.gauge("shadowmoe_engine_busy", "1 while the engine runs a request", self.busy.load(Ordering::Relaxed) as f64);
+        w.gauge(
+            "shadowmoe_queue_depth",
+            "Requests waiting in the queue",
+            self.queued.load(Ordering::Relaxed) as f64,
+        );
+        w.gauge(
+            "shadowmoe_queue_capacity",
+            "Requests the queue holds (--queue-depth)",
+            queue_capacity as f64,
+        );
+        w.gauge(
+            "shadowmoe_engine_busy",
+            "1 while the engine runs a request",
+            self.busy.load(Ordering::Relaxed) as f64,
+        );
         if let Some(rss) = current_rss_bytes() {
-            w.gauge("shadowmoe_rss_bytes", "Resident set size of the process now", rss as f64);
+            w.gauge(
+                "shadowmoe_rss_bytes",
+                "Resident set size of the process now",
+                rss as f64,
+            );
         }
         if let Some(peak) = shadowmoe_engine::peak_rss_bytes() {
-            w.gauge("shadowmoe_peak_rss_bytes", "Peak resident set size of the process", peak as f64);
+            w.gauge(
+                "shadowmoe_peak_rss_bytes",
+                "Peak resident set size of the process",
+                peak as f64,
+            );
         }
         if let Some(c) = cached {
             cache_metrics(&mut w, c);
@@ -179,13 +247,41 @@ impl Metrics {
 fn cache_metrics(w: &mut Writer, c: &CachedExperts) {
     let (s, io) = c.stats();
     let resident = c.resident().len();
-    w.family("shadowmoe_expert_activations_total", "counter", "Routed (token, layer, expert) activations by phase");
-    w.sample("shadowmoe_expert_activations_total", &[("phase", "prefill")], s.activations_prefill as f64);
-    w.sample("shadowmoe_expert_activations_total", &[("phase", "decode")], s.activations_decode as f64);
-    w.family("shadowmoe_expert_hits_total", "counter", "Activations whose expert was resident, by phase");
-    w.sample("shadowmoe_expert_hits_total", &[("phase", "prefill")], s.hits_prefill as f64);
-    w.sample("shadowmoe_expert_hits_total", &[("phase", "decode")], s.hits_decode as f64);
-    w.family("shadowmoe_expert_hit_rate", "gauge", "Hit rate so far by phase (all: both)");
+    w.family(
+        "shadowmoe_expert_activations_total",
+        "counter",
+        "Routed (token, layer, expert) activations by phase",
+    );
+    w.sample(
+        "shadowmoe_expert_activations_total",
+        &[("phase", "prefill")],
+        s.activations_prefill as f64,
+    );
+    w.sample(
+        "shadowmoe_expert_activations_total",
+        &[("phase", "decode")],
+        s.activations_decode as f64,
+    );
+    w.family(
+        "shadowmoe_expert_hits_total",
+        "counter",
+        "Activations whose expert was resident, by phase",
+    );
+    w.sample(
+        "shadowmoe_expert_hits_total",
+        &[("phase", "prefill")],
+        s.hits_prefill as f64,
+    );
+    w.sample(
+        "shadowmoe_expert_hits_total",
+        &[("phase", "decode")],
+        s.hits_decode as f64,
+    );
+    w.family(
+        "shadowmoe_expert_hit_rate",
+        "gauge",
+        "Hit rate so far by phase (all: both)",
+    );
     for (phase, r) in [
         ("all", s.hit_rate()),
         ("prefill", s.hit_rate_prefill()),
@@ -193,18 +289,46 @@ fn cache_metrics(w: &mut Writer, c: &CachedExperts) {
     ] {
         w.sample("shadowmoe_expert_hit_rate", &[("phase", phase)], r.unwrap_or(0.0));
     }
-    w.family("shadowmoe_expert_misses_total", "counter", "Misses: cold (first use) or capacity (evicted before)");
-    w.sample("shadowmoe_expert_misses_total", &[("kind", "cold")], s.cold_misses as f64);
-    w.sample("shadowmoe_expert_misses_total", &[("kind", "capacity")], s.capacity_misses as f64);
+    w.family(
+        "shadowmoe_expert_misses_total",
+        "counter",
+        "Misses: cold (first use) or capacity (evicted before)",
+    );
+    w.sample(
+        "shadowmoe_expert_misses_total",
+        &[("kind", "cold")],
+        s.cold_misses as f64,
+    );
+    w.sample(
+        "shadowmoe_expert_misses_total",
+        &[("kind", "capacity")],
+        s.capacity_misses as f64,
+    );
     w.counter(
         "shadowmoe_expert_in_flight_activations_total",
         "Activations whose expert was still loading",
         s.in_flight_activations as f64,
     );
-    w.counter("shadowmoe_expert_demand_loads_total", "Experts loaded on demand", s.demand_loads as f64);
-    w.counter("shadowmoe_expert_evictions_total", "Experts evicted", s.evictions as f64);
-    w.counter("shadowmoe_expert_fallbacks_total", "Activations served by no expert (skip-on-miss)", s.fallbacks as f64);
-    w.family("shadowmoe_prefetches_total", "counter", "Prefetches issued, used, late and wasted");
+    w.counter(
+        "shadowmoe_expert_demand_loads_total",
+        "Experts loaded on demand",
+        s.demand_loads as f64,
+    );
+    w.counter(
+        "shadowmoe_expert_evictions_total",
+        "Experts evicted",
+        s.evictions as f64,
+    );
+    w.counter(
+        "shadowmoe_expert_fallbacks_total",
+        "Activations served by no expert (skip-on-miss)",
+        s.fallbacks as f64,
+    );
+    w.family(
+        "shadowmoe_prefetches_total",
+        "counter",
+        "Prefetches issued, used, late and wasted",
+    );
     for (k, v) in [
         ("issued", s.prefetch_issued),
         ("used", s.prefetch_used),
@@ -213,15 +337,31 @@ fn cache_metrics(w: &mut Writer, c: &CachedExperts) {
     ] {
         w.sample("shadowmoe_prefetches_total", &[("outcome", k)], v as f64);
     }
-    w.counter("shadowmoe_expert_bytes_read_total", "Bytes read from disk for experts", io.bytes_read as f64);
+    w.counter(
+        "shadowmoe_expert_bytes_read_total",
+        "Bytes read from disk for experts",
+        io.bytes_read as f64,
+    );
     w.counter(
         "shadowmoe_expert_stall_seconds_total",
         "Wall time the forward pass waited on expert loads",
         io.stall.as_secs_f64(),
     );
-    w.counter("shadowmoe_expert_load_errors_total", "Expert loads that failed", io.load_errors as f64);
-    w.gauge("shadowmoe_resident_experts", "Experts resident in the cache now", resident as f64);
-    w.gauge("shadowmoe_expert_slots", "Expert slots of the cache", c.total_slots() as f64);
+    w.counter(
+        "shadowmoe_expert_load_errors_total",
+        "Expert loads that failed",
+        io.load_errors as f64,
+    );
+    w.gauge(
+        "shadowmoe_resident_experts",
+        "Experts resident in the cache now",
+        resident as f64,
+    );
+    w.gauge(
+        "shadowmoe_expert_slots",
+        "Expert slots of the cache",
+        c.total_slots() as f64,
+    );
     // The load latency histogram, from every read's span on its worker.
     let lat = io.latencies();
     let name = "shadowmoe_expert_load_seconds";
@@ -292,9 +432,18 @@ mod tests {
             ..Default::default()
         });
         let text = m.render(None, 8);
-        assert!(text.contains("shadowmoe_requests_total{api=\"messages\",outcome=\"ok\"} 1\n"), "{text}");
-        assert!(text.contains("shadowmoe_prefill_tokens_per_second 12\n"), "{text}");
-        assert!(text.contains("shadowmoe_prefix_reused_tokens_total 4\n"), "{text}");
+        assert!(
+            text.contains("shadowmoe_requests_total{api=\"messages\",outcome=\"ok\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shadowmoe_prefill_tokens_per_second 12\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shadowmoe_prefix_reused_tokens_total 4\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE shadowmoe_queue_capacity gauge\nshadowmoe_queue_capacity 8\n"));
     }
 }

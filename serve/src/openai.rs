@@ -138,7 +138,11 @@ fn common(s: &Shared, api: Api, c: Common, prompt: Vec<u32>) -> Result<(Prepared
     if let Some(n) = c.n
         && n != 1
     {
-        return Err(ApiError::bad(api, "n", format!("`n` is {n}: only one choice per request is supported")));
+        return Err(ApiError::bad(
+            api,
+            "n",
+            format!("`n` is {n}: only one choice per request is supported"),
+        ));
     }
     let (field, value) = match c.max_completion_tokens {
         Some(v) => ("max_completion_tokens", Some(v)),
@@ -207,7 +211,9 @@ async fn chat_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiEr
                 return Err(ApiError::bad(
                     api,
                     format!("messages[{i}].role"),
-                    format!("role `{other}` is not supported (expected system, developer, user or assistant)"),
+                    format!(
+                        "role `{other}` is not supported (expected system, developer, user or assistant)"
+                    ),
                 ));
             }
         };
@@ -229,9 +235,13 @@ async fn chat_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiEr
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
             })
         };
-        return Ok(sse(rx, include_usage, chunk, json!({"role": "assistant", "content": ""}), |t| {
-            json!({"content": t})
-        }));
+        return Ok(sse(
+            rx,
+            include_usage,
+            chunk,
+            json!({"role": "assistant", "content": ""}),
+            |t| json!({"content": t}),
+        ));
     }
     let (text, reason, usage) = api::collect(api, &mut rx).await?;
     Ok(Json(json!({
@@ -264,7 +274,11 @@ async fn completions_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response
     api::check_model(s, api, &c.model)?;
     let req: CompletionRequest = api::fields(api, &body)?;
     let one = |n: usize| {
-        ApiError::bad(api, "prompt", format!("`prompt` has {n} prompts: one prompt per request is supported"))
+        ApiError::bad(
+            api,
+            "prompt",
+            format!("`prompt` has {n} prompts: one prompt per request is supported"),
+        )
     };
     let prompt = match req.prompt {
         Prompt::Text(t) => api::text_tokens(s, api, &t)?,
