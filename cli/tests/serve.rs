@@ -181,8 +181,8 @@ fn real_sdks_against_the_server() {
     std::fs::write(
         &cfg,
         serde_json::json!({
-            "base": format!("http://{}", server.base),
-            "busy_base": format!("http://{}", busy.base),
+            "base": server.base,
+            "busy_base": busy.base,
             "model": model,
             "max_input_tokens": 256,
             "completion": completion,

@@ -114,6 +114,7 @@ async fn inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> 
         api::check_model(s, api, m)?;
     }
     let req: Request = api::fields(api, &body)?;
+    api::check_model(s, api, &req.model)?;
     let mut messages = Vec::with_capacity(req.messages.len() + 1);
     if let Some(sys) = req.system {
         let text = text_of(api, "system", sys)?;

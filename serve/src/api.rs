@@ -250,7 +250,8 @@ pub fn submit(s: &Shared, api: Api, p: Prepared) -> Result<UnboundedReceiver<Eve
                         api,
                         Kind::Overloaded,
                         format!(
-                            "the server is busy: {} requests are already waiting (--queue-depth); retry later",
+                            "the server is busy: the engine is running a request and its queue \
+                             (--queue-depth {}) is full; retry later",
                             s.opts.queue_depth
                         ),
                     ))

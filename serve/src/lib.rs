@@ -197,7 +197,7 @@ impl Server {
             vocab_size,
             queue: tx,
             metrics,
-            cached,
+            cached: cached.clone(),
             started: unix_now(),
             worker_stopped: stopped,
         });

@@ -331,7 +331,8 @@ where
     let (tx, out) = tokio::sync::mpsc::channel::<Result<Sse, Infallible>>(64);
     tokio::spawn(async move {
         let data = |v: Value| Ok(Sse::default().data(v.to_string()));
-        if !opening.is_null() && tx.send(data(chunk(opening, None))).await.is_err() {
+        let chat = !opening.is_null();
+        if chat && tx.send(data(chunk(opening, None))).await.is_err() {
             return;
         }
         while let Some(ev) = rx.recv().await {
@@ -342,7 +343,7 @@ where
                     }
                 }
                 Event::Done(reason, usage) => {
-                    let empty = if opening.is_null() { json!("") } else { json!({}) };
+                    let empty = if chat { json!({}) } else { json!("") };
                     let _ = tx.send(data(chunk(empty, Some(finish_reason(&reason))))).await;
                     if include_usage {
                         let mut last = chunk(Value::Null, None);
