@@ -260,3 +260,30 @@ pub fn norm_weight(cfg: &ModelConfig, mut w: Vec<f32>) -> Vec<f32> {
     }
     w
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_cuts_attention_keys_but_not_a_recurrent_state() {
+        let mut c = KvCache::new(2);
+        c.len = 3;
+        for l in &mut c.layers {
+            l.k = (0..12).map(|x| x as f32).collect(); // 3 positions of width 4
+            l.v = (0..6).map(|x| x as f32).collect(); // 3 positions of width 2
+        }
+        assert!(c.truncate(3));
+        assert!(!c.truncate(4));
+        assert!(c.truncate(1));
+        assert_eq!(
+            (c.len, c.layers[1].k.len(), c.layers[1].v.as_slice()),
+            (1, 4, &[0.0, 1.0][..])
+        );
+        let mut r = KvCache::new(1);
+        r.len = 2;
+        r.layers[0].state = vec![1.0; 8];
+        assert!(!r.truncate(1));
+        assert_eq!(r.len, 2);
+    }
+}
