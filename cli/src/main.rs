@@ -3,7 +3,9 @@
 //! - `logits`: the engine's outside-checkable surface — logits, router choices and greedy
 //!   tokens for given token ids, written to a safetensors file;
 //! - `expert-pack`: write a checkpoint's experts as one aligned extent each;
-//! - `inflate`: a function-preserving copy of a checkpoint at a larger hidden size and expert width.
+//! - `inflate`: a function-preserving copy of a checkpoint at a larger hidden size and expert width;
+//! - `serve`: the OpenAI and Anthropic HTTP APIs over the model, with Prometheus metrics
+//!   (`shadowmoe-serve`).
 //!
 //! `generate` and `logits` stream experts from disk through a bounded cache when given
 //! `--capacity` or `--cache-bytes` (see `offload::CacheArgs`).
@@ -43,6 +45,48 @@ enum Command {
     /// Write a copy of a checkpoint at a larger hidden size and expert width that computes the
     /// same function (same logits, same routing), with random bytes in the padding.
     Inflate(InflateArgs),
+    /// Serve the model over HTTP: OpenAI `/v1/chat/completions` and `/v1/completions`,
+    /// Anthropic `/v1/messages`, `/v1/models`, `/health` and Prometheus `/metrics`.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the one taken is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Longest prompt a request may have, in tokens (longer ones get 400).
+    #[arg(long, default_value_t = 4096)]
+    max_input_tokens: usize,
+    /// Requests that may wait behind the running one; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    queue_depth: usize,
+    /// The model name clients use (default: the --model value as given).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Send chat messages as plain text (their contents joined by blank lines) instead of
+    /// through the checkpoint's chat template: for base models.
+    #[arg(long)]
+    no_chat_template: bool,
+    /// Start every request from an empty KV cache (by default a prompt that begins with the
+    /// previous request's tokens reuses their KV cache).
+    #[arg(long)]
+    no_prefix_reuse: bool,
+    /// Warm start: load the resident expert set from FILE at start (when it exists) and save
+    /// it there at shutdown (SIGINT/SIGTERM).
+    #[arg(long, value_name = "FILE")]
+    cache_state: Option<PathBuf>,
+    /// Defaults for requests that do not say (`--max-new-tokens`: when a request gives no
+    /// `max_tokens`).
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    cache: offload::CacheArgs,
 }
 
 #[derive(Args, Debug)]
@@ -97,6 +141,22 @@ struct GenerateArgs {
     /// One user message, rendered through the checkpoint's chat template.
     #[arg(long)]
     chat: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print where the decode passes spent their time (attention, router, experts and their
+    /// loads, LM head), milliseconds per token.
+    #[arg(long)]
+    profile_ops: bool,
+    /// Print where the prompt's pass (prefill) spent its time, in the same parts.
+    #[arg(long)]
+    profile_prefill: bool,
+    #[command(flatten)]
+    cache: offload::CacheArgs,
+}
+
+/// Sampling flags shared by `generate` and `serve`.
+#[derive(Args, Debug)]
+struct SamplingArgs {
     /// Most tokens to generate (stops earlier at an end-of-sequence token).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -112,15 +172,17 @@ struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Print where the decode passes spent their time (attention, router, experts and their
-    /// loads, LM head), milliseconds per token.
-    #[arg(long)]
-    profile_ops: bool,
-    /// Print where the prompt's pass (prefill) spent its time, in the same parts.
-    #[arg(long)]
-    profile_prefill: bool,
-    #[command(flatten)]
-    cache: offload::CacheArgs,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +219,7 @@ fn main() {
         Command::Logits(a) => run_logits(a),
         Command::ExpertPack(a) => run_pack(a),
         Command::Inflate(a) => run_inflate(a),
+        Command::Serve(a) => run_serve(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -194,17 +257,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt: the prompt encodes to no tokens");
     }
-    let context = prompt.len() + a.max_new_tokens;
+    let context = prompt.len() + a.sampling.max_new_tokens;
     let mut loaded = a.cache.load(&ckpt, context)?;
     let model = &loaded.model;
     let opts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
+        max_new_tokens: a.sampling.max_new_tokens,
+        sampling: a.sampling.params(),
         eos_token_ids: ckpt.eos_token_ids(),
     };
     let mut stream = TextStream::default();
@@ -260,6 +318,38 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         );
     }
     a.cache.finish(&mut loaded, Some(&stats), context)
+}
+
+fn run_serve(a: ServeArgs) -> Result<()> {
+    let opts = shadowmoe_serve::ServeOptions {
+        host: a.host.clone(),
+        port: a.port,
+        model_id: a
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| a.model.model.clone()),
+        max_input_tokens: a.max_input_tokens,
+        queue_depth: a.queue_depth,
+        default_max_tokens: a.sampling.max_new_tokens,
+        default_sampling: a.sampling.params(),
+        chat_template: !a.no_chat_template,
+        reuse_prefix: !a.no_prefix_reuse,
+        cache_state: a.cache_state.clone(),
+    };
+    // The port first: one taken is an error before the model loads.
+    let server = shadowmoe_serve::Server::bind(opts)?;
+    let ckpt = open(&a.model)?;
+    let context = a.max_input_tokens + a.sampling.max_new_tokens;
+    let mut loaded = a.cache.load(&ckpt, context)?;
+    let engine = shadowmoe_serve::Engine {
+        model: loaded.model.clone(),
+        tokenizer: ckpt.tokenizer()?,
+        eos_token_ids: ckpt.eos_token_ids(),
+        cached: loaded.cached.clone(),
+        config_sha256: ckpt.config_sha256()?,
+    };
+    server.run(engine)?;
+    a.cache.finish(&mut loaded, None, context)
 }
 
 /// Parses `1,2,3`.

@@ -87,7 +87,8 @@ pub struct CacheArgs {
 
 /// A model ready to run, with what is needed to report on it.
 pub struct Loaded {
-    pub model: Model,
+    /// Shared: `serve` runs it on a thread of its own.
+    pub model: Arc<Model>,
     pub cached: Option<Arc<CachedExperts>>,
     pub metrics: RunMetrics,
     byte_model: Option<(ByteModel, usize)>,
@@ -122,7 +123,7 @@ impl CacheArgs {
             };
             metrics.expert_source = "memory-mapped checkpoint (all resident)".into();
             return Ok(Loaded {
-                model: ckpt.load_model()?,
+                model: Arc::new(ckpt.load_model()?),
                 cached: None,
                 metrics,
                 byte_model: None,
@@ -203,7 +204,7 @@ impl CacheArgs {
         Ok(Loaded {
             byte_model: Some((off.byte_model, slots)),
             cached: Some(off.cached),
-            model: off.model,
+            model: Arc::new(off.model),
             metrics,
         })
     }

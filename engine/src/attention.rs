@@ -41,6 +41,29 @@ impl KvCache {
             len: 0,
         }
     }
+
+    /// Keeps the first `len` positions only (a conversation's shared prefix). Attention keys and
+    /// values are cut; a recurrent state (Gated DeltaNet) cannot be rewound, so a cache that
+    /// holds one is left as it is and `false` comes back unless `len` is all of it.
+    pub fn truncate(&mut self, len: usize) -> bool {
+        if len >= self.len {
+            return len == self.len;
+        }
+        if self
+            .layers
+            .iter()
+            .any(|l| !l.conv.is_empty() || !l.state.is_empty())
+        {
+            return false;
+        }
+        for l in &mut self.layers {
+            let (kw, vw) = (l.k.len() / self.len, l.v.len() / self.len);
+            l.k.truncate(len * kw);
+            l.v.truncate(len * vw);
+        }
+        self.len = len;
+        true
+    }
 }
 
 /// Weights and shape of one attention block.
@@ -236,4 +259,31 @@ pub fn norm_weight(cfg: &ModelConfig, mut w: Vec<f32>) -> Vec<f32> {
         w.iter_mut().for_each(|v| *v += 1.0);
     }
     w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_cuts_attention_keys_but_not_a_recurrent_state() {
+        let mut c = KvCache::new(2);
+        c.len = 3;
+        for l in &mut c.layers {
+            l.k = (0..12).map(|x| x as f32).collect(); // 3 positions of width 4
+            l.v = (0..6).map(|x| x as f32).collect(); // 3 positions of width 2
+        }
+        assert!(c.truncate(3));
+        assert!(!c.truncate(4));
+        assert!(c.truncate(1));
+        assert_eq!(
+            (c.len, c.layers[1].k.len(), c.layers[1].v.as_slice()),
+            (1, 4, &[0.0, 1.0][..])
+        );
+        let mut r = KvCache::new(1);
+        r.len = 2;
+        r.layers[0].state = vec![1.0; 8];
+        assert!(!r.truncate(1));
+        assert_eq!(r.len, 2);
+    }
 }

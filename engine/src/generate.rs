@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::attention::KvCache;
 use crate::error::Result;
 use crate::model::{LogitsFor, Model};
 use crate::observer::{Phase, RoutingObserver};
@@ -50,16 +51,36 @@ pub fn generate(
     observer: &mut dyn RoutingObserver,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
+    let mut cache = model.new_cache();
+    generate_cached(model, &mut cache, prompt, opts, observer, |id| {
+        on_token(id).map(|()| true)
+    })
+}
+
+/// [`generate`] continuing from `cache`, which already holds the positions before `new_tokens`
+/// (a conversation's earlier turns: the caller checks that they are the prompt's first
+/// tokens); `new_tokens` (at least one) are run as the prefill. `on_token` returns whether to go
+/// on: `false` stops after that token (a stop string, a client that left) without an error.
+///
+/// Afterwards `cache` holds the positions of `new_tokens` and of every returned id but the last
+/// (the last one chosen is never run): the next turn can continue from it.
+pub fn generate_cached(
+    model: &Model,
+    cache: &mut KvCache,
+    new_tokens: &[u32],
+    opts: &GenerateOptions,
+    observer: &mut dyn RoutingObserver,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<(Vec<u32>, GenerationStats)> {
     opts.sampling.validate()?;
     let mut stats = GenerationStats {
-        prompt_tokens: prompt.len(),
+        prompt_tokens: new_tokens.len(),
         ..Default::default()
     };
     let mut sampler = Sampler::new(opts.sampling);
-    let mut cache = model.new_cache();
     let mut out = Vec::with_capacity(opts.max_new_tokens);
     let start = Instant::now();
-    let logits = model.forward(prompt, &mut cache, Phase::Prefill, LogitsFor::Last, observer)?;
+    let logits = model.forward(new_tokens, cache, Phase::Prefill, LogitsFor::Last, observer)?;
     if opts.max_new_tokens == 0 {
         stats.prefill_secs = start.elapsed().as_secs_f64();
         return Ok((out, stats));
@@ -70,11 +91,11 @@ pub fn generate(
     let decode_start = Instant::now();
     loop {
         out.push(next);
-        on_token(next)?;
-        if out.len() >= opts.max_new_tokens || opts.eos_token_ids.contains(&next) {
+        let go_on = on_token(next)?;
+        if !go_on || out.len() >= opts.max_new_tokens || opts.eos_token_ids.contains(&next) {
             break;
         }
-        let logits = model.forward(&[next], &mut cache, Phase::Decode, LogitsFor::Last, observer)?;
+        let logits = model.forward(&[next], cache, Phase::Decode, LogitsFor::Last, observer)?;
         next = sampler.sample(&Model::last_row(&logits));
         stats.decode_steps += 1;
     }

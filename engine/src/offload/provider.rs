@@ -363,6 +363,11 @@ impl CachedExperts {
         (inner.core.stats.clone(), inner.live.io.clone())
     }
 
+    /// The experts resident now (loaded, not in flight).
+    pub fn resident(&self) -> Vec<ExpertKey> {
+        self.lock().core.resident().collect()
+    }
+
     /// Slot buffers allocated so far (never more than the capacity).
     pub fn allocated_slots(&self) -> usize {
         self.lock().live.allocated
