@@ -184,6 +184,7 @@ impl Server {
             tokenizer: tokenizer.clone(),
             eos_token_ids,
             metrics: metrics.clone(),
+            cached: cached.clone(),
             reuse_prefix: self.opts.reuse_prefix,
             stopped: stopped.clone(),
         };

@@ -72,10 +72,21 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
+    /// Expert-load latencies folded in from the engine's read spans (which it then drops), so
+    /// that neither memory nor a scrape grows with the number of reads.
+    loads: Mutex<LoadHistogram>,
     /// Requests waiting in the queue (not the one running).
     pub queued: AtomicUsize,
     /// 1 while the engine runs a request.
     pub busy: AtomicUsize,
+}
+
+/// Cumulative counts of expert-load latencies per bucket of [`LOAD_BUCKETS`].
+#[derive(Debug, Default, Clone)]
+struct LoadHistogram {
+    le: [u64; LOAD_BUCKETS.len()],
+    count: u64,
+    sum: f64,
 }
 
 /// Upper bounds (seconds) of the expert-load latency histogram's buckets.
@@ -109,6 +120,20 @@ impl Metrics {
         }
         if r.decode_steps > 0 && r.decode_secs > 0.0 {
             m.last_decode_tok_s = r.decode_steps as f64 / r.decode_secs;
+        }
+    }
+
+    /// Folds the engine's read spans since the last call into the load histogram.
+    pub fn absorb_loads(&self, cached: &CachedExperts) {
+        let spans = cached.take_spans();
+        let mut h = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        for s in spans {
+            let lat = s.end - s.start;
+            for (n, le) in h.le.iter_mut().zip(LOAD_BUCKETS) {
+                *n += u64::from(lat <= le);
+            }
+            h.count += 1;
+            h.sum += lat;
         }
     }
 
@@ -238,13 +263,15 @@ impl Metrics {
             );
         }
         if let Some(c) = cached {
-            cache_metrics(&mut w, c);
+            self.absorb_loads(c);
+            let loads = self.loads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            cache_metrics(&mut w, c, &loads);
         }
         w.out
     }
 }
 
-fn cache_metrics(w: &mut Writer, c: &CachedExperts) {
+fn cache_metrics(w: &mut Writer, c: &CachedExperts, loads: &LoadHistogram) {
     let (s, io) = c.stats();
     let resident = c.resident().len();
     w.family(
@@ -362,17 +389,15 @@ fn cache_metrics(w: &mut Writer, c: &CachedExperts) {
         "Expert slots of the cache",
         c.total_slots() as f64,
     );
-    // The load latency histogram, from every read's span on its worker.
-    let lat = io.latencies();
+    // The load latency histogram, from every read's span on its worker (folded in as they come).
     let name = "shadowmoe_expert_load_seconds";
     w.family(name, "histogram", "Latency of one expert read on an I/O worker");
-    for le in LOAD_BUCKETS {
-        let n = lat.iter().filter(|&&x| x <= le).count();
-        w.sample(&format!("{name}_bucket"), &[("le", &format!("{le}"))], n as f64);
+    for (n, le) in loads.le.iter().zip(LOAD_BUCKETS) {
+        w.sample(&format!("{name}_bucket"), &[("le", &format!("{le}"))], *n as f64);
     }
-    w.sample(&format!("{name}_bucket"), &[("le", "+Inf")], lat.len() as f64);
-    w.sample(&format!("{name}_sum"), &[], lat.iter().sum());
-    w.sample(&format!("{name}_count"), &[], lat.len() as f64);
+    w.sample(&format!("{name}_bucket"), &[("le", "+Inf")], loads.count as f64);
+    w.sample(&format!("{name}_sum"), &[], loads.sum);
+    w.sample(&format!("{name}_count"), &[], loads.count as f64);
 }
 
 /// Resident set size now (Linux: VmRSS).

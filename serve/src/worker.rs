@@ -74,6 +74,8 @@ pub struct Worker {
     pub tokenizer: Arc<Tokenizer>,
     pub eos_token_ids: Vec<u32>,
     pub metrics: Arc<Metrics>,
+    /// The expert cache, whose read spans are folded into the metrics after each request.
+    pub cached: Option<Arc<shadowmoe_engine::offload::CachedExperts>>,
     /// Prefix reuse across requests (off: every request starts from an empty KV cache).
     pub reuse_prefix: bool,
     /// Set once the worker has no more jobs to take (for `/health`).
@@ -99,6 +101,9 @@ impl Worker {
             }
             self.metrics.busy.store(1, Ordering::Relaxed);
             session = self.run_job(job, session.take());
+            if let Some(c) = &self.cached {
+                self.metrics.absorb_loads(c);
+            }
             self.metrics.busy.store(0, Ordering::Relaxed);
         }
         *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;

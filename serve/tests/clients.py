@@ -248,6 +248,12 @@ check("metrics: hit rate by phase", 0 < metric(m1, "shadowmoe_expert_hit_rate", 
       and 0 <= metric(m1, "shadowmoe_expert_hit_rate", phase="prefill") <= 1)
 check("metrics: histogram and queue", metric(m1, "shadowmoe_expert_load_seconds_count") > 0
       and ("shadowmoe_queue_depth", ()) in m1 and metric(m1, "shadowmoe_rss_bytes") > 0)
+# The histogram keeps every load ever read (folded in, not re-read): it only grows, and its
+# +Inf bucket is its count.
+count0, count1 = metric(m0, "shadowmoe_expert_load_seconds_count"), metric(m1, "shadowmoe_expert_load_seconds_count")
+check("metrics: load histogram accumulates across scrapes", count1 > count0
+      and metric(m1, "shadowmoe_expert_load_seconds_bucket", le="+Inf") == count1
+      and metric(metrics(), "shadowmoe_expert_load_seconds_count") >= count1, (count0, count1))
 check("metrics: requests and rejections counted",
       metric(m1, "shadowmoe_requests_total", api="messages", outcome="rejected") >= 6
       and metric(m1, "shadowmoe_prefix_reused_tokens_total") > 0

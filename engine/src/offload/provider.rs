@@ -363,6 +363,12 @@ impl CachedExperts {
         (inner.core.stats.clone(), inner.live.io.clone())
     }
 
+    /// Takes the read spans recorded so far (they are not kept afterwards): a long-running
+    /// server folds them into a histogram instead of letting the list grow with every read.
+    pub fn take_spans(&self) -> Vec<super::metrics::ReadSpan> {
+        std::mem::take(&mut self.lock().live.io.spans)
+    }
+
     /// The experts resident now (loaded, not in flight).
     pub fn resident(&self) -> Vec<ExpertKey> {
         self.lock().core.resident().collect()
