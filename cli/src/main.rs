@@ -101,13 +101,13 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample among the K most likely tokens only (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Sample from the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
