@@ -282,6 +282,7 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
 
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
+    offload::check_out_file(&a.out)?;
     let ckpt = open(&a.model)?;
     let cfg = &ckpt.config;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
@@ -449,6 +450,10 @@ fn write_safetensors(out: &Path, tensors: &[(&str, Vec<u8>, safetensors::Dtype, 
     safetensors::serialize_to_file(views, None, &tmp)
         .with_context(|| format!("--out: cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out)
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        })
         .with_context(|| format!("--out: cannot rename {} to {}", tmp.display(), out.display()))?;
     Ok(())
 }
