@@ -175,6 +175,37 @@ fn pipeline(model: &Path) {
     assert_eq!(df.height(), 2 * 3, "{df}");
     let errors = df.column("error").unwrap().str().unwrap().clone();
     assert!(errors.iter().all(|e| e == Some("")), "{df}");
+    // A depth the shadow model was not trained for is refused up front (before: no prefetch
+    // at all, reported as "no gain").
+    let err = format!(
+        "{:#}",
+        sweep(
+            &sweep_args(&[
+                "--trace",
+                &t,
+                "--model",
+                &mdl,
+                "--out",
+                tmp.path().join("sim3").to_str().unwrap(),
+                "--capacity",
+                "4",
+                "--prefetch-depth",
+                "3",
+                "--prefetch-span",
+                "wrap",
+                "--predictor",
+                &shadow_arg,
+                "--backend",
+                "cpu",
+            ]),
+            false,
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("--prefetch-depth 3") && err.contains("trained for depths [1, 2]"),
+        "{err}"
+    );
 
     // bench-sweep, live: the engine itself over a bounded cache with experts read from disk.
     let live_out = tmp.path().join("live");
