@@ -150,6 +150,14 @@ pub fn run(a: &ShadowArgs) -> Result<String> {
     if a.top_k == 0 || a.top_k > m.num_experts {
         bail!("--top-k: expected 1..={}", m.num_experts);
     }
+    // The checkpoint gate-lookahead needs, before training (not after it).
+    let model_id = a.model.clone().unwrap_or_else(|| m.model_id.clone());
+    let ckpt = match Checkpoint::open(&model_id) {
+        Ok(ckpt) if ckpt.config_sha256()? == m.config_sha256 => ckpt,
+        Ok(_) => bail!("--model {model_id}: not the model of the traces (config sha256 differs)"),
+        Err(e) => bail!("gate-lookahead needs the checkpoint's routers: {e:#} (pass --model DIR)"),
+    };
+
     let loss_kinds: Vec<LossKind> = match a.loss.as_str() {
         "both" => vec![LossKind::Bce, LossKind::Softmax],
         s => vec![s.parse().map_err(|e: String| anyhow::anyhow!("--loss: {e}"))?],
@@ -215,14 +223,6 @@ pub fn run(a: &ShadowArgs) -> Result<String> {
         })?;
     }
     let ranked: Vec<Vec<u16>> = counts.iter().map(|c| baselines::rank_by_count(c)).collect();
-
-    // The checkpoint gate-lookahead needs, before training (not after it).
-    let model_id = a.model.clone().unwrap_or_else(|| m.model_id.clone());
-    let ckpt = match Checkpoint::open(&model_id) {
-        Ok(ckpt) if ckpt.config_sha256()? == m.config_sha256 => ckpt,
-        Ok(_) => bail!("--model {model_id}: not the model of the traces (config sha256 differs)"),
-        Err(e) => bail!("gate-lookahead needs the checkpoint's routers: {e:#} (pass --model DIR)"),
-    };
 
     // Train.
     let (dev, backend_name) = device(backend).map_err(|e| anyhow::anyhow!("{e}"))?;

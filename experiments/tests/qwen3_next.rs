@@ -108,6 +108,25 @@ fn pipeline(model: &Path) {
     })
     .unwrap();
     assert!(tmp.path().join("stats/stats.json").is_file(), "{text}");
+    // A --profile that cannot be written fails before the stats folder is written.
+    let err = format!(
+        "{:#}",
+        stats(&StatsArgs {
+            trace: trace_path.clone(),
+            out: Some(tmp.path().join("stats2")),
+            profile: Some(PathBuf::from("/proc/no-such-dir/profile.json")),
+            no_profile: false,
+            pin_threshold: 0.5,
+            batch: 4,
+            by_domain: false,
+        })
+        .unwrap_err()
+    );
+    assert!(err.starts_with("--profile: cannot"), "{err}");
+    assert!(
+        !tmp.path().join("stats2").exists(),
+        "a stats folder was left behind"
+    );
     let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
     assert_eq!(p["layers"].as_object().unwrap().len(), 3, "{p}");
 

@@ -302,6 +302,17 @@ fn bad_input_gets_one_line_errors() {
         );
     }
 
+    // A truncated Parquet trace: refused naming the file.
+    let cut = tmp.path().join("cut.parquet");
+    let bytes = std::fs::read(&t).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = format!(
+        "{:#}",
+        run(&args(vec![cut.clone()], &tmp.path().join("o"))).unwrap_err()
+    );
+    assert!(err.contains(cut.to_str().unwrap()), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
     // Three prompts cannot fill train, validation and test splits.
     let mut a = args(vec![t], &tmp.path().join("o"));
     a.val_share = 0.0;
