@@ -450,9 +450,8 @@ fn write_safetensors(out: &Path, tensors: &[(&str, Vec<u8>, safetensors::Dtype, 
     safetensors::serialize_to_file(views, None, &tmp)
         .with_context(|| format!("--out: cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out)
-        .map_err(|e| {
+        .inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
-            e
         })
         .with_context(|| format!("--out: cannot rename {} to {}", tmp.display(), out.display()))?;
     Ok(())
