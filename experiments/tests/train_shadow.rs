@@ -267,7 +267,8 @@ fn bad_input_gets_one_line_errors() {
 
     // Flags refused before any training, and no predictor is written (before: --epochs 0 and
     // --width 0 panicked, --val-share 1.5 and --lr NaN trained and wrote a model).
-    let bad: Vec<(&str, Box<dyn Fn(&mut ShadowArgs)>)> = vec![
+    type Edit = Box<dyn Fn(&mut ShadowArgs)>;
+    let bad: Vec<(&str, Edit)> = vec![
         ("--epochs: 0", Box::new(|a| a.epochs = 0)),
         ("--width: 0", Box::new(|a| a.width = 0)),
         ("--val-share: 1.5", Box::new(|a| a.val_share = 1.5)),
