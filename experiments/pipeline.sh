@@ -63,13 +63,13 @@ step "train-shadow"
 step "bench-sweep sim: policies"
 "$BIN/bench-sweep" --trace "$OUT/heldout.parquet" --model "$MODEL" --capacity "$CAPACITY" \
   --policy lru,lfu,lcp,belady --pinning "off,$OUT/profile.json:32" \
-  --expert-bytes "$EXPERT_BYTES" --out "$OUT/sweep-policy"
+  --expert-bytes "$EXPERT_BYTES" --replace --out "$OUT/sweep-policy"
 step "bench-sweep sim: prefetching"
 "$BIN/bench-sweep" --trace "$OUT/heldout.parquet" --model "$MODEL" --capacity "$CAPACITY" \
   --prefetch-depth 0,1,2,4 \
   --predictor "none,popularity,previous-token,gate-lookahead,shadow:$OUT/shadow,oracle" \
   --predictor-ms "${PREDICTOR_MS:-0.6}" --profile "$OUT/profile.json" \
-  --expert-bytes "$EXPERT_BYTES" --backend "$BACKEND" --out "$OUT/sweep-prefetch"
+  --expert-bytes "$EXPERT_BYTES" --backend "$BACKEND" --replace --out "$OUT/sweep-prefetch"
 
 # The engine itself, live: sync and skip-on-miss, with and without shadow prefetching.
 step "bench-sweep live"
@@ -77,7 +77,7 @@ step "bench-sweep live"
   --limit "${LIVE_PROMPTS:-8}" --max-new-tokens "${LIVE_TOKENS:-16}" --no-chat-template \
   --capacity "$CAPACITY" --on-miss sync,skip --prefetch-depth 0,4 \
   --predictor "none,shadow:$OUT/shadow" --profile "$OUT/profile.json" \
-  --backend "$BACKEND" --out "$OUT/sweep-live"
+  --backend "$BACKEND" --replace --out "$OUT/sweep-live"
 
 step "plot-figures"
 "$BIN/plot-figures" --results "$OUT" --out "$OUT/figures"

@@ -161,13 +161,13 @@ struct SamplingArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample among the K most likely tokens only (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Sample from the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
@@ -372,6 +372,7 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
 
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
+    offload::check_out_file(&a.out)?;
     let ckpt = open(&a.model)?;
     let cfg = &ckpt.config;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
@@ -539,6 +540,9 @@ fn write_safetensors(out: &Path, tensors: &[(&str, Vec<u8>, safetensors::Dtype, 
     safetensors::serialize_to_file(views, None, &tmp)
         .with_context(|| format!("--out: cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
         .with_context(|| format!("--out: cannot rename {} to {}", tmp.display(), out.display()))?;
     Ok(())
 }

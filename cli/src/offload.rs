@@ -291,3 +291,22 @@ impl CacheArgs {
         Ok(())
     }
 }
+
+/// Refuses an output file path before any work: a folder, or a folder that does not exist or
+/// cannot be written (so that a long run never ends on "cannot write").
+pub fn check_out_file(out: &std::path::Path) -> Result<()> {
+    if out.is_dir() {
+        anyhow::bail!(
+            "--out: {} is a folder (expected a file name, e.g. out.safetensors)",
+            out.display()
+        );
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let probe = dir.join(format!(".shadowmoe-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("--out: cannot write into {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}

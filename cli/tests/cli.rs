@@ -256,6 +256,7 @@ fn bad_input_gets_one_line_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.safetensors");
     let o_ = out.to_str().unwrap();
+    let tmp_dir = tmp.path().to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["logits", "--model", m, "--tokens", "1,two,3", "--out", o_],
@@ -305,6 +306,19 @@ fn bad_input_gets_one_line_errors() {
             ],
             "--out",
         ),
+        (
+            vec!["generate", "--model", m, "--prompt", "hi", "--threads", "10000"],
+            "--threads: 10000 is more than this machine can use",
+        ),
+        (
+            // A negative number is a value (before: clap read `-1` as a flag).
+            vec!["generate", "--model", m, "--prompt", "hi", "--temperature", "-1"],
+            "--temperature: expected a number >= 0",
+        ),
+        (
+            vec!["logits", "--model", m, "--tokens", "1", "--out", tmp_dir],
+            "is a folder",
+        ),
     ];
     for (args, want) in cases {
         let o = bin()
@@ -323,6 +337,12 @@ fn bad_input_gets_one_line_errors() {
         assert!(!err.contains("panicked"), "{err}");
     }
     assert!(!out.exists());
+    // Nothing half-written that looks complete.
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// `--pin PROFILE:K` with a real profile file: pinned experts load before the run and the

@@ -92,6 +92,7 @@ impl Checkpoint {
 
     /// Builds the model with every expert resident.
     pub fn load_model(&self) -> Result<Model> {
+        self.warn_unused();
         Model::load(self.config.clone(), &self.weights)
     }
 
@@ -104,7 +105,19 @@ impl Checkpoint {
     /// belong to this model), or the checkpoint's own safetensors.
     pub fn expert_store(&self, io: IoMode, pack_dir: Option<&Path>, verify: bool) -> Result<ExpertStore> {
         let mut store = match pack_dir {
-            Some(dir) => pack::open_pack(dir, &self.config, &self.config_sha256()?, io)?,
+            Some(dir) => {
+                if verify && !pack::index_checksummed(dir) {
+                    return Err(EngineError::invalid(
+                        "--verify",
+                        format!(
+                            "{} has no {} (made by an older shadowmoe): make the pack again so that its index is checked too",
+                            dir.display(),
+                            pack::INDEX_SUM
+                        ),
+                    ));
+                }
+                pack::open_pack(dir, &self.config, &self.config_sha256()?, io)?
+            }
             None => ExpertStore::from_checkpoint(&self.config, &self.weights, io)?,
         };
         store.set_verify(verify)?;
@@ -118,6 +131,7 @@ impl Checkpoint {
         store: std::sync::Arc<ExpertStore>,
         opts: &CacheOptions,
     ) -> Result<(Model, std::sync::Arc<CachedExperts>)> {
+        self.warn_unused();
         let cached = std::sync::Arc::new(CachedExperts::new(store, &self.config.moe_layers(), opts)?);
         let model = Model::load_with(self.config.clone(), &self.weights, cached.clone())?;
         Ok((model, cached))
@@ -125,24 +139,67 @@ impl Checkpoint {
 
     /// The memory model of this checkpoint with experts in slots of `store`.
     ///
-    /// An untied input embedding is left out: a run touches only the rows of its tokens.
+    /// Every non-expert weight counts, the input embedding too: they are copied to the heap
+    /// when the model loads ([`WeightIndex::get`]).
     pub fn byte_model(&self, store: &ExpertStore) -> ByteModel {
-        let c = &self.config;
-        let embedding = match self.weights.entry("model.embed_tokens.weight") {
-            Some(e) if !c.tie_word_embeddings => (e.shape.iter().product::<usize>() * e.dtype.size()) as u64,
-            _ => 0,
-        };
         ByteModel::for_checkpoint(
-            c,
-            self.weights.total_bytes() - embedding,
+            &self.config,
+            self.weights.total_bytes(),
             store.expert_bytes(),
             store.slot_bytes() as u64,
         )
     }
 
     /// Opens the tokenizer and chat template.
+    ///
+    /// A tokenizer that does not fit `vocab_size` is refused: more tokens than the embedding
+    /// has rows cannot be embedded, and fewer than half of them is another model's tokenizer
+    /// (checkpoints pad `vocab_size` a little past their tokenizer, never by half).
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        Tokenizer::open(&self.dir)
+        let tok = Tokenizer::open(&self.dir)?;
+        let (n, vocab) = (tok.vocab_size(), self.config.vocab_size);
+        if n > vocab || n < vocab.div_ceil(2) {
+            return Err(EngineError::Tokenizer {
+                path: tok.path().to_path_buf(),
+                message: format!(
+                    "has {n} tokens but config.json's vocab_size is {vocab} (expected between {} and {vocab}: a tokenizer of another model?)",
+                    vocab.div_ceil(2)
+                ),
+            });
+        }
+        Ok(tok)
+    }
+
+    /// Tensors of the checkpoint that the model as configured never reads: those of decoder
+    /// layers at or past `num_hidden_layers` (a config cut shorter than its checkpoint).
+    pub fn unused_tensors(&self) -> Vec<String> {
+        let layers = self.config.num_hidden_layers;
+        let mut out: Vec<String> = self
+            .weights
+            .names()
+            .filter(|n| {
+                n.strip_prefix("model.layers.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|l| l.parse::<usize>().ok())
+                    .is_some_and(|l| l >= layers)
+            })
+            .map(str::to_string)
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Logs a warning when [`Checkpoint::unused_tensors`] is not empty.
+    fn warn_unused(&self) {
+        let unused = self.unused_tensors();
+        if let Some(first) = unused.first() {
+            tracing::warn!(
+                "{}: {} tensors are left unused (e.g. `{first}`): config.json's num_hidden_layers = {} is fewer than the checkpoint's layers",
+                self.dir.display(),
+                unused.len(),
+                self.config.num_hidden_layers
+            );
+        }
     }
 
     /// Stop tokens: generation_config.json's `eos_token_id`, else config.json's.

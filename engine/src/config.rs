@@ -319,6 +319,11 @@ impl Fields<'_> {
     }
 }
 
+/// The most decoder layers a config may declare (the largest public MoE has 94).
+pub const MAX_LAYERS: usize = 4096;
+/// The most experts per layer a config may declare (expert ids are u16 in traces).
+pub const MAX_EXPERTS: usize = 65_536;
+
 fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     let model_type = f
         .str_opt("model_type")?
@@ -341,6 +346,15 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
 
     let hidden_size = f.positive(&["hidden_size"])?;
     let num_hidden_layers = f.positive(&["num_hidden_layers"])?;
+    // Per-layer tables are allocated from these counts before any tensor is read: an absurd
+    // value must be refused here, not abort the process on allocation.
+    if num_hidden_layers > MAX_LAYERS {
+        return Err(EngineError::field(
+            f.path,
+            "num_hidden_layers",
+            format!("{num_hidden_layers} is absurdly large (expected at most {MAX_LAYERS})"),
+        ));
+    }
     let num_attention_heads = f.positive(&["num_attention_heads"])?;
     let num_key_value_heads = f
         .usize_opt(&["num_key_value_heads"])?
@@ -352,9 +366,22 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
             format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
         ));
     }
-    let head_dim = f
-        .usize_opt(&["head_dim"])?
-        .unwrap_or(hidden_size / num_attention_heads);
+    let head_dim = match f.usize_opt(&["head_dim"])? {
+        Some(d) => d,
+        // Without `head_dim`, the heads split the hidden size: say so in the keys the file has.
+        None if !hidden_size.is_multiple_of(num_attention_heads)
+            || !(hidden_size / num_attention_heads).is_multiple_of(2) =>
+        {
+            return Err(EngineError::field(
+                f.path,
+                "num_attention_heads",
+                format!(
+                    "{num_attention_heads} heads do not split hidden_size = {hidden_size} into heads of an even width (and there is no head_dim key to say otherwise)"
+                ),
+            ));
+        }
+        None => hidden_size / num_attention_heads,
+    };
     if head_dim == 0 || head_dim % 2 != 0 {
         return Err(EngineError::field(
             f.path,
@@ -365,6 +392,18 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     let max_position_embeddings = f.positive(&["max_position_embeddings"])?;
 
     let num_experts = f.positive(&["num_experts", "num_local_experts"])?;
+    if num_experts > MAX_EXPERTS {
+        let key = f
+            .lookup(&["num_experts", "num_local_experts"])
+            .map_or("num_experts", |(k, _)| k);
+        return Err(EngineError::field(
+            f.path,
+            key,
+            format!(
+                "{num_experts} is absurdly large (expected at most {MAX_EXPERTS}: traces store expert ids as u16)"
+            ),
+        ));
+    }
     let num_experts_per_tok = f.positive(&["num_experts_per_tok"])?;
     if num_experts_per_tok > num_experts {
         return Err(EngineError::field(
@@ -410,10 +449,25 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
     };
     if arch == Arch::Olmoe && hidden_size != num_attention_heads * head_dim {
+        let key = if f.lookup(&["head_dim"]).is_some() {
+            "head_dim"
+        } else {
+            "num_attention_heads"
+        };
         return Err(EngineError::field(
             f.path,
-            "head_dim",
-            "olmoe needs head_dim = hidden_size / num_attention_heads",
+            key,
+            format!(
+                "olmoe needs num_attention_heads × head_dim = hidden_size ({num_attention_heads} × {head_dim} ≠ {hidden_size})"
+            ),
+        ));
+    }
+    let rms_norm_eps = f.f64_opt(&["rms_norm_eps"])?.unwrap_or(arch.default_eps());
+    if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+        return Err(EngineError::field(
+            f.path,
+            "rms_norm_eps",
+            format!("{rms_norm_eps} (expected a finite number ≥ 0)"),
         ));
     }
 
@@ -431,7 +485,7 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         num_attention_heads,
         num_key_value_heads,
         head_dim,
-        rms_norm_eps: f.f64_opt(&["rms_norm_eps"])?.unwrap_or(arch.default_eps()) as f32,
+        rms_norm_eps: rms_norm_eps as f32,
         max_position_embeddings,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
         rope,

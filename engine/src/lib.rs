@@ -54,9 +54,26 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// Threads per core `--threads` may ask for (oversubscribing a little is allowed for
+/// experiments).
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
 /// Sets the number of threads the forward pass uses (the global rayon pool). Call once, before
 /// the first forward pass; `0` means one per core.
+///
+/// More than [`MAX_THREADS_PER_CORE`] threads per core of this machine is refused: rayon would
+/// spawn them all (10,000 threads take minutes) and a forward pass gains nothing past the cores.
 pub fn init_threads(threads: usize) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let most = cores * MAX_THREADS_PER_CORE;
+    if threads > most {
+        return Err(EngineError::invalid(
+            "--threads",
+            format!(
+                "{threads} is more than this machine can use: it has {cores} cores (expected at most {most}, {MAX_THREADS_PER_CORE} per core; 0 means one per core)"
+            ),
+        ));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()

@@ -98,6 +98,36 @@ pub struct ExpertWeights {
 }
 
 impl ExpertWeights {
+    /// Refuses an expert whose float values (matrices, or a quantised one's scales and
+    /// biases) hold NaN or infinity; `what` names it (`model.layers.3.mlp.experts.17`).
+    pub fn check_finite(&self, path: &std::path::Path, what: &str) -> Result<()> {
+        for (name, m) in [
+            ("gate_proj", &self.gate),
+            ("up_proj", &self.up),
+            ("down_proj", &self.down),
+        ] {
+            let tensor = format!("{what}.{name}");
+            match m.quant() {
+                None => crate::weights::check_finite(path, &tensor, m.dtype(), m.bytes())?,
+                Some(q) => {
+                    crate::weights::check_finite(
+                        path,
+                        &format!("{tensor}.scales"),
+                        q.scales.dtype(),
+                        q.scales.bytes(),
+                    )?;
+                    crate::weights::check_finite(
+                        path,
+                        &format!("{tensor}.biases"),
+                        q.biases.dtype(),
+                        q.biases.bytes(),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `down(silu(gate(x)) * up(x))` for `x` of `[T, H]`.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
         let mut g = linear(x, &self.gate, None); // (T, I)
@@ -160,7 +190,15 @@ impl InMemoryExperts {
             .map(|l| {
                 if cfg.mlp_kinds[l] == crate::config::MlpKind::Moe {
                     (0..cfg.num_experts)
-                        .map(|e| expert_weights(cfg, w, l, e).map(Arc::new))
+                        .map(|e| {
+                            let ew = expert_weights(cfg, w, l, e)?;
+                            let [g, ..] = expert_tensor_refs(cfg, w, l, e)?;
+                            ew.check_finite(
+                                w.file_path(g.file),
+                                &format!("{}experts.{e}", moe_prefix(cfg, w, l)),
+                            )?;
+                            Ok(Arc::new(ew))
+                        })
                         .collect()
                 } else {
                     Ok(Vec::new())

@@ -108,7 +108,32 @@ impl RopeConfig {
                     .ok_or_else(|| EngineError::field(path, "rope_theta", "expected a number"))?,
             ),
         };
+        let theta_key = if num("rope_theta")?.is_some() {
+            format!("{params_key}.rope_theta")
+        } else {
+            "rope_theta".to_string()
+        };
         let theta = num("rope_theta")?.or(top_theta).unwrap_or(default_theta);
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(EngineError::field(
+                path,
+                theta_key,
+                format!("{theta} (expected a finite number > 0)"),
+            ));
+        }
+        // A scaling factor of 0 or less divides frequencies by nothing: refused by name.
+        let positive = |key: &str, v: f64| -> Result<f64> {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(EngineError::field(
+                    path,
+                    format!("{params_key}.{key}"),
+                    format!("{v} (expected a finite number > 0)"),
+                ))
+            }
+        };
+        let required = |key: &str| -> Result<f64> { positive(key, required(key)?) };
         let max_position_embeddings = map
             .get("max_position_embeddings")
             .and_then(Value::as_u64)
@@ -179,8 +204,9 @@ impl RopeConfig {
             },
             "yarn" => {
                 let original = original_max(max_position_embeddings as f64)?;
+                let original = positive("original_max_position_embeddings", original)?;
                 let factor = match num("factor")? {
-                    Some(f) => f,
+                    Some(f) => positive("factor", f)?,
                     None => max_position_embeddings as f64 / original,
                 };
                 let mscale = num("mscale")?;

@@ -29,6 +29,8 @@ impl ChatMessage {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
+    /// The file the chat template came from (`chat_template.jinja` or `tokenizer_config.json`).
+    template_path: PathBuf,
     bos_token: Option<String>,
     eos_token: Option<String>,
     path: PathBuf,
@@ -76,6 +78,11 @@ impl Tokenizer {
             Err(e) => return Err(EngineError::io(&config_path, e)),
         };
         let jinja_path = dir.join("chat_template.jinja");
+        let template_path = if jinja_path.exists() {
+            jinja_path.clone()
+        } else {
+            config_path.clone()
+        };
         let chat_template = if jinja_path.exists() {
             Some(std::fs::read_to_string(&jinja_path).map_err(|e| EngineError::io(&jinja_path, e))?)
         } else {
@@ -101,6 +108,7 @@ impl Tokenizer {
         Ok(Self {
             inner,
             chat_template,
+            template_path,
             bos_token: token_string(config.get("bos_token")),
             eos_token: token_string(config.get("eos_token")),
             path,
@@ -132,6 +140,16 @@ impl Tokenizer {
         })
     }
 
+    /// Tokens in the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The path of `tokenizer.json`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -151,7 +169,7 @@ impl Tokenizer {
     /// add_generation_prompt=...)`).
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template_err = |message: String| EngineError::ChatTemplate {
-            path: self.path.with_file_name("tokenizer_config.json"),
+            path: self.template_path.clone(),
             message,
         };
         let source = self

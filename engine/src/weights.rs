@@ -47,6 +47,37 @@ impl DType {
     }
 }
 
+/// The index of the first NaN or infinity among `bytes` read as `dtype` (None for U32 words,
+/// which are packed integers). A scan of the exponent bits: cheap next to a load.
+pub fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<usize> {
+    match dtype {
+        DType::U32 => None,
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .position(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+    }
+}
+
+/// Refuses a tensor holding NaN or infinity, naming it and the file.
+pub fn check_finite(path: &Path, tensor: &str, dtype: DType, bytes: &[u8]) -> Result<()> {
+    match first_non_finite(dtype, bytes) {
+        None => Ok(()),
+        Some(i) => Err(EngineError::Tensor {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            message: format!(
+                "element {i} is NaN or infinite (a corrupt or diverged checkpoint: every weight must be finite)"
+            ),
+        }),
+    }
+}
+
 /// Bytes that back weights: a memory map, or an owned buffer aligned for any dtype.
 pub type Backing = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
@@ -526,12 +557,31 @@ impl WeightIndex {
 
     /// The tensor `name`, which must have exactly `shape` (for a quantised weight: the shape
     /// of the float weight it stands for).
+    ///
+    /// The bytes are copied to the heap and checked to be finite (the tensor is named if not):
+    /// the resident weights never depend on the file staying as it was (truncating a mapped
+    /// file under a running process would kill it with SIGBUS), and a NaN is refused at load
+    /// instead of turning every logit into NaN.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         if self.is_quantized(name) {
             return self.get_quantized(name, shape);
         }
-        self.entry_checked(name, shape)?;
-        self.get_any(name)
+        let entry = self.entry_checked(name, shape)?;
+        self.owned(entry, name)
+    }
+
+    /// An owned, checked copy of the tensor at `entry`.
+    fn owned(&self, entry: &TensorEntry, name: &str) -> Result<Weight> {
+        let len = entry.shape.iter().product::<usize>() * entry.dtype.size();
+        let file = &self.files[entry.file];
+        let bytes = &file.map[entry.offset..entry.offset + len];
+        check_finite(&file.path, name, entry.dtype, bytes)?;
+        Ok(Weight::new(
+            Arc::new(AlignedBytes::copy_from(bytes)),
+            0,
+            entry.dtype,
+            entry.shape.clone(),
+        ))
     }
 
     /// An MLX-quantised weight: `name` (packed U32 words), `{stem}.scales` and
@@ -539,15 +589,14 @@ impl WeightIndex {
     /// the supported ones and config.json's `quantization` block.
     fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         let q = self.quantized_entries(name, shape)?;
-        let raw =
-            |e: &TensorEntry| Weight::new(self.files[e.file].map.clone(), e.offset, e.dtype, e.shape.clone());
+        let stem = name.strip_suffix(".weight").unwrap_or(name);
         Ok(Weight::quantized(
-            raw(q.words),
+            self.owned(q.words, name)?,
             shape.to_vec(),
             QuantParts {
                 spec: q.spec,
-                scales: raw(q.scales),
-                biases: raw(q.biases),
+                scales: self.owned(q.scales, &format!("{stem}.scales"))?,
+                biases: self.owned(q.biases, &format!("{stem}.biases"))?,
             },
         ))
     }
@@ -803,15 +852,31 @@ fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, Strin
             "U32" => Ok(DType::U32),
             other => Err(other.to_string()),
         };
-        let numel: usize = info.shape.iter().product();
-        if let Ok(d) = dtype
-            && numel * d.size() != e - s
+        let numel = info
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                tensor_err(format!(
+                    "shape {:?} has more elements than can be addressed",
+                    info.shape
+                ))
+            })?;
+        // Every dtype safetensors knows has a size: check all of them here, so that a length
+        // mismatch names the tensor (the safetensors crate's own check says only
+        // `TensorInvalidInfo`).
+        let elem_bits = match &dtype {
+            Ok(d) => Some(d.size() * 8),
+            Err(other) => other_dtype_bits(other),
+        };
+        if let Some(bits) = elem_bits
+            && numel.checked_mul(bits).map(|b| b.div_ceil(8)) != Some(e - s)
         {
             return Err(tensor_err(format!(
                 "shape {:?} of {} needs {} bytes but data_offsets [{s}, {e}] span {}",
                 info.shape,
-                d.name(),
-                numel * d.size(),
+                info.dtype,
+                numel.saturating_mul(bits).div_ceil(8),
                 e - s
             )));
         }
@@ -839,4 +904,16 @@ fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, Strin
         })
     })?;
     Ok((map, entries))
+}
+
+/// Bits per element of the safetensors dtypes the engine does not compute with.
+fn other_dtype_bits(name: &str) -> Option<usize> {
+    match name {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => Some(8),
+        "I16" | "U16" => Some(16),
+        "I32" => Some(32),
+        "I64" | "U64" | "F64" => Some(64),
+        "F4" => Some(4),
+        _ => None,
+    }
 }

@@ -265,3 +265,409 @@ fn unsupported_weight_dtype() {
         &["model.norm.weight", "dtype I32 is not supported"],
     );
 }
+
+/// Writes `value` (f32 bits, or its top half for 2-byte dtypes) over element `i` of tensor
+/// `name` in the safetensors file `path`.
+fn poke(path: &Path, name: &str, i: usize, value: f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header[name];
+    let start = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize;
+    match t["dtype"].as_str().unwrap() {
+        "F32" => bytes[start + 4 * i..start + 4 * i + 4].copy_from_slice(&value.to_le_bytes()),
+        "BF16" => bytes[start + 2 * i..start + 2 * i + 2]
+            .copy_from_slice(&((value.to_bits() >> 16) as u16).to_le_bytes()),
+        "F16" => bytes[start + 2 * i..start + 2 * i + 2]
+            .copy_from_slice(&half::f16::from_f32(value).to_bits().to_le_bytes()),
+        other => panic!("{other}"),
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn nan_in_a_non_expert_weight_is_refused_at_load() {
+    for (arch, file, name) in [
+        ("olmoe", "model.safetensors", "model.norm.weight"),
+        ("olmoe", "model.safetensors", "model.layers.1.mlp.gate.weight"),
+        (
+            "mixtral",
+            "model.safetensors",
+            "model.layers.0.self_attn.q_proj.weight",
+        ),
+    ] {
+        let (_t, dir) = copy_fixture(arch);
+        poke(&dir.join(file), name, 3, f32::NAN);
+        assert_mentions(&load_error(&dir), &[file, name, "NaN or infinite"]);
+    }
+    let (_t, dir) = copy_fixture("olmoe");
+    poke(
+        &dir.join("model.safetensors"),
+        "model.embed_tokens.weight",
+        7,
+        f32::INFINITY,
+    );
+    assert_mentions(
+        &load_error(&dir),
+        &["model.embed_tokens.weight", "NaN or infinite"],
+    );
+}
+
+#[test]
+fn nan_in_an_expert_is_refused_resident_packed_and_on_first_load() {
+    use shadowmoe_engine::offload::{Budget, CacheOptions, IoMode, MissMode, PolicyKind, pack};
+    use std::sync::Arc;
+    let (_t, dir) = copy_fixture("olmoe");
+    // olmoe's fused layout: element 0 of gate_up_proj is expert 0's gate, row 0.
+    poke(
+        &dir.join("model.safetensors"),
+        "model.layers.2.mlp.experts.gate_up_proj",
+        0,
+        f32::NAN,
+    );
+    // All experts resident: refused at load.
+    assert_mentions(
+        &load_error(&dir),
+        &["model.layers.2.mlp.experts.0.gate_proj", "NaN or infinite"],
+    );
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    // expert-pack: refused while packing, and no pack is left behind.
+    let out = dir.join("x.pack");
+    let err = pack::write_pack(&ckpt.dir, &ckpt.config, &ckpt.weights, &out, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert_mentions(
+        &err,
+        &["model.layers.2.mlp.experts.0.gate_proj", "NaN or infinite"],
+    );
+    assert!(!out.exists(), "a pack was left behind");
+    // Experts from disk: refused when the expert is first read, in every read mode.
+    for io in [IoMode::Pread, IoMode::Mmap] {
+        let store = Arc::new(ckpt.expert_store(io, None, false).unwrap());
+        let opts = CacheOptions {
+            budget: Budget::PerLayer(16),
+            policy: PolicyKind::Lru,
+            on_miss: MissMode::Sync,
+            io_threads: 1,
+            pinned: vec![],
+            settle_loads: false,
+            prefetch_readers: 0,
+        };
+        let (model, _) = ckpt.load_model_cached(store, &opts).unwrap();
+        let prompt: Vec<u32> = (0..24u32).map(|i| (i * 7 + 3) % 300).collect();
+        let mut cache = model.new_cache();
+        let err = model
+            .forward(
+                &prompt,
+                &mut cache,
+                shadowmoe_engine::Phase::Prefill,
+                shadowmoe_engine::LogitsFor::Last,
+                &mut shadowmoe_engine::NoObserver,
+            )
+            .unwrap_err()
+            .to_string();
+        assert_mentions(
+            &err,
+            &[
+                "layer 2 expert 0 gate_proj",
+                "NaN or infinite",
+                "model.safetensors",
+            ],
+        );
+    }
+}
+
+#[test]
+fn resident_weights_do_not_depend_on_the_file_after_load() {
+    // Experts from a pack, the rest loaded: truncating model.safetensors under the running model
+    // must not kill it (before: SIGBUS from the mapped norms and attention weights).
+    use shadowmoe_engine::offload::{Budget, CacheOptions, IoMode, MissMode, PolicyKind, pack};
+    use shadowmoe_engine::{GenerateOptions, NoObserver, SamplingParams, generate};
+    use std::sync::Arc;
+    let (_t, dir) = copy_fixture("mixtral");
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    let pack_dir = dir.join("experts.pack");
+    pack::write_pack(&ckpt.dir, &ckpt.config, &ckpt.weights, &pack_dir, |_, _| {}).unwrap();
+    let prompt: Vec<u32> = (0..12u32).map(|i| (i * 13 + 5) % 300).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+    };
+    let want = generate(
+        &ckpt.load_model().unwrap(),
+        &prompt,
+        &opts,
+        &mut NoObserver,
+        |_| Ok(()),
+    )
+    .unwrap()
+    .0;
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, Some(&pack_dir), true).unwrap());
+    let cache = CacheOptions {
+        budget: Budget::PerLayer(4),
+        policy: PolicyKind::Lru,
+        on_miss: MissMode::Sync,
+        io_threads: 1,
+        pinned: vec![],
+        settle_loads: false,
+        prefetch_readers: 0,
+    };
+    let (model, _) = ckpt.load_model_cached(store, &cache).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("model.safetensors"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let got = generate(&model, &prompt, &opts, &mut NoObserver, |_| Ok(()))
+        .unwrap()
+        .0;
+    assert_eq!(got, want);
+}
+
+#[test]
+fn bad_rope_and_norm_values_are_refused() {
+    for (arch, key, edit) in [
+        (
+            "mixtral",
+            "rope_parameters.rope_theta",
+            serde_json::json!({"rope_theta": 0.0, "rope_type": "default"}),
+        ),
+        (
+            "qwen3_moe",
+            "rope_parameters.factor",
+            serde_json::json!({"factor": 0.0, "original_max_position_embeddings": 64, "rope_theta": 1e6, "rope_type": "yarn"}),
+        ),
+        (
+            "olmoe",
+            "rope_parameters.factor",
+            serde_json::json!({"factor": -2.0, "rope_theta": 1e4, "rope_type": "linear"}),
+        ),
+    ] {
+        let (_t, dir) = copy_fixture(arch);
+        edit_config(&dir, |c| {
+            c.insert("rope_parameters".into(), edit);
+        });
+        assert_mentions(
+            &load_error(&dir),
+            &["config.json", key, "expected a finite number > 0"],
+        );
+    }
+    let (_t, dir) = copy_fixture("mixtral");
+    edit_config(&dir, |c| {
+        c.insert("rms_norm_eps".into(), Value::from(-1e-5));
+    });
+    assert_mentions(&load_error(&dir), &["config.json", "rms_norm_eps", "≥ 0"]);
+}
+
+#[test]
+fn absurd_or_contradictory_config_counts_are_refused() {
+    let (_t, dir) = copy_fixture("mixtral");
+    edit_config(&dir, |c| {
+        c.insert("num_hidden_layers".into(), Value::from(1u64 << 40));
+    });
+    assert_mentions(
+        &load_error(&dir),
+        &["config.json", "num_hidden_layers", "absurdly large"],
+    );
+
+    let (_t, dir) = copy_fixture("mixtral");
+    edit_config(&dir, |c| {
+        c.insert("num_experts_per_tok".into(), Value::from(99));
+    });
+    assert_mentions(
+        &load_error(&dir),
+        &[
+            "config.json",
+            "num_experts_per_tok",
+            "exceeds the number of experts",
+        ],
+    );
+
+    // No head_dim key: the message names the keys that are in the file.
+    let (_t, dir) = copy_fixture("mixtral");
+    edit_config(&dir, |c| {
+        c.insert("num_attention_heads".into(), Value::from(5));
+        c.insert("num_key_value_heads".into(), Value::from(5));
+    });
+    let err = load_error(&dir);
+    assert_mentions(&err, &["config.json", "num_attention_heads", "hidden_size = 64"]);
+    assert!(!err.contains("field `head_dim`"), "{err}");
+}
+
+#[test]
+fn fewer_layers_in_the_config_than_in_the_checkpoint_are_reported() {
+    let (_t, dir) = copy_fixture("mixtral");
+    assert!(Checkpoint::open_dir(&dir).unwrap().unused_tensors().is_empty());
+    edit_config(&dir, |c| {
+        c.insert("num_hidden_layers".into(), Value::from(2));
+    });
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    let unused = ckpt.unused_tensors();
+    assert!(
+        unused.iter().any(|n| n.starts_with("model.layers.3."))
+            && unused.iter().all(|n| !n.starts_with("model.layers.1.")),
+        "{unused:?}"
+    );
+}
+
+#[test]
+fn dtype_that_does_not_match_the_byte_length_names_the_tensor() {
+    let (_t, dir) = copy_fixture("olmoe");
+    edit_header(&dir.join("model.safetensors"), |h| {
+        // F32 → I8: a quarter of the bytes the offsets span.
+        h["model.norm.weight"]["dtype"] = Value::from("I8");
+    });
+    assert_mentions(
+        &load_error(&dir),
+        &[
+            "model.safetensors",
+            "model.norm.weight",
+            "of I8 needs 64 bytes",
+            "span 256",
+        ],
+    );
+    let (_t, dir) = copy_fixture("olmoe");
+    edit_header(&dir.join("model.safetensors"), |h| {
+        h["model.norm.weight"]["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40]);
+    });
+    assert_mentions(
+        &load_error(&dir),
+        &["model.norm.weight", "more elements than can be addressed"],
+    );
+}
+
+#[test]
+fn overlapping_offsets_are_refused() {
+    let (_t, dir) = copy_fixture("olmoe");
+    edit_header(&dir.join("model.safetensors"), |h| {
+        // Two tensors of the same size on the same bytes.
+        let a = h["model.layers.0.input_layernorm.weight"]["data_offsets"].clone();
+        h["model.layers.0.post_attention_layernorm.weight"]["data_offsets"] = a;
+    });
+    assert_mentions(
+        &load_error(&dir),
+        &["model.safetensors", "overlap or leave a gap"],
+    );
+}
+
+#[test]
+fn header_length_past_the_end_of_the_file() {
+    let (_t, dir) = copy_fixture("olmoe");
+    let p = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    assert_mentions(
+        &load_error(&dir),
+        &["model.safetensors", "header length field says", "truncated"],
+    );
+}
+
+#[test]
+fn missing_shard_named_by_the_index() {
+    let (_t, dir) = copy_fixture("qwen3_moe");
+    std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
+    assert_mentions(
+        &load_error(&dir),
+        &["model-00002-of-00003.safetensors", "not found"],
+    );
+}
+
+#[test]
+fn tokenizer_of_another_vocabulary_is_refused() {
+    let (_t, dir) = copy_fixture("mixtral");
+    edit_config(&dir, |c| {
+        c.insert("vocab_size".into(), Value::from(8192));
+    });
+    let err = Checkpoint::open_dir(&dir)
+        .unwrap()
+        .tokenizer()
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err.lines().count(), 1);
+    assert_mentions(&err, &["tokenizer.json", "has 352 tokens", "vocab_size is 8192"]);
+}
+
+#[test]
+fn broken_chat_template_is_blamed_on_its_own_file() {
+    let (_t, dir) = copy_fixture("mixtral");
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.content ",
+    )
+    .unwrap();
+    let tok = Checkpoint::open_dir(&dir).unwrap().tokenizer().unwrap();
+    let err = tok
+        .encode_chat(&[shadowmoe_engine::ChatMessage::user("hi".to_string())])
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&err, &["chat_template.jinja", "does not parse"]);
+    assert!(!err.contains("tokenizer_config.json"), "{err}");
+}
+
+/// A fresh pack of the mixtral fixture, with its index edited by `edit`.
+fn edited_pack(edit: impl FnOnce(&mut Value)) -> (tempfile::TempDir, Checkpoint, PathBuf) {
+    use shadowmoe_engine::offload::pack;
+    let (t, dir) = copy_fixture("mixtral");
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    let pack_dir = dir.join("experts.pack");
+    pack::write_pack(&ckpt.dir, &ckpt.config, &ckpt.weights, &pack_dir, |_, _| {}).unwrap();
+    let p = pack_dir.join("index.json");
+    let mut index: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut index);
+    std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap()).unwrap();
+    (t, ckpt, pack_dir)
+}
+
+fn store_error(ckpt: &Checkpoint, pack_dir: &Path, verify: bool) -> String {
+    let err = ckpt
+        .expert_store(shadowmoe_engine::offload::IoMode::Pread, Some(pack_dir), verify)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    err
+}
+
+#[test]
+fn pack_index_edited_after_packing_is_refused() {
+    // An edited offset: caught by the index's own checksum, with or without --verify.
+    let (_t, ckpt, pack_dir) = edited_pack(|i| {
+        i["parts"][1]["offset"] = Value::from(0);
+    });
+    for verify in [false, true] {
+        assert_mentions(
+            &store_error(&ckpt, &pack_dir, verify),
+            &["index.json", "modified after packing", "index.json.sha256"],
+        );
+    }
+}
+
+#[test]
+fn pack_index_whose_shapes_disagree_with_the_config_is_refused() {
+    use shadowmoe_engine::offload::pack::INDEX_SUM;
+    // Shapes edited and the checksum removed (as an older pack has none): the shapes are
+    // still checked against config.json, and --verify asks for the checksum.
+    let (_t, ckpt, pack_dir) = edited_pack(|i| {
+        i["parts"][0]["shape"] = serde_json::json!([64, 64]);
+    });
+    std::fs::remove_file(pack_dir.join(INDEX_SUM)).unwrap();
+    assert_mentions(
+        &store_error(&ckpt, &pack_dir, false),
+        &["index.json", "parts", "gate", "shape [64, 64]", "hidden_size"],
+    );
+    assert_mentions(
+        &store_error(&ckpt, &pack_dir, true),
+        &["--verify", INDEX_SUM, "make the pack again"],
+    );
+
+    let (_t2, ckpt, pack_dir) = edited_pack(|i| {
+        i["experts"][0]["expert"] = Value::from(999);
+    });
+    std::fs::remove_file(pack_dir.join(INDEX_SUM)).unwrap();
+    assert_mentions(
+        &store_error(&ckpt, &pack_dir, false),
+        &["index.json", "expert 999", "not an expert of this model"],
+    );
+}

@@ -286,6 +286,22 @@ pub fn run(a: &StatsArgs) -> Result<String> {
     }
     let trace = Trace::open(&a.trace)?;
     let m = &trace.manifest;
+    // --profile is checked before anything is written: a run that fails on it must not leave a
+    // complete-looking stats folder behind.
+    let profile_path = (!a.no_profile).then(|| {
+        a.profile
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("profiles").join(format!("{}.json", model_slug(&m.model_id))))
+    });
+    if let Some(path) = &profile_path {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("--profile: cannot create {}", parent.display()))?;
+        }
+        let probe = path.with_extension("json.write-test");
+        std::fs::write(&probe, b"").with_context(|| format!("--profile: cannot write {}", path.display()))?;
+        let _ = std::fs::remove_file(&probe);
+    }
     let stats = compute(&trace, a.batch)?;
     let rows = stats.layers();
     let mut text = table(&rows);
@@ -298,20 +314,12 @@ pub fn run(a: &StatsArgs) -> Result<String> {
     if let Some(dir) = &a.out {
         write_outputs(dir, m, &stats, &rows)?;
     }
-    if !a.no_profile {
+    if let Some(path) = profile_path {
         if m.dataset.contains("heldout") {
             tracing::warn!(
                 "building a profile from the held-out set {}: profiles should come from the other sets",
                 m.dataset
             );
-        }
-        let path = a
-            .profile
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("profiles").join(format!("{}.json", model_slug(&m.model_id))));
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("--profile: cannot create {}", parent.display()))?;
         }
         let profile = stats.profile(m, a.pin_threshold);
         let tmp = path.with_extension("json.tmp");

@@ -94,8 +94,39 @@ fn open_traces(paths: &[PathBuf]) -> Result<Vec<Trace>> {
     Ok(out)
 }
 
+/// Checks the flags that need no trace, so that a bad value is refused before any work.
+fn check_flags(a: &ShadowArgs) -> Result<()> {
+    for (flag, v) in [("--epochs", a.epochs), ("--batch", a.batch), ("--width", a.width)] {
+        if v == 0 {
+            bail!("{flag}: 0 (expected at least 1)");
+        }
+    }
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        bail!("--lr: {} (expected a finite number > 0, e.g. 1e-3)", a.lr);
+    }
+    for (flag, v) in [("--val-share", a.val_share), ("--test-share", a.test_share)] {
+        if !(0.0..1.0).contains(&v) {
+            bail!("{flag}: {v} (expected a share in [0, 1))");
+        }
+    }
+    if a.eval_traces.is_empty() && a.val_share + a.test_share >= 1.0 {
+        bail!(
+            "--val-share {} + --test-share {} leave no requests to train on (expected a sum below 1)",
+            a.val_share,
+            a.test_share
+        );
+    }
+    // --out before training: a folder that cannot be written must not cost a training run.
+    std::fs::create_dir_all(&a.out).with_context(|| format!("--out: cannot create {}", a.out.display()))?;
+    let probe = a.out.join(".write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("--out: cannot write into {}", a.out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Runs `train-shadow`; returns the printed report.
 pub fn run(a: &ShadowArgs) -> Result<String> {
+    check_flags(a)?;
     let train_traces = open_traces(&a.traces)?;
     let eval_traces = open_traces(&a.eval_traces)?;
     let m = train_traces[0].manifest.clone();
@@ -119,6 +150,14 @@ pub fn run(a: &ShadowArgs) -> Result<String> {
     if a.top_k == 0 || a.top_k > m.num_experts {
         bail!("--top-k: expected 1..={}", m.num_experts);
     }
+    // The checkpoint gate-lookahead needs, before training (not after it).
+    let model_id = a.model.clone().unwrap_or_else(|| m.model_id.clone());
+    let ckpt = match Checkpoint::open(&model_id) {
+        Ok(ckpt) if ckpt.config_sha256()? == m.config_sha256 => ckpt,
+        Ok(_) => bail!("--model {model_id}: not the model of the traces (config sha256 differs)"),
+        Err(e) => bail!("gate-lookahead needs the checkpoint's routers: {e:#} (pass --model DIR)"),
+    };
+
     let loss_kinds: Vec<LossKind> = match a.loss.as_str() {
         "both" => vec![LossKind::Bce, LossKind::Softmax],
         s => vec![s.parse().map_err(|e: String| anyhow::anyhow!("--loss: {e}"))?],
@@ -235,6 +274,14 @@ pub fn run(a: &ShadowArgs) -> Result<String> {
                 e.epoch, e.train_loss, a.top_k, e.val_recall, e.examples, e.secs
             );
         })?;
+        if let Some(e) = log.iter().find(|e| !e.train_loss.is_finite()) {
+            bail!(
+                "training diverged: the {kind:?} loss is {} at epoch {} (lower --lr, now {}); no model written",
+                e.train_loss,
+                e.epoch,
+                a.lr
+            );
+        }
         let best_recall = log.iter().map(|e| e.val_recall).fold(0.0, f64::max);
         candidates.push((kind, best_recall));
         if best.as_ref().is_none_or(|b| best_recall > b.0) {
@@ -272,27 +319,22 @@ pub fn run(a: &ShadowArgs) -> Result<String> {
             k,
         ),
     ];
-    let model_id = a.model.clone().unwrap_or_else(|| m.model_id.clone());
-    let depth0 = match Checkpoint::open(&model_id) {
-        Ok(ckpt) if ckpt.config_sha256()? == m.config_sha256 => {
-            let routers = baselines::routers(&ckpt)?;
-            reports.push(score(
-                "gate-lookahead",
-                &test_d,
-                &baselines::gate_lookahead(&routers, &test_d, k),
-                k,
-            ));
-            let k0 = k.max(m.top_k);
-            let r0 = score(
-                "gate-lookahead",
-                &test0,
-                &baselines::gate_lookahead(&routers, &test0, k0),
-                k0,
-            );
-            r0.by_depth.get(&0).map(|s| s.recall)
-        }
-        Ok(_) => bail!("--model {model_id}: not the model of the traces (config sha256 differs)"),
-        Err(e) => bail!("gate-lookahead needs the checkpoint's routers: {e:#} (pass --model DIR)"),
+    let depth0 = {
+        let routers = baselines::routers(&ckpt)?;
+        reports.push(score(
+            "gate-lookahead",
+            &test_d,
+            &baselines::gate_lookahead(&routers, &test_d, k),
+            k,
+        ));
+        let k0 = k.max(m.top_k);
+        let r0 = score(
+            "gate-lookahead",
+            &test0,
+            &baselines::gate_lookahead(&routers, &test0, k0),
+            k0,
+        );
+        r0.by_depth.get(&0).map(|s| s.recall)
     };
     reports.push(score(
         "oracle",

@@ -108,6 +108,25 @@ fn pipeline(model: &Path) {
     })
     .unwrap();
     assert!(tmp.path().join("stats/stats.json").is_file(), "{text}");
+    // A --profile that cannot be written fails before the stats folder is written.
+    let err = format!(
+        "{:#}",
+        stats(&StatsArgs {
+            trace: trace_path.clone(),
+            out: Some(tmp.path().join("stats2")),
+            profile: Some(PathBuf::from("/proc/no-such-dir/profile.json")),
+            no_profile: false,
+            pin_threshold: 0.5,
+            batch: 4,
+            by_domain: false,
+        })
+        .unwrap_err()
+    );
+    assert!(err.starts_with("--profile: cannot"), "{err}");
+    assert!(
+        !tmp.path().join("stats2").exists(),
+        "a stats folder was left behind"
+    );
     let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
     assert_eq!(p["layers"].as_object().unwrap().len(), 3, "{p}");
 
@@ -175,6 +194,37 @@ fn pipeline(model: &Path) {
     assert_eq!(df.height(), 2 * 3, "{df}");
     let errors = df.column("error").unwrap().str().unwrap().clone();
     assert!(errors.iter().all(|e| e == Some("")), "{df}");
+    // A depth the shadow model was not trained for is refused up front (before: no prefetch
+    // at all, reported as "no gain").
+    let err = format!(
+        "{:#}",
+        sweep(
+            &sweep_args(&[
+                "--trace",
+                &t,
+                "--model",
+                &mdl,
+                "--out",
+                tmp.path().join("sim3").to_str().unwrap(),
+                "--capacity",
+                "4",
+                "--prefetch-depth",
+                "3",
+                "--prefetch-span",
+                "wrap",
+                "--predictor",
+                &shadow_arg,
+                "--backend",
+                "cpu",
+            ]),
+            false,
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("--prefetch-depth 3") && err.contains("trained for depths [1, 2]"),
+        "{err}"
+    );
 
     // bench-sweep, live: the engine itself over a bounded cache with experts read from disk.
     let live_out = tmp.path().join("live");

@@ -541,6 +541,90 @@ fn sweep_writes_every_combination() {
     assert!(err.starts_with("--backend: unknown backend `tpu`"), "{err}");
     let err = format!("{:#}", run(&parse(&["--capacity", "9999"]), false).unwrap_err());
     assert!(err.contains("--capacity"), "{err}");
+
+    // A folder that already holds a sweep is not silently replaced.
+    let err = format!("{:#}", run(&parse(&["--capacity", "4"]), false).unwrap_err());
+    assert!(
+        err.contains("already holds a sweep") && err.contains("--replace"),
+        "{err}"
+    );
+    run(&parse(&["--capacity", "4", "--replace"]), false).unwrap();
+    assert_eq!(read_results(&out).height(), 1, "--replace: only the new rows");
+
+    // Configurations that can never prefetch are refused before any row runs.
+    let err = format!(
+        "{:#}",
+        run(
+            &parse(&[
+                "--capacity",
+                "4",
+                "--prefetch-depth",
+                "99",
+                "--predictor",
+                "previous-token",
+                "--replace"
+            ]),
+            false
+        )
+        .unwrap_err()
+    );
+    assert!(err.starts_with("--prefetch-depth: 99 is out of range"), "{err}");
+    let bare = tmp.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    let no_hidden = bare.join("t.parquet");
+    collect(
+        &CollectArgs {
+            max_new_tokens: NEW,
+            limit: Some(2),
+            threads: 2,
+            hidden_layers: "none".into(),
+            ..CollectArgs::new(
+                root().join(MODEL).display().to_string(),
+                root().join("datasets/chat.jsonl"),
+                no_hidden.clone(),
+            )
+        },
+        false,
+    )
+    .unwrap();
+    let mut a = parse(&[
+        "--capacity",
+        "4",
+        "--prefetch-depth",
+        "1",
+        "--predictor",
+        "gate-lookahead",
+        "--replace",
+    ]);
+    a.trace = Some(no_hidden);
+    let err = format!("{:#}", run(&a, false).unwrap_err());
+    assert!(
+        err.contains("no hidden states") && err.contains("--hidden-layers"),
+        "{err}"
+    );
+
+    // Every row failed (popularity without a profile): the rows are written, the run fails.
+    let err = format!(
+        "{:#}",
+        run(
+            &parse(&[
+                "--capacity",
+                "4,6",
+                "--prefetch-depth",
+                "1",
+                "--predictor",
+                "popularity",
+                "--replace"
+            ]),
+            false
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("every one of the 2 configurations failed") && err.contains("--profile"),
+        "{err}"
+    );
+    assert_eq!(read_results(&out).height(), 2);
 }
 
 fn sweep_cli(argv: &[String]) -> shadowmoe_experiments::sweep::SweepArgs {

@@ -265,6 +265,55 @@ fn bad_input_gets_one_line_errors() {
     let err = run(&a).unwrap_err().to_string();
     assert!(err.starts_with("--depth: 5 is out of range"), "{err}");
 
+    // Flags refused before any training, and no predictor is written (before: --epochs 0 and
+    // --width 0 panicked, --val-share 1.5 and --lr NaN trained and wrote a model).
+    type Edit = Box<dyn Fn(&mut ShadowArgs)>;
+    let bad: Vec<(&str, Edit)> = vec![
+        ("--epochs: 0", Box::new(|a| a.epochs = 0)),
+        ("--width: 0", Box::new(|a| a.width = 0)),
+        ("--val-share: 1.5", Box::new(|a| a.val_share = 1.5)),
+        ("--lr: NaN", Box::new(|a| a.lr = f64::NAN)),
+        ("--lr: -0.1", Box::new(|a| a.lr = -0.1)),
+        (
+            "leave no requests to train on",
+            Box::new(|a| {
+                a.val_share = 0.6;
+                a.test_share = 0.5;
+            }),
+        ),
+        (
+            "--out: cannot",
+            Box::new(|a| a.out = PathBuf::from("/proc/no-such-dir/pred")),
+        ),
+        (
+            "not the model of the traces",
+            Box::new(|a| a.model = Some(root().join("engine/tests/golden/olmoe").display().to_string())),
+        ),
+    ];
+    for (want, edit) in bad {
+        let out = tmp.path().join("refused");
+        let mut a = args(vec![t.clone()], &out);
+        edit(&mut a);
+        let err = format!("{:#}", run(&a).unwrap_err());
+        assert!(err.contains(want), "{want}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            !out.join("predictor.json").exists(),
+            "{want}: a predictor was written"
+        );
+    }
+
+    // A truncated Parquet trace: refused naming the file.
+    let cut = tmp.path().join("cut.parquet");
+    let bytes = std::fs::read(&t).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = format!(
+        "{:#}",
+        run(&args(vec![cut.clone()], &tmp.path().join("o"))).unwrap_err()
+    );
+    assert!(err.contains(cut.to_str().unwrap()), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
     // Three prompts cannot fill train, validation and test splits.
     let mut a = args(vec![t], &tmp.path().join("o"));
     a.val_share = 0.0;

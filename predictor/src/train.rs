@@ -223,6 +223,11 @@ pub fn train(
             }
         }
     }
-    let (_, model) = best.expect("at least one epoch");
+    let Some((_, model)) = best else {
+        return Err(shadowmoe_trace::TraceError::Invalid {
+            what: "--epochs".into(),
+            message: "no epoch was trained (expected at least 1)".into(),
+        });
+    };
     Ok((model, log))
 }

@@ -27,6 +27,14 @@ use crate::weights::{DType, WeightIndex};
 /// Format tag of `index.json`.
 pub const PACK_FORMAT: &str = "shadowmoe-expert-pack/1";
 
+/// The file beside `index.json` that holds its sha256 (packs made before it have none).
+pub const INDEX_SUM: &str = "index.json.sha256";
+
+/// Whether the pack in `dir` carries its index's checksum (`--verify` requires it).
+pub fn index_checksummed(dir: &Path) -> bool {
+    dir.join(INDEX_SUM).exists()
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PartIndex {
     name: String,
@@ -141,6 +149,10 @@ pub fn write_pack(
         for &l in &moe_layers {
             for e in 0..cfg.num_experts {
                 let ew = expert_weights(cfg, w, l, e)?;
+                ew.check_finite(
+                    model_dir,
+                    &format!("{}experts.{e}", crate::moe::moe_prefix(cfg, w, l)),
+                )?;
                 let mats = [("gate", &ew.gate), ("up", &ew.up), ("down", &ew.down)];
                 // Each matrix's bytes, in order: a quantised one's words, scales, biases.
                 let mut these = Vec::with_capacity(3);
@@ -243,6 +255,11 @@ pub fn write_pack(
         let index_path = tmp.join("index.json");
         let text = serde_json::to_string_pretty(&index)
             .map_err(|e| EngineError::invalid("index.json", e.to_string()))?;
+        // The index's own checksum: an edited offset or shape is caught at open, not as wrong
+        // logits.
+        let sum_path = tmp.join(INDEX_SUM);
+        std::fs::write(&sum_path, format!("{}\n", sha256_bytes(text.as_bytes())))
+            .map_err(|e| EngineError::io(&sum_path, e))?;
         std::fs::write(&index_path, text).map_err(|e| EngineError::io(&index_path, e))?;
         Ok(PackSummary {
             dir: out.to_path_buf(),
@@ -259,6 +276,54 @@ pub fn write_pack(
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
             Err(e)
+        }
+    }
+}
+
+/// Checks part `i` (gate, up, down) of the index against the config's expert shape and the
+/// expert's byte length: the kernels index by these shapes, so a disagreement must be refused
+/// here, not read out of bounds.
+fn check_part(p: &Part, i: usize, cfg: &ModelConfig, expert_bytes: u64) -> std::result::Result<(), String> {
+    let (h, w) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    let want = if i == 2 { [h, w] } else { [w, h] };
+    if p.shape != want {
+        return Err(format!(
+            "shape {:?} but config.json's hidden_size / moe_intermediate_size give {want:?}",
+            p.shape
+        ));
+    }
+    let within = |off: usize, len: usize, what: &str| -> std::result::Result<(), String> {
+        match off.checked_add(len) {
+            Some(end) if end as u64 <= expert_bytes => Ok(()),
+            _ => Err(format!(
+                "{what} at {off}+{len} runs past expert_bytes {expert_bytes}"
+            )),
+        }
+    };
+    match &p.quant {
+        None => within(p.slot_offset, p.shape[0] * p.shape[1] * p.dtype.size(), "matrix"),
+        Some(q) => {
+            let groups = p.shape[1] / q.spec.group_size;
+            within(
+                p.slot_offset,
+                p.shape[0] * q.spec.words_per_row(p.shape[1]) * 4,
+                "packed words",
+            )?;
+            for (piece, what) in [(&q.scales, "scales"), (&q.biases, "biases")] {
+                if piece.shape != [p.shape[0], groups] {
+                    return Err(format!(
+                        "{what} shape {:?}, expected {:?}",
+                        piece.shape,
+                        [p.shape[0], groups]
+                    ));
+                }
+                within(
+                    piece.slot_offset,
+                    piece.shape[0] * piece.shape[1] * piece.dtype.size(),
+                    what,
+                )?;
+            }
+            Ok(())
         }
     }
 }
@@ -283,6 +348,24 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
         },
         _ => EngineError::io(&index_path, e),
     })?;
+    let sum_path = dir.join(INDEX_SUM);
+    match std::fs::read_to_string(&sum_path) {
+        Ok(want) => {
+            let got = sha256_bytes(text.as_bytes());
+            if want.trim() != got {
+                return Err(EngineError::invalid(
+                    index_path.display().to_string(),
+                    format!(
+                        "sha256 {got} does not match {} ({}): the index was modified after packing; make the pack again",
+                        sum_path.display(),
+                        want.trim()
+                    ),
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(EngineError::io(&sum_path, e)),
+    }
     let index: PackIndex = serde_json::from_str(&text).map_err(|e| EngineError::Json {
         path: index_path.clone(),
         message: e.to_string(),
@@ -353,18 +436,36 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
                     })
                 }
             };
-            v.push(Part {
+            let part = Part {
                 dtype,
                 shape: p.shape,
                 slot_offset: p.offset,
                 quant,
-            });
+            };
+            check_part(&part, v.len(), cfg, index.expert_bytes)
+                .map_err(|m| bad("parts", format!("{}: {m}", p.name)))?;
+            v.push(part);
         }
         v.try_into()
             .map_err(|_| bad("parts", "expected 3 parts".into()))?
     };
     let mut layouts = HashMap::new();
+    let moe_layers = cfg.moe_layers();
     for x in &index.experts {
+        if !moe_layers.contains(&(x.layer as usize))
+            || x.expert as usize >= cfg.num_experts
+            || x.offset
+                .checked_add(x.length)
+                .is_none_or(|end| end > index.file_len)
+        {
+            return Err(bad(
+                "experts",
+                format!(
+                    "layer {} expert {} at {}+{}: not an expert of this model, or past file_len {}",
+                    x.layer, x.expert, x.offset, x.length, index.file_len
+                ),
+            ));
+        }
         let checksum = u64::from_str_radix(&x.xxh3, 16)
             .map_err(|_| bad("experts.xxh3", format!("`{}` is not hex", x.xxh3)))?;
         if x.length != index.expert_bytes || !x.offset.is_multiple_of(super::ALIGN as u64) {
@@ -373,7 +474,7 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
                 format!("layer {} expert {}: bad offset or length", x.layer, x.expert),
             ));
         }
-        layouts.insert(
+        let previous = layouts.insert(
             ExpertKey {
                 layer: x.layer,
                 expert: x.expert,
@@ -389,6 +490,12 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
                 checksum: Some(checksum),
             },
         );
+        if previous.is_some() {
+            return Err(bad(
+                "experts",
+                format!("layer {} expert {} is listed twice", x.layer, x.expert),
+            ));
+        }
     }
     let bin = dir.join(&index.file);
     let len = std::fs::metadata(&bin)

@@ -99,6 +99,8 @@ pub struct ExpertStore {
     held: AtomicBool,
     hold: Mutex<bool>,
     released: Condvar,
+    /// Experts whose values were checked to be finite (once each, on their first load).
+    checked: Mutex<std::collections::HashSet<ExpertKey>>,
 }
 
 fn open_file(path: &Path, mode: IoMode) -> Result<(StoreFile, bool)> {
@@ -273,6 +275,7 @@ impl ExpertStore {
             held: AtomicBool::new(false),
             hold: Mutex::new(false),
             released: Condvar::new(),
+            checked: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -407,7 +410,57 @@ impl ExpertStore {
         if self.verify {
             self.check(key, layout, buf.as_ref())?;
         }
+        let slot = buf.as_ref();
+        self.check_finite_once(key, layout, |off, len| &slot[off..off + len])?;
         Ok(total)
+    }
+
+    /// On an expert's first load: refuses NaN or infinity in its float values (matrices, or a
+    /// quantised one's scales and biases), naming the expert, the matrix and the file. `at`
+    /// gives the bytes at a slot offset. Later loads of the same expert are not scanned again.
+    fn check_finite_once<'a>(
+        &self,
+        key: ExpertKey,
+        layout: &ExpertLayout,
+        at: impl Fn(usize, usize) -> &'a [u8],
+    ) -> Result<()> {
+        if self
+            .checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&key)
+        {
+            return Ok(());
+        }
+        let file = &self.files[layout.extents[0].file].path;
+        for (name, p) in ["gate_proj", "up_proj", "down_proj"].iter().zip(&layout.parts) {
+            let tensor = format!("{key} {name}");
+            let piece = |q: &SlotPiece, what: &str| {
+                let len = q.shape[0] * q.shape[1] * q.dtype.size();
+                crate::weights::check_finite(
+                    file,
+                    &format!("{tensor}{what}"),
+                    q.dtype,
+                    at(q.slot_offset, len),
+                )
+            };
+            match &p.quant {
+                None => piece(
+                    &SlotPiece {
+                        dtype: p.dtype,
+                        shape: p.shape,
+                        slot_offset: p.slot_offset,
+                    },
+                    "",
+                )?,
+                Some(q) => {
+                    piece(&q.scales, ".scales")?;
+                    piece(&q.biases, ".biases")?;
+                }
+            }
+        }
+        self.checked.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+        Ok(())
     }
 
     fn check(&self, key: ExpertKey, layout: &ExpertLayout, slot: &[u8]) -> Result<()> {
@@ -474,6 +527,15 @@ impl ExpertStore {
             }
         }
         std::hint::black_box(sum);
+        self.check_finite_once(key, layout, |off, len| {
+            let x = layout
+                .extents
+                .iter()
+                .find(|x| off >= x.slot_offset && off < x.slot_offset + x.len as usize)
+                .expect("every piece lies in an extent");
+            let start = x.offset as usize + (off - x.slot_offset);
+            &self.files[x.file].map[start..start + len]
+        })?;
         if self.verify {
             let x = &layout.extents[0];
             let start = (x.offset + (layout.parts[0].slot_offset - x.slot_offset) as u64) as usize;

@@ -133,9 +133,13 @@ pub struct SweepArgs {
     /// Run one share of the combinations: I/N.
     #[arg(long)]
     pub shard: Option<String>,
-    /// Run folder (default: runs/<date>-sweep).
+    /// Run folder (default: runs/<date>-sweep). One that already holds a sweep is refused
+    /// unless --replace is given.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace the sweep already in --out (its results, manifest, summary and figures).
+    #[arg(long)]
+    pub replace: bool,
 }
 
 /// One configuration.
@@ -228,6 +232,57 @@ pub fn combos(a: &SweepArgs, max_experts: usize) -> Result<Vec<Combo>> {
     Ok(out)
 }
 
+/// Refuses configurations that can never issue a prefetch: a depth past the model's MoE
+/// layers, a predictor that reads hidden states on a trace without them (`no_hidden`: sim
+/// mode only), a shadow model asked for a depth it was not trained for.
+fn check_prefetch(all: &[Combo], moe_layers: usize, no_hidden: Option<bool>) -> Result<()> {
+    let mut metas: HashMap<&str, shadowmoe_predictor::PredictorMeta> = HashMap::new();
+    for c in all.iter().filter(|c| c.prefetch_depth > 0) {
+        let d = c.prefetch_depth;
+        let most = if c.prefetch_span == "wrap" {
+            moe_layers
+        } else {
+            moe_layers.saturating_sub(1)
+        };
+        if d > most {
+            bail!(
+                "--prefetch-depth: {d} is out of range with --prefetch-span {} (the model has {moe_layers} MoE layers: expected 1..={most})",
+                c.prefetch_span
+            );
+        }
+        let reads_hidden = c.predictor == "gate-lookahead" || c.predictor.starts_with("shadow:");
+        if reads_hidden && no_hidden == Some(true) {
+            bail!(
+                "--predictor {}: needs the router inputs, but the --trace has no hidden states (collect it with trace-collect --hidden-layers all)",
+                c.predictor
+            );
+        }
+        if let Some(dir) = c.predictor.strip_prefix("shadow:") {
+            if !metas.contains_key(dir) {
+                let path = std::path::Path::new(dir).join("predictor.json");
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "--predictor shadow:{dir}: cannot read {} (train one with train-shadow)",
+                        path.display()
+                    )
+                })?;
+                let meta = serde_json::from_str(&text).with_context(|| {
+                    format!("--predictor shadow:{dir}: {} is not a predictor", path.display())
+                })?;
+                metas.insert(dir, meta);
+            }
+            let meta = &metas[dir];
+            if c.prefetch_span == "target" && !meta.depths.contains(&d) || d > meta.shape.max_depth {
+                bail!(
+                    "--prefetch-depth {d}: the shadow predictor {dir} was trained for depths {:?} only (train it with --depth {d}, or sweep those depths)",
+                    meta.depths
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs a sweep; returns the run folder.
 pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     let backend: shadowmoe_predictor::BackendChoice = a
@@ -278,6 +333,15 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
             }
         );
     }
+    // A configuration that can never prefetch would report "no gain": refused here.
+    check_prefetch(
+        &all,
+        moe_layers.len(),
+        match &source {
+            Source::Sim { trace, .. } => Some(trace.manifest.hidden_layers.is_empty()),
+            Source::Live(_) => None,
+        },
+    )?;
     // Profiles are read before any work: a bad --pinning fails here, not in every row.
     for c in &all {
         pins(&c.pinning, c.capacity, &ids)?;
@@ -294,6 +358,19 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
             shadowmoe_trace::schema::utc_now().replace(':', "")
         ))
     });
+    if out.join("results.parquet").exists() {
+        if !a.replace {
+            bail!(
+                "--out: {} already holds a sweep (results.parquet); choose another folder, or pass --replace to overwrite it",
+                out.display()
+            );
+        }
+        eprintln!("--replace: replacing the sweep in {}", out.display());
+        for f in ["results.parquet", "results.csv", "manifest.json", "summary.txt"] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        let _ = std::fs::remove_dir_all(out.join("figures"));
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("--out: cannot create {}", out.display()))?;
     let probe = out.join(".write-test");
     std::fs::write(&probe, b"").with_context(|| format!("--out: {} is not writable", out.display()))?;
@@ -531,6 +608,18 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
             }
         }
         Err(e) => tracing::warn!("figures not drawn: {e:#}"),
+    }
+    // Rows are written either way (their `error` column says why), but a sweep of which no
+    // configuration ran is a failure, not a result.
+    if let Some(first) = rows.first()
+        && rows.iter().all(|r| !r.error.is_empty())
+    {
+        bail!(
+            "every one of the {} configurations failed (errors in {}); the first: {}",
+            rows.len(),
+            out.join("results.csv").display(),
+            first.error
+        );
     }
     Ok(out)
 }
