@@ -85,6 +85,8 @@ fn every_figure_program_draws_from_a_real_run_folder() {
             limit: Some(4),
             threads: 2,
             flush_every: 8,
+            // gate-lookahead in the prefetch sweep reads the router inputs.
+            hidden_layers: "all".into(),
             ..CollectArgs::new(model.clone(), root().join("datasets/chat.jsonl"), trace.clone())
         },
         false,
