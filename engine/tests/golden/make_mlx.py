@@ -83,6 +83,22 @@ def run(model, ids):
     return all_logits, generated
 
 
+def write_golden(out, ids, logits, generated, meta):
+    """golden.safetensors (prompt ids, logits, greedy tokens) and golden.json (`meta` plus the
+    smallest gap between the top two logits) in `out`."""
+    save_file(
+        {
+            "prompt_ids": np.array(ids, dtype=np.int64),
+            "logits": np.ascontiguousarray(logits, dtype=np.float32),
+            "generated": np.array(generated, dtype=np.int64),
+        },
+        str(out / "golden.safetensors"),
+    )
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    meta["min_logit_top2_gap"] = float((top2[:, 1] - top2[:, 0]).min())
+    (out / "golden.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
 def hub_spelling(fixture: Path, tmp: Path) -> Path:
     """The fixture with its config in the hub's spellings, which mlx-lm reads: transformers 5
     writes `rope_parameters` and (for some families) `num_local_experts`."""
@@ -150,15 +166,6 @@ def make(arch, bits, group, dtype, out_root):
     model, _ = load(str(out))
     ids = golden_prompt(HERE / arch)
     logits, generated = run(model, ids)
-    save_file(
-        {
-            "prompt_ids": np.array(ids, dtype=np.int64),
-            "logits": np.ascontiguousarray(logits, dtype=np.float32),
-            "generated": np.array(generated, dtype=np.int64),
-        },
-        str(out / "golden.safetensors"),
-    )
-    top2 = np.sort(logits, axis=-1)[:, -2:]
     meta = {
         "made_by": "engine/tests/golden/make_mlx.py",
         "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
@@ -168,9 +175,8 @@ def make(arch, bits, group, dtype, out_root):
         "dtype": dtype,
         "prompt_ids": ids,
         "generated": generated,
-        "min_logit_top2_gap": float((top2[:, 1] - top2[:, 0]).min()),
     }
-    (out / "golden.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_golden(out, ids, logits, generated, meta)
     print(f"{out.name}: {len(ids)} prompt tokens, generated {generated}")
 
 
@@ -201,15 +207,6 @@ def make_inflated(binary, out_root):
     diff = float(np.abs(wide - logits).max())
     if diff > 1e-4 or wide_generated != generated:
         sys.exit(f"mlx-lm: the inflated copy at hidden 512 differs from hidden 64 by {diff} (tokens {wide_generated} vs {generated})")
-    save_file(
-        {
-            "prompt_ids": np.array(ids, dtype=np.int64),
-            "logits": np.ascontiguousarray(logits, dtype=np.float32),
-            "generated": np.array(generated, dtype=np.int64),
-        },
-        str(out / "golden.safetensors"),
-    )
-    top2 = np.sort(logits, axis=-1)[:, -2:]
     meta = {
         "made_by": "engine/tests/golden/make_mlx.py --inflated",
         "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
@@ -221,9 +218,8 @@ def make_inflated(binary, out_root):
         "prompt_ids": ids,
         "generated": generated,
         "mlx_max_logit_diff_between_widths": diff,
-        "min_logit_top2_gap": float((top2[:, 1] - top2[:, 0]).min()),
     }
-    (out / "golden.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_golden(out, ids, logits, generated, meta)
     print(f"{out.name}: {len(ids)} prompt tokens, widths agree within {diff:.2e}, generated {generated}")
 
 
