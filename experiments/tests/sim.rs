@@ -873,3 +873,95 @@ fn shards_union_to_the_whole_sweep_and_bad_inputs_are_refused() {
     let e = format!("{:#}", run(&args(&blocker.join("out"), &[]), false).unwrap_err());
     assert!(e.starts_with("--out"), "{e}");
 }
+
+/// `bench-sweep calibrate` on a real checkpoint: the file reads back, every predictor carries
+/// the decode compute measured beside it, and a simulated sweep with `--io-profile` charges
+/// each configuration the compute of its own predictor (the plain compute without one).
+#[test]
+fn calibration_times_compute_beside_each_predictor_and_the_simulator_uses_it() {
+    use polars::prelude::*;
+    use shadowmoe_experiments::calibrate::{CalibrateArgs, Calibration, run as calibrate};
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("cal.json");
+    let model = root().join(MODEL).display().to_string();
+    let a = CalibrateArgs {
+        model: model.clone(),
+        pack: None,
+        io: "pread".into(),
+        depths: "1..2".into(),
+        reads: 8,
+        control_file: None,
+        trace: None,
+        capacity: 4,
+        tokens: 4,
+        threads: 0,
+        predictor: "gate-lookahead,previous-token".into(),
+        targets: 1,
+        backend: "cpu".into(),
+        out: file.clone(),
+    };
+    let written = calibrate(&a).unwrap();
+    let cal = Calibration::read(&file).unwrap();
+    assert_eq!((&cal.model, &cal.machine), (&written.model, &written.machine));
+    assert!((cal.compute.token_ms - written.compute.token_ms).abs() < 1e-9);
+    assert!(cal.compute.token_ms > 0.0);
+    for name in ["gate-lookahead", "previous-token"] {
+        let p = &cal.predictors[name];
+        let ms = p
+            .compute_token_ms
+            .unwrap_or_else(|| panic!("{name}: no compute beside it"));
+        assert!(ms > 0.0 && ms.is_finite(), "{name}: {ms}");
+        let layers = cal.compute.token_ms / cal.compute.layer_ms;
+        assert!((p.compute_layer_ms.unwrap() * layers - ms).abs() < 1e-9);
+    }
+
+    let t = trace(tmp.path());
+    let out = tmp.path().join("sweep");
+    let args = sweep_cli(&[
+        "--mode".into(),
+        "sim".into(),
+        "--trace".into(),
+        t.display().to_string(),
+        "--model".into(),
+        model,
+        "--io-profile".into(),
+        file.display().to_string(),
+        "--capacity".into(),
+        "4".into(),
+        "--prefetch-depth".into(),
+        "0,1".into(),
+        "--predictor".into(),
+        "none,gate-lookahead,previous-token".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ]);
+    shadowmoe_experiments::sweep::run(&args, false).unwrap();
+    let df = read_results(&out);
+    let pred = df.column("predictor").unwrap().str().unwrap().clone();
+    let depth = df
+        .column("prefetch_depth")
+        .unwrap()
+        .cast(&DataType::Int64)
+        .unwrap();
+    let depth = depth.i64().unwrap();
+    let compute = df.column("compute_ms_per_token").unwrap().f64().unwrap().clone();
+    let mut seen = 0;
+    for i in 0..df.height() {
+        let (p, d, c) = (
+            pred.get(i).unwrap(),
+            depth.get(i).unwrap(),
+            compute.get(i).unwrap(),
+        );
+        let want = if d == 0 {
+            cal.compute.token_ms
+        } else {
+            cal.predictors[p].compute_token_ms.unwrap()
+        };
+        assert!(
+            (c - want).abs() < 1e-6 * want.max(1.0),
+            "{p} at depth {d}: {c} ms, expected {want}"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "rows: {df}");
+}

@@ -423,10 +423,21 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                     layer_ms,
                     compute_threads,
                     predictor_ms,
+                    compute_layer_ms,
                 } => {
                     row.io_mode = "modelled".into();
                     row.modelled_cache_bytes =
                         (c.capacity as u64) * moe_layers.len() as u64 * io.expert_bytes;
+                    // An async predictor's cost to the forward pass, as calibrated beside it.
+                    let pkey = if c.predictor.starts_with("shadow:") {
+                        "shadow"
+                    } else {
+                        c.predictor.as_str()
+                    };
+                    let layer_ms = match compute_layer_ms.get(pkey) {
+                        Some(&ms) if c.prefetch_depth > 0 && timing == PredictorTiming::Async => ms,
+                        _ => *layer_ms,
+                    };
                     let result = (|| -> Result<crate::sim::SimResult> {
                         let inputs = PredictorInputs {
                             trace,
@@ -434,11 +445,6 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             backend,
                             profile: a.profile.as_deref(),
                             k,
-                        };
-                        let pkey = if c.predictor.starts_with("shadow:") {
-                            "shadow"
-                        } else {
-                            c.predictor.as_str()
                         };
                         let cfg = SimConfig {
                             budget: Budget::PerLayer(c.capacity),

@@ -199,6 +199,9 @@ pub(super) enum Source {
         compute_threads: usize,
         /// Milliseconds per predictor call, by predictor name (`shadow` for shadow models).
         predictor_ms: HashMap<String, f64>,
+        /// Compute per MoE layer while that predictor runs beside the forward pass, by name
+        /// (the calibration's, when it measured them and no --layer-ms overrides it).
+        compute_layer_ms: HashMap<String, f64>,
     },
     Live(Box<crate::live::LiveSetup>),
 }
@@ -339,6 +342,14 @@ pub(super) fn open_source(
             if let Some(ms) = a.predictor_ms {
                 predictor_ms.insert("shadow".into(), ms);
             }
+            let compute_layer_ms: HashMap<String, f64> = match (a.layer_ms, cal.as_ref()) {
+                (None, Some(c)) => c
+                    .predictors
+                    .iter()
+                    .filter_map(|(k, v)| v.compute_layer_ms.map(|ms| (k.clone(), ms)))
+                    .collect(),
+                _ => HashMap::new(),
+            };
             let mut io = io;
             io.prefetch_readers = a.prefetch_readers;
             let reqs = trace.requests(None)?;
@@ -350,6 +361,7 @@ pub(super) fn open_source(
                 "layer_ms": layer_ms,
                 "compute_threads": compute_threads,
                 "predictor_ms": predictor_ms,
+                "compute_layer_ms_by_predictor": compute_layer_ms,
             });
             Ok((
                 Source::Sim {
@@ -359,6 +371,7 @@ pub(super) fn open_source(
                     layer_ms,
                     compute_threads,
                     predictor_ms,
+                    compute_layer_ms,
                 },
                 info,
             ))
