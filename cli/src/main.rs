@@ -11,6 +11,7 @@
 //! `--capacity` or `--cache-bytes` (see `offload::CacheArgs`).
 
 mod offload;
+mod perplexity;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,9 @@ enum Command {
     /// Serve the model over HTTP: OpenAI `/v1/chat/completions` and `/v1/completions`,
     /// Anthropic `/v1/messages`, `/v1/models`, `/health` and Prometheus `/metrics`.
     Serve(ServeArgs),
+    /// Perplexity and bits per byte of a text under the given cache, pinning and miss flags
+    /// (windows of --ctx tokens scored independently).
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +224,7 @@ fn main() {
         Command::ExpertPack(a) => run_pack(a),
         Command::Inflate(a) => run_inflate(a),
         Command::Serve(a) => run_serve(a),
+        Command::Perplexity(a) => perplexity::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -99,6 +99,20 @@ fn flag<T: std::str::FromStr<Err = String>>(name: &str, value: &str) -> Result<T
 }
 
 impl CacheArgs {
+    /// `--on-miss skip`: routed experts that are not resident are dropped.
+    pub fn skips_misses(&self) -> bool {
+        self.on_miss == "skip"
+    }
+
+    pub fn on_miss_name(&self) -> &str {
+        &self.on_miss
+    }
+
+    /// `--capacity` or `--cache-bytes` as given (None: every expert resident).
+    pub fn capacity_name(&self) -> Option<String> {
+        self.capacity.clone().or_else(|| self.cache_bytes.clone())
+    }
+
     fn cache_requested(&self) -> bool {
         self.capacity.is_some() || self.cache_bytes.is_some()
     }
