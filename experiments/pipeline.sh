@@ -10,7 +10,8 @@
 # PROFILE (dev: the build `cargo test` makes; release for speed), LOSS (softmax; `both` also
 # trains BCE and keeps the better), EPOCHS (3), BACKEND (auto: a hardware GPU through wgpu, else
 # Burn's CPU backend; or wgpu, cpu), LIVE_PROMPTS (8: held-out prompts of the live sweep),
-# LIVE_TOKENS (16), PREDICTOR_MS (0.6: modelled shadow predictor time per layer call in the sim
+# LIVE_TOKENS (16), QUALITY_TOKENS (1000), QUALITY_PROMPTS (2), QUALITY_CAPACITY (32,64,128),
+# PREDICTOR_MS (0.6: modelled shadow predictor time per layer call in the sim
 # sweep; see README for the measured figure).
 # Finished steps are kept: rerunning continues where it stopped.
 set -euo pipefail
@@ -78,6 +79,15 @@ step "bench-sweep live"
   --capacity "$CAPACITY" --on-miss sync,skip --prefetch-depth 0,4 \
   --predictor "none,shadow:$OUT/shadow" --profile "$OUT/profile.json" \
   --backend "$BACKEND" --replace --out "$OUT/sweep-live"
+
+# Quality at length: 1,000 generated tokens per prompt with skip-on-miss against sync (exact),
+# pinning off and on — perplexity, KL and top-1 agreement on the prompts' text, and the
+# repetition of what was generated (fig8).
+step "bench-sweep live: quality and repetition at ${QUALITY_TOKENS:-1000} tokens"
+"$BIN/bench-sweep" --mode live --model "$MODEL" --dataset datasets/heldout.jsonl \
+  --limit "${QUALITY_PROMPTS:-2}" --max-new-tokens "${QUALITY_TOKENS:-1000}" --no-chat-template \
+  --capacity "${QUALITY_CAPACITY:-32,64,128}" --on-miss sync,skip --pinning "off,$OUT/profile.json:16" \
+  --replace --out "$OUT/sweep-quality"
 
 step "plot-figures"
 "$BIN/plot-figures" --results "$OUT" --out "$OUT/figures"

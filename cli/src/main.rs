@@ -154,6 +154,10 @@ struct GenerateArgs {
     /// Print where the prompt's pass (prefill) spent its time, in the same parts.
     #[arg(long)]
     profile_prefill: bool,
+    /// Print the generation's repetition: the share of its 4-grams, over the last 200
+    /// generated tokens, that already occurred earlier in those 200 (flash-moe's loop check).
+    #[arg(long)]
+    repetition_report: bool,
     #[command(flatten)]
     cache: offload::CacheArgs,
 }
@@ -277,7 +281,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.profile_prefill {
         model.set_op_profile(true);
     }
-    let (_, stats) = generate(model, &prompt, &opts, &mut NoObserver, |id| {
+    let (generated, stats) = generate(model, &prompt, &opts, &mut NoObserver, |id| {
         // After the prompt's pass: its profile is kept, and the decode profile starts.
         if std::mem::take(&mut first) && (a.profile_ops || a.profile_prefill) {
             if a.profile_prefill {
@@ -306,6 +310,14 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             b as f64 / (1 << 20) as f64
         )),
     );
+    if a.repetition_report {
+        eprintln!(
+            "repetition: {:.4} (share of repeated 4-grams in the last {} of {} generated tokens)",
+            shadowmoe_engine::repetition(&generated, 4, 200),
+            generated.len().min(200),
+            generated.len()
+        );
+    }
     if let Some(p) = prefill_profile {
         eprintln!(
             "prompt pass: {} tokens ({} threads)\n{}",

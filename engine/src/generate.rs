@@ -111,3 +111,44 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// Repetition of a generation, flash-moe's way of catching a model that has fallen into a loop:
+/// the share of the `n`-grams of the last `window` tokens of `tokens` that already occurred
+/// earlier in that window (0: every n-gram new; near 1: one phrase over and over). Fewer than
+/// `n + 1` tokens give 0.
+pub fn repetition(tokens: &[u32], n: usize, window: usize) -> f64 {
+    let n = n.max(1);
+    let w = &tokens[tokens.len().saturating_sub(window)..];
+    if w.len() <= n {
+        return 0.0;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let (mut total, mut repeated) = (0usize, 0usize);
+    for g in w.windows(n) {
+        total += 1;
+        if !seen.insert(g) {
+            repeated += 1;
+        }
+    }
+    repeated as f64 / total as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repetition;
+
+    #[test]
+    fn repetition_counts_repeated_ngrams_in_the_last_window() {
+        // A loop of period 3 repeats every 4-gram after the first three.
+        let looped: Vec<u32> = (0..30).map(|i| i % 3).collect();
+        assert!((repetition(&looped, 4, 30) - 24.0 / 27.0).abs() < 1e-12);
+        let fresh: Vec<u32> = (0..30).collect();
+        assert_eq!(repetition(&fresh, 4, 30), 0.0);
+        // Only the window counts: fresh tokens after a loop score 0 on a short window.
+        let mut both = looped.clone();
+        both.extend(100..120);
+        assert_eq!(repetition(&both, 4, 20), 0.0);
+        assert!(repetition(&both, 4, 50) > 0.4);
+        assert_eq!(repetition(&[1, 2, 3], 4, 100), 0.0);
+    }
+}

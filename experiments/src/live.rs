@@ -110,6 +110,9 @@ pub struct LiveResult {
     pub io_mode: String,
     /// What prediction cost and did.
     pub predict: PredictStats,
+    /// Mean over the prompts of their generation's repetition (`shadowmoe_engine::repetition`:
+    /// repeated 4-grams in the last 200 generated tokens).
+    pub repetition: Option<f64>,
 }
 
 /// Next-token quality against the exact model, teacher-forced over the prompts' tokens.
@@ -321,6 +324,7 @@ impl LiveSetup {
         };
         let predict_secs = |m: &Model| m.prefetch_stats().map_or(0.0, |p| p.predictor_secs);
         let stall = |cached: &shadowmoe_engine::offload::CachedExperts| cached.stats().1.stall;
+        let mut repetitions = Vec::new();
         for ids in &self.prompts {
             if self.max_new_tokens == 0 {
                 break;
@@ -331,6 +335,7 @@ impl LiveSetup {
             r.prefill_secs += t.elapsed().as_secs_f64();
             r.prefill_tokens += ids.len() as u64;
             let mut next = argmax(&Model::last_row(&logits));
+            let mut generated = vec![next];
             let (t, s0, p0) = (Instant::now(), stall(&cached), predict_secs(&model));
             let b0 = cached.stats().1.bytes_read;
             for _ in 1..self.max_new_tokens {
@@ -340,12 +345,17 @@ impl LiveSetup {
                 let logits =
                     model.forward(&[next], &mut kv, Phase::Decode, LogitsFor::Last, &mut NoObserver)?;
                 next = argmax(&Model::last_row(&logits));
+                generated.push(next);
                 r.decode_steps += 1;
             }
+            repetitions.push(shadowmoe_engine::repetition(&generated, 4, 200));
             r.decode_secs += t.elapsed().as_secs_f64();
             r.decode_stall_secs += stall(&cached).saturating_sub(s0).as_secs_f64();
             r.decode_predictor_secs += predict_secs(&model) - p0;
             r.decode_bytes += cached.stats().1.bytes_read - b0;
+        }
+        if !repetitions.is_empty() {
+            r.repetition = Some(repetitions.iter().sum::<f64>() / repetitions.len() as f64);
         }
         if let Some(p) = model.prefetch_stats() {
             r.predict = p;

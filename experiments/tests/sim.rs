@@ -736,6 +736,36 @@ fn live_sweep_measures_and_scores_quality() {
         }
     }
 
+    // Repetition of the generations: under sync misses the exact model's greedy tokens, so the
+    // same figure as the engine's own generate gives for those prompts.
+    let rep = f("repetition");
+    let ckpt = shadowmoe_engine::Checkpoint::open(&model).unwrap();
+    let tok = ckpt.tokenizer().unwrap();
+    let (prompts, _) = dataset::load(&root().join("datasets/chat.jsonl")).unwrap();
+    let m = ckpt.load_model().unwrap();
+    let want: f64 = prompts
+        .iter()
+        .take(2)
+        .map(|p| {
+            let ids = p.encode(&tok, true).unwrap();
+            let opts = GenerateOptions {
+                max_new_tokens: 6,
+                sampling: SamplingParams::default(),
+                eos_token_ids: ckpt.eos_token_ids(),
+            };
+            let (out, _) = generate(&m, &ids, &opts, &mut NoObserver, |_| Ok(())).unwrap();
+            shadowmoe_engine::repetition(&out, 4, 200)
+        })
+        .sum::<f64>()
+        / 2.0;
+    for i in 0..df.height() {
+        let r = rep[i].unwrap_or_else(|| panic!("row {i}: no repetition"));
+        assert!((0.0..=1.0).contains(&r), "row {i}: {r}");
+        if miss.get(i) == Some("sync") {
+            assert!((r - want).abs() < 1e-12, "row {i}: {r}, the exact model's {want}");
+        }
+    }
+
     // The quality pass against a run that drops nothing: exact at every position.
     let ckpt = shadowmoe_engine::Checkpoint::open(&model).unwrap();
     let tok = ckpt.tokenizer().unwrap();

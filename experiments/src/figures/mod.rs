@@ -92,6 +92,8 @@ pub struct Res {
     pub kl: f64,
     pub ppl: f64,
     pub ppl_exact: f64,
+    /// Repeated 4-grams in the last 200 generated tokens (live rows).
+    pub repetition: f64,
     pub error: String,
 }
 
@@ -178,6 +180,7 @@ pub fn read_results(dir: &Path) -> Result<Vec<Res>> {
             c("perplexity"),
             c("perplexity_exact"),
         );
+        let rep = c("repetition");
         for i in 0..df.height() {
             out.push(Res {
                 mode: mode[i].clone(),
@@ -206,6 +209,7 @@ pub fn read_results(dir: &Path) -> Result<Vec<Res>> {
                 kl: kl[i],
                 ppl: ppl[i],
                 ppl_exact: ppl_exact[i],
+                repetition: rep[i],
                 error: error[i].clone(),
             });
         }

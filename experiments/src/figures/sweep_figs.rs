@@ -442,6 +442,14 @@ pub(super) fn fig8(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::
             legend_upper: true,
             ..Default::default()
         },
+        Panel {
+            title: "repetition of the generated text".into(),
+            x: "capacity (experts per MoE layer)".into(),
+            y: "repeated 4-grams, last 200 tokens".into(),
+            lines: lines(&|r| r.repetition),
+            legend_upper: true,
+            ..Default::default()
+        },
     ];
     save_panels(
         out,

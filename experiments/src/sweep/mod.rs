@@ -532,6 +532,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
                             row.prefill_tok_s = (r.prefill_tokens > 0)
                                 .then(|| r.prefill_tokens as f64 / r.prefill_secs.max(1e-12));
                             row.peak_rss_bytes = r.peak_rss_bytes;
+                            row.repetition = r.repetition;
                             row.modelled_total_bytes = Some(r.modelled_total_bytes);
                             if let Some(q) = r.quality {
                                 row.top1_agreement = Some(q.top1_agreement);

@@ -66,6 +66,7 @@ pub(super) struct Row {
     pub(super) kl_divergence: Option<f64>,
     pub(super) perplexity: Option<f64>,
     pub(super) perplexity_exact: Option<f64>,
+    pub(super) repetition: Option<f64>,
     pub(super) error: String,
 }
 
@@ -117,6 +118,7 @@ impl Row {
             kl_divergence: None,
             perplexity: None,
             perplexity_exact: None,
+            repetition: None,
             error: String::new(),
         }
     }
@@ -220,6 +222,7 @@ pub(super) fn frame(rows: &[Row], ids: &RunIds<'_>) -> PolarsResult<DataFrame> {
             Column::new("kl_divergence".into(), of(&|r| r.kl_divergence)),
             Column::new("perplexity".into(), of(&|r| r.perplexity)),
             Column::new("perplexity_exact".into(), of(&|r| r.perplexity_exact)),
+            Column::new("repetition".into(), of(&|r| r.repetition)),
             Column::new("error".into(), s(&|r| r.error.clone())),
             Column::new(
                 "harness_version".into(),
