@@ -418,6 +418,24 @@ pub(super) fn fig8(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::
             dashed: true,
         });
     }
+    // The exact model's own repetition (sync rows generate its greedy tokens).
+    let mut rep = lines(&|r| r.repetition);
+    let rep_exact = median(
+        rows.iter()
+            .filter(|r| r.mode == "live" && r.on_miss == "sync")
+            .map(|r| r.repetition)
+            .filter(|v| v.is_finite())
+            .collect(),
+    );
+    if rep_exact.is_finite() {
+        let (lo, hi) = range(skip.iter().map(|r| r.capacity), 0.0);
+        rep.push(Line {
+            label: "exact model (sync)".into(),
+            pts: vec![(lo, rep_exact), (hi, rep_exact)],
+            color: 7,
+            dashed: true,
+        });
+    }
     let panels = [
         Panel {
             title: "top-1 agreement with the exact model".into(),
@@ -446,7 +464,7 @@ pub(super) fn fig8(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::
             title: "repetition of the generated text".into(),
             x: "capacity (experts per MoE layer)".into(),
             y: "repeated 4-grams, last 200 tokens".into(),
-            lines: lines(&|r| r.repetition),
+            lines: rep,
             legend_upper: true,
             ..Default::default()
         },
