@@ -64,10 +64,24 @@ impl Tokenizer {
                 what: "the tokenizer (tokenizer.json), needed to turn text into token ids",
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        // The tokenizers crate panics on some malformed files (a `decoder` of an unexpected
+        // shape: found by fuzzing, tests/fuzz.rs): its panic becomes this file's error.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(&path));
+        std::panic::set_hook(hook);
+        let inner = match parsed {
+            Ok(r) => r.map_err(|e| EngineError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string().replace('\n', " "),
+            })?,
+            Err(_) => {
+                return Err(EngineError::Tokenizer {
+                    path: path.clone(),
+                    message: "not a tokenizer the tokenizers library can read (it gave up on a malformed part of the file)".into(),
+                });
+            }
+        };
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = match std::fs::read_to_string(&config_path) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| EngineError::Json {

@@ -564,3 +564,76 @@ fn bad_input_gets_one_line_errors() {
     }
     assert!(!out.exists());
 }
+
+/// Mutation fuzzing of a real trace file (mostly its Parquet footer, where the manifest JSON
+/// lives): opening it and reading its routing must end in `Ok` or a one-line error, never a
+/// panic. Budget: `SHADOWMOE_FUZZ_CASES` (default 200).
+#[test]
+fn fuzzed_traces_are_refused_without_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t.parquet");
+    run(
+        &args(&fixture("qwen3_moe"), &root().join("datasets/chat.jsonl"), &out),
+        false,
+    )
+    .unwrap();
+    let original = std::fs::read(&out).unwrap();
+    let n: usize = std::env::var("SHADOWMOE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut state = 0x5eed_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as usize
+    };
+    let tail = original.len().min(8192);
+    let (mut refused, mut panics) = (0, Vec::new());
+    for case in 0..n {
+        let mut v = original.clone();
+        for _ in 0..=next() % 3 {
+            // Nine in ten mutations in the footer.
+            let at = if next() % 10 < 9 {
+                v.len() - tail.min(v.len()) + next() % tail.min(v.len()).max(1)
+            } else {
+                next() % v.len()
+            }
+            .min(v.len() - 1);
+            match next() % 4 {
+                0 => v[at] ^= 1 << (next() % 8),
+                1 => v[at] = [0u8, 0xff, b'"', b'{', b'9'][next() % 5],
+                2 => v.truncate(at.max(1)),
+                _ => {
+                    let len = (next() % 16).min(v.len() - at);
+                    v.drain(at..at + len);
+                }
+            }
+        }
+        // A new file each case: Polars memory-maps what it reads, and rewriting a file that a
+        // mapping still covers would end the process with SIGBUS.
+        let target = tmp.path().join(format!("m{case}.parquet"));
+        std::fs::write(&target, &v).unwrap();
+        let outcome = std::panic::catch_unwind(|| -> anyhow::Result<usize> {
+            let t = Trace::open(&target)?;
+            Ok(t.requests(None)?.len())
+        });
+        match outcome {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                refused += 1;
+                let msg = format!("{e:#}");
+                assert!(!msg.trim().contains('\n'), "case {case}: {msg}");
+            }
+            Err(_) => panics.push(case),
+        }
+        let _ = std::fs::remove_file(&target);
+    }
+    println!(
+        "trace: {n} cases, {refused} refused with a one-line error, {} panics",
+        panics.len()
+    );
+    assert!(panics.is_empty(), "cases that panicked: {panics:?}");
+}

@@ -40,11 +40,11 @@ pub enum TraceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    /// Polars' message on one line (it spreads some over several, with hints).
+    #[error("{path}: {}", one_line(error))]
     Polars {
         path: PathBuf,
-        #[source]
-        source: polars::error::PolarsError,
+        error: polars::error::PolarsError,
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
@@ -68,7 +68,7 @@ impl TraceError {
     pub fn polars(path: &Path, source: polars::error::PolarsError) -> Self {
         Self::Polars {
             path: path.to_path_buf(),
-            source,
+            error: source,
         }
     }
 
@@ -85,4 +85,14 @@ impl TraceError {
             message: message.into(),
         }
     }
+}
+
+/// `e`'s message with its line breaks (and the blank lines around them) folded into "; ".
+fn one_line(e: &impl std::fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }

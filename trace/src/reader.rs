@@ -61,10 +61,43 @@ impl Trace {
     /// Opens `path` and reads its manifest.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| TraceError::io(path, e))?;
+        let len = file.metadata().map_err(|e| TraceError::io(path, e))?.len();
         let mut reader = ParquetReader::new(file);
-        let meta = reader.get_metadata().map_err(|e| TraceError::polars(path, e))?;
-        let json = meta
-            .key_value_metadata()
+        // Polars' footer parser panics on some damaged footers (a thrift field of the wrong
+        // type: found by fuzzing); that panic becomes this file's error.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        // Every row group's bytes must lie inside the file: Polars' reader trusts the footer's
+        // ranges (an unchecked slice: a damaged footer read out of bounds, found by fuzzing).
+        let meta = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            reader.get_metadata().map(|m| {
+                let inside = m.row_groups.iter().all(|rg| {
+                    std::iter::once(rg.full_byte_range())
+                        .chain(rg.byte_ranges_iter())
+                        .all(|r| r.start <= r.end && r.end <= len)
+                });
+                (m.key_value_metadata().clone(), inside)
+            })
+        }));
+        std::panic::set_hook(hook);
+        let kv = match meta {
+            Ok(Ok((_, false))) => {
+                return Err(TraceError::format(
+                    path,
+                    format!(
+                        "corrupt Parquet footer: a row group's bytes lie outside the file's {len} bytes (truncated or damaged)"
+                    ),
+                ));
+            }
+            Ok(r) => r.map_err(|e| TraceError::polars(path, e))?.0,
+            Err(_) => {
+                return Err(TraceError::format(
+                    path,
+                    "corrupt Parquet footer (not a shadowmoe trace, or a damaged one)",
+                ));
+            }
+        };
+        let json = kv
             .as_ref()
             .and_then(|kv| kv.iter().find(|k| k.key == MANIFEST_KEY))
             .and_then(|k| k.value.clone())
@@ -113,12 +146,13 @@ impl Trace {
                     .and(col(COL_REQUEST).lt(lit(r.end))),
             );
         }
-        lf.sort(
-            [COL_REQUEST, COL_TOKEN, COL_LAYER],
-            SortMultipleOptions::default(),
+        collect_guarded(
+            &self.path,
+            lf.sort(
+                [COL_REQUEST, COL_TOKEN, COL_LAYER],
+                SortMultipleOptions::default(),
+            ),
         )
-        .collect()
-        .map_err(|e| TraceError::polars(&self.path, e))
     }
 
     /// The routing of `requests` (all when `None`), one [`RequestRouting`] per request.
@@ -275,10 +309,10 @@ impl Trace {
                     .and(col(COL_REQUEST).lt(lit(r.end))),
             );
         }
-        let df = lf
-            .sort([COL_REQUEST, COL_TOKEN], SortMultipleOptions::default())
-            .collect()
-            .map_err(|e| TraceError::polars(&self.path, e))?;
+        let df = collect_guarded(
+            &self.path,
+            lf.sort([COL_REQUEST, COL_TOKEN], SortMultipleOptions::default()),
+        )?;
         let pe = |e: PolarsError| TraceError::polars(&self.path, e);
         let h = self.manifest.hidden_size;
         let get = |name: &str| -> Result<Vec<u32>> {
@@ -327,5 +361,22 @@ impl Trace {
             token,
             values,
         })
+    }
+}
+
+/// Runs `lf`. Polars' Parquet decoder panics on some corrupt pages (a bit width out of range:
+/// found by fuzzing, experiments/tests/trace_collect.rs) instead of returning an error; that
+/// panic becomes this file's error.
+fn collect_guarded(path: &Path, lf: LazyFrame) -> Result<DataFrame> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lf.collect()));
+    std::panic::set_hook(hook);
+    match out {
+        Ok(r) => r.map_err(|e| TraceError::polars(path, e)),
+        Err(_) => Err(TraceError::format(
+            path,
+            "corrupt Parquet data (the reader gave up decoding a page: a truncated or damaged file)",
+        )),
     }
 }
