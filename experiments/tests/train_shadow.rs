@@ -129,6 +129,10 @@ fn trains_evaluates_and_loads_back() {
         .to_string();
     assert!(err.contains("another model"), "{err}");
 
+    // Fuzzed predictor files: `predictor.json` and the weights' safetensors header mutated;
+    // loading and predicting ends in Ok or a one-line error, never a panic.
+    fuzz_predictor_files(&out, &m.config_sha256, &hidden, &src, &depth);
+
     // At run time: the trained predictor drives the engine's prefetching over a bounded cache
     // reading experts from disk; the output stays exact and prefetches are issued.
     prefetch_with(cpu, &m.config_sha256);
@@ -319,4 +323,64 @@ fn bad_input_gets_one_line_errors() {
     a.val_share = 0.0;
     let err = format!("{:#}", run(&a).unwrap_err());
     assert!(err.contains("split is empty"), "{err}");
+}
+
+fn fuzz_predictor_files(dir: &Path, sha: &str, hidden: &[f32], src: &[u16], depth: &[u8]) {
+    let n: usize = std::env::var("SHADOWMOE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let mut state = 0xfeed_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as usize
+    };
+    for file in ["predictor.json", "model.safetensors"] {
+        let path = dir.join(file);
+        let original = std::fs::read(&path).unwrap();
+        let hot = if file.ends_with(".json") {
+            original.len()
+        } else {
+            (8 + u64::from_le_bytes(original[..8].try_into().unwrap()) as usize).min(original.len())
+        };
+        let (mut refused, mut panics) = (0, Vec::new());
+        for case in 0..n {
+            let mut v = original.clone();
+            for _ in 0..=next() % 2 {
+                let at = (next() % hot.max(1)).min(v.len().saturating_sub(1));
+                match next() % 4 {
+                    0 => v[at] ^= 1 << (next() % 8),
+                    1 => v[at] = [b'0', b'9', b'"', b'{', b'-', 0xff][next() % 6],
+                    2 => v.truncate(at.max(1)),
+                    _ => {
+                        let len = (next() % 8).min(v.len() - at);
+                        v.drain(at..at + len);
+                    }
+                }
+            }
+            std::fs::write(&path, &v).unwrap();
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let r = std::panic::catch_unwind(|| -> Result<Vec<u16>, String> {
+                let p =
+                    ShadowPredictor::load(dir, Some(sha), BackendChoice::Cpu).map_err(|e| e.to_string())?;
+                Ok(p.predict(hidden, src, depth, 4))
+            });
+            std::panic::set_hook(hook);
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    refused += 1;
+                    assert!(!e.trim().contains('\n'), "{file} case {case}: {e}");
+                }
+                Err(_) => panics.push(case),
+            }
+        }
+        std::fs::write(&path, &original).unwrap();
+        println!("{file}: {n} cases, {refused} refused, {} panics", panics.len());
+        assert!(panics.is_empty(), "{file}: cases that panicked: {panics:?}");
+    }
 }
