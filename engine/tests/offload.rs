@@ -533,3 +533,54 @@ fn a_slow_async_predictor_is_late_not_blocking() {
     // The forward thread only handed the router input over.
     assert!(ps.forward_secs < 0.25, "{ps:?}");
 }
+
+/// Under skip-on-miss a failed read does not stop the run: the expert it was for is dropped
+/// like any other miss (counted as a fallback), the load error is counted, and the cache stays
+/// consistent (once the fault is gone, a sync run on the same store is exact). A slow disk
+/// (every read delayed) changes the timing only: the sync output is exact.
+#[test]
+fn read_faults_under_skip_are_fallbacks_and_a_slow_disk_is_only_slower() {
+    let (ckpt, prompt, all) = reference("qwen3_moe");
+    let store = Arc::new(ckpt.expert_store(IoMode::Pread, None, false).unwrap());
+    let (model, cached) = ckpt
+        .load_model_cached(
+            store.clone(),
+            &CacheOptions {
+                on_miss: MissMode::Skip,
+                ..opts(Budget::PerLayer(4))
+            },
+        )
+        .unwrap();
+    store.inject_faults(FaultPlan {
+        fail_read: Some(2),
+        ..Default::default()
+    });
+    let mut cache = model.new_cache();
+    let mut next = prompt.clone();
+    for step in 0..8 {
+        let phase = if step == 0 { Phase::Prefill } else { Phase::Decode };
+        let logits = model
+            .forward(&next, &mut cache, phase, LogitsFor::Last, &mut NoObserver)
+            .unwrap_or_else(|e| panic!("step {step}: skip mode stopped on a read fault: {e}"));
+        let row = Model::last_row(&logits);
+        assert!(row.iter().all(|x| x.is_finite()), "step {step}");
+        let best = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+        next = vec![best as u32];
+    }
+    cached.wait_idle().unwrap();
+    let (stats, io) = cached.stats();
+    assert_eq!(io.load_errors, 1, "the injected fault was not counted");
+    assert!(stats.fallbacks > 0, "nothing was dropped: {stats:?}");
+
+    // The same store, the fault gone and a slow disk, behind a sync cache: exact.
+    store.inject_faults(FaultPlan {
+        delay_ms: 2,
+        ..Default::default()
+    });
+    let (model, cached) = ckpt
+        .load_model_cached(store.clone(), &opts(Budget::PerLayer(4)))
+        .unwrap();
+    assert_eq!(run(&model, &prompt), all, "a slow disk changed the output");
+    assert!(cached.stats().1.stall.as_secs_f64() > 0.0);
+    assert_eq!(cached.stats().1.load_errors, 0);
+}
