@@ -158,6 +158,10 @@ struct GenerateArgs {
     /// generated tokens, that already occurred earlier in those 200 (flash-moe's loop check).
     #[arg(long)]
     repetition_report: bool,
+    /// Print the process's resident set size every N generated tokens, next to the byte
+    /// model's prediction for that many tokens (with an expert cache): memory over a long run.
+    #[arg(long, value_name = "N")]
+    rss_every: Option<usize>,
     #[command(flatten)]
     cache: offload::CacheArgs,
 }
@@ -281,7 +285,25 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.profile_prefill {
         model.set_op_profile(true);
     }
+    if a.rss_every == Some(0) {
+        bail!("--rss-every: expected at least 1 token");
+    }
+    let mut produced = 0usize;
     let (generated, stats) = generate(model, &prompt, &opts, &mut NoObserver, |id| {
+        produced += 1;
+        if let Some(n) = a.rss_every
+            && produced.is_multiple_of(n)
+        {
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            let now = shadowmoe_engine::current_rss_bytes().map_or(f64::NAN, mib);
+            match loaded.predicted_rss(prompt.len() + produced) {
+                Some(p) => eprintln!(
+                    "rss: token {produced}: {now:.1} MiB (byte model {:.1} MiB)",
+                    mib(p)
+                ),
+                None => eprintln!("rss: token {produced}: {now:.1} MiB"),
+            }
+        }
         // After the prompt's pass: its profile is kept, and the decode profile starts.
         if std::mem::take(&mut first) && (a.profile_ops || a.profile_prefill) {
             if a.profile_prefill {

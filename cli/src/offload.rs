@@ -98,6 +98,15 @@ fn flag<T: std::str::FromStr<Err = String>>(name: &str, value: &str) -> Result<T
     value.parse::<T>().map_err(|e| anyhow::anyhow!("{name}: {e}"))
 }
 
+impl Loaded {
+    /// The byte model's resident bytes with `tokens` in the KV cache (None: no expert cache).
+    pub fn predicted_rss(&self, tokens: usize) -> Option<u64> {
+        self.byte_model
+            .as_ref()
+            .map(|(bm, slots)| bm.predict_slots(*slots, tokens))
+    }
+}
+
 impl CacheArgs {
     /// `--on-miss skip`: routed experts that are not resident are dropped.
     pub fn skips_misses(&self) -> bool {

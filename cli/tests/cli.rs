@@ -501,3 +501,46 @@ fn perplexity_matches_transformers_and_sync_misses_are_exact() {
         assert!(e.contains(want) && e.trim().lines().count() == 1, "{e}");
     }
 }
+
+/// A long generation's memory stays bounded: `generate --rss-every` prints the resident set
+/// every N tokens beside the byte model's prediction; from token 200 to 1,000 the process may
+/// grow by no more than twice what the byte model says the KV cache adds, plus 4 MiB.
+#[test]
+fn long_generation_memory_grows_only_with_the_kv_cache() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/reference/checkpoint");
+    let o = bin()
+        .args(["generate", "--model", model.to_str().unwrap(), "--threads", "2"])
+        .args(["--prompt", "def parse_args(argv):", "--max-new-tokens", "1000"])
+        .args(["--capacity", "160", "--io", "pread", "--rss-every", "200"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    // "rss: token N: X MiB (byte model Y MiB)"
+    let points: Vec<(usize, f64, f64)> = e
+        .lines()
+        .filter_map(|l| l.strip_prefix("rss: token "))
+        .map(|l| {
+            let n: Vec<f64> = l
+                .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect();
+            (n[0] as usize, n[1], n[2])
+        })
+        .collect();
+    if points.len() < 5 {
+        // Generation may end early at an end-of-sequence token; the bundled model's greedy
+        // continuation of this prompt does not.
+        panic!("expected RSS lines every 200 tokens up to 1,000: {e}");
+    }
+    let (first, last) = (points[0], points[points.len() - 1]);
+    assert_eq!((first.0, last.0), (200, 1000), "{e}");
+    let grew = last.1 - first.1;
+    let kv = last.2 - first.2;
+    assert!(kv > 0.0, "the byte model's KV term did not grow: {e}");
+    assert!(
+        grew <= 2.0 * kv + 4.0,
+        "RSS grew {grew:.1} MiB, the KV cache {kv:.1}: {e}"
+    );
+}

@@ -112,6 +112,14 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resident set size of the process now (Linux `VmRSS`), bytes.
+pub fn current_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Repetition of a generation, flash-moe's way of catching a model that has fallen into a loop:
 /// the share of the `n`-grams of the last `window` tokens of `tokens` that already occurred
 /// earlier in that window (0: every n-gram new; near 1: one phrase over and over). Fewer than

@@ -41,7 +41,10 @@ pub use attention::KvCache;
 pub use checkpoint::{Checkpoint, GenerationConfig};
 pub use config::{Arch, MlpKind, ModelConfig};
 pub use error::{EngineError, Result};
-pub use generate::{GenerateOptions, GenerationStats, generate, generate_cached, peak_rss_bytes, repetition};
+pub use generate::{
+    GenerateOptions, GenerationStats, current_rss_bytes, generate, generate_cached, peak_rss_bytes,
+    repetition,
+};
 pub use model::{LogitsFor, Model, OpProfile};
 pub use moe::{ExpertProvider, ExpertWeights, InMemoryExperts, Router, RoutingDecision};
 pub use observer::{NoObserver, Phase, RecordedRoute, RecordingObserver, RouteEvent, RoutingObserver};
