@@ -758,8 +758,8 @@ fn live_sweep_measures_and_scores_quality() {
         })
         .sum::<f64>()
         / 2.0;
-    for i in 0..df.height() {
-        let r = rep[i].unwrap_or_else(|| panic!("row {i}: no repetition"));
+    for (i, r) in rep.iter().enumerate() {
+        let r = r.unwrap_or_else(|| panic!("row {i}: no repetition"));
         assert!((0.0..=1.0).contains(&r), "row {i}: {r}");
         if miss.get(i) == Some("sync") {
             assert!((r - want).abs() < 1e-12, "row {i}: {r}, the exact model's {want}");
