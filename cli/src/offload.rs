@@ -83,6 +83,10 @@ pub struct CacheArgs {
     /// bandwidth is shared, so fewer leaves more of it to demand loads.
     #[arg(long, default_value_t = 0)]
     prefetch_readers: usize,
+    /// Seconds a pass waits for an expert read before it fails naming the expert and its file
+    /// (a hanging disk ends the run instead of hanging it).
+    #[arg(long, default_value_t = 60.0)]
+    load_timeout: f64,
 }
 
 /// A model ready to run, with what is needed to report on it.
@@ -188,6 +192,14 @@ impl CacheArgs {
         };
         let prefetch = self.prefetch(ckpt)?;
         let off = ckpt.offload(&cfg)?;
+        if !(self.load_timeout.is_finite() && self.load_timeout > 0.0) {
+            bail!(
+                "--load-timeout: expected seconds above 0, got {}",
+                self.load_timeout
+            );
+        }
+        off.cached
+            .set_load_timeout(std::time::Duration::from_secs_f64(self.load_timeout.min(1e9)));
         if let Some((kind, depth, k, ranked)) = prefetch {
             let predictor: Box<dyn ExpertPredictor> = match kind {
                 "previous-token" => Box::new(PreviousToken::default()),

@@ -138,6 +138,17 @@ impl IoPool {
             .map_err(|_| EngineError::invalid("I/O pool", "the I/O threads have stopped"))
     }
 
+    /// The next finished load, waiting at most `timeout` (None: none finished in that time).
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<LoadDone>> {
+        match self.done.recv_timeout(timeout) {
+            Ok(d) => Ok(Some(d)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err(EngineError::invalid("I/O pool", "the I/O threads have stopped"))
+            }
+        }
+    }
+
     /// The next finished load, if one is ready.
     pub fn try_recv(&self) -> Option<LoadDone> {
         self.done.try_recv().ok()

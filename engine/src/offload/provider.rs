@@ -110,8 +110,13 @@ pub struct CachedExperts {
     mapped: bool,
     total_slots: usize,
     pinned_bytes: u64,
+    /// How long a pass waits for a load before it fails (milliseconds; a read that hangs).
+    load_timeout_ms: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
 }
+
+/// The default [`CachedExperts::set_load_timeout`]: far beyond any healthy read.
+pub const DEFAULT_LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl std::fmt::Debug for CachedExperts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -227,7 +232,30 @@ impl Loader for LiveLoader<'_> {
             return Ok(false);
         }
         let start = Instant::now();
-        let done = self.cache.pool.recv()?;
+        let timeout = std::time::Duration::from_millis(
+            self.cache
+                .load_timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let Some(done) = self.cache.pool.recv_timeout(timeout)? else {
+            self.io.io.stall += start.elapsed();
+            let mut keys: Vec<ExpertKey> = self.io.in_flight.keys().copied().collect();
+            keys.sort_unstable_by_key(|k| (k.layer, k.expert));
+            let first = keys[0];
+            let file = self
+                .cache
+                .store
+                .file_of(first)
+                .map_or_else(String::new, |p| format!(" from {}", p.display()));
+            return Err(EngineError::invalid(
+                "expert load",
+                format!(
+                    "no read finished within {:.1} s (a hanging disk?): {first}{file} and {} more still in flight",
+                    timeout.as_secs_f64(),
+                    keys.len() - 1
+                ),
+            ));
+        };
         self.handle_done(core, done);
         self.io.io.stall += start.elapsed();
         Ok(true)
@@ -282,6 +310,7 @@ impl CachedExperts {
             mapped,
             total_slots,
             pinned_bytes: 0,
+            load_timeout_ms: std::sync::atomic::AtomicU64::new(DEFAULT_LOAD_TIMEOUT.as_millis() as u64),
             inner: Mutex::new(Inner {
                 core,
                 live: LiveIo {
@@ -353,6 +382,15 @@ impl CachedExperts {
     }
 
     /// Bytes read to load the pinned experts before the run.
+    /// How long a pass waits for an expert load before it fails naming the expert and its
+    /// file (default [`DEFAULT_LOAD_TIMEOUT`]): a read that hangs ends the run, never hangs it.
+    pub fn set_load_timeout(&self, timeout: std::time::Duration) {
+        self.load_timeout_ms.store(
+            timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     pub fn pinned_bytes(&self) -> u64 {
         self.pinned_bytes
     }

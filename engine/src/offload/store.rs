@@ -352,6 +352,12 @@ impl ExpertStore {
         self.slot_bytes
     }
 
+    /// The file `key`'s first bytes are read from.
+    pub fn file_of(&self, key: ExpertKey) -> Option<&Path> {
+        let x = self.layouts.get(&key)?.extents.first()?;
+        self.files.get(x.file).map(|f| f.path.as_path())
+    }
+
     fn layout(&self, key: ExpertKey) -> Result<&ExpertLayout> {
         self.layouts
             .get(&key)
