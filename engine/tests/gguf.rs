@@ -1,0 +1,165 @@
+//! The GGUF reader against llama.cpp's own: files written by llama.cpp's converter from the
+//! repo's fixtures, and what gguf-py's GGUFReader read in them (engine/tests/golden/make_gguf.py
+//! writes both). Every metadata key, type and value, every tensor's name, dims, type, offset,
+//! length and bytes must be the same; damaged files get one-line errors, never a panic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use sha2::Digest;
+use shadowmoe_engine::gguf::{GgufFile, Value};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gguf")
+}
+
+fn goldens() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no golden GGUF files");
+    v
+}
+
+fn to_json(v: &Value) -> serde_json::Value {
+    use serde_json::json;
+    match v {
+        Value::U8(x) => json!(x),
+        Value::I8(x) => json!(x),
+        Value::U16(x) => json!(x),
+        Value::I16(x) => json!(x),
+        Value::U32(x) => json!(x),
+        Value::I32(x) => json!(x),
+        Value::F32(x) => json!(f64::from(*x)),
+        Value::Bool(x) => json!(x),
+        Value::String(x) => json!(x),
+        Value::Array(_, items) => serde_json::Value::Array(items.iter().map(to_json).collect()),
+        Value::U64(x) => json!(x),
+        Value::I64(x) => json!(x),
+        Value::F64(x) => json!(x),
+    }
+}
+
+#[test]
+fn reads_what_llama_cpp_wrote_as_gguf_py_reads_it() {
+    for path in goldens() {
+        let want: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        let name = path.display();
+        assert_eq!(u64::from(f.version), want["version"].as_u64().unwrap(), "{name}");
+        assert_eq!(f.alignment, want["alignment"].as_u64().unwrap(), "{name}");
+        assert_eq!(f.data_offset, want["data_offset"].as_u64().unwrap(), "{name}");
+        let meta = want["metadata"].as_object().unwrap();
+        assert_eq!(f.metadata.len(), meta.len(), "{name}");
+        for (k, v) in &f.metadata {
+            let w = &meta[k];
+            assert_eq!(v.type_name(), w["type"].as_str().unwrap(), "{name}: {k}");
+            if let Value::Array(item, _) = v {
+                assert_eq!(*item, w["item_type"].as_str().unwrap(), "{name}: {k}");
+            }
+            assert_eq!(to_json(v), w["value"], "{name}: {k}");
+        }
+        let tensors = want["tensors"].as_array().unwrap();
+        assert_eq!(f.tensors.len(), tensors.len(), "{name}");
+        for (t, w) in f.tensors.iter().zip(tensors) {
+            assert_eq!(t.name, w["name"].as_str().unwrap(), "{name}");
+            let dims: Vec<u64> = w["dims"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .collect();
+            assert_eq!(t.dims, dims, "{name}: {}", t.name);
+            assert_eq!(t.ty.name, w["type"].as_str().unwrap(), "{name}: {}", t.name);
+            assert_eq!(t.offset, w["offset"].as_u64().unwrap(), "{name}: {}", t.name);
+            assert_eq!(t.n_bytes, w["n_bytes"].as_u64().unwrap(), "{name}: {}", t.name);
+            let sha = format!("{:x}", sha2::Sha256::digest(f.data(t)));
+            assert_eq!(sha, w["sha256"].as_str().unwrap(), "{name}: {}", t.name);
+        }
+        assert_eq!(f.architecture(), Some("llama"), "{name}");
+        assert!(f.tensor("blk.0.ffn_gate_exps.weight").is_some(), "{name}");
+    }
+}
+
+/// Damaged copies: one-line errors naming the file (and the tensor where one is at fault).
+#[test]
+fn damaged_files_get_one_line_errors() {
+    let src = goldens()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("bf16"))
+        .unwrap();
+    let bytes = std::fs::read(&src).unwrap();
+    let good = GgufFile::open(&src).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("x.gguf");
+    let try_open = |b: &[u8]| -> String {
+        std::fs::write(&p, b).unwrap();
+        let e = GgufFile::open(&p).unwrap_err().to_string();
+        assert!(e.contains("x.gguf") && !e.contains('\n'), "{e}");
+        e
+    };
+    let mut b = bytes.clone();
+    b[0] = b'X';
+    assert!(try_open(&b).contains("not a GGUF file"));
+    let mut b = bytes.clone();
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert!(try_open(&b).contains("version 1"));
+    let last = good.tensors.last().unwrap();
+    let e = try_open(&bytes[..(last.offset + last.n_bytes - 1) as usize]);
+    assert!(
+        e.contains("not within the file bounds") && e.contains(&last.name),
+        "{e}"
+    );
+    let e = try_open(&bytes[..100]);
+    assert!(e.contains("left in the file"), "{e}");
+    // A metadata count no file could hold.
+    let mut b = bytes.clone();
+    b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(try_open(&b).contains("cannot fit"));
+
+    // Mutations anywhere in the header: Ok or a one-line error, never a panic.
+    let header = good.data_offset as usize;
+    let mut state = 7u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as usize
+    };
+    let n: usize = std::env::var("SHADOWMOE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let mut refused = 0;
+    for case in 0..n {
+        let mut b = bytes.clone();
+        for _ in 0..=next() % 3 {
+            let at = next() % header;
+            match next() % 3 {
+                0 => b[at] ^= 1 << (next() % 8),
+                1 => b[at] = [0u8, 0xff, 0x7f, 0x80, 9][next() % 5],
+                _ => {
+                    let len = (next() % 8).min(b.len() - at);
+                    b.drain(at..at + len);
+                }
+            }
+        }
+        std::fs::write(&p, &b).unwrap();
+        let r = std::panic::catch_unwind(|| GgufFile::open(&p).map(|f| f.tensors.len()));
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                refused += 1;
+                assert!(!e.to_string().contains('\n'), "case {case}: {e}");
+            }
+            Err(_) => panic!("GGUF case {case} panicked"),
+        }
+    }
+    println!("gguf header: {n} cases, {refused} refused with a one-line error, 0 panics");
+}
