@@ -206,6 +206,31 @@ fn real_sdks_against_the_server() {
     );
     assert!(out.contains("all checks passed"), "{out}");
     assert!(ok, "the server did not exit cleanly on SIGTERM:\n{log}");
+    // The saved warm-start state: the resident set, least used first, with usage counts.
+    let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(st["version"], 2, "{st}");
+    let usage: std::collections::HashMap<(u64, u64), u64> = st["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                (u[0].as_u64().unwrap(), u[1].as_u64().unwrap()),
+                u[2].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let counts: Vec<u64> = st["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| usage[&(e[0].as_u64().unwrap(), e[1].as_u64().unwrap())])
+        .collect();
+    assert!(!counts.is_empty() && counts.iter().all(|&n| n > 0), "{st}");
+    assert!(
+        counts.windows(2).all(|w| w[0] <= w[1]),
+        "not least used first: {counts:?}"
+    );
     assert!(
         log.contains("experts: hit rate"),
         "no closing cache summary:\n{log}"

@@ -3,6 +3,10 @@
 //! its model by the sha256 of `config.json`, written under a temporary name and renamed: a
 //! crash never leaves a half-written state.
 //!
+//! With the resident set go the activation counts of every expert the run used (what LFU and
+//! LCP rank by); the experts are loaded least used first, so that LRU's recency order favours
+//! the most used ones too.
+//!
 //! The experts are loaded back through the cache's prefetch path (behind nothing: no request
 //! runs yet), so they count as prefetches in the metrics, and a first request's hits on them
 //! as prefetches used.
@@ -15,15 +19,19 @@ use shadowmoe_engine::offload::{CachedExperts, ExpertKey};
 use crate::error::ServeError;
 
 const FORMAT: &str = "shadowmoe-cache-state";
-const VERSION: u32 = 1;
+/// 2: with usage counts; 1 (resident set only) is still read.
+const VERSION: u32 = 2;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
     format: String,
     version: u32,
     config_sha256: String,
-    /// (model layer, expert) of every resident expert.
+    /// (model layer, expert) of every resident expert, least used first.
     experts: Vec<(usize, u32)>,
+    /// (model layer, expert, activations) of every expert the run used.
+    #[serde(default)]
+    usage: Vec<(usize, u32, u64)>,
 }
 
 fn err(path: &Path, message: impl Into<String>) -> ServeError {
@@ -35,17 +43,29 @@ fn err(path: &Path, message: impl Into<String>) -> ServeError {
 
 /// Writes the resident set of `cached` to `path` (temporary name, then rename).
 pub fn save(path: &Path, config_sha256: &str, cached: &CachedExperts) -> Result<usize, ServeError> {
+    let mut usage: Vec<(usize, u32, u64)> = cached
+        .usage()
+        .into_iter()
+        .map(|(k, n)| (k.layer as usize, k.expert, n))
+        .collect();
+    usage.sort_unstable();
+    let count = |l: usize, e: u32| {
+        usage
+            .binary_search_by(|u| (u.0, u.1).cmp(&(l, e)))
+            .map_or(0, |i| usage[i].2)
+    };
     let mut experts: Vec<(usize, u32)> = cached
         .resident()
         .into_iter()
         .map(|k| (k.layer as usize, k.expert))
         .collect();
-    experts.sort_unstable();
+    experts.sort_unstable_by_key(|&(l, e)| (count(l, e), l, e));
     let state = State {
         format: FORMAT.into(),
         version: VERSION,
         config_sha256: config_sha256.into(),
         experts,
+        usage,
     };
     let text = serde_json::to_string(&state).map_err(|e| err(path, e.to_string()))?;
     let mut tmp = path.as_os_str().to_owned();
@@ -76,11 +96,11 @@ pub fn load(
     };
     let state: State =
         serde_json::from_str(&text).map_err(|e| err(path, format!("not a cache state file: {e}")))?;
-    if state.format != FORMAT || state.version != VERSION {
+    if state.format != FORMAT || !(1..=VERSION).contains(&state.version) {
         return Err(err(
             path,
             format!(
-                "not a cache state file (format `{}` version {}, expected `{FORMAT}` {VERSION})",
+                "not a cache state file (format `{}` version {}, expected `{FORMAT}` 1..={VERSION})",
                 state.format, state.version
             ),
         ));
@@ -104,6 +124,17 @@ pub fn load(
         }
         keys.push(ExpertKey::new(layer, expert));
     }
+    let mut counts = Vec::with_capacity(state.usage.len());
+    for &(layer, expert, n) in &state.usage {
+        if !moe_layers.contains(&layer) || expert as usize >= experts_per_layer {
+            return Err(err(
+                path,
+                format!("usage of expert ({layer}, {expert}): not one of this model's"),
+            ));
+        }
+        counts.push((ExpertKey::new(layer, expert), n));
+    }
+    cached.add_usage(&counts);
     let issued = cached.prefetch(&keys)?;
     cached.wait_idle()?;
     Ok(issued)

@@ -186,6 +186,17 @@ impl CacheCore {
         self.partition_of[&key.layer]
     }
 
+    /// How often each expert was activated in this run (what LFU ranks by), any that was.
+    pub fn usage(&self) -> Vec<(ExpertKey, u64)> {
+        self.freq.iter().map(|(&k, &n)| (k, n)).collect()
+    }
+
+    /// Adds `n` to `key`'s activation count (a warm start carrying a previous run's counts).
+    pub fn add_usage(&mut self, key: ExpertKey, n: u64) {
+        let f = self.freq.entry(key).or_insert(0);
+        *f = f.saturating_add(n);
+    }
+
     pub fn is_resident(&self, key: ExpertKey) -> bool {
         matches!(self.states.get(&key), Some(State::Resident { .. }))
     }

@@ -407,6 +407,20 @@ impl CachedExperts {
         std::mem::take(&mut self.lock().live.io.spans)
     }
 
+    /// Activation counts of every expert used so far (see [`CacheCore::usage`]).
+    pub fn usage(&self) -> Vec<(ExpertKey, u64)> {
+        self.lock().core.usage()
+    }
+
+    /// Adds a previous run's activation counts (a warm start), so that LFU and LCP rank the
+    /// experts as that run had.
+    pub fn add_usage(&self, counts: &[(ExpertKey, u64)]) {
+        let mut g = self.lock();
+        for &(k, n) in counts {
+            g.core.add_usage(k, n);
+        }
+    }
+
     /// The experts resident now (loaded, not in flight).
     pub fn resident(&self) -> Vec<ExpertKey> {
         self.lock().core.resident().collect()
