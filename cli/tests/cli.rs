@@ -508,7 +508,8 @@ fn perplexity_matches_transformers_and_sync_misses_are_exact() {
 
 /// A long generation's memory stays bounded: `generate --rss-every` prints the resident set
 /// every N tokens beside the byte model's prediction; from token 200 to 1,000 the process may
-/// grow by no more than twice what the byte model says the KV cache adds, plus 4 MiB.
+/// grow by no more than what the byte model says the KV cache adds (reserved once: it never
+/// moves), plus a fifth and 1 MiB of slack.
 #[test]
 fn long_generation_memory_grows_only_with_the_kv_cache() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/reference/checkpoint");
@@ -544,7 +545,7 @@ fn long_generation_memory_grows_only_with_the_kv_cache() {
     let kv = last.2 - first.2;
     assert!(kv > 0.0, "the byte model's KV term did not grow: {e}");
     assert!(
-        grew <= 2.0 * kv + 4.0,
+        grew <= 1.2 * kv + 1.0,
         "RSS grew {grew:.1} MiB, the KV cache {kv:.1}: {e}"
     );
 }

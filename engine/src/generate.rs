@@ -52,6 +52,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
     let mut cache = model.new_cache();
+    cache.reserve(prompt.len() + opts.max_new_tokens);
     generate_cached(model, &mut cache, prompt, opts, observer, |id| {
         on_token(id).map(|()| true)
     })

@@ -219,8 +219,18 @@ impl RunMetrics {
     pub fn summary(&self) -> String {
         let pct = |x: Option<f64>| x.map_or("n/a".into(), |v| format!("{:.1}%", v * 100.0));
         let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+        // No per-read record (a server folds them into /metrics' histogram as it goes): say
+        // so rather than print zeros.
+        let latency = if self.load_latency.count == 0 && self.demand_loads > 0 {
+            "load latency in /metrics".to_string()
+        } else {
+            format!(
+                "load p50/p95/p99 {:.2}/{:.2}/{:.2} ms",
+                self.load_latency.p50_ms, self.load_latency.p95_ms, self.load_latency.p99_ms
+            )
+        };
         format!(
-            "experts: hit rate {} (prefill {}, decode {}), misses {} cold + {} capacity, {} loads, {} read ({} via {}), stall {:.3}s, load p50/p95/p99 {:.2}/{:.2}/{:.2} ms, {} reads in flight at {} while reading, fallback rate {}\nmemory: peak RSS {} vs byte model {}",
+            "experts: hit rate {} (prefill {}, decode {}), misses {} cold + {} capacity, {} loads, {} read ({} via {}), stall {:.3}s, {latency}, {} reads in flight at {} while reading, fallback rate {}\nmemory: peak RSS {} vs byte model {}",
             pct(self.hit_rate),
             pct(self.hit_rate_prefill),
             pct(self.hit_rate_decode),
@@ -231,9 +241,6 @@ impl RunMetrics {
             self.expert_source,
             self.io_mode,
             self.stall_secs,
-            self.load_latency.p50_ms,
-            self.load_latency.p95_ms,
-            self.load_latency.p99_ms,
             self.reads_in_flight.map_or("n/a".into(), |v| format!("{v:.2}")),
             self.disk_gbps.map_or("n/a".into(), |v| format!("{v:.2} GB/s")),
             pct(self.fallback_rate),
