@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use shadowmoe_engine::offload::{ExpertKey, IoMode, PageBuf};
 use shadowmoe_engine::{Checkpoint, LogitsFor, NoObserver, Phase};
 
+mod common;
+use common::Rng;
+
 fn golden(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
@@ -24,26 +27,7 @@ fn golden(arch: &str) -> PathBuf {
 }
 
 fn cases() -> usize {
-    std::env::var("SHADOWMOE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
-}
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
+    common::fuzz_cases(300)
 }
 
 const INTERESTING: &[&[u8]] = &[

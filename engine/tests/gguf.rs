@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use sha2::Digest;
 use shadowmoe_engine::gguf::{GgufFile, Value};
 
+mod common;
+
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gguf")
 }
@@ -124,28 +126,18 @@ fn damaged_files_get_one_line_errors() {
 
     // Mutations anywhere in the header: Ok or a one-line error, never a panic.
     let header = good.data_offset as usize;
-    let mut state = 7u64;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) as usize
-    };
-    let n: usize = std::env::var("SHADOWMOE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let mut rng = common::Rng(7);
+    let n = common::fuzz_cases(300);
     let mut refused = 0;
     for case in 0..n {
         let mut b = bytes.clone();
-        for _ in 0..=next() % 3 {
-            let at = next() % header;
-            match next() % 3 {
-                0 => b[at] ^= 1 << (next() % 8),
-                1 => b[at] = [0u8, 0xff, 0x7f, 0x80, 9][next() % 5],
+        for _ in 0..=rng.below(3) {
+            let at = rng.below(header);
+            match rng.below(3) {
+                0 => b[at] ^= 1 << rng.below(8),
+                1 => b[at] = [0u8, 0xff, 0x7f, 0x80, 9][rng.below(5)],
                 _ => {
-                    let len = (next() % 8).min(b.len() - at);
+                    let len = rng.below(8).min(b.len() - at);
                     b.drain(at..at + len);
                 }
             }

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -578,18 +579,8 @@ fn fuzzed_traces_are_refused_without_panics() {
     )
     .unwrap();
     let original = std::fs::read(&out).unwrap();
-    let n: usize = std::env::var("SHADOWMOE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let mut state = 0x5eed_u64;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) as usize
-    };
+    let n = common::fuzz_cases(200);
+    let mut next = common::splitmix(0x5eed_u64);
     let tail = original.len().min(8192);
     let (mut refused, mut panics) = (0, Vec::new());
     for case in 0..n {

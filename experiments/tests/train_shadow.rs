@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 use std::path::{Path, PathBuf};
 
 use shadowmoe_experiments::collect::{CollectArgs, run as collect};
@@ -326,18 +327,8 @@ fn bad_input_gets_one_line_errors() {
 }
 
 fn fuzz_predictor_files(dir: &Path, sha: &str, hidden: &[f32], src: &[u16], depth: &[u8]) {
-    let n: usize = std::env::var("SHADOWMOE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
-    let mut state = 0xfeed_u64;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) as usize
-    };
+    let n = common::fuzz_cases(100);
+    let mut next = common::splitmix(0xfeed_u64);
     for file in ["predictor.json", "model.safetensors"] {
         let path = dir.join(file);
         let original = std::fs::read(&path).unwrap();

@@ -65,11 +65,9 @@ impl Trace {
         let mut reader = ParquetReader::new(file);
         // Polars' footer parser panics on some damaged footers (a thrift field of the wrong
         // type: found by fuzzing); that panic becomes this file's error.
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
         // Every row group's bytes must lie inside the file: Polars' reader trusts the footer's
         // ranges (an unchecked slice: a damaged footer read out of bounds, found by fuzzing).
-        let meta = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let meta = quietly(|| {
             reader.get_metadata().map(|m| {
                 let inside = m.row_groups.iter().all(|rg| {
                     std::iter::once(rg.full_byte_range())
@@ -78,8 +76,7 @@ impl Trace {
                 });
                 (m.key_value_metadata().clone(), inside)
             })
-        }));
-        std::panic::set_hook(hook);
+        });
         let kv = match meta {
             Ok(Ok((_, false))) => {
                 return Err(TraceError::format(
@@ -368,15 +365,21 @@ impl Trace {
 /// found by fuzzing, experiments/tests/trace_collect.rs) instead of returning an error; that
 /// panic becomes this file's error.
 fn collect_guarded(path: &Path, lf: LazyFrame) -> Result<DataFrame> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lf.collect()));
-    std::panic::set_hook(hook);
-    match out {
+    match quietly(|| lf.collect()) {
         Ok(r) => r.map_err(|e| TraceError::polars(path, e)),
         Err(_) => Err(TraceError::format(
             path,
             "corrupt Parquet data (the reader gave up decoding a page: a truncated or damaged file)",
         )),
     }
+}
+
+/// Runs `f`, catching a panic in it without printing the panic message (the caller turns it
+/// into the file's error).
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    out
 }

@@ -1,4 +1,5 @@
-//! Reading the golden files that `tests/golden/make.py` writes.
+//! Reading the golden files that `tests/golden/make.py` writes; the fuzz tests' case budget and
+//! random numbers.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -116,5 +117,31 @@ impl MlxGolden {
             bits: meta["bits"].as_u64().unwrap(),
             group: meta["group_size"].as_u64().unwrap(),
         }
+    }
+}
+
+/// Mutation cases per fuzzed file: `SHADOWMOE_FUZZ_CASES`, else `default`.
+pub fn fuzz_cases(default: usize) -> usize {
+    std::env::var("SHADOWMOE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// SplitMix64: the fuzz tests' reproducible random numbers.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
     }
 }
