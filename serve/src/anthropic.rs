@@ -2,36 +2,17 @@
 //! `ping`, `content_block_delta`…, `content_block_stop`, `message_delta`, `message_stop`)
 //! and not. Errors: `{"type": "error", "error": {type, message}}`.
 
-use std::convert::Infallible;
-
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::response::sse::{Event as Sse, Sse as SseBody};
 use axum::response::{IntoResponse, Json, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shadowmoe_engine::ChatMessage;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Shared;
-use crate::api::{self, Prepared, SamplingFields};
+use crate::api::{self, Content, Prepared, SamplingFields, Sse, StreamShape};
 use crate::error::{Api, ApiError};
-use crate::worker::{Event, FinishReason, Usage};
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Blocks(Vec<Block>),
-}
-
-#[derive(Debug, Deserialize)]
-struct Block {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
+use crate::worker::{FinishReason, Usage};
 
 #[derive(Debug, Deserialize)]
 struct Message {
@@ -58,30 +39,6 @@ struct Request {
     stop_sequences: Option<Vec<String>>,
 }
 
-/// The text of a content (a string, or its text blocks).
-fn text_of(api: Api, field: &str, c: Content) -> Result<String, ApiError> {
-    match c {
-        Content::Text(t) => Ok(t),
-        Content::Blocks(blocks) => {
-            let mut out = String::new();
-            for b in blocks {
-                if b.kind != "text" {
-                    return Err(ApiError::bad(
-                        api,
-                        field,
-                        format!(
-                            "`{field}`: content block of type `{}` is not supported (text only)",
-                            b.kind
-                        ),
-                    ));
-                }
-                out.push_str(&b.text.unwrap_or_default());
-            }
-            Ok(out)
-        }
-    }
-}
-
 fn stop_reason(r: &FinishReason) -> (&'static str, Value) {
     match r {
         FinishReason::Eos => ("end_turn", Value::Null),
@@ -101,11 +58,7 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 pub async fn messages(State(s): State<Shared>, body: Bytes) -> Response {
-    let api = Api::Messages;
-    match inner(&s, api, &body).await {
-        Ok(r) => r,
-        Err(e) => api::rejected(&s, e).into_response(),
-    }
+    api::respond(&s, inner(&s, Api::Messages, &body).await)
 }
 
 async fn inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> {
@@ -117,7 +70,7 @@ async fn inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> 
     api::check_model(s, api, &req.model)?;
     let mut messages = Vec::with_capacity(req.messages.len() + 1);
     if let Some(sys) = req.system {
-        let text = text_of(api, "system", sys)?;
+        let text = sys.text(api, "system")?;
         if !text.is_empty() {
             messages.push(ChatMessage {
                 role: "system".into(),
@@ -143,7 +96,7 @@ async fn inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> 
                 ),
             ));
         }
-        let content = text_of(api, &format!("messages.{i}.content"), m.content)?;
+        let content = m.content.text(api, &format!("messages.{i}.content"))?;
         messages.push(ChatMessage {
             role: m.role,
             content,
@@ -174,68 +127,12 @@ async fn inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> 
     let id = api::response_id("msg_");
     let model = s.opts.model_id.clone();
     if req.stream.unwrap_or(false) {
-        let (tx, out) = tokio::sync::mpsc::channel::<Result<Sse, Infallible>>(64);
-        tokio::spawn(async move {
-            let ev = |name: &str, v: Value| Ok(Sse::default().event(name).data(v.to_string()));
-            let opening = [
-                ev(
-                    "message_start",
-                    json!({"type": "message_start", "message": {
-                        "id": id, "type": "message", "role": "assistant", "model": model,
-                        "content": [], "stop_reason": null, "stop_sequence": null,
-                        "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
-                    }}),
-                ),
-                ev(
-                    "content_block_start",
-                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-                ),
-                ev("ping", json!({"type": "ping"})),
-            ];
-            for e in opening {
-                if tx.send(e).await.is_err() {
-                    return;
-                }
-            }
-            while let Some(e) = rx.recv().await {
-                match e {
-                    Event::Text(t) => {
-                        let d = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}});
-                        if tx.send(ev("content_block_delta", d)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Event::Done(reason, usage) => {
-                        let (reason, seq) = stop_reason(&reason);
-                        let closing = [
-                            ev(
-                                "content_block_stop",
-                                json!({"type": "content_block_stop", "index": 0}),
-                            ),
-                            ev(
-                                "message_delta",
-                                json!({"type": "message_delta",
-                                       "delta": {"stop_reason": reason, "stop_sequence": seq},
-                                       "usage": usage_json(&usage)}),
-                            ),
-                            ev("message_stop", json!({"type": "message_stop"})),
-                        ];
-                        for e in closing {
-                            if tx.send(e).await.is_err() {
-                                return;
-                            }
-                        }
-                        return;
-                    }
-                    Event::Failed(m) => {
-                        let body = json!({"type": "error", "error": {"type": "api_error", "message": format!("generation failed: {m}")}});
-                        let _ = tx.send(ev("error", body)).await;
-                        return;
-                    }
-                }
-            }
-        });
-        return Ok(SseBody::new(ReceiverStream::new(out)).into_response());
+        let events = Events {
+            id,
+            model,
+            prompt_tokens,
+        };
+        return Ok(api::event_stream(rx, events));
     }
     let (text, reason, usage) = api::collect(api, &mut rx).await?;
     let (reason, seq) = stop_reason(&reason);
@@ -250,4 +147,65 @@ async fn inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> 
         "usage": usage_json(&usage),
     }))
     .into_response())
+}
+
+/// Anthropic's stream: `message_start`, `content_block_start`, `ping`, a `content_block_delta`
+/// per piece of text, `content_block_stop`, `message_delta` (stop reason, usage),
+/// `message_stop`.
+struct Events {
+    id: String,
+    model: String,
+    prompt_tokens: usize,
+}
+
+fn ev(name: &str, v: Value) -> Sse {
+    Sse::default().event(name).data(v.to_string())
+}
+
+impl StreamShape for Events {
+    fn opening(&mut self) -> Vec<Sse> {
+        vec![
+            ev(
+                "message_start",
+                json!({"type": "message_start", "message": {
+                    "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                    "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0},
+                }}),
+            ),
+            ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            ev("ping", json!({"type": "ping"})),
+        ]
+    }
+
+    fn text(&mut self, text: String) -> Sse {
+        let d =
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}});
+        ev("content_block_delta", d)
+    }
+
+    fn done(&mut self, reason: FinishReason, usage: Usage) -> Vec<Sse> {
+        let (reason, seq) = stop_reason(&reason);
+        vec![
+            ev(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            ev(
+                "message_delta",
+                json!({"type": "message_delta",
+                       "delta": {"stop_reason": reason, "stop_sequence": seq},
+                       "usage": usage_json(&usage)}),
+            ),
+            ev("message_stop", json!({"type": "message_stop"})),
+        ]
+    }
+
+    fn failed(&mut self, message: String) -> Sse {
+        let body = json!({"type": "error", "error": {"type": "api_error", "message": format!("generation failed: {message}")}});
+        ev("error", body)
+    }
 }

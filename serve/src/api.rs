@@ -304,3 +304,117 @@ pub fn response_id(prefix: &str) -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}{:x}{n:04x}", crate::unix_now())
 }
+
+/// A message's content as both APIs give it: a string, or a list of typed parts (OpenAI's
+/// content parts, Anthropic's content blocks) of which only text is served.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+impl Content {
+    /// The text: the string, or the text parts joined; a part of another type is a 400 naming
+    /// `field`.
+    pub fn text(self, api: Api, field: &str) -> Result<String, ApiError> {
+        match self {
+            Content::Text(t) => Ok(t),
+            Content::Parts(parts) => {
+                let mut out = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::bad(
+                            api,
+                            field,
+                            format!(
+                                "`{field}`: content part of type `{}` is not supported (text only)",
+                                p.kind
+                            ),
+                        ));
+                    }
+                    out.push_str(&p.text.unwrap_or_default());
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The answer to a request: the handler's response, or its error (counted) in the API's shape.
+pub fn respond(s: &Shared, r: Result<axum::response::Response, ApiError>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    r.unwrap_or_else(|e| rejected(s, e).into_response())
+}
+
+/// How one API writes the engine's events as server-sent events.
+pub trait StreamShape: Send + 'static {
+    /// Sent before the first token.
+    fn opening(&mut self) -> Vec<Sse>;
+    /// One piece of generated text.
+    fn text(&mut self, text: String) -> Sse;
+    /// The end of the answer.
+    fn done(&mut self, reason: FinishReason, usage: Usage) -> Vec<Sse>;
+    /// The engine failed mid-answer.
+    fn failed(&mut self, message: String) -> Sse;
+    /// Sent last whatever happened (OpenAI's `[DONE]`).
+    fn trailer(&mut self) -> Option<Sse> {
+        None
+    }
+}
+
+pub use axum::response::sse::Event as Sse;
+
+/// The event stream of a request in `shape`. When the client goes, the stream's receiver is
+/// dropped, the next send fails and the engine's receiver goes with it: the worker stops at
+/// its next token.
+pub fn event_stream(
+    mut rx: UnboundedReceiver<Event>,
+    mut shape: impl StreamShape,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (tx, out) = tokio::sync::mpsc::channel::<Result<Sse, std::convert::Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |e: Sse| tx.send(Ok(e));
+        for e in shape.opening() {
+            if send(e).await.is_err() {
+                return;
+            }
+        }
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Text(t) => {
+                    if send(shape.text(t)).await.is_err() {
+                        return;
+                    }
+                }
+                Event::Done(reason, usage) => {
+                    for e in shape.done(reason, usage) {
+                        if send(e).await.is_err() {
+                            return;
+                        }
+                    }
+                    break;
+                }
+                Event::Failed(m) => {
+                    if send(shape.failed(m)).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(e) = shape.trailer() {
+            let _ = send(e).await;
+        }
+    });
+    axum::response::sse::Sse::new(tokio_stream::wrappers::ReceiverStream::new(out)).into_response()
+}

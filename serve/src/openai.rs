@@ -1,21 +1,16 @@
 //! OpenAI's `POST /v1/chat/completions` and `POST /v1/completions`, streaming (server-sent
 //! events ending in `data: [DONE]`) and not. Errors: `{"error": {message, type, param, code}}`.
 
-use std::convert::Infallible;
-
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::response::sse::{Event as Sse, Sse as SseBody};
 use axum::response::{IntoResponse, Json, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shadowmoe_engine::ChatMessage;
-use tokio::sync::mpsc::UnboundedReceiver;
-use tokio_stream::wrappers::ReceiverStream;
 
-use crate::api::{self, Prepared, SamplingFields};
+use crate::api::{self, Content, Prepared, SamplingFields, Sse, StreamShape};
 use crate::error::{Api, ApiError};
-use crate::worker::{Event, FinishReason, Usage};
+use crate::worker::{FinishReason, Usage};
 use crate::{Shared, unix_now};
 
 #[derive(Debug, Deserialize)]
@@ -71,21 +66,6 @@ struct Common {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Debug, Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
 struct Message {
     role: String,
     #[serde(default)]
@@ -109,28 +89,6 @@ enum Prompt {
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
     prompt: Prompt,
-}
-
-/// Text of a message's content: a string, or the text parts of a list.
-fn content_text(api: Api, i: usize, c: Option<Content>) -> Result<String, ApiError> {
-    match c {
-        None => Ok(String::new()),
-        Some(Content::Text(t)) => Ok(t),
-        Some(Content::Parts(parts)) => {
-            let mut out = String::new();
-            for p in parts {
-                if p.kind != "text" {
-                    return Err(ApiError::bad(
-                        api,
-                        format!("messages[{i}].content"),
-                        format!("content part of type `{}` is not supported (text only)", p.kind),
-                    ));
-                }
-                out.push_str(&p.text.unwrap_or_default());
-            }
-            Ok(out)
-        }
-    }
 }
 
 /// Checks the shared fields; returns (prepared without prompt, stream, include_usage).
@@ -189,11 +147,7 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 pub async fn chat(State(s): State<Shared>, body: Bytes) -> Response {
-    let api = Api::Chat;
-    match chat_inner(&s, api, &body).await {
-        Ok(r) => r,
-        Err(e) => api::rejected(&s, e).into_response(),
-    }
+    api::respond(&s, chat_inner(&s, Api::Chat, &body).await)
 }
 
 async fn chat_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> {
@@ -219,7 +173,10 @@ async fn chat_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiEr
         };
         messages.push(ChatMessage {
             role: role.into(),
-            content: content_text(api, i, m.content)?,
+            content: match m.content {
+                Some(c) => c.text(api, &format!("messages[{i}].content"))?,
+                None => String::new(),
+            },
         });
     }
     let prompt = api::chat_tokens(s, api, &messages)?;
@@ -229,19 +186,15 @@ async fn chat_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiEr
     let model = s.opts.model_id.clone();
     let created = unix_now();
     if stream {
-        let chunk = move |delta: Value, finish: Option<&str>| {
-            json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
-            })
-        };
-        return Ok(sse(
-            rx,
+        let chunks = Chunks {
+            id,
+            object: "chat.completion.chunk",
+            created,
+            model,
+            chat: true,
             include_usage,
-            chunk,
-            json!({"role": "assistant", "content": ""}),
-            |t| json!({"content": t}),
-        ));
+        };
+        return Ok(api::event_stream(rx, chunks));
     }
     let (text, reason, usage) = api::collect(api, &mut rx).await?;
     Ok(Json(json!({
@@ -261,11 +214,7 @@ async fn chat_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiEr
 }
 
 pub async fn completions(State(s): State<Shared>, body: Bytes) -> Response {
-    let api = Api::Completions;
-    match completions_inner(&s, api, &body).await {
-        Ok(r) => r,
-        Err(e) => api::rejected(&s, e).into_response(),
-    }
+    api::respond(&s, completions_inner(&s, Api::Completions, &body).await)
 }
 
 async fn completions_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response, ApiError> {
@@ -294,13 +243,15 @@ async fn completions_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response
     let model = s.opts.model_id.clone();
     let created = unix_now();
     if stream {
-        let chunk = move |text: Value, finish: Option<&str>| {
-            json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
-            })
+        let chunks = Chunks {
+            id,
+            object: "text_completion",
+            created,
+            model,
+            chat: false,
+            include_usage,
         };
-        return Ok(sse(rx, include_usage, chunk, Value::Null, |t| json!(t)));
+        return Ok(api::event_stream(rx, chunks));
     }
     let (text, reason, usage) = api::collect(api, &mut rx).await?;
     Ok(Json(json!({
@@ -314,53 +265,75 @@ async fn completions_inner(s: &Shared, api: Api, body: &[u8]) -> Result<Response
     .into_response())
 }
 
-/// The event stream of a request: an opening chunk (unless `opening` is null), one chunk per
-/// piece of text, a closing chunk with the finish reason, the usage chunk if asked for, then
-/// `[DONE]`. When the client goes, the stream's receiver is dropped, the next send fails and
-/// the engine's receiver goes with it: the worker stops at its next token.
-fn sse<F>(
-    mut rx: UnboundedReceiver<Event>,
+/// OpenAI's stream: chunks of `object` (chat deltas, or completion texts), an opening chunk
+/// with the role for chat, a closing chunk with the finish reason, the usage chunk if asked
+/// for, then `[DONE]`.
+struct Chunks {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    chat: bool,
     include_usage: bool,
-    chunk: F,
-    opening: Value,
-    delta: fn(String) -> Value,
-) -> Response
-where
-    F: Fn(Value, Option<&str>) -> Value + Send + 'static,
-{
-    let (tx, out) = tokio::sync::mpsc::channel::<Result<Sse, Infallible>>(64);
-    tokio::spawn(async move {
-        let data = |v: Value| Ok(Sse::default().data(v.to_string()));
-        let chat = !opening.is_null();
-        if chat && tx.send(data(chunk(opening, None))).await.is_err() {
-            return;
+}
+
+impl Chunks {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        let choice = if self.chat {
+            json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": delta, "finish_reason": finish, "logprobs": null})
+        };
+        json!({
+            "id": self.id, "object": self.object, "created": self.created, "model": self.model,
+            "choices": [choice],
+        })
+    }
+}
+
+fn data(v: Value) -> Sse {
+    Sse::default().data(v.to_string())
+}
+
+impl StreamShape for Chunks {
+    fn opening(&mut self) -> Vec<Sse> {
+        if self.chat {
+            vec![data(
+                self.chunk(json!({"role": "assistant", "content": ""}), None),
+            )]
+        } else {
+            Vec::new()
         }
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Text(t) => {
-                    if tx.send(data(chunk(delta(t), None))).await.is_err() {
-                        return;
-                    }
-                }
-                Event::Done(reason, usage) => {
-                    let empty = if chat { json!({}) } else { json!("") };
-                    let _ = tx.send(data(chunk(empty, Some(finish_reason(&reason))))).await;
-                    if include_usage {
-                        let mut last = chunk(Value::Null, None);
-                        last["choices"] = json!([]);
-                        last["usage"] = usage_json(&usage);
-                        let _ = tx.send(data(last)).await;
-                    }
-                    break;
-                }
-                Event::Failed(m) => {
-                    let e = json!({"error": {"message": format!("generation failed: {m}"), "type": "server_error", "param": null, "code": null}});
-                    let _ = tx.send(data(e)).await;
-                    break;
-                }
-            }
+    }
+
+    fn text(&mut self, text: String) -> Sse {
+        let delta = if self.chat {
+            json!({"content": text})
+        } else {
+            json!(text)
+        };
+        data(self.chunk(delta, None))
+    }
+
+    fn done(&mut self, reason: FinishReason, usage: Usage) -> Vec<Sse> {
+        let empty = if self.chat { json!({}) } else { json!("") };
+        let mut out = vec![data(self.chunk(empty, Some(finish_reason(&reason))))];
+        if self.include_usage {
+            let mut last = self.chunk(Value::Null, None);
+            last["choices"] = json!([]);
+            last["usage"] = usage_json(&usage);
+            out.push(data(last));
         }
-        let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
-    });
-    SseBody::new(ReceiverStream::new(out)).into_response()
+        out
+    }
+
+    fn failed(&mut self, message: String) -> Sse {
+        data(
+            json!({"error": {"message": format!("generation failed: {message}"), "type": "server_error", "param": null, "code": null}}),
+        )
+    }
+
+    fn trailer(&mut self) -> Option<Sse> {
+        Some(Sse::default().data("[DONE]"))
+    }
 }

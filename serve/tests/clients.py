@@ -188,6 +188,8 @@ cases = [
     ("empty messages", "/v1/chat/completions", {**chat, "messages": []}, None, 400),
     ("unknown model", "/v1/chat/completions", {**chat, "model": "gpt-nope"}, None, 404),
     ("too long input", "/v1/completions", {"model": MODEL, "prompt": "word " * 2000, "max_tokens": 2}, None, 400),
+    ("image content part", "/v1/chat/completions",
+     {**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None, 400),
 ]
 for name, path, body, data, status in cases:
     s, _, b = raw(path, body, data=data)
@@ -197,6 +199,18 @@ check("too long input names the limit", str(cfg["max_input_tokens"]) in b["error
       and b["error"]["code"] == "context_length_exceeded", b)
 s, _, b = raw("/v1/chat/completions", {**chat, "temperature": "hot"})
 check("wrong type names the field", b["error"]["param"] == "temperature", b)
+s, _, b = raw("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+check("content part error names the part", b["error"]["param"] == "messages[0].content" and "image_url" in b["error"]["message"], b)
+# Text given as parts/blocks is the same prompt as the plain string.
+parts = [{"type": "text", "text": "Once upon"}, {"type": "text", "text": " a time"}]
+s1, _, b1 = raw("/v1/chat/completions", {**chat, "temperature": 0, "messages": [{"role": "user", "content": parts}]})
+s2, _, b2 = raw("/v1/chat/completions", {**chat, "temperature": 0, "messages": [{"role": "user", "content": "Once upon a time"}]})
+check("chat text parts == plain string", s1 == s2 == 200 and b1["usage"]["prompt_tokens"] == b2["usage"]["prompt_tokens"]
+      and b1["choices"][0]["message"]["content"] == b2["choices"][0]["message"]["content"], (b1, b2))
+s1, _, b1 = raw("/v1/messages", {"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": parts}]})
+s2, _, b2 = raw("/v1/messages", {"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Once upon a time"}]})
+check("messages text blocks == plain string", s1 == s2 == 200 and b1["content"][0]["text"] == b2["content"][0]["text"]
+      and b1["usage"]["output_tokens"] == b2["usage"]["output_tokens"], (b1, b2))
 msg = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 for name, body, data, status, ty in [
     ("bad JSON", None, b"[1,", 400, "invalid_request_error"),
@@ -205,6 +219,8 @@ for name, body, data, status, ty in [
     ("empty messages", {**msg, "messages": []}, None, 400, "invalid_request_error"),
     ("missing max_tokens", {k: v for k, v in msg.items() if k != "max_tokens"}, None, 400, "invalid_request_error"),
     ("unknown model", {**msg, "model": "claude-nope"}, None, 404, "not_found_error"),
+    ("image content block", {**msg, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+     None, 400, "invalid_request_error"),
 ]:
     s, _, b = raw("/v1/messages", body, data=data)
     check(f"anthropic {name} -> {status}", s == status and an_err(b, ty), (s, b))
