@@ -60,16 +60,58 @@ impl GenerationConfig {
 /// An opened checkpoint: configuration read and validated, weights indexed and memory-mapped.
 #[derive(Debug)]
 pub struct Checkpoint {
+    /// The checkpoint's directory (a GGUF file's folder).
     pub dir: PathBuf,
     pub config: ModelConfig,
     pub weights: WeightIndex,
     pub generation: GenerationConfig,
+    /// Set when the checkpoint is a GGUF file.
+    pub gguf: Option<GgufSource>,
+}
+
+/// What a GGUF checkpoint keeps beside its weights.
+#[derive(Debug)]
+pub struct GgufSource {
+    /// The file given (the first split of a split checkpoint names them all).
+    pub path: PathBuf,
+    /// The configuration read from its metadata, as `config.json` text.
+    pub config_json: String,
+    pub files: Vec<crate::gguf::GgufFile>,
 }
 
 impl Checkpoint {
     /// Opens a `--model` value: a directory, or a hub id in the local Hugging Face cache.
     pub fn open(model: &str) -> Result<Self> {
+        let path = Path::new(model);
+        if crate::gguf::arch::is_gguf_path(path) {
+            return Self::open_gguf(path);
+        }
         Self::open_dir(&resolve_model(model)?)
+    }
+
+    /// Opens a GGUF checkpoint (one file, or any split of a split one).
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        let g = crate::gguf::arch::open(path)?;
+        let generation = GenerationConfig {
+            eos_token_ids: g.config.eos_token_ids.clone(),
+            ..GenerationConfig::default()
+        };
+        Ok(Self {
+            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            config: g.config,
+            weights: g.weights,
+            generation,
+            gguf: Some(GgufSource {
+                path: path.to_path_buf(),
+                config_json: g.config_json,
+                files: g.files,
+            }),
+        })
+    }
+
+    /// Where the checkpoint is (its directory, or its GGUF file), for messages.
+    pub fn location(&self) -> &Path {
+        self.gguf.as_ref().map_or(&self.dir, |g| &g.path)
     }
 
     /// Opens the checkpoint in `dir`.
@@ -87,6 +129,7 @@ impl Checkpoint {
             config,
             weights,
             generation,
+            gguf: None,
         })
     }
 
@@ -96,8 +139,12 @@ impl Checkpoint {
         Model::load(self.config.clone(), &self.weights)
     }
 
-    /// sha256 of `config.json`: the checkpoint's identity in packs, profiles and traces.
+    /// sha256 of `config.json` (of a GGUF file's configuration as `config.json` text): the
+    /// checkpoint's identity in packs, profiles and traces.
     pub fn config_sha256(&self) -> Result<String> {
+        if let Some(g) = &self.gguf {
+            return Ok(pack::sha256_bytes(g.config_json.as_bytes()));
+        }
         pack::sha256_file(&self.dir.join("config.json"))
     }
 
@@ -156,7 +203,10 @@ impl Checkpoint {
     /// has rows cannot be embedded, and fewer than half of them is another model's tokenizer
     /// (checkpoints pad `vocab_size` a little past their tokenizer, never by half).
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        let tok = Tokenizer::open(&self.dir)?;
+        let tok = match &self.gguf {
+            Some(g) => Tokenizer::from_gguf(&g.files[0])?,
+            None => Tokenizer::open(&self.dir)?,
+        };
         let (n, vocab) = (tok.vocab_size(), self.config.vocab_size);
         if n > vocab || n < vocab.div_ceil(2) {
             return Err(EngineError::Tokenizer {
@@ -195,7 +245,7 @@ impl Checkpoint {
         if let Some(first) = unused.first() {
             tracing::warn!(
                 "{}: {} tensors are left unused (e.g. `{first}`): config.json's num_hidden_layers = {} is fewer than the checkpoint's layers",
-                self.dir.display(),
+                self.location().display(),
                 unused.len(),
                 self.config.num_hidden_layers
             );

@@ -10,6 +10,9 @@ use rayon::prelude::*;
 use crate::quant;
 use crate::weights::{DType, QuantParts, Weight};
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Rows of W converted and multiplied together: x[t] stays in L1 across the block.
 const ROW_BLOCK: usize = 16;
 /// Accumulators per dot product: 8 AVX2 vectors in flight.
@@ -152,17 +155,80 @@ enum Rows<'a> {
     Bf16(&'a [u16]),
 }
 
+/// The vector instructions the tile kernel runs on, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    /// 16-wide f32 FMAs (avx512f, avx512bw and avx512vl).
+    Avx512,
+    /// 8-wide f32 FMAs (avx2 and fma).
+    Avx2,
+    /// Scalar code the compiler vectorises as the build target allows.
+    Portable,
+}
+
+impl Simd {
+    /// The best this CPU supports, unless `SHADOWMOE_SIMD` (`avx512`, `avx2`, `portable`) asks
+    /// for a lesser one (to compare them in a benchmark); read once.
+    pub fn detected() -> Simd {
+        static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let best = Self::supported();
+            let asked = match std::env::var("SHADOWMOE_SIMD").ok().as_deref() {
+                Some("avx2") => Simd::Avx2,
+                Some("portable") => Simd::Portable,
+                _ => best,
+            };
+            // Never above what the CPU has.
+            if (asked as u8) < (best as u8) { best } else { asked }
+        })
+    }
+
+    /// The best this CPU supports.
+    pub fn supported() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                return Simd::Avx512;
+            }
+            if has!("avx2") && has!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    }
+}
+
 /// `out[r * t + ti] = W[r] · x[ti]` for `rows` weight rows of width `k` and `t` tokens (`x` is
 /// `[t, k]` row-major). Each (row, token) sum is accumulated in the same order whatever the
 /// tile it falls in, so one token alone gets exactly what it gets among others.
 fn tile(w: Rows<'_>, rows: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    tile_on(Simd::detected(), w, rows, k, x, t, out)
+}
+
+/// [`tile`] on the given instructions (at most [`Simd::supported`]).
+fn tile_on(simd: Simd, w: Rows<'_>, rows: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    assert!(
+        (simd as u8) >= (Simd::supported() as u8),
+        "{simd:?} is not supported by this CPU"
+    );
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports avx2 and fma (checked just above).
+    match simd {
+        // SAFETY (both): the CPU supports the instructions (asserted above).
+        Simd::Avx512 => {
+            unsafe {
+                match w {
+                    Rows::F32(s) => avx512::tiles(s, rows, k, x, t, out),
+                    Rows::Bf16(s) => avx512::tiles(s, rows, k, x, t, out),
+                }
+            }
+            return;
+        }
+        Simd::Avx2 => {
             unsafe { tile_avx2(w, rows, k, x, t, out) };
             return;
         }
+        Simd::Portable => {}
     }
     for r in 0..rows {
         for ti in 0..t {
@@ -500,6 +566,47 @@ mod tests {
             for ti in 0..t {
                 let one = linear(x.slice(ndarray::s![ti..ti + 1, ..]), &w, None);
                 assert_eq!(one.row(0), many.row(ti), "token {ti} of {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_simd_level_matches_an_f64_reference_and_keeps_tokens_apart() {
+        let levels: Vec<Simd> = [Simd::Avx512, Simd::Avx2, Simd::Portable]
+            .into_iter()
+            .filter(|s| (*s as u8) >= (Simd::supported() as u8))
+            .collect();
+        // Widths with and without a tail after 8- and 16-wide steps; rows past every tile.
+        for (n, k) in [(37, 19), (16, 1024), (45, 203), (9, 7), (24, 33)] {
+            let wv: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let wb: Vec<u16> = wv.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let wbf: Vec<f32> = wb.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect();
+            let x: Vec<f32> = (0..7 * k).map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0).collect();
+            for &simd in &levels {
+                for t in 1..=7 {
+                    for (rows, vals) in [(Rows::F32(&wv), &wv), (Rows::Bf16(&wb), &wbf)] {
+                        let mut out = vec![0.0f32; n * t];
+                        tile_on(simd, rows, n, k, &x, t, &mut out);
+                        for r in 0..n {
+                            for ti in 0..t {
+                                let terms =
+                                    (0..k).map(|j| f64::from(vals[r * k + j]) * f64::from(x[ti * k + j]));
+                                let want: f64 = terms.clone().sum();
+                                let scale: f64 = terms.map(f64::abs).sum::<f64>() + 1.0;
+                                let got = out[r * t + ti];
+                                assert!(
+                                    (f64::from(got) - want).abs() < 1e-5 * scale,
+                                    "{simd:?} {n}x{k} t {t}: {got} vs {want}"
+                                );
+                                let mut one = vec![0.0f32; n];
+                                tile_on(simd, rows, n, k, &x[ti * k..(ti + 1) * k], 1, &mut one);
+                                assert_eq!(one[r], got, "{simd:?}: token {ti} alone, of {t}");
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -129,6 +129,157 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer a GGUF file carries (`tokenizer.ggml.*`): a byte-level BPE vocabulary
+    /// (`gpt2`) with its merges, token types (control and user-defined tokens are added
+    /// tokens, matched before the pre-tokenizer splits), `bos`/`eos` ids, `add_bos_token`, and
+    /// the pre-tokenizer `tokenizer.ggml.pre` names; the chat template is
+    /// `tokenizer.chat_template`. Built as a `tokenizers` tokenizer, as llama.cpp builds its
+    /// own from the same keys.
+    pub fn from_gguf(f: &crate::gguf::GgufFile) -> Result<Self> {
+        use crate::gguf::Value as G;
+        let path = f.path.clone();
+        let bad = |key: &str, m: String| EngineError::field(&path, key, m);
+        let strings = |key: &str| -> Result<Option<Vec<String>>> {
+            match f.get(key) {
+                None => Ok(None),
+                Some(G::Array(_, items)) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .map(Some)
+                    .ok_or_else(|| bad(key, "expected an array of strings".into())),
+                Some(v) => Err(bad(
+                    key,
+                    format!("expected an array of strings, found {}", v.type_name()),
+                )),
+            }
+        };
+        let model = f.get("tokenizer.ggml.model").and_then(G::as_str);
+        if model != Some("gpt2") {
+            return Err(bad(
+                "tokenizer.ggml.model",
+                format!(
+                    "{model:?}: only byte-level BPE vocabularies (`gpt2`) are read from GGUF files; give --tokenizer DIR with the checkpoint's tokenizer.json"
+                ),
+            ));
+        }
+        let tokens = strings("tokenizer.ggml.tokens")?
+            .ok_or_else(|| bad("tokenizer.ggml.tokens", "missing".into()))?;
+        let merges = strings("tokenizer.ggml.merges")?.unwrap_or_default();
+        let types: Vec<i64> = match f.get("tokenizer.ggml.token_type") {
+            None => vec![1; tokens.len()],
+            Some(G::Array(_, items)) if items.len() == tokens.len() => items
+                .iter()
+                .map(|v| match v {
+                    G::I32(t) => Some(i64::from(*t)),
+                    other => other.as_u64().map(|t| t as i64),
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("tokenizer.ggml.token_type", "expected integers".into()))?,
+            Some(_) => {
+                return Err(bad(
+                    "tokenizer.ggml.token_type",
+                    format!("expected an array of {} integers (one per token)", tokens.len()),
+                ));
+            }
+        };
+        let pre = f
+            .get("tokenizer.ggml.pre")
+            .and_then(G::as_str)
+            .unwrap_or("default");
+        let regex = match pre {
+            "qwen2" | "deepseek-r1-qwen" | "olmo" | "dbrx" | "smaug-bpe" => QWEN2_SPLIT,
+            "llama3" | "llama-bpe" | "llama-v3" => LLAMA3_SPLIT,
+            "gpt2" | "default" | "gpt-2" | "mpt" | "olmo2" => GPT2_SPLIT,
+            other => {
+                return Err(bad(
+                    "tokenizer.ggml.pre",
+                    format!(
+                        "pre-tokenizer `{other}` is not one the engine builds (qwen2, llama3, gpt2); give --tokenizer DIR"
+                    ),
+                ));
+            }
+        };
+        let id = |key: &str| f.get(key).and_then(G::as_u64).map(|i| i as usize);
+        let name_of = |i: Option<usize>| i.and_then(|i| tokens.get(i)).cloned();
+        let bos = name_of(id("tokenizer.ggml.bos_token_id"));
+        let eos = name_of(id("tokenizer.ggml.eos_token_id"));
+        let add_bos = matches!(f.get("tokenizer.ggml.add_bos_token"), Some(G::Bool(true)));
+        let mut vocab = serde_json::Map::new();
+        let mut added = Vec::new();
+        for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+            vocab.insert(t.clone(), serde_json::json!(i));
+            // llama.cpp's token types: 3 control, 4 user-defined.
+            if *ty == 3 || *ty == 4 {
+                added.push(serde_json::json!({
+                    "id": i, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": *ty == 3,
+                }));
+            }
+        }
+        let merges: Vec<Value> = merges
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok(serde_json::json!([a, b])),
+                None => Err(bad(
+                    "tokenizer.ggml.merges",
+                    format!("merge `{m}` is not two tokens separated by a space"),
+                )),
+            })
+            .collect::<Result<_>>()?;
+        let post = match (&bos, add_bos) {
+            (Some(b), true) => serde_json::json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}],
+                "special_tokens": {b.as_str(): {"id": b, "ids": [id("tokenizer.ggml.bos_token_id")], "tokens": [b]}},
+            }),
+            _ => Value::Null,
+        };
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            ]},
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+        });
+        let inner: tokenizers::Tokenizer =
+            json.to_string()
+                .parse()
+                .map_err(|e: tokenizers::Error| EngineError::Tokenizer {
+                    path: path.clone(),
+                    message: format!("tokenizer.ggml.*: {}", e.to_string().replace('\n', " ")),
+                })?;
+        let chat_template = match f.get("tokenizer.chat_template") {
+            None => None,
+            Some(G::String(t)) => Some(t.clone()),
+            Some(v) => {
+                return Err(bad(
+                    "tokenizer.chat_template",
+                    format!("expected a string, found {}", v.type_name()),
+                ));
+            }
+        };
+        Ok(Self {
+            inner,
+            chat_template,
+            template_path: path.clone(),
+            bos_token: bos,
+            eos_token: eos,
+            path,
+        })
+    }
+
     /// Token ids of `text`, with the tokenizer's own special tokens (as `tokenizer(text)` in
     /// transformers).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -221,6 +372,11 @@ impl Tokenizer {
         self.encode_with(&text, false)
     }
 }
+
+/// The split rules of llama.cpp's pre-tokenizers (`llama-vocab.cpp`), as `tokenizers` regexes.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
 /// Turns generated ids into text pieces as they arrive, holding back incomplete UTF-8.
 #[derive(Debug, Default)]

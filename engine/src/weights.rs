@@ -414,6 +414,11 @@ pub struct WeightIndex {
     other_dtype: HashMap<String, (usize, String)>,
     /// config.json's `quantization` block: each quantised tensor must agree with it.
     quantization: Option<QuantConfig>,
+    /// Read from GGUF files: names are llama.cpp's, indexed under Hugging Face names.
+    gguf: bool,
+    /// Query/key projections whose rows llama.cpp's converter permuted, with their head
+    /// counts: un-permuted when copied into memory.
+    permuted: HashMap<String, usize>,
 }
 
 /// `model.safetensors.index.json`.
@@ -486,6 +491,8 @@ impl WeightIndex {
             tensors: HashMap::new(),
             other_dtype: HashMap::new(),
             quantization: None,
+            gguf: false,
+            permuted: HashMap::new(),
         };
         for path in paths {
             let file_idx = out.files.len();
@@ -507,6 +514,43 @@ impl WeightIndex {
             });
         }
         Ok(out)
+    }
+
+    /// An index over GGUF files (crate::gguf::arch): their maps, the tensors the engine computes
+    /// with under Hugging Face names, those of other ggml types, and the query/key projections
+    /// to un-permute (with their head counts).
+    pub(crate) fn from_gguf(
+        files: Vec<(PathBuf, Arc<Mmap>)>,
+        tensors: HashMap<String, TensorEntry>,
+        other_dtype: HashMap<String, (usize, String)>,
+        permuted: HashMap<String, usize>,
+    ) -> Self {
+        WeightIndex {
+            files: files
+                .into_iter()
+                .map(|(path, map)| MappedFile { path, map })
+                .collect(),
+            tensors,
+            other_dtype,
+            quantization: None,
+            gguf: true,
+            permuted,
+        }
+    }
+
+    /// Whether the weights come from GGUF files.
+    pub fn is_gguf(&self) -> bool {
+        self.gguf
+    }
+
+    /// `name` as the files spell it (llama.cpp's name for a GGUF checkpoint).
+    pub fn stored_name(&self, name: &str) -> String {
+        if self.gguf
+            && let Some(g) = crate::gguf::arch::gguf_name(name)
+        {
+            return format!("{g}` (`{name}");
+        }
+        name.to_string()
     }
 
     /// Names of all float tensors.
@@ -556,7 +600,7 @@ impl WeightIndex {
     /// Whether the experts are stacked as mlx_lm writes them (`switch_mlp`): the checkpoint
     /// went through mlx_lm's `sanitize` (qwen3_next's norms then hold `1 + w`).
     pub fn mlx_layout(&self) -> bool {
-        self.tensors.keys().any(|k| k.contains(".switch_mlp."))
+        !self.gguf && self.tensors.keys().any(|k| k.contains(".switch_mlp."))
     }
 
     /// Whether `{stem}.weight` is quantised (its scales are in the checkpoint, as mlx-lm
@@ -587,13 +631,21 @@ impl WeightIndex {
         let len = entry.shape.iter().product::<usize>() * entry.dtype.size();
         let file = &self.files[entry.file];
         let bytes = &file.map[entry.offset..entry.offset + len];
-        check_finite(&file.path, name, entry.dtype, bytes)?;
-        Ok(Weight::new(
-            Arc::new(AlignedBytes::copy_from(bytes)),
-            0,
-            entry.dtype,
-            entry.shape.clone(),
-        ))
+        check_finite(&file.path, &self.stored_name(name), entry.dtype, bytes)?;
+        let owned = match self.permuted.get(name) {
+            Some(&heads) => unpermute_rows(bytes, entry.shape[0], heads).ok_or_else(|| {
+                EngineError::Tensor {
+                    path: file.path.clone(),
+                    tensor: self.stored_name(name),
+                    message: format!(
+                        "{} rows are not {heads} heads of an even size (llama.cpp's query/key row permutation cannot be undone)",
+                        entry.shape[0]
+                    ),
+                }
+            })?,
+            None => AlignedBytes::copy_from(bytes),
+        };
+        Ok(Weight::new(Arc::new(owned), 0, entry.dtype, entry.shape.clone()))
     }
 
     /// An MLX-quantised weight: `name` (packed U32 words), `{stem}.scales` and
@@ -725,7 +777,7 @@ impl WeightIndex {
         if let Some((file, dtype)) = self.other_dtype.get(name) {
             return Err(EngineError::Tensor {
                 path: self.files[*file].path.clone(),
-                tensor: name.to_string(),
+                tensor: self.stored_name(name),
                 message: format!(
                     "dtype {dtype} is not supported (expected F32, F16 or BF16, or U32 words with scales and biases)"
                 ),
@@ -733,19 +785,19 @@ impl WeightIndex {
         }
         let entry = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
             path: self.where_(),
-            tensor: name.to_string(),
+            tensor: self.stored_name(name),
         })?;
         if entry.dtype == DType::U32 {
             return Err(EngineError::Tensor {
                 path: self.files[entry.file].path.clone(),
-                tensor: name.to_string(),
+                tensor: self.stored_name(name),
                 message: "packed U32 words (MLX-quantised) cannot be read as a float tensor here".into(),
             });
         }
         if entry.shape != shape {
             return Err(EngineError::Shape {
                 path: self.files[entry.file].path.clone(),
-                tensor: name.to_string(),
+                tensor: self.stored_name(name),
                 expected: shape.to_vec(),
                 got: entry.shape.clone(),
             });
@@ -767,7 +819,7 @@ impl WeightIndex {
     pub fn get_stored(&self, name: &str) -> Result<Weight> {
         let entry = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
             path: self.where_(),
-            tensor: name.to_string(),
+            tensor: self.stored_name(name),
         })?;
         Ok(Weight::new(
             self.files[entry.file].map.clone(),
@@ -792,6 +844,30 @@ impl WeightIndex {
             entry.shape.clone(),
         ))
     }
+}
+
+/// The rows of a query or key projection as Hugging Face orders them, from llama.cpp's order.
+/// Its converter stores head `h`'s row pair (`j`, `j + d/2`) at rows (`2j`, `2j + 1`) of the head
+/// (adjacent-pair rotary); this puts them back. None when the rows are not `heads` heads of an
+/// even size.
+fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Option<AlignedBytes> {
+    if heads == 0 || rows == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return None;
+    }
+    let row = bytes.len() / rows;
+    let (d, half) = (rows / heads, rows / heads / 2);
+    let mut out = AlignedBytes::zeroed(bytes.len());
+    let dst = out.as_mut_slice();
+    for h in 0..heads {
+        for j in 0..half {
+            for p in 0..2 {
+                let from = h * d + 2 * j + p;
+                let to = h * d + p * half + j;
+                dst[to * row..(to + 1) * row].copy_from_slice(&bytes[from * row..(from + 1) * row]);
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Maps one file and checks its header against its length. Entries with a dtype the engine does

@@ -15,6 +15,12 @@ metadata key with its GGUF value type and value, and every tensor's name, dims (
 innermost first), ggml type, absolute data offset, byte length and the sha256 of its bytes, all
 as gguf-py's GGUFReader reads them. The engine's reader must read the same
 (engine/tests/gguf.rs).
+
+With `llama-cpp-python` importable (`pip install llama_cpp_python-0.3.36.tar.gz`: it builds the
+same vendored llama.cpp), it also writes `<arch>-<type>.llama.safetensors` and `.llama.json`:
+llama.cpp's logits for every position of the fixture's golden prompt ids (one evaluation with all
+logits, one thread), its greedy continuation, and its tokenization of the fixture's prompt and
+chat text — the referee the engine's GGUF path is held to.
 """
 import argparse
 import hashlib
@@ -109,6 +115,45 @@ def dump(path):
     }
 
 
+def referee(gguf, fixture, out_stem):
+    """llama.cpp's view of `gguf`: logits over the fixture's prompt ids, greedy tokens, and
+    its tokenization of the prompt and of the rendered chat text."""
+    import numpy as np
+    from llama_cpp import Llama
+    from safetensors.numpy import save_file
+
+    golden = json.load(open(os.path.join(fixture, "golden.json")))
+    ids = golden["prompt_ids"]
+    n_new = len(golden["generated"])
+    llm = Llama(model_path=gguf, n_ctx=256, n_batch=256, logits_all=True, n_threads=1,
+                seed=0, verbose=False)
+    llm.reset()
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    # Greedy continuation: argmax of the last position, then one token at a time.
+    generated = []
+    nxt = int(np.argmax(logits[-1]))
+    for _ in range(n_new):
+        generated.append(nxt)
+        llm.eval([nxt])
+        nxt = int(np.argmax(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)))
+    prompt_tokens = llm.tokenize(golden["prompt"].encode(), add_bos=True, special=False)
+    chat_tokens = llm.tokenize(golden["chat_text"].encode(), add_bos=False, special=True)
+    save_file({"logits": logits}, out_stem + ".llama.safetensors")
+    with open(out_stem + ".llama.json", "w") as f:
+        json.dump({
+            "made_by": "engine/tests/golden/make_gguf.py",
+            "referee": "llama.cpp through llama-cpp-python 0.3.36 (logits_all, n_threads=1)",
+            "prompt_ids": ids,
+            "generated": generated,
+            "prompt": golden["prompt"],
+            "prompt_tokens": prompt_tokens,
+            "chat_text": golden["chat_text"],
+            "chat_tokens": chat_tokens,
+        }, f, indent=1, ensure_ascii=False)
+    del llm
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", required=True)
@@ -131,6 +176,12 @@ def main():
                 with open(os.path.join(a.out, f"{arch}-{ty}.json"), "w") as f:
                     json.dump(d, f, indent=1, ensure_ascii=False)
                 print(f"{gguf}: {len(d['tensors'])} tensors, {len(d['metadata'])} keys, v{d['version']}")
+                try:
+                    import llama_cpp  # noqa: F401
+                except ImportError:
+                    print("  (llama_cpp not importable: no referee logits)")
+                    continue
+                referee(gguf, os.path.join(HERE, arch), os.path.join(a.out, f"{arch}-{ty}"))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 //! what is wrong ("tensor data is not within the file bounds", as llama.cpp's loader says),
 //! never a panic or an allocation the file's bytes ask for. The file is memory-mapped.
 //!
-//! This is the container. Architectures, tokenizers and quantised compute on top of it are
-//! issue 16's later parts.
+//! This is the container; [`arch`] reads a checkpoint out of it.
+
+pub mod arch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -454,6 +455,11 @@ impl GgufFile {
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         let end = t.offset.saturating_add(t.n_bytes);
         self.map.get(t.offset as usize..end as usize).unwrap_or_default()
+    }
+
+    /// The file's memory map.
+    pub fn map(&self) -> &Arc<Mmap> {
+        &self.map
     }
 
     /// `general.architecture`.

@@ -1,0 +1,466 @@
+//! A GGUF checkpoint as the engine's models read it: `general.architecture` picks the family,
+//! its `{arch}.*` metadata becomes the model's configuration (as a `config.json` would give it,
+//! validated by the same code), and llama.cpp's tensor names (`blk.N.attn_q.weight`,
+//! `blk.N.ffn_gate_exps.weight` stacked `[E, out, in]`, …) are indexed under the Hugging Face
+//! names the model loaders ask for. The stacked experts are the layout mlx_lm writes
+//! (`switch_mlp`): each expert is one contiguous slice of each stacked tensor, read from disk as
+//! it is stored.
+//!
+//! llama.cpp's converter permutes the rows of `llama`-family query and key projections (its
+//! rotary embedding pairs adjacent dimensions, Hugging Face's pairs the two halves of a head);
+//! the index undoes the permutation when those weights are copied into memory, so the engine's
+//! rotary embedding is the same for every source.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value as Json, json};
+
+use super::{GgufFile, TensorInfo, Value};
+use crate::config::{Arch, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::weights::{DType, WeightIndex};
+
+/// The families the engine runs, by `general.architecture`.
+const ARCHS: [(&str, &str); 4] = [
+    ("llama", "mixtral"),
+    ("qwen3moe", "qwen3_moe"),
+    ("qwen2moe", "qwen2_moe"),
+    ("olmoe", "olmoe"),
+];
+
+/// An opened GGUF checkpoint (one file, or every split of one).
+#[derive(Debug)]
+pub struct GgufCheckpoint {
+    pub files: Vec<GgufFile>,
+    pub config: ModelConfig,
+    /// The configuration as `config.json` text (the checkpoint's identity in packs and traces).
+    pub config_json: String,
+    pub weights: WeightIndex,
+}
+
+/// Whether `path` names a GGUF file (by its extension).
+pub fn is_gguf_path(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The files of a split checkpoint (`name-00001-of-00003.gguf` and its siblings), or the one
+/// file.
+fn split_paths(path: &Path) -> Vec<PathBuf> {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let parts: Vec<&str> = stem.rsplitn(4, '-').collect();
+    // rsplitn: ["0000N", "of", "0000i", "name"].
+    if let [count, "of", _index, base] = parts.as_slice()
+        && let Ok(n) = count.parse::<usize>()
+        && n > 1
+        && count.len() == 5
+    {
+        let dir = path.parent().unwrap_or(Path::new(""));
+        return (1..=n)
+            .map(|i| dir.join(format!("{base}-{i:05}-of-{count}.gguf")))
+            .collect();
+    }
+    vec![path.to_path_buf()]
+}
+
+/// Opens the GGUF checkpoint at `path` (any split of a split one).
+pub fn open(path: &Path) -> Result<GgufCheckpoint> {
+    let paths = split_paths(path);
+    let mut files = Vec::with_capacity(paths.len());
+    for p in &paths {
+        if !p.exists() {
+            return Err(EngineError::MissingFile {
+                path: p.clone(),
+                what: "a split of the GGUF checkpoint (every `-0000i-of-0000N.gguf` must be present)",
+            });
+        }
+        files.push(GgufFile::open(p)?);
+    }
+    let first = &files[0];
+    let bad = |key: &str, m: String| EngineError::field(&first.path, key, m);
+    if files.len() > 1 {
+        for (i, f) in files.iter().enumerate() {
+            let no = f.get("split.no").and_then(Value::as_u64);
+            if no != Some(i as u64) {
+                return Err(EngineError::field(
+                    &f.path,
+                    "split.no",
+                    format!("expected {i} (its place in the file names), found {no:?}"),
+                ));
+            }
+        }
+    }
+    let arch = first
+        .architecture()
+        .ok_or_else(|| bad("general.architecture", "missing (expected a string)".into()))?
+        .to_string();
+    let Some(&(_, model_type)) = ARCHS.iter().find(|(a, _)| *a == arch) else {
+        return Err(bad(
+            "general.architecture",
+            format!(
+                "`{arch}` is not an architecture the engine runs (supported: {})",
+                ARCHS.map(|(a, _)| a).join(", ")
+            ),
+        ));
+    };
+    let meta = Meta {
+        f: first,
+        arch: &arch,
+    };
+    let config_map = config_of(&meta, model_type, &files)?;
+    let config_json = serde_json::to_string_pretty(&Json::Object(config_map)).unwrap_or_default();
+    let config = ModelConfig::from_json_str(&config_json, &first.path)?;
+    let permute = arch == "llama";
+    let mut tensors = Vec::new();
+    for (fi, f) in files.iter().enumerate() {
+        for t in &f.tensors {
+            tensors.push((fi, t.clone()));
+        }
+    }
+    let weights = index(&files, &tensors, &config, permute)?;
+    Ok(GgufCheckpoint {
+        files,
+        config,
+        config_json,
+        weights,
+    })
+}
+
+/// Typed metadata lookups naming the key in errors.
+struct Meta<'a> {
+    f: &'a GgufFile,
+    arch: &'a str,
+}
+
+impl Meta<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    fn u64_opt(&self, k: &str) -> Result<Option<u64>> {
+        let key = self.key(k);
+        match self.f.get(&key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                EngineError::field(
+                    &self.f.path,
+                    &key,
+                    format!("expected an unsigned integer, found {}", v.type_name()),
+                )
+            }),
+        }
+    }
+
+    fn u64(&self, k: &str) -> Result<u64> {
+        self.u64_opt(k)?.ok_or_else(|| {
+            EngineError::field(
+                &self.f.path,
+                self.key(k),
+                "missing (required for this architecture)",
+            )
+        })
+    }
+
+    fn f64_opt(&self, k: &str) -> Result<Option<f64>> {
+        let key = self.key(k);
+        match self.f.get(&key) {
+            None => Ok(None),
+            Some(v @ (Value::F32(_) | Value::F64(_))) => Ok(v.as_f64()),
+            Some(v) => Err(EngineError::field(
+                &self.f.path,
+                &key,
+                format!("expected a float, found {}", v.type_name()),
+            )),
+        }
+    }
+
+    fn bool_opt(&self, k: &str) -> Result<Option<bool>> {
+        let key = self.key(k);
+        match self.f.get(&key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(EngineError::field(
+                &self.f.path,
+                &key,
+                format!("expected a bool, found {}", v.type_name()),
+            )),
+        }
+    }
+}
+
+/// The `config.json` of the checkpoint, from its metadata.
+fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<String, Json>> {
+    let f = m.f;
+    let find = |name: &str| files.iter().find_map(|f| f.tensor(name));
+    let heads = m.u64("attention.head_count")?;
+    let hidden = m.u64("embedding_length")?;
+    let head_dim = match m.u64_opt("attention.key_length")? {
+        Some(k) => k,
+        None if heads > 0 => hidden / heads,
+        None => 0,
+    };
+    if let Some(v) = m.u64_opt("attention.value_length")?
+        && v != head_dim
+    {
+        return Err(EngineError::field(
+            &f.path,
+            m.key("attention.value_length"),
+            format!("{v} differs from the key length {head_dim} (not supported)"),
+        ));
+    }
+    if let Some(r) = m.u64_opt("rope.dimension_count")?
+        && r != head_dim
+    {
+        return Err(EngineError::field(
+            &f.path,
+            m.key("rope.dimension_count"),
+            format!(
+                "{r}: partial rotary embeddings are not supported for `{}` (expected the head size {head_dim})",
+                m.arch
+            ),
+        ));
+    }
+    let scaling = m.key("rope.scaling.type");
+    if let Some(v) = f.get(&scaling)
+        && v.as_str() != Some("none")
+    {
+        return Err(EngineError::field(
+            &f.path,
+            &scaling,
+            format!("{v:?}: rotary scaling is not supported for GGUF checkpoints yet"),
+        ));
+    }
+    let vocab = match m.u64_opt("vocab_size")? {
+        Some(v) => v,
+        None => match (f.get("tokenizer.ggml.tokens"), find("token_embd.weight")) {
+            (Some(Value::Array(_, items)), _) => items.len() as u64,
+            (_, Some(t)) if t.dims.len() == 2 => t.dims[1],
+            _ => {
+                return Err(EngineError::field(
+                    &f.path,
+                    m.key("vocab_size"),
+                    "missing, and no tokenizer.ggml.tokens or token_embd.weight to count",
+                ));
+            }
+        },
+    };
+    let experts = m.u64("expert_count")?;
+    if experts == 0 {
+        return Err(EngineError::field(
+            &f.path,
+            m.key("expert_count"),
+            "0: a dense model (the engine runs mixture-of-experts models)",
+        ));
+    }
+    let ffn = m.u64_opt("feed_forward_length")?;
+    let expert_ffn = m.u64_opt("expert_feed_forward_length")?;
+    let mut c = Map::new();
+    let mut put = |k: &str, v: Json| {
+        c.insert(k.to_string(), v);
+    };
+    put("model_type", json!(model_type));
+    put("hidden_act", json!("silu"));
+    put("vocab_size", json!(vocab));
+    put("hidden_size", json!(hidden));
+    put("num_hidden_layers", json!(m.u64("block_count")?));
+    put("num_attention_heads", json!(heads));
+    put(
+        "num_key_value_heads",
+        json!(m.u64_opt("attention.head_count_kv")?.unwrap_or(heads)),
+    );
+    put("head_dim", json!(head_dim));
+    if let Some(eps) = m.f64_opt("attention.layer_norm_rms_epsilon")? {
+        put("rms_norm_eps", json!(eps));
+    }
+    put(
+        "rope_theta",
+        json!(m.f64_opt("rope.freq_base")?.unwrap_or(10_000.0)),
+    );
+    if let Some(ctx) = m.u64_opt("context_length")? {
+        put("max_position_embeddings", json!(ctx));
+    }
+    put("tie_word_embeddings", json!(find("output.weight").is_none()));
+    put("num_local_experts", json!(experts));
+    put("num_experts", json!(experts));
+    put("num_experts_per_tok", json!(m.u64("expert_used_count")?));
+    match model_type {
+        // llama.cpp's `llama` with experts is Mixtral: one width, no sliding window (the
+        // converter does not carry Mixtral's), biases nowhere.
+        "mixtral" => {
+            put("intermediate_size", json!(ffn.or(expert_ffn)));
+            put("sliding_window", Json::Null);
+        }
+        "olmoe" => {
+            put("intermediate_size", json!(expert_ffn.or(ffn)));
+            put(
+                "norm_topk_prob",
+                json!(m.bool_opt("expert_weights_norm")?.unwrap_or(false)),
+            );
+            if let Some(c) = m.f64_opt("attention.clamp_kqv")? {
+                put("clip_qkv", json!(c));
+            }
+        }
+        _ => {
+            put("moe_intermediate_size", json!(expert_ffn.or(ffn)));
+            put("intermediate_size", json!(ffn.or(expert_ffn)));
+            // qwen3moe always renormalises its top-k weights in llama.cpp; the others say so
+            // in `expert_weights_norm` (absent: not).
+            let norm = match m.bool_opt("expert_weights_norm")? {
+                Some(b) => b,
+                None => model_type == "qwen3_moe",
+            };
+            put("norm_topk_prob", json!(norm));
+            if model_type == "qwen2_moe" {
+                let shared = m.u64_opt("expert_shared_feed_forward_length")?;
+                put("shared_expert_intermediate_size", json!(shared));
+            }
+            if model_type == "qwen2_moe" {
+                put("qkv_bias", json!(find("blk.0.attn_q.bias").is_some()));
+            }
+        }
+    }
+    let token = |k: &str| f.get(k).and_then(Value::as_u64);
+    if let Some(b) = token("tokenizer.ggml.bos_token_id") {
+        put("bos_token_id", json!(b));
+    }
+    if let Some(e) = token("tokenizer.ggml.eos_token_id") {
+        put("eos_token_id", json!(e));
+    }
+    Ok(c)
+}
+
+/// The Hugging Face name of a llama.cpp tensor name (None for one the engine does not read).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let top = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (stem, suffix) = rest.rsplit_once('.')?;
+    let mapped = match stem {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate_inp" => "mlp.gate",
+        "ffn_gate_exps" => "mlp.switch_mlp.gate_proj",
+        "ffn_up_exps" => "mlp.switch_mlp.up_proj",
+        "ffn_down_exps" => "mlp.switch_mlp.down_proj",
+        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{mapped}.{suffix}"))
+}
+
+/// The llama.cpp name of a Hugging Face name (for messages about a missing tensor).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let top = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (stem, suffix) = rest.rsplit_once('.')?;
+    let mapped = match stem {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate" => "ffn_gate_inp",
+        "mlp.switch_mlp.gate_proj" => "ffn_gate_exps",
+        "mlp.switch_mlp.up_proj" => "ffn_up_exps",
+        "mlp.switch_mlp.down_proj" => "ffn_down_exps",
+        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
+        "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}.{suffix}"))
+}
+
+/// The engine's dtype for a ggml type it computes with as stored.
+fn dtype_of(t: &TensorInfo) -> Option<DType> {
+    match t.ty.name {
+        "F32" => Some(DType::F32),
+        "F16" => Some(DType::F16),
+        "BF16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// The weight index over the files' tensors under Hugging Face names.
+fn index(
+    files: &[GgufFile],
+    tensors: &[(usize, TensorInfo)],
+    cfg: &ModelConfig,
+    permute: bool,
+) -> Result<WeightIndex> {
+    let mut entries = HashMap::new();
+    let mut other = HashMap::new();
+    let mut heads = HashMap::new();
+    for (fi, t) in tensors {
+        let Some(name) = hf_name(&t.name) else {
+            continue;
+        };
+        // ggml's dims run innermost first; the row-major shape is their reverse.
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        match dtype_of(t) {
+            Some(dtype) => {
+                entries.insert(
+                    name.clone(),
+                    crate::weights::TensorEntry {
+                        file: *fi,
+                        offset: t.offset as usize,
+                        dtype,
+                        shape,
+                    },
+                );
+            }
+            None => {
+                other.insert(name.clone(), (*fi, t.ty.name.to_string()));
+            }
+        }
+        if permute {
+            if name.ends_with("self_attn.q_proj.weight") {
+                heads.insert(name, cfg.num_attention_heads);
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                heads.insert(name, cfg.num_key_value_heads);
+            }
+        }
+    }
+    if cfg.arch == Arch::Mixtral && !permute {
+        tracing::debug!("mixtral-family GGUF without the llama row permutation");
+    }
+    let maps = files.iter().map(|f| (f.path.clone(), f.map().clone())).collect();
+    Ok(WeightIndex::from_gguf(maps, entries, other, heads))
+}
