@@ -48,6 +48,10 @@ if ! "$PY" -c "import gguf, torch, transformers" 2>/dev/null; then
   "$CACHE/venv/bin/pip" install -q numpy sentencepiece transformers torch safetensors
   "$CACHE/venv/bin/pip" install -q -e "$SRC/gguf-py"
 fi
+# Our checkpoints' tokenizer_config.json names transformers 5's `TokenizersBackend`, which the
+# converter's pinned transformers 4.57 does not know.
+"$PY" -c "import transformers, sys; sys.exit(transformers.__version__ < '5')" 2>/dev/null || \
+  "$CACHE/venv/bin/pip" install -q transformers==5.23.0
 # Our tokenizer's pre-tokenizer hash is unknown to the converter; its split rule is qwen2's.
 # A patched copy beside its own modules (this llama.cpp splits the converter into conversion/).
 CONVERT_DIR="$CACHE/convert"

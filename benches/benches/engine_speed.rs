@@ -16,6 +16,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use shadowmoe_benches::{env_or, memory_read_gbs};
+use shadowmoe_engine::kernels::Simd;
 use shadowmoe_engine::sampling::argmax;
 use shadowmoe_engine::{Checkpoint, LogitsFor, Model, NoObserver, Phase};
 
@@ -142,18 +143,39 @@ fn main() {
     if cores > 1 {
         threads.push(cores);
     }
+    // The kernel's best instructions and, where those are AVX-512, the AVX2 kernel beside them.
+    let best = Simd::supported();
+    let avx2 = (best == Simd::Avx512).then_some(Simd::Avx2);
     println!();
     println!(
-        "| threads | decode tok/s llama.cpp | shadowmoe | ratio | prefill tok/s llama.cpp | shadowmoe | ratio | decode GB/s llama.cpp / shadowmoe | memory read GB/s | shadowmoe share |"
+        "tile kernel: {best:?}{}",
+        if avx2.is_some() {
+            " (AVX2 column: the same engine on its AVX2 kernel)"
+        } else {
+            ""
+        }
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!();
+    println!(
+        "| threads | decode tok/s llama.cpp | shadowmoe | ratio | AVX2 | prefill tok/s llama.cpp | shadowmoe | ratio | AVX2 | decode GB/s llama.cpp / shadowmoe | memory read GB/s | shadowmoe share |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
         let (mut o_pp, mut o_tg, mut l_pp, mut l_tg) = (vec![], vec![], vec![], vec![]);
+        let (mut a_pp, mut a_tg) = (vec![], vec![]);
         for r in 0..repeat {
+            best.set();
             let (a, b) = pool.install(|| ours(&model, pp, tg, r as u32));
             o_pp.push(a);
             o_tg.push(b);
+            if let Some(lesser) = avx2 {
+                lesser.set();
+                let (a, b) = pool.install(|| ours(&model, pp, tg, r as u32));
+                best.set();
+                a_pp.push(a);
+                a_tg.push(b);
+            }
             if let (Some(bench), Some(gguf)) = (&bench, &gguf) {
                 let (a, b) = llama(bench, gguf, t, pp, tg);
                 l_pp.push(a);
@@ -162,8 +184,9 @@ fn main() {
         }
         let mem = pool.install(memory_read_gbs);
         let (otg, opp, ltg, lpp) = (median(o_tg), median(o_pp), median(l_tg), median(l_pp));
+        let (atg, app) = (median(a_tg), median(a_pp));
         println!(
-            "| {t} | {ltg:.1} | {otg:.1} | {:.2} | {lpp:.1} | {opp:.1} | {:.2} | {:.1} / {:.1} | {mem:.1} | {:.0}% |",
+            "| {t} | {ltg:.1} | {otg:.1} | {:.2} | {atg:.1} | {lpp:.1} | {opp:.1} | {:.2} | {app:.1} | {:.1} / {:.1} | {mem:.1} | {:.0}% |",
             otg / ltg,
             opp / lpp,
             ltg * bpt / 1e9,

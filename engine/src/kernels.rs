@@ -55,31 +55,91 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
     if let Some(q) = w.quant() {
         return finish(quant_rows(w, q, k, x, t, n, parallel), t, n, bias);
     }
-    // yt is [N, T]: each block of weight rows owns a contiguous stretch of it.
+    // yt is [N, T]: each block of weight rows owns a contiguous stretch of it. Up to 4 tokens
+    // (one pass of tiles over the rows), long runs of rows, since the tile kernel prefetches
+    // each tile's successor: all of them on one thread, a few blocks per thread otherwise.
+    // More tokens: blocks of ROW_BLOCK rows, which stay in cache while every token passes.
     let mut yt = vec![0.0f32; n * t];
+    let rows_per_block = match (t <= 4, parallel) {
+        (false, _) => ROW_BLOCK,
+        (true, false) => n.max(1),
+        (true, true) => (n / (4 * rayon::current_num_threads()))
+            .next_multiple_of(ROW_BLOCK)
+            .max(ROW_BLOCK),
+    };
     let block = |(bi, out): (usize, &mut [f32])| {
-        let row0 = bi * ROW_BLOCK;
+        let row0 = bi * rows_per_block;
         let rows = out.len() / t;
-        // f32 and bf16 rows are read as they are (bf16 widened in registers); f16 converted a
-        // block at a time.
-        let mut buf = Vec::new();
-        let wrows = match w.dtype() {
-            DType::F32 => Rows::F32(&w.as_f32()[row0 * k..(row0 + rows) * k]),
-            DType::BF16 => Rows::Bf16(&w.as_u16()[row0 * k..(row0 + rows) * k]),
+        match w.dtype() {
+            // f32 and bf16 rows are read as they are (bf16 widened in registers).
+            DType::F32 => tile(
+                Rows::F32(&w.as_f32()[row0 * k..(row0 + rows) * k]),
+                rows,
+                k,
+                x,
+                t,
+                out,
+            ),
+            DType::BF16 => tile(
+                Rows::Bf16(&w.as_u16()[row0 * k..(row0 + rows) * k]),
+                rows,
+                k,
+                x,
+                t,
+                out,
+            ),
+            // f16 converted ROW_BLOCK rows at a time.
             DType::F16 | DType::U32 => {
-                buf.resize(rows * k, 0.0);
-                w.read_f32(row0 * k, &mut buf);
-                Rows::F32(&buf)
+                let mut buf = vec![0.0; ROW_BLOCK.min(rows) * k];
+                for (sub, o) in out.chunks_mut(ROW_BLOCK * t).enumerate() {
+                    let (r, m) = (row0 + sub * ROW_BLOCK, o.len() / t);
+                    w.read_f32(r * k, &mut buf[..m * k]);
+                    tile(Rows::F32(&buf[..m * k]), m, k, x, t, o);
+                }
             }
-        };
-        tile(wrows, rows, k, x, t, out);
+        }
     };
     if parallel {
-        yt.par_chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
+        yt.par_chunks_mut(rows_per_block * t).enumerate().for_each(block);
     } else {
-        yt.chunks_mut(ROW_BLOCK * t).enumerate().for_each(block);
+        yt.chunks_mut(rows_per_block * t).enumerate().for_each(block);
     }
     finish(yt, t, n, bias)
+}
+
+/// Asks the CPU to start reading the `len` bytes at `at` (a hint: never faults, whatever the
+/// address).
+#[inline(always)]
+pub(crate) fn prefetch_stretch(at: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut b = 0;
+        while b < len {
+            // SAFETY: a prefetch reads nothing architecturally and never faults; the address
+            // is formed with wrapping arithmetic.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    at.wrapping_add(b).cast::<i8>(),
+                )
+            };
+            b += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (at, len);
+}
+
+/// Asks the CPU to start reading the first `bytes` of `w` (a hint; never faults). A matrix's
+/// first rows are read before the hardware prefetcher has found the stream, so the forward pass
+/// names the next matrices it will read while it computes the current one.
+pub fn prefetch_head(w: &Weight, bytes: usize) {
+    let b = w.bytes();
+    prefetch_stretch(b.as_ptr(), bytes.min(b.len()));
+}
+
+/// Bytes of the first tile [`linear`] reads of `w` (8 rows), or of its first 16 KiB if more.
+pub fn head_bytes(w: &Weight) -> usize {
+    (w.nbytes() / w.shape().first().copied().unwrap_or(1).max(1) * 8).min(16 << 10)
 }
 
 /// `yt` (`[N, T]`) as `y` (`[T, N]`), plus the bias.
@@ -155,6 +215,9 @@ enum Rows<'a> {
     Bf16(&'a [u16]),
 }
 
+/// [`Simd::detected`]'s answer plus one (0: not decided yet).
+static SIMD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 /// The vector instructions the tile kernel runs on, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Simd {
@@ -167,20 +230,34 @@ pub enum Simd {
 }
 
 impl Simd {
-    /// The best this CPU supports, unless `SHADOWMOE_SIMD` (`avx512`, `avx2`, `portable`) asks
-    /// for a lesser one (to compare them in a benchmark); read once.
+    /// What the tile kernel runs on: the best this CPU supports, unless `SHADOWMOE_SIMD`
+    /// (`avx512`, `avx2`, `portable`) or [`Simd::set`] asked for a lesser one.
     pub fn detected() -> Simd {
-        static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            let best = Self::supported();
-            let asked = match std::env::var("SHADOWMOE_SIMD").ok().as_deref() {
-                Some("avx2") => Simd::Avx2,
-                Some("portable") => Simd::Portable,
-                _ => best,
-            };
-            // Never above what the CPU has.
-            if (asked as u8) < (best as u8) { best } else { asked }
-        })
+        match SIMD.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => {
+                let asked = match std::env::var("SHADOWMOE_SIMD").ok().as_deref() {
+                    Some("avx2") => Simd::Avx2,
+                    Some("portable") => Simd::Portable,
+                    _ => Simd::supported(),
+                };
+                asked.set()
+            }
+            1 => Simd::Avx512,
+            2 => Simd::Avx2,
+            _ => Simd::Portable,
+        }
+    }
+
+    /// Makes every later matmul of the process run on `self` (or the best the CPU supports,
+    /// if that is less), to compare them side by side in a benchmark; returns what was set.
+    pub fn set(self) -> Simd {
+        let level = if (self as u8) < (Simd::supported() as u8) {
+            Simd::supported()
+        } else {
+            self
+        };
+        SIMD.store(level as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+        level
     }
 
     /// The best this CPU supports.
@@ -271,14 +348,14 @@ unsafe fn tiles_avx2<W: Lane>(w: &[W], rows: usize, k: usize, x: &[f32], t: usiz
             // and out (R <= left, T = tn <= t - t0), as micro requires.
             r0 += unsafe {
                 match tn {
-                    1 if left >= 8 => micro::<8, 1, W>(w, k, r0, x, t0, out, t),
-                    1 => micro::<1, 1, W>(w, k, r0, x, t0, out, t),
-                    2 if left >= 4 => micro::<4, 2, W>(w, k, r0, x, t0, out, t),
-                    2 => micro::<1, 2, W>(w, k, r0, x, t0, out, t),
-                    3 if left >= 4 => micro::<4, 3, W>(w, k, r0, x, t0, out, t),
-                    3 => micro::<1, 3, W>(w, k, r0, x, t0, out, t),
-                    _ if left >= 2 => micro::<2, 4, W>(w, k, r0, x, t0, out, t),
-                    _ => micro::<1, 4, W>(w, k, r0, x, t0, out, t),
+                    1 if left >= 8 => micro::<8, 1, W>(w, rows, k, r0, x, t0, out, t),
+                    1 => micro::<1, 1, W>(w, rows, k, r0, x, t0, out, t),
+                    2 if left >= 4 => micro::<4, 2, W>(w, rows, k, r0, x, t0, out, t),
+                    2 => micro::<1, 2, W>(w, rows, k, r0, x, t0, out, t),
+                    3 if left >= 4 => micro::<4, 3, W>(w, rows, k, r0, x, t0, out, t),
+                    3 => micro::<1, 3, W>(w, rows, k, r0, x, t0, out, t),
+                    _ if left >= 2 => micro::<2, 4, W>(w, rows, k, r0, x, t0, out, t),
+                    _ => micro::<1, 4, W>(w, rows, k, r0, x, t0, out, t),
                 }
             };
         }
@@ -338,6 +415,7 @@ impl Lane for u16 {
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro<const R: usize, const T: usize, W: Lane>(
     w: &[W],
+    rows: usize,
     k: usize,
     r0: usize,
     x: &[f32],
@@ -349,8 +427,15 @@ unsafe fn micro<const R: usize, const T: usize, W: Lane>(
     let body = k / 8 * 8;
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); T]; R];
+    // The next tile's rows, read ahead at this tile's pace (see avx512::micro).
+    let next = wp.wrapping_add((r0 + R) * k).cast::<u8>();
+    let ahead = r0 + 2 * R <= rows;
+    let per_step = R * 8 * std::mem::size_of::<W>();
     let mut i = 0;
     while i < body {
+        if ahead {
+            prefetch_stretch(next.wrapping_add(i / 8 * per_step), per_step);
+        }
         let mut xv = [_mm256_setzero_ps(); T];
         for (j, v) in xv.iter_mut().enumerate() {
             // SAFETY: token t0 + j < t and i + 8 <= k: inside x.

@@ -130,6 +130,7 @@ impl ExpertWeights {
 
     /// `down(silu(gate(x)) * up(x))` for `x` of `[T, H]`.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
+        self.prefetch_head(false);
         let mut g = linear(x, &self.gate, None); // (T, I)
         let u = linear(x, &self.up, None); // (T, I)
         silu_mul(
@@ -137,6 +138,17 @@ impl ExpertWeights {
             u.as_slice().expect("standard layout"),
         );
         linear(g.view(), &self.down, None) // (T, H)
+    }
+
+    /// Starts reading the first rows of the up and down matrices (and of the gate matrix with
+    /// `gate`), which [`ExpertWeights::forward`] reads after the gate's.
+    pub fn prefetch_head(&self, gate: bool) {
+        use crate::kernels::{head_bytes, prefetch_head};
+        if gate {
+            prefetch_head(&self.gate, head_bytes(&self.gate));
+        }
+        prefetch_head(&self.up, head_bytes(&self.up));
+        prefetch_head(&self.down, head_bytes(&self.down));
     }
 
     /// Bytes of the three matrices.
@@ -162,6 +174,13 @@ pub trait ExpertProvider: Send + Sync {
     /// The weights of one expert. They stay valid while the caller holds them, even if the
     /// expert leaves the cache meanwhile (its memory lives until the last view goes).
     fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>>;
+
+    /// The weights of one expert if they are at hand now, without waiting, loading or
+    /// counting a use (for hints such as cache prefetches); None if not, or if the provider
+    /// does not say.
+    fn resident(&self, _layer: usize, _expert: u32) -> Option<Arc<ExpertWeights>> {
+        None
+    }
 
     /// Starts loading `experts` of model layer `layer` ahead of need (a provider that holds
     /// everything ignores it). Returns how many loads it started.
@@ -211,11 +230,15 @@ impl InMemoryExperts {
 
 impl ExpertProvider for InMemoryExperts {
     fn expert(&self, layer: usize, expert: u32) -> Result<Arc<ExpertWeights>> {
+        self.resident(layer, expert)
+            .ok_or_else(|| EngineError::invalid("expert", format!("no expert {expert} at layer {layer}")))
+    }
+
+    fn resident(&self, layer: usize, expert: u32) -> Option<Arc<ExpertWeights>> {
         self.layers
             .get(layer)
             .and_then(|l| l.get(expert as usize))
             .cloned()
-            .ok_or_else(|| EngineError::invalid("expert", format!("no expert {expert} at layer {layer}")))
     }
 }
 
@@ -584,9 +607,14 @@ impl MoeBlock {
                 .collect()
         } else {
             let mut out = Vec::with_capacity(used.len());
-            for &e in &used {
+            for (i, &e) in used.iter().enumerate() {
                 let (rows, scales) = rows_of(e);
                 let weights = fetch(e, &mut fetched)?;
+                // The next expert's first rows on their way while this one computes, where the
+                // provider has it at hand (never waiting for a load here).
+                if let Some(w) = used.get(i + 1).and_then(|&n| experts.resident(self.layer, n)) {
+                    crate::kernels::prefetch_head(&w.gate, crate::kernels::head_bytes(&w.gate));
+                }
                 let xe = x.select(Axis(0), &rows); // (Te, H)
                 let ye = weights.forward(xe.view()); // (Te, H)
                 out.push((rows, scales, ye));

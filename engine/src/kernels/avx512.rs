@@ -85,14 +85,14 @@ pub(super) unsafe fn tiles<W: Lane16>(w: &[W], rows: usize, k: usize, x: &[f32],
             // and out (R <= left, T = tn <= t - t0), as micro requires.
             r0 += unsafe {
                 match tn {
-                    1 if left >= 8 => micro::<8, 1, W>(w, k, r0, x, t0, out, t),
-                    1 => micro::<1, 1, W>(w, k, r0, x, t0, out, t),
-                    2 if left >= 8 => micro::<8, 2, W>(w, k, r0, x, t0, out, t),
-                    2 => micro::<1, 2, W>(w, k, r0, x, t0, out, t),
-                    3 if left >= 8 => micro::<8, 3, W>(w, k, r0, x, t0, out, t),
-                    3 => micro::<1, 3, W>(w, k, r0, x, t0, out, t),
-                    _ if left >= 4 => micro::<4, 4, W>(w, k, r0, x, t0, out, t),
-                    _ => micro::<1, 4, W>(w, k, r0, x, t0, out, t),
+                    1 if left >= 8 => micro::<8, 1, W>(w, rows, k, r0, x, t0, out, t),
+                    1 => micro::<1, 1, W>(w, rows, k, r0, x, t0, out, t),
+                    2 if left >= 8 => micro::<8, 2, W>(w, rows, k, r0, x, t0, out, t),
+                    2 => micro::<1, 2, W>(w, rows, k, r0, x, t0, out, t),
+                    3 if left >= 8 => micro::<8, 3, W>(w, rows, k, r0, x, t0, out, t),
+                    3 => micro::<1, 3, W>(w, rows, k, r0, x, t0, out, t),
+                    _ if left >= 4 => micro::<4, 4, W>(w, rows, k, r0, x, t0, out, t),
+                    _ => micro::<1, 4, W>(w, rows, k, r0, x, t0, out, t),
                 }
             };
         }
@@ -108,6 +108,7 @@ pub(super) unsafe fn tiles<W: Lane16>(w: &[W], rows: usize, k: usize, x: &[f32],
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro<const R: usize, const T: usize, W: Lane16>(
     w: &[W],
+    rows: usize,
     k: usize,
     r0: usize,
     x: &[f32],
@@ -118,8 +119,18 @@ unsafe fn micro<const R: usize, const T: usize, W: Lane16>(
     let body = k / 16 * 16;
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); T]; R];
+    // The next tile's rows, prefetched at the pace this one reads its own: a tile reads R rows
+    // side by side, short streams that the hardware prefetcher keeps losing (one thread read
+    // 256 × 1024 bf16 matrices at 31 GB/s without this, 39 with it, against 37 for a plain
+    // sequential read).
+    let next = wp.wrapping_add((r0 + R) * k).cast::<u8>();
+    let ahead = r0 + 2 * R <= rows;
+    let per_step = R * 16 * std::mem::size_of::<W>();
     let mut i = 0;
     while i < body {
+        if ahead {
+            super::prefetch_stretch(next.wrapping_add(i / 16 * per_step), per_step);
+        }
         let mut xv = [_mm512_setzero_ps(); T];
         for (j, v) in xv.iter_mut().enumerate() {
             // SAFETY: token t0 + j < t and i + 16 <= k: inside x.
