@@ -105,7 +105,7 @@ fn bytes_per_token(ckpt: &Checkpoint) -> f64 {
     let embed = ckpt
         .weights
         .entry("model.embed_tokens.weight")
-        .map_or(0, |e| (e.shape.iter().product::<usize>() * e.dtype.size()) as u64);
+        .map_or(0, |e| e.dtype.nbytes(&e.shape) as u64);
     let embed = if c.tie_word_embeddings { 0 } else { embed };
     let non_expert = ckpt.weights.total_bytes() - experts - embed;
     (non_expert + (c.moe_layers().len() * c.num_experts_per_tok) as u64 * store.expert_bytes()) as f64
@@ -121,7 +121,7 @@ fn main() {
     let repeat = env_or("SHADOWMOE_BENCH_REPEAT", 3);
     let bench = std::env::var("SHADOWMOE_LLAMA_BENCH").ok();
     let gguf = std::env::var("SHADOWMOE_LLAMA_GGUF").ok();
-    let ckpt = Checkpoint::open_dir(std::path::Path::new(&dir)).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
     let model = ckpt.load_model().unwrap();
     let bpt = bytes_per_token(&ckpt);
     let c = &ckpt.config;

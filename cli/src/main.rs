@@ -248,7 +248,7 @@ fn open(args: &ModelArgs) -> Result<Checkpoint> {
     let c = &ckpt.config;
     tracing::info!(
         "{}: {} ({} layers, {} MoE, {} experts, top-{}) opened in {:.2}s",
-        ckpt.dir.display(),
+        ckpt.location().display(),
         c.arch.model_type(),
         c.num_hidden_layers,
         c.moe_layers().len(),
@@ -499,8 +499,8 @@ fn run_pack(a: PackArgs) -> Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let start = Instant::now();
-    let summary = shadowmoe_engine::offload::pack::write_pack(
-        &ckpt.dir,
+    let summary = shadowmoe_engine::offload::pack::write_pack_for(
+        &ckpt.config_sha256()?,
         &ckpt.config,
         &ckpt.weights,
         &a.out,
@@ -531,7 +531,7 @@ fn run_inflate(a: InflateArgs) -> Result<()> {
     });
     eprintln!(
         "inflating {} to hidden {} (x{} copies, norm shift {}), expert width {}{quant}: {} bytes per expert",
-        ckpt.dir.display(),
+        ckpt.location().display(),
         plan.hidden,
         plan.copies,
         plan.shift,

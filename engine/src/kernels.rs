@@ -7,6 +7,7 @@
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
+use crate::ggml::BlockType;
 use crate::quant;
 use crate::weights::{DType, QuantParts, Weight};
 
@@ -59,6 +60,30 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
     // (one pass of tiles over the rows), long runs of rows, since the tile kernel prefetches
     // each tile's successor: all of them on one thread, a few blocks per thread otherwise.
     // More tokens: blocks of ROW_BLOCK rows, which stay in cache while every token passes.
+    // GGUF f16/bf16 matrices: the activations rounded to the same type first (llama.cpp's
+    // arithmetic for them); other block types: rounded to their 8-bit format.
+    let rounded;
+    let x = match w.dtype() {
+        DType::Block(BlockType::F16) => {
+            rounded = x
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect::<Vec<f32>>();
+            &rounded[..]
+        }
+        DType::Block(BlockType::BF16) => {
+            rounded = x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect::<Vec<f32>>();
+            &rounded[..]
+        }
+        _ => x,
+    };
+    let acts = match w.dtype() {
+        DType::Block(b) if !b.is_float() => Some(crate::ggml::quantize_tokens(b, x, t, k)),
+        _ => None,
+    };
     let mut yt = vec![0.0f32; n * t];
     let rows_per_block = match (t <= 4, parallel) {
         (false, _) => ROW_BLOCK,
@@ -80,7 +105,7 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
                 t,
                 out,
             ),
-            DType::BF16 => tile(
+            DType::BF16 | DType::Block(BlockType::BF16) => tile(
                 Rows::Bf16(&w.as_u16()[row0 * k..(row0 + rows) * k]),
                 rows,
                 k,
@@ -89,13 +114,20 @@ pub fn linear(x: ArrayView2<'_, f32>, w: &Weight, bias: Option<&[f32]>) -> Array
                 out,
             ),
             // f16 converted ROW_BLOCK rows at a time.
-            DType::F16 | DType::U32 => {
+            DType::F16 | DType::U32 | DType::Block(BlockType::F16) => {
                 let mut buf = vec![0.0; ROW_BLOCK.min(rows) * k];
                 for (sub, o) in out.chunks_mut(ROW_BLOCK * t).enumerate() {
                     let (r, m) = (row0 + sub * ROW_BLOCK, o.len() / t);
                     w.read_f32(r * k, &mut buf[..m * k]);
                     tile(Rows::F32(&buf[..m * k]), m, k, x, t, o);
                 }
+            }
+            // ggml blocks: each token's activations rounded to the type's 8-bit format once
+            // (below), then integer dot products row by row, as llama.cpp computes them.
+            DType::Block(b) => {
+                let rb = b.row_bytes(k);
+                let bytes = &w.bytes()[row0 * rb..(row0 + rows) * rb];
+                crate::ggml::dot_rows(b, bytes, rows, k, acts.as_deref().unwrap_or(&[]), out);
             }
         }
     };

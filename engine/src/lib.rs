@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod ggml;
 pub mod gguf;
 pub mod hub;
 pub mod inflate;

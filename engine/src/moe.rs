@@ -299,7 +299,7 @@ pub struct Piece {
 
 impl Piece {
     pub fn nbytes(&self) -> u64 {
-        (self.shape[0] * self.shape[1] * self.dtype.size()) as u64
+        self.dtype.nbytes(&self.shape) as u64
     }
 }
 
@@ -316,7 +316,7 @@ impl TensorRef {
     pub fn nbytes(&self) -> u64 {
         match &self.quant {
             Some(q) => (self.shape[0] * q.spec.words_per_row(self.shape[1]) * 4) as u64,
-            None => (self.shape[0] * self.shape[1] * self.dtype.size()) as u64,
+            None => self.dtype.nbytes(&self.shape) as u64,
         }
     }
 
@@ -371,7 +371,7 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
             let en = entry(name, &stacked)?;
             refs.push(TensorRef {
                 file: en.file,
-                offset: en.offset as u64 + (e * shape[0] * shape[1] * en.dtype.size()) as u64,
+                offset: en.offset as u64 + (e * en.dtype.nbytes(&shape)) as u64,
                 dtype: en.dtype,
                 shape,
                 quant: None,

@@ -14,6 +14,7 @@ use memmap2::Mmap;
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
+use crate::ggml::BlockType;
 use crate::quant::{QuantConfig, QuantSpec};
 
 /// Element type of a weight tensor.
@@ -25,24 +26,64 @@ pub enum DType {
     /// MLX's packed quantised values (`32 / bits` per word), only ever inside a quantised
     /// [`Weight`] with its scales and biases.
     U32,
+    /// One of llama.cpp's block-quantised types (GGUF): rows of blocks, scales inside.
+    Block(BlockType),
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element of an element type; the bytes of one block of a block type (use
+    /// [`DType::nbytes`] or [`DType::row_bytes`] for sizes of tensors).
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::U32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Block(b) => b.block_bytes(),
         }
     }
 
-    /// The safetensors spelling.
+    /// Bytes of a row of `k` elements.
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            DType::Block(b) => b.row_bytes(k),
+            _ => k * self.size(),
+        }
+    }
+
+    /// Bytes of a tensor of `shape` (rows along the last axis).
+    pub fn nbytes(self, shape: &[usize]) -> usize {
+        match shape.split_last() {
+            Some((&k, rows)) => rows.iter().product::<usize>() * self.row_bytes(k),
+            None => self.row_bytes(1),
+        }
+    }
+
+    /// The alignment a view of this type needs in memory.
+    pub fn align(self) -> usize {
+        match self {
+            // GGUF f16/bf16 values are read as u16; blocks byte by byte (their f16 fields with
+            // from_le_bytes).
+            DType::Block(b) if b.is_float() => 2,
+            DType::Block(_) => 1,
+            _ => self.size(),
+        }
+    }
+
+    /// Whether a row of `k` elements is whole blocks.
+    pub fn fits_row(self, k: usize) -> bool {
+        match self {
+            DType::Block(b) => k.is_multiple_of(b.block_values()),
+            _ => true,
+        }
+    }
+
+    /// The safetensors (or ggml) spelling.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::U32 => "U32",
+            DType::Block(b) => b.name(),
         }
     }
 }
@@ -52,6 +93,8 @@ impl DType {
 pub fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<usize> {
     match dtype {
         DType::U32 => None,
+        // The block's scales: the first element of the first block whose scales are not finite.
+        DType::Block(b) => b.first_non_finite_block(bytes).map(|i| i * b.block_values()),
         DType::F32 => first_where::<4>(bytes, |c| u32::from_le_bytes(c) & 0x7f80_0000 == 0x7f80_0000),
         DType::BF16 => first_where::<2>(bytes, |c| u16::from_le_bytes(c) & 0x7f80 == 0x7f80),
         DType::F16 => first_where::<2>(bytes, |c| u16::from_le_bytes(c) & 0x7c00 == 0x7c00),
@@ -194,9 +237,9 @@ impl Weight {
     /// A weight over `backing[start..start + numel * dtype.size()]`. Copies into an aligned
     /// buffer if the bytes are not aligned for `dtype`.
     pub fn new(backing: Backing, start: usize, dtype: DType, shape: Vec<usize>) -> Self {
-        let len = shape.iter().product::<usize>() * dtype.size();
+        let len = dtype.nbytes(&shape);
         let bytes = &(*backing).as_ref()[start..start + len];
-        if (bytes.as_ptr() as usize).is_multiple_of(dtype.size()) {
+        if (bytes.as_ptr() as usize).is_multiple_of(dtype.align()) {
             Self {
                 backing,
                 start,
@@ -261,7 +304,7 @@ impl Weight {
     pub fn nbytes(&self) -> usize {
         match &self.quant {
             Some(q) => self.numel() / q.spec.per_word() * 4,
-            None => self.numel() * self.dtype.size(),
+            None => self.dtype.nbytes(&self.shape),
         }
     }
 
@@ -299,12 +342,12 @@ impl Weight {
         let n = out.len();
         match self.dtype {
             DType::F32 => out.copy_from_slice(&self.as_f32()[from..from + n]),
-            DType::BF16 => {
+            DType::BF16 | DType::Block(BlockType::BF16) => {
                 for (o, &b) in out.iter_mut().zip(&self.as_u16()[from..from + n]) {
                     *o = f32::from_bits((b as u32) << 16);
                 }
             }
-            DType::F16 => {
+            DType::F16 | DType::Block(BlockType::F16) => {
                 use half::slice::HalfFloatSliceExt;
                 let src: &[half::f16] = {
                     let bits = &self.as_u16()[from..from + n];
@@ -312,6 +355,22 @@ impl Weight {
                     unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
                 };
                 src.convert_to_f32_slice(out);
+            }
+            DType::Block(b) => {
+                // Whole blocks around the range, dequantised one at a time.
+                let bv = b.block_values();
+                let (bb, bytes) = (b.block_bytes(), self.bytes());
+                let mut buf = [0.0f32; crate::ggml::QK_K];
+                let mut i = from;
+                let mut done = 0;
+                while done < n {
+                    let (blk, c) = (i / bv, i % bv);
+                    b.dequantize_block(&bytes[blk * bb..(blk + 1) * bb], &mut buf[..bv]);
+                    let take = (bv - c).min(n - done);
+                    out[done..done + take].copy_from_slice(&buf[c..c + take]);
+                    done += take;
+                    i += take;
+                }
             }
             DType::U32 => {
                 let q = self
@@ -628,7 +687,7 @@ impl WeightIndex {
 
     /// An owned, checked copy of the tensor at `entry`.
     fn owned(&self, entry: &TensorEntry, name: &str) -> Result<Weight> {
-        let len = entry.shape.iter().product::<usize>() * entry.dtype.size();
+        let len = entry.dtype.nbytes(&entry.shape);
         let file = &self.files[entry.file];
         let bytes = &file.map[entry.offset..entry.offset + len];
         check_finite(&file.path, &self.stored_name(name), entry.dtype, bytes)?;
@@ -809,7 +868,7 @@ impl WeightIndex {
     pub fn total_bytes(&self) -> u64 {
         self.tensors
             .values()
-            .map(|e| (e.shape.iter().product::<usize>() * e.dtype.size()) as u64)
+            .map(|e| e.dtype.nbytes(&e.shape) as u64)
             .sum()
     }
 

@@ -626,3 +626,64 @@ fn a_hanging_read_fails_the_pass_after_the_load_timeout() {
     cached.wait_idle().unwrap();
     assert_eq!(run(&model, &prompt), all, "the cache was left inconsistent");
 }
+
+/// GGUF files through the bounded cache: experts read as one slice of each stacked
+/// `ffn_*_exps` tensor, still quantised (f16, Q5_0/Q5_1/Q8_0, the K types, MXFP4), from the
+/// file itself or from an expert pack, give exactly the all-resident run.
+#[test]
+fn sync_cache_is_exact_on_gguf_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gguf");
+    for (name, uniform) in [
+        ("mixtral-q4_k_m", true),
+        ("olmoe-q8_0", true),
+        ("qwen3_moe_wide-mix", false),
+        ("qwen3_moe_wide-q4_k_m", false),
+    ] {
+        let path = dir.join(format!("{name}.gguf"));
+        let ckpt = Checkpoint::open(path.to_str().unwrap()).unwrap();
+        let prompt: Vec<u32> = (0..12)
+            .map(|i| (i * 37 + 11) % ckpt.config.vocab_size as u32)
+            .collect();
+        let all = run(&ckpt.load_model().unwrap(), &prompt);
+        let pack_dir = tmp.path().join(format!("{name}.pack"));
+        let summary = pack::write_pack_for(
+            &ckpt.config_sha256().unwrap(),
+            &ckpt.config,
+            &ckpt.weights,
+            &pack_dir,
+            |_, _| {},
+        )
+        .unwrap();
+        let k = ckpt.config.num_experts_per_tok;
+        for (io, pack) in [
+            (IoMode::Direct, None),
+            (IoMode::Pread, None),
+            (IoMode::Mmap, None),
+            (IoMode::Direct, Some(pack_dir.as_path())),
+        ] {
+            let store = Arc::new(ckpt.expert_store(io, pack, false).unwrap());
+            assert_eq!(store.expert_bytes(), summary.expert_bytes, "{name}: expert bytes");
+            let (model, cached) = ckpt.load_model_cached(store, &opts(Budget::PerLayer(k))).unwrap();
+            let got = run(&model, &prompt);
+            let what = format!("{name} {io:?} pack={}", pack.is_some());
+            assert_eq!(got.1, all.1, "{what}: greedy tokens");
+            assert!(got.0 == all.0, "{what}: logits are not identical");
+            let (stats, iost) = cached.stats();
+            assert!(stats.capacity_misses > 0, "{what}: the cache never evicted");
+            // Q4_K_M quantises some layers' down projections as Q6_K: experts differ by layer.
+            let slot = cached.store().slot_bytes() as u64;
+            assert!(
+                iost.bytes_read > 0 && iost.bytes_read <= stats.demand_loads * slot,
+                "{what}"
+            );
+            if uniform {
+                assert_eq!(
+                    iost.bytes_read,
+                    stats.demand_loads * cached.store().expert_bytes(),
+                    "{what}"
+                );
+            }
+        }
+    }
+}

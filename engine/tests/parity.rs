@@ -138,6 +138,14 @@ fn qwen3_moe_matches_transformers() {
     check_arch("qwen3_moe");
 }
 
+/// The checkpoints the GGUF goldens were converted from (no dense layer, default rope; one at
+/// hidden 256 for the K types) are themselves transformers' functions.
+#[test]
+fn gguf_source_checkpoints_match_transformers() {
+    check_dir(&fixture_dir("qwen3_moe_gguf"), "qwen3_moe");
+    check_dir(&fixture_dir("qwen3_moe_wide"), "qwen3_moe");
+}
+
 #[test]
 fn olmoe_matches_transformers() {
     check_arch("olmoe");

@@ -220,16 +220,30 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
             ),
         ));
     }
+    // Rotary scaling: none, or linear (positions divided by the factor).
     let scaling = m.key("rope.scaling.type");
-    if let Some(v) = f.get(&scaling)
-        && v.as_str() != Some("none")
-    {
-        return Err(EngineError::field(
-            &f.path,
-            &scaling,
-            format!("{v:?}: rotary scaling is not supported for GGUF checkpoints yet"),
-        ));
-    }
+    let rope_scaling = match f.get(&scaling).map(|v| (v, v.as_str())) {
+        None | Some((_, Some("none"))) => None,
+        Some((_, Some("linear"))) => {
+            let factor = m.f64_opt("rope.scaling.factor")?.ok_or_else(|| {
+                EngineError::field(
+                    &f.path,
+                    m.key("rope.scaling.factor"),
+                    "missing (linear rotary scaling needs its factor)",
+                )
+            })?;
+            Some(json!({"rope_type": "linear", "factor": factor}))
+        }
+        Some((v, _)) => {
+            return Err(EngineError::field(
+                &f.path,
+                &scaling,
+                format!(
+                    "{v:?}: rotary scaling other than none or linear is not supported for GGUF checkpoints yet"
+                ),
+            ));
+        }
+    };
     let vocab = match m.u64_opt("vocab_size")? {
         Some(v) => v,
         None => match (f.get("tokenizer.ggml.tokens"), find("token_embd.weight")) {
@@ -276,6 +290,9 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
         "rope_theta",
         json!(m.f64_opt("rope.freq_base")?.unwrap_or(10_000.0)),
     );
+    if let Some(r) = rope_scaling {
+        put("rope_scaling", r);
+    }
     if let Some(ctx) = m.u64_opt("context_length")? {
         put("max_position_embeddings", json!(ctx));
     }
@@ -409,12 +426,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 }
 
 /// The engine's dtype for a ggml type it computes with as stored.
+/// F32 is computed as it is; F16 and BF16 as llama.cpp computes them (activations rounded to
+/// the same type: [`crate::ggml::BlockType::F16`]); the block types on 8-bit activations.
 fn dtype_of(t: &TensorInfo) -> Option<DType> {
     match t.ty.name {
         "F32" => Some(DType::F32),
-        "F16" => Some(DType::F16),
-        "BF16" => Some(DType::BF16),
-        _ => None,
+        other => crate::ggml::BlockType::from_name(other).map(DType::Block),
     }
 }
 
@@ -436,6 +453,22 @@ fn index(
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         match dtype_of(t) {
             Some(dtype) => {
+                if let Some(&k) = shape.last()
+                    && !dtype.fits_row(k)
+                {
+                    return Err(EngineError::Tensor {
+                        path: files[*fi].path.clone(),
+                        tensor: t.name.clone(),
+                        message: format!(
+                            "rows of {k} values are not whole {} blocks of {}",
+                            dtype.name(),
+                            match dtype {
+                                DType::Block(b) => b.block_values(),
+                                _ => 1,
+                            }
+                        ),
+                    });
+                }
                 entries.insert(
                     name.clone(),
                     crate::weights::TensorEntry {

@@ -135,6 +135,15 @@ pub fn plan(src: &Checkpoint, opts: &InflateOptions) -> Result<InflatePlan> {
     } else {
         (2, bits / 2)
     };
+    if src.weights.is_gguf() {
+        return Err(EngineError::invalid(
+            "--model",
+            format!(
+                "{}: inflate reads Hugging Face or MLX safetensors checkpoints, not GGUF files",
+                src.location().display()
+            ),
+        ));
+    }
     let quant = cfg.quantization.as_ref().map(|q| q.default);
     let mlx = src.weights.mlx_layout();
     if mlx && quant.is_none() {
@@ -328,7 +337,7 @@ impl Rng {
                     }
                 }
             }
-            DType::U32 => unreachable!("inflate refuses quantised checkpoints up front"),
+            DType::U32 | DType::Block(_) => unreachable!("inflate refuses quantised checkpoints up front"),
         }
     }
 }
@@ -350,7 +359,7 @@ fn encode(v: f32, dtype: DType, dst: &mut [u8]) -> bool {
             dst.copy_from_slice(&x.to_bits().to_le_bytes());
             x.to_f32() == v
         }
-        DType::U32 => unreachable!("inflate refuses quantised checkpoints up front"),
+        DType::U32 | DType::Block(_) => unreachable!("inflate refuses quantised checkpoints up front"),
     }
 }
 

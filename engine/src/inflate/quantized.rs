@@ -279,7 +279,7 @@ fn encode_rounded(v: f32, dtype: DType, dst: &mut [u8]) -> f32 {
             dst.copy_from_slice(&x.to_bits().to_le_bytes());
             x.to_f32()
         }
-        DType::F32 | DType::U32 => v,
+        DType::F32 | DType::U32 | DType::Block(_) => v,
     }
 }
 

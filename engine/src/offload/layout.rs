@@ -46,14 +46,14 @@ pub struct QuantPart {
 impl Part {
     /// Bytes of the matrix (a quantised one's words, scales and biases).
     pub fn nbytes(&self) -> u64 {
-        let piece = |p: &SlotPiece| (p.shape[0] * p.shape[1] * p.dtype.size()) as u64;
+        let piece = |p: &SlotPiece| (p.dtype.nbytes(&p.shape)) as u64;
         match &self.quant {
             Some(q) => {
                 (self.shape[0] * q.spec.words_per_row(self.shape[1]) * 4) as u64
                     + piece(&q.scales)
                     + piece(&q.biases)
             }
-            None => (self.shape[0] * self.shape[1] * self.dtype.size()) as u64,
+            None => self.dtype.nbytes(&self.shape) as u64,
         }
     }
 }

@@ -86,7 +86,18 @@ struct PackIndex {
     file_len: u64,
     expert_bytes: u64,
     parts: Vec<PartIndex>,
+    /// Layers whose experts are laid out otherwise than `parts` says (GGUF files may quantise
+    /// some layers' experts differently): their parts and expert bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    layer_parts: Vec<LayerParts>,
     experts: Vec<ExpertIndex>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LayerParts {
+    layer: usize,
+    expert_bytes: u64,
+    parts: Vec<PartIndex>,
 }
 
 /// The sha256 (hex) of a file: a checkpoint's identity is its `config.json`'s.
@@ -119,6 +130,19 @@ pub fn write_pack(
     cfg: &ModelConfig,
     w: &WeightIndex,
     out: &Path,
+    progress: impl FnMut(usize, usize),
+) -> Result<PackSummary> {
+    let config_sha256 = sha256_file(&model_dir.join("config.json"))?;
+    write_pack_for(&config_sha256, cfg, w, out, progress)
+}
+
+/// [`write_pack`] for the checkpoint whose identity is `config_sha256` (its `config.json`'s
+/// sha256, or [`crate::Checkpoint::config_sha256`] of a GGUF file).
+pub fn write_pack_for(
+    config_sha256: &str,
+    cfg: &ModelConfig,
+    w: &WeightIndex,
+    out: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<PackSummary> {
     if out.exists() {
@@ -130,7 +154,7 @@ pub fn write_pack(
             ),
         ));
     }
-    let config_sha256 = sha256_file(&model_dir.join("config.json"))?;
+    let config_sha256 = config_sha256.to_string();
     let moe_layers = cfg.moe_layers();
     let total = moe_layers.len() * cfg.num_experts;
     let name = out
@@ -144,13 +168,18 @@ pub fn write_pack(
         let file = std::fs::File::create(&bin).map_err(|e| EngineError::io(&bin, e))?;
         let mut writer = BufWriter::with_capacity(1 << 22, file);
         let mut experts = Vec::with_capacity(total);
+        // The first expert's parts; each layer's first expert's (where they differ, recorded
+        // in layer_parts); every other expert must match its layer's.
         let mut parts: Option<Vec<PartIndex>> = None;
+        let mut layer_parts: Vec<LayerParts> = Vec::new();
+        let mut this_layer: Option<Vec<PartIndex>> = None;
         let mut offset = 0u64;
         for &l in &moe_layers {
             for e in 0..cfg.num_experts {
                 let ew = expert_weights(cfg, w, l, e)?;
+                let [g, ..] = crate::moe::expert_tensor_refs(cfg, w, l, e)?;
                 ew.check_finite(
-                    model_dir,
+                    w.file_path(g.file),
                     &format!("{}experts.{e}", crate::moe::moe_prefix(cfg, w, l)),
                 )?;
                 let mats = [("gate", &ew.gate), ("up", &ew.up), ("down", &ew.down)];
@@ -168,7 +197,7 @@ pub fn write_pack(
                             let mut pieces = Vec::with_capacity(2);
                             for p in [&q.scales, &q.biases] {
                                 pieces.push(PieceIndex {
-                                    dtype: p.dtype().name().into(),
+                                    dtype: dtype_tag(p.dtype()),
                                     shape: [p.shape()[0], p.shape()[1]],
                                     offset: within,
                                 });
@@ -186,32 +215,30 @@ pub fn write_pack(
                     };
                     these.push(PartIndex {
                         name: n.into(),
-                        dtype: m.dtype().name().into(),
+                        dtype: dtype_tag(m.dtype()),
                         shape: [m.shape()[0], m.shape()[1]],
                         offset,
                         quant,
                     });
                 }
-                match &parts {
-                    None => parts = Some(these),
-                    Some(p)
-                        if p.iter().zip(&these).all(|(a, b)| {
-                            a.dtype == b.dtype
-                                && a.shape == b.shape
-                                && a.offset == b.offset
-                                && a.quant
-                                    .as_ref()
-                                    .map(|q| (q.bits, q.group_size, &q.scales, &q.biases))
-                                    == b.quant
-                                        .as_ref()
-                                        .map(|q| (q.bits, q.group_size, &q.scales, &q.biases))
-                        }) => {}
-                    Some(_) => {
-                        return Err(EngineError::invalid(
-                            "expert-pack",
-                            format!("layer {l} expert {e} has other dtypes or shapes than the first expert"),
-                        ));
+                if e == 0 {
+                    this_layer = Some(these.clone());
+                    match &parts {
+                        None => parts = Some(these.clone()),
+                        Some(p) if same_parts(p, &these) => {}
+                        Some(_) => layer_parts.push(LayerParts {
+                            layer: l,
+                            expert_bytes: within as u64,
+                            parts: these.clone(),
+                        }),
                     }
+                } else if !this_layer.as_ref().is_some_and(|p| same_parts(p, &these)) {
+                    return Err(EngineError::invalid(
+                        "expert-pack",
+                        format!(
+                            "layer {l} expert {e} has other dtypes or shapes than the layer's first expert"
+                        ),
+                    ));
                 }
                 let mut hasher = xxhash_rust::xxh3::Xxh3::new();
                 for c in chunks {
@@ -239,6 +266,11 @@ pub fn write_pack(
             .map_err(|e| EngineError::io(&bin, e.into_error()))?;
         file.sync_all().map_err(|e| EngineError::io(&bin, e))?;
         let expert_bytes = experts.first().map_or(0, |x| x.length);
+        let mean_bytes = experts
+            .iter()
+            .map(|x| x.length)
+            .sum::<u64>()
+            .div_ceil(experts.len().max(1) as u64);
         let index = PackIndex {
             format: PACK_FORMAT.into(),
             config_sha256,
@@ -250,6 +282,7 @@ pub fn write_pack(
             file_len: offset,
             expert_bytes,
             parts: parts.unwrap_or_default(),
+            layer_parts,
             experts,
         };
         let index_path = tmp.join("index.json");
@@ -264,7 +297,7 @@ pub fn write_pack(
         Ok(PackSummary {
             dir: out.to_path_buf(),
             experts: total,
-            expert_bytes,
+            expert_bytes: mean_bytes,
             file_bytes: offset,
         })
     })();
@@ -278,6 +311,22 @@ pub fn write_pack(
             Err(e)
         }
     }
+}
+
+/// Whether two experts' parts are laid out alike (dtypes, shapes, offsets, quantisation).
+fn same_parts(a: &[PartIndex], b: &[PartIndex]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(a, b)| {
+            a.dtype == b.dtype
+                && a.shape == b.shape
+                && a.offset == b.offset
+                && a.quant
+                    .as_ref()
+                    .map(|q| (q.bits, q.group_size, &q.scales, &q.biases))
+                    == b.quant
+                        .as_ref()
+                        .map(|q| (q.bits, q.group_size, &q.scales, &q.biases))
+        })
 }
 
 /// Checks part `i` (gate, up, down) of the index against the config's expert shape and the
@@ -301,7 +350,7 @@ fn check_part(p: &Part, i: usize, cfg: &ModelConfig, expert_bytes: u64) -> std::
         }
     };
     match &p.quant {
-        None => within(p.slot_offset, p.shape[0] * p.shape[1] * p.dtype.size(), "matrix"),
+        None => within(p.slot_offset, p.dtype.nbytes(&p.shape), "matrix"),
         Some(q) => {
             let groups = p.shape[1] / q.spec.group_size;
             within(
@@ -317,14 +366,19 @@ fn check_part(p: &Part, i: usize, cfg: &ModelConfig, expert_bytes: u64) -> std::
                         [p.shape[0], groups]
                     ));
                 }
-                within(
-                    piece.slot_offset,
-                    piece.shape[0] * piece.shape[1] * piece.dtype.size(),
-                    what,
-                )?;
+                within(piece.slot_offset, piece.dtype.nbytes(&piece.shape), what)?;
             }
             Ok(())
         }
+    }
+}
+
+/// A dtype's spelling in the pack index: a GGUF file's f16/bf16 matrices (computed as
+/// llama.cpp does) are `ggml.F16`/`ggml.BF16`, apart from safetensors' `F16`/`BF16`.
+fn dtype_tag(d: DType) -> String {
+    match d {
+        DType::Block(b) if b.is_float() => format!("ggml.{}", b.name()),
+        _ => d.name().into(),
     }
 }
 
@@ -334,7 +388,9 @@ fn dtype_from(name: &str) -> Option<DType> {
         "F16" => Some(DType::F16),
         "BF16" => Some(DType::BF16),
         "U32" => Some(DType::U32),
-        _ => None,
+        other => crate::ggml::BlockType::from_name(other.strip_prefix("ggml.").unwrap_or(other))
+            .filter(|b| b.is_float() == other.starts_with("ggml."))
+            .map(DType::Block),
     }
 }
 
@@ -392,9 +448,9 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
     if index.parts.len() != 3 || index.experts.len() != cfg.moe_layers().len() * cfg.num_experts {
         return Err(bad("experts", "incomplete index".into()));
     }
-    let parts: [Part; 3] = {
+    let parse = |list: &[PartIndex], expert_bytes: u64| -> Result<[Part; 3]> {
         let mut v = Vec::new();
-        for p in &index.parts {
+        for p in list {
             let dtype =
                 dtype_from(&p.dtype).ok_or_else(|| bad("parts", format!("unknown dtype {}", p.dtype)))?;
             let quant = match &p.quant {
@@ -442,13 +498,27 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
                 slot_offset: p.offset,
                 quant,
             };
-            check_part(&part, v.len(), cfg, index.expert_bytes)
+            check_part(&part, v.len(), cfg, expert_bytes)
                 .map_err(|m| bad("parts", format!("{}: {m}", p.name)))?;
             v.push(part);
         }
-        v.try_into()
-            .map_err(|_| bad("parts", "expected 3 parts".into()))?
+        v.try_into().map_err(|_| bad("parts", "expected 3 parts".into()))
     };
+    let parts = parse(&index.parts, index.expert_bytes)?;
+    // Per layer: its parts and expert bytes (the default's, unless layer_parts says otherwise).
+    let mut by_layer: HashMap<usize, ([Part; 3], u64)> = HashMap::new();
+    for lp in &index.layer_parts {
+        if lp.parts.len() != 3 || !cfg.moe_layers().contains(&lp.layer) {
+            return Err(bad(
+                "layer_parts",
+                format!(
+                    "layer {}: not a MoE layer of this model, or not 3 parts",
+                    lp.layer
+                ),
+            ));
+        }
+        by_layer.insert(lp.layer, (parse(&lp.parts, lp.expert_bytes)?, lp.expert_bytes));
+    }
     let mut layouts = HashMap::new();
     let moe_layers = cfg.moe_layers();
     for x in &index.experts {
@@ -468,7 +538,11 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
         }
         let checksum = u64::from_str_radix(&x.xxh3, 16)
             .map_err(|_| bad("experts.xxh3", format!("`{}` is not hex", x.xxh3)))?;
-        if x.length != index.expert_bytes || !x.offset.is_multiple_of(super::ALIGN as u64) {
+        let (parts, expert_bytes) = by_layer
+            .get(&(x.layer as usize))
+            .cloned()
+            .unwrap_or((parts, index.expert_bytes));
+        if x.length != expert_bytes || !x.offset.is_multiple_of(super::ALIGN as u64) {
             return Err(bad(
                 "experts",
                 format!("layer {} expert {}: bad offset or length", x.layer, x.expert),
@@ -510,5 +584,5 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
             ),
         });
     }
-    ExpertStore::open(vec![bin], layouts, index.expert_bytes, mode, "pack".into())
+    ExpertStore::open(vec![bin], layouts, mode, "pack".into())
 }

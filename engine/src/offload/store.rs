@@ -204,18 +204,21 @@ impl ExpertStore {
             }
         }
         let paths: Vec<PathBuf> = used_files.iter().map(|&f| w.file_path(f).to_path_buf()).collect();
-        let expert_bytes = layouts.values().next().map_or(0, |l| parts_bytes(&l.parts));
-        Self::open(paths, layouts, expert_bytes, mode, "safetensors".into())
+        let source = if w.is_gguf() { "gguf" } else { "safetensors" };
+        Self::open(paths, layouts, mode, source.into())
     }
 
     /// A store over files and layouts made elsewhere (the expert pack).
     pub(crate) fn open(
         paths: Vec<PathBuf>,
         layouts: HashMap<ExpertKey, ExpertLayout>,
-        expert_bytes: u64,
         mode: IoMode,
         source: String,
     ) -> Result<Self> {
+        // The mean over experts: every expert's bytes where all are alike; GGUF files may
+        // quantise some layers' experts differently (Q4_K_M's Q6_K down projections).
+        let total: u64 = layouts.values().map(|l| parts_bytes(&l.parts)).sum();
+        let expert_bytes = total.div_ceil(layouts.len().max(1) as u64);
         let mut files = Vec::new();
         let mut refused = false;
         for p in &paths {
@@ -332,12 +335,12 @@ impl ExpertStore {
         self.mode
     }
 
-    /// "safetensors" or "pack".
+    /// "safetensors", "gguf" or "pack".
     pub fn source(&self) -> &str {
         &self.source
     }
 
-    /// Bytes of one expert's three matrices.
+    /// Bytes of one expert's three matrices (the mean over experts, where layers differ).
     pub fn expert_bytes(&self) -> u64 {
         self.expert_bytes
     }
@@ -442,7 +445,7 @@ impl ExpertStore {
         for (name, p) in ["gate_proj", "up_proj", "down_proj"].iter().zip(&layout.parts) {
             let tensor = format!("{key} {name}");
             let piece = |q: &SlotPiece, what: &str| {
-                let len = q.shape[0] * q.shape[1] * q.dtype.size();
+                let len = q.dtype.nbytes(&q.shape);
                 crate::weights::check_finite(
                     file,
                     &format!("{tensor}{what}"),
@@ -474,7 +477,7 @@ impl ExpertStore {
             return Ok(());
         };
         let start = layout.parts[0].slot_offset;
-        let got = xxhash_rust::xxh3::xxh3_64(&slot[start..start + self.expert_bytes as usize]);
+        let got = xxhash_rust::xxh3::xxh3_64(&slot[start..start + parts_bytes(&layout.parts) as usize]);
         if got != want {
             return Err(EngineError::invalid(
                 format!("{} ({key})", self.files[0].path.display()),
@@ -545,7 +548,7 @@ impl ExpertStore {
         if self.verify {
             let x = &layout.extents[0];
             let start = (x.offset + (layout.parts[0].slot_offset - x.slot_offset) as u64) as usize;
-            let bytes = &self.files[x.file].map[start..start + self.expert_bytes as usize];
+            let bytes = &self.files[x.file].map[start..start + parts_bytes(&layout.parts) as usize];
             if let Some(want) = layout.checksum
                 && xxhash_rust::xxh3::xxh3_64(bytes) != want
             {

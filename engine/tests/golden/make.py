@@ -22,6 +22,11 @@ sharding, tied embeddings, dense layers, sliding windows or a shared expert.
 Usage (pinned versions: see requirements.txt beside this file):
     python engine/tests/golden/make.py --out engine/tests/golden            # the committed fixtures
     python engine/tests/golden/make.py --out /tmp/g --seed 7 --size medium  # an independent set
+    python engine/tests/golden/make.py --out engine/tests/golden --arch qwen3_moe_gguf,qwen3_moe_wide
+
+The last makes only the named fixtures. qwen3_moe_gguf and qwen3_moe_wide (VARIANTS) are the
+qwen3_moe configurations that make_gguf.py converts for llama.cpp; they were made with torch
+2.11 (their golden.json says which versions), the others with the pinned versions.
 """
 
 import argparse
@@ -39,6 +44,18 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next"]
+# Extra fixtures: another config of an architecture in ARCHS, named by --arch (and made by
+# `--arch all` after the ones above). Each draws its weights from its own generator seed (after
+# ARCHS' in this order), so adding one changes no other fixture's bytes.
+VARIANTS = {
+    # qwen3_moe that llama.cpp's qwen3moe architecture can hold (every layer MoE) and that the
+    # engine's GGUF path takes (default rope): the GGUF golden files' qwen3_moe (make_gguf.py).
+    "qwen3_moe_gguf": "qwen3_moe",
+    # The same with every matrix row 256 wide (hidden, expert width, heads x head_dim), so that
+    # llama.cpp's K-quants (256-value super-blocks) apply to every matrix: 2 layers, 4 experts.
+    "qwen3_moe_wide": "qwen3_moe",
+}
+FIXTURES = ARCHS + list(VARIANTS)
 GENERATE = 16
 
 # Qwen2/3's pre-tokenizer split pattern (byte-level BPE after it).
@@ -108,6 +125,26 @@ def arch_config(arch, s, vocab):
         rms_norm_eps=1e-5,
         pad_token_id=0,
     )
+    if arch == "qwen3_moe_gguf":
+        c, dtype = arch_config("qwen3_moe", s, vocab)
+        c.update(mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0))
+        return c, dtype
+    if arch == "qwen3_moe_wide":
+        c, dtype = arch_config("qwen3_moe", s, vocab)
+        c.update(
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=256,
+            intermediate_size=256,
+            mlp_only_layers=[],
+            rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0),
+        )
+        return c, dtype
     if arch == "qwen3_moe":
         return dict(
             common,
@@ -262,8 +299,8 @@ class RouterRecorder:
 def make_fixture(arch, out_dir, seed, size):
     s = sizes(size)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed * 1000 + ARCHS.index(arch))
-    bos_style = arch == "mixtral"
+    gen = torch.Generator().manual_seed(seed * 1000 + FIXTURES.index(arch))
+    bos_style = VARIANTS.get(arch, arch) == "mixtral"
     tok = train_tokenizer(s["vocab"] - 32, bos_style)
     cfg_dict, dtype = arch_config(arch, s, s["vocab"])
     if bos_style:
@@ -298,7 +335,10 @@ def make_fixture(arch, out_dir, seed, size):
         chat_template=MISTRAL_TEMPLATE if bos_style else CHATML_TEMPLATE,
     )
     hf_tok.save_pretrained(out)
-    write_golden(model, hf_tok, out, {"arch": arch, "seed": seed, "size": size, "on_disk_dtype": str(dtype).replace("torch.", "")})
+    meta = {"arch": arch, "seed": seed, "size": size, "on_disk_dtype": str(dtype).replace("torch.", "")}
+    if arch in VARIANTS:
+        meta["variant_of"] = VARIANTS[arch]
+    write_golden(model, hf_tok, out, meta)
 
 
 def write_golden(model, hf_tok, out, extra_meta):
@@ -374,12 +414,12 @@ def main():
     ap.add_argument("--out", required=True, help="directory that receives one folder per architecture")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", default="small", choices=["small", "medium"])
-    ap.add_argument("--arch", default="all", help="comma list of " + ",".join(ARCHS) + ", or all")
+    ap.add_argument("--arch", default="all", help="comma list of " + ",".join(FIXTURES) + ", or all")
     args = ap.parse_args()
-    archs = ARCHS if args.arch == "all" else args.arch.split(",")
+    archs = FIXTURES if args.arch == "all" else args.arch.split(",")
     for a in archs:
-        if a not in ARCHS:
-            sys.exit(f"--arch: unknown {a!r}; expected one of {', '.join(ARCHS)}")
+        if a not in FIXTURES:
+            sys.exit(f"--arch: unknown {a!r}; expected one of {', '.join(FIXTURES)}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for a in archs:
         make_fixture(a, args.out, args.seed, args.size)
