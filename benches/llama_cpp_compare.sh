@@ -13,7 +13,9 @@
 #      llama.cpp's `qwen2` split rule; the script says so to the converter);
 #   4. `cargo bench --profile dev --bench engine_speed` (the test build, every crate optimised): decode (tg64) and prefill (pp128) tok/s at 1 and 2
 #      threads, the two engines alternating, 3 repeats, medians; weight bytes per decode token,
-#      the GB/s each reaches, and this machine's memory-read bandwidth in the same run.
+#      the GB/s each reaches, and this machine's memory-read bandwidth in the same run;
+#   5. the same on quantised files (QUANTS, default "Q8_0 Q4_K_M", made by llama-quantize from
+#      the bf16 file): both engines read the very same GGUF file.
 # PREPARE_ONLY=1 stops after step 3 (build, convert: nothing timed), so that the timed part can
 # run later on a quiet machine.
 set -euo pipefail
@@ -24,7 +26,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 
 # 1. llama.cpp
 SRC="$CACHE/llama_cpp_python-0.3.36/vendor/llama.cpp"
-if [ ! -x "$SRC/build/bin/llama-bench" ]; then
+if [ ! -x "$SRC/build/bin/llama-bench" ] || [ ! -x "$SRC/build/bin/llama-quantize" ]; then
   if [ ! -d "$SRC" ]; then
     python3 -m pip download -q --no-deps --no-binary llama-cpp-python \
       llama-cpp-python==0.3.36 -d "$CACHE"
@@ -34,10 +36,11 @@ if [ ! -x "$SRC/build/bin/llama-bench" ]; then
   t=$(date +%s)
   cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF > "$CACHE/cmake.log"
-  cmake --build "$SRC/build" -j"$(nproc)" --target llama-bench >> "$CACHE/cmake.log"
+  cmake --build "$SRC/build" -j"$(nproc)" --target llama-bench llama-quantize >> "$CACHE/cmake.log"
   echo "built llama-bench in $(( $(date +%s) - t )) s" >&2
 fi
 BENCH="$SRC/build/bin/llama-bench"
+QUANTIZE="$SRC/build/bin/llama-quantize"
 
 # 2. the converter's Python
 PY="$CACHE/venv/bin/python"
@@ -93,11 +96,24 @@ json.dump(c, open(sys.argv[2], "w"), indent=2)
 EOF
     "$PY" "$CONVERT" "$tmp" --outtype bf16 --outfile "$gguf" > "$CACHE/convert-$name.log" 2>&1
   fi
-  [ "${PREPARE_ONLY:-0}" = 1 ] && { echo "prepared $gguf"; continue; }
+  quants=()
+  for q in ${QUANTS-Q8_0 Q4_K_M}; do
+    qg="$CACHE/$name.$q.gguf"
+    [ -f "$qg" ] || "$QUANTIZE" "$gguf" "$qg" "$q" > "$CACHE/quantize-$name-$q.log" 2>&1
+    quants+=("$qg")
+  done
+  [ "${PREPARE_ONLY:-0}" = 1 ] && { echo "prepared $gguf ${quants[*]}"; continue; }
   echo
   # Both engines' files in the page cache before anything is timed (the bench's warm-up pass
   # touches only the experts its tokens route to).
   cat "$m"/*.safetensors "$gguf" > /dev/null
   SHADOWMOE_BENCH_MODEL="$(realpath "$m")" SHADOWMOE_LLAMA_BENCH="$BENCH" SHADOWMOE_LLAMA_GGUF="$gguf" \
     cargo bench -q --workspace --profile dev --bench engine_speed
+  # Quantised: shadowmoe reads the same GGUF file llama.cpp does.
+  for qg in "${quants[@]}"; do
+    echo
+    cat "$qg" > /dev/null
+    SHADOWMOE_BENCH_MODEL="$qg" SHADOWMOE_LLAMA_BENCH="$BENCH" SHADOWMOE_LLAMA_GGUF="$qg" \
+      cargo bench -q --workspace --profile dev --bench engine_speed
+  done
 done

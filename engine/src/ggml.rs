@@ -31,6 +31,9 @@ pub enum BlockType {
     Q4_K,
     Q5_K,
     Q6_K,
+    /// 4-bit values through a fixed non-uniform table (llama.cpp's fallback for Q2_K/Q3_K on
+    /// rows that are not whole 256-value blocks).
+    IQ4_NL,
     MXFP4,
     /// An f16 matrix in a GGUF file: llama.cpp rounds the activations to f16 for it (unlike a
     /// safetensors f16 matrix, computed as transformers does, on f32 activations).
@@ -41,7 +44,7 @@ pub enum BlockType {
 
 impl BlockType {
     /// Every type, in ggml's order of type ids.
-    pub const ALL: [BlockType; 13] = [
+    pub const ALL: [BlockType; 14] = [
         BlockType::Q4_0,
         BlockType::Q4_1,
         BlockType::Q5_0,
@@ -52,6 +55,7 @@ impl BlockType {
         BlockType::Q4_K,
         BlockType::Q5_K,
         BlockType::Q6_K,
+        BlockType::IQ4_NL,
         BlockType::MXFP4,
         BlockType::F16,
         BlockType::BF16,
@@ -81,6 +85,7 @@ impl BlockType {
             BlockType::Q4_K => "Q4_K",
             BlockType::Q5_K => "Q5_K",
             BlockType::Q6_K => "Q6_K",
+            BlockType::IQ4_NL => "IQ4_NL",
             BlockType::MXFP4 => "MXFP4",
             BlockType::F16 => "F16",
             BlockType::BF16 => "BF16",
@@ -99,7 +104,7 @@ impl BlockType {
     /// Bytes per block.
     pub fn block_bytes(self) -> usize {
         match self {
-            BlockType::Q4_0 => 2 + 16,
+            BlockType::Q4_0 | BlockType::IQ4_NL => 2 + 16,
             BlockType::Q4_1 => 2 + 2 + 16,
             BlockType::Q5_0 => 2 + 4 + 16,
             BlockType::Q5_1 => 2 + 2 + 4 + 16,
@@ -122,7 +127,7 @@ impl BlockType {
     /// Byte offsets, within a block, of its f16 scale fields (checked for NaN and infinity).
     fn f16_fields(self) -> &'static [usize] {
         match self {
-            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::F16 => &[0],
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::IQ4_NL | BlockType::F16 => &[0],
             BlockType::Q4_1 | BlockType::Q5_1 | BlockType::Q4_K | BlockType::Q5_K => &[0, 2],
             BlockType::Q2_K => &[80, 82],
             BlockType::Q3_K => &[108],
@@ -164,6 +169,7 @@ impl BlockType {
             BlockType::Q5_K => q5_k(block, out),
             BlockType::Q6_K => q6_k(block, out),
             BlockType::MXFP4 => mxfp4(block, out),
+            BlockType::IQ4_NL => iq4_nl(block, out),
             BlockType::F16 => out[0] = half(block, 0),
             BlockType::BF16 => {
                 out[0] = f32::from_bits(u32::from(u16::from_le_bytes([block[0], block[1]])) << 16)
@@ -323,6 +329,21 @@ fn e8m0_half(e: u8) -> f32 {
         u32::from(e - 1) << 23
     };
     f32::from_bits(bits)
+}
+
+/// IQ4_NL's sixteen values.
+const IQ4_NL_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+#[inline(always)]
+fn iq4_nl(b: &[u8], y: &mut [f32]) {
+    let d = half(b, 0);
+    let qs = &b[2..18];
+    for j in 0..16 {
+        y[j] = d * f32::from(IQ4_NL_VALUES[(qs[j] & 0x0F) as usize]);
+        y[j + 16] = d * f32::from(IQ4_NL_VALUES[(qs[j] >> 4) as usize]);
+    }
 }
 
 #[inline(always)]

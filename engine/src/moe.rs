@@ -336,7 +336,10 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
     let fused = format!("{prefix}experts.gate_up_proj");
     let entry = |name: &str, shape: &[usize]| w.entry_checked(name, shape);
     let switch = format!("{prefix}switch_mlp.");
-    if w.contains(&format!("{switch}gate_proj.weight")) {
+    let stacked = ["gate_proj", "up_proj", "down_proj"].iter().any(|n| {
+        w.contains(&format!("{switch}{n}.weight")) || w.has_unsupported(&format!("{switch}{n}.weight"))
+    });
+    if stacked {
         // mlx_lm's stacked experts: `switch_mlp.{gate,up,down}_proj.weight` `[E, out, in]`.
         // Quantised ones (packed words, scales, biases) are sliced the same way.
         let names = ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{switch}{n}.weight"));

@@ -622,6 +622,11 @@ impl WeightIndex {
         self.tensors.contains_key(name)
     }
 
+    /// Whether the checkpoint has tensor `name` in a dtype the engine does not compute with.
+    pub fn has_unsupported(&self, name: &str) -> bool {
+        self.other_dtype.contains_key(name)
+    }
+
     /// Where a tensor lives.
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.tensors.get(name)
@@ -837,9 +842,21 @@ impl WeightIndex {
             return Err(EngineError::Tensor {
                 path: self.files[*file].path.clone(),
                 tensor: self.stored_name(name),
-                message: format!(
-                    "dtype {dtype} is not supported (expected F32, F16 or BF16, or U32 words with scales and biases)"
-                ),
+                message: if self.gguf {
+                    format!(
+                        "ggml type {dtype} is not supported (the engine computes F32, F16, BF16, {})",
+                        crate::ggml::BlockType::ALL
+                            .iter()
+                            .filter(|b| !b.is_float())
+                            .map(|b| b.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    format!(
+                        "dtype {dtype} is not supported (expected F32, F16 or BF16, or U32 words with scales and biases)"
+                    )
+                },
             });
         }
         let entry = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {

@@ -156,3 +156,86 @@ fn damaged_files_get_one_line_errors() {
     }
     println!("gguf header: {n} cases, {refused} refused with a one-line error, 0 panics");
 }
+
+/// The position of tensor `name`'s ggml type id in a GGUF header (after its name, dimension
+/// count and dimensions).
+fn type_id_at(bytes: &[u8], name: &str, dims: usize) -> usize {
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key.as_slice())
+        .unwrap_or_else(|| panic!("{name} not in the header"));
+    at + key.len() + 4 + 8 * dims
+}
+
+/// The position of metadata key `key`'s value type.
+fn value_type_at(bytes: &[u8], key: &str) -> usize {
+    let mut k = (key.len() as u64).to_le_bytes().to_vec();
+    k.extend_from_slice(key.as_bytes());
+    bytes.windows(k.len()).position(|w| w == k.as_slice()).unwrap() + k.len()
+}
+
+/// Checkpoints that parse as GGUF but cannot be run: one-line errors naming the tensor or key.
+#[test]
+fn unrunnable_gguf_checkpoints_get_one_line_errors() {
+    use shadowmoe_engine::Checkpoint;
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |name: &str, bytes: &[u8]| -> String {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = match Checkpoint::open(p.to_str().unwrap()).and_then(|c| c.load_model().map(|_| ())) {
+            Ok(()) => panic!("{name} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(!e.contains('\n') && e.contains(name), "{e}");
+        e
+    };
+    let mix = std::fs::read(dir().join("qwen3_moe_wide-mix.gguf")).unwrap();
+    // A type the engine does not compute with: Q3_K's blocks relabelled IQ3_S (same geometry).
+    let mut b = mix.clone();
+    let at = type_id_at(&b, "blk.0.ffn_up_exps.weight", 3);
+    assert_eq!(u32::from_le_bytes(b[at..at + 4].try_into().unwrap()), 11, "Q3_K");
+    b[at..at + 4].copy_from_slice(&21u32.to_le_bytes());
+    let e = open("iq3s.gguf", &b);
+    assert!(
+        e.contains("IQ3_S") && e.contains("blk.0.ffn_up_exps.weight"),
+        "{e}"
+    );
+    // Metadata of the wrong type: block_count as f32.
+    let mut b = mix.clone();
+    let at = value_type_at(&b, "qwen3moe.block_count");
+    b[at..at + 4].copy_from_slice(&6u32.to_le_bytes());
+    let e = open("f32count.gguf", &b);
+    assert!(
+        e.contains("qwen3moe.block_count") && e.contains("unsigned integer"),
+        "{e}"
+    );
+    // An architecture the engine does not run.
+    let mut b = mix.clone();
+    let at = value_type_at(&b, "general.architecture") + 4 + 8;
+    b[at..at + 8].copy_from_slice(b"qwen3zzz");
+    let e = open("arch.gguf", &b);
+    assert!(
+        e.contains("general.architecture") && e.contains("qwen3zzz"),
+        "{e}"
+    );
+    // Rows that are not whole blocks: a Q4_0 matrix of 256-wide rows relabelled Q4_K (256 values
+    // per block) is fine, but relabelled to a 256-value type on 64-wide rows is not.
+    let small = std::fs::read(dir().join("qwen3_moe_gguf-q8_0.gguf")).unwrap();
+    let mut b = small.clone();
+    let at = type_id_at(&b, "blk.0.attn_q.weight", 2);
+    b[at..at + 4].copy_from_slice(&12u32.to_le_bytes());
+    let p = tmp.path().join("blocks.gguf");
+    std::fs::write(&p, &b).unwrap();
+    let e = Checkpoint::open(p.to_str().unwrap()).unwrap_err().to_string();
+    assert!(
+        !e.contains('\n') && e.contains("blocks.gguf") && e.contains("blk.0.attn_q.weight"),
+        "{e}"
+    );
+    // A missing split.
+    let p = tmp.path().join("model-00001-of-00002.gguf");
+    std::fs::write(&p, &mix).unwrap();
+    let e = Checkpoint::open(p.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("model-00002-of-00002.gguf"), "{e}");
+}

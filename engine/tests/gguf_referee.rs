@@ -110,7 +110,11 @@ fn activation_rounding_and_dot_products_equal_ggmls() {
     let mut checked = 0;
     for ty in BlockType::ALL.into_iter().filter(|t| !t.is_float()) {
         let name = ty.name();
-        let rows = st.tensor(&format!("{name}.dot_rows")).unwrap();
+        // IQ4_NL has dequantisation golden values but no dot products yet.
+        let Ok(rows) = st.tensor(&format!("{name}.dot_rows")) else {
+            assert_eq!(ty, BlockType::IQ4_NL, "{name}: no dot golden");
+            continue;
+        };
         let x = f32s(st.tensor(&format!("{name}.dot_x")).unwrap().data());
         let xq = st.tensor(&format!("{name}.dot_xq")).unwrap();
         let want = f32s(st.tensor(&format!("{name}.dot")).unwrap().data());

@@ -40,7 +40,9 @@ impl BlockType {
             BlockType::Q2_K | BlockType::Q3_K | BlockType::Q4_K | BlockType::Q5_K | BlockType::Q6_K => {
                 ActFormat::Q8_K
             }
-            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::MXFP4 => ActFormat::Q8_0,
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::MXFP4 | BlockType::IQ4_NL => {
+                ActFormat::Q8_0
+            }
             BlockType::F16 | BlockType::BF16 => unreachable!("float blocks are computed by the tile kernel"),
         }
     }
@@ -165,7 +167,7 @@ pub fn dot_scalar(ty: BlockType, row: &[u8], a: &Acts) -> f32 {
                     .sum();
                 s as f32 * (half(b, 0) * a.d[i])
             }
-            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::MXFP4 => {
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::MXFP4 | BlockType::IQ4_NL => {
                 let s: i32 = (0..32).map(|j| small_value(ty, b, j) * i32::from(q[j])).sum();
                 let scale = if ty == BlockType::MXFP4 {
                     e8m0_half(b[0])
@@ -201,6 +203,7 @@ fn small_value(ty: BlockType, b: &[u8], j: usize) -> i32 {
         BlockType::Q5_0 => (nibble(&b[6..22]) | (high(2) << 4)) - 16,
         BlockType::Q5_1 => nibble(&b[8..24]) | (high(4) << 4),
         BlockType::MXFP4 => i32::from(super::MXFP4_VALUES[nibble(&b[1..17]) as usize]),
+        BlockType::IQ4_NL => i32::from(super::IQ4_NL_VALUES[nibble(&b[2..18]) as usize]),
         _ => unreachable!("a 32-value type"),
     }
 }
