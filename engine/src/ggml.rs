@@ -222,17 +222,14 @@ pub fn dot_rows(ty: BlockType, w: &[u8], rows: usize, k: usize, acts: &[dot::Act
     let (t, rb) = (acts.len(), ty.row_bytes(k));
     #[cfg(target_arch = "x86_64")]
     let vector = avx512::supported() && crate::kernels::Simd::detected() == crate::kernels::Simd::Avx512;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: avx512::supported said the CPU has the instructions.
+    if vector && unsafe { avx512::dot_rows(ty, w, rows, rb, acts, out) } {
+        return;
+    }
     for r in 0..rows {
         let row = &w[r * rb..(r + 1) * rb];
         for (i, a) in acts.iter().enumerate() {
-            #[cfg(target_arch = "x86_64")]
-            if vector {
-                // SAFETY: avx512::supported said the CPU has the instructions.
-                if let Some(v) = unsafe { avx512::dot(ty, row, a) } {
-                    out[r * t + i] = v;
-                    continue;
-                }
-            }
             out[r * t + i] = dot::dot_scalar(ty, row, a);
         }
     }

@@ -9,8 +9,8 @@
 
 use std::arch::x86_64::*;
 
+use super::BlockType;
 use super::dot::Acts;
-use super::{BlockType, scale_min_k4};
 
 /// Whether this CPU has what these kernels need.
 pub(crate) fn supported() -> bool {
@@ -26,24 +26,66 @@ pub(crate) fn supported() -> bool {
     })
 }
 
-/// `row · a` for one row of `ty` blocks; None for a type without a kernel here.
+/// `out[r · t + i] = row r · a[i]` for `rows` rows of `row_bytes` bytes of `ty` blocks in `w`
+/// and `t = a.len()` tokens; false for a type without a kernel here. Up to four tokens per
+/// pass over a row: a block's weights are unpacked once for them (what makes prefill cheaper
+/// per token than decode).
 ///
 /// # Safety
 /// [`supported`] is true.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-pub(crate) unsafe fn dot(ty: BlockType, row: &[u8], a: &Acts) -> Option<f32> {
-    // SAFETY (each): the features are the caller's promise; the row and activations have the
+pub(crate) unsafe fn dot_rows(
+    ty: BlockType,
+    w: &[u8],
+    rows: usize,
+    row_bytes: usize,
+    a: &[Acts],
+    out: &mut [f32],
+) -> bool {
+    assert!(w.len() >= rows * row_bytes && out.len() >= rows * a.len());
+    // SAFETY (each): the features are the caller's promise; the rows and activations have the
     // sizes the kernels read (checked by the callers' shapes: k values, whole blocks).
     unsafe {
-        Some(match ty {
-            BlockType::Q8_0 => q8_0(row, a),
-            BlockType::Q4_0 => q4_0(row, a),
-            BlockType::Q5_0 => q5_0(row, a),
-            BlockType::Q4_K => q4_k(row, a),
-            BlockType::Q6_K => q6_k(row, a),
-            _ => return None,
-        })
+        match ty {
+            BlockType::Q8_0 => by_rows::<Q8_0>(w, rows, row_bytes, a, out),
+            BlockType::Q4_0 => by_rows::<Q4_0>(w, rows, row_bytes, a, out),
+            BlockType::Q5_0 => by_rows::<Q5_0>(w, rows, row_bytes, a, out),
+            BlockType::Q4_K => by_rows::<Q4K>(w, rows, row_bytes, a, out),
+            BlockType::Q6_K => by_rows::<Q6K>(w, rows, row_bytes, a, out),
+            _ => return false,
+        }
     }
+    true
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+#[inline]
+unsafe fn by_rows<K: Kernel>(w: &[u8], rows: usize, rb: usize, a: &[Acts], out: &mut [f32]) {
+    let t = a.len();
+    for r in 0..rows {
+        let row = &w[r * rb..(r + 1) * rb];
+        let out = &mut out[r * t..(r + 1) * t];
+        for (c, chunk) in a.chunks(4).enumerate() {
+            let o = &mut out[4 * c..];
+            // SAFETY: as dot_rows'.
+            unsafe {
+                match chunk.len() {
+                    1 => o[..1].copy_from_slice(&K::run::<1>(row, [&chunk[0]])),
+                    2 => o[..2].copy_from_slice(&K::run::<2>(row, [&chunk[0], &chunk[1]])),
+                    3 => o[..3].copy_from_slice(&K::run::<3>(row, [&chunk[0], &chunk[1], &chunk[2]])),
+                    _ => o[..4]
+                        .copy_from_slice(&K::run::<4>(row, [&chunk[0], &chunk[1], &chunk[2], &chunk[3]])),
+                }
+            }
+        }
+    }
+}
+
+/// A block kernel over `T` tokens at once.
+trait Kernel {
+    /// # Safety
+    /// As [`dot`]'s; `a` holds `T` tokens' activations for the row.
+    unsafe fn run<const T: usize>(row: &[u8], a: [&Acts; T]) -> [f32; T];
 }
 
 /// The f16 at byte `at` of `b`, as f32 (exact; F16C, with no runtime check).
@@ -89,201 +131,336 @@ unsafe fn nibbles16(p: *const u8) -> __m256i {
     _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(q), m), _mm_and_si128(q, m))
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-unsafe fn q8_0(row: &[u8], a: &Acts) -> f32 {
-    // SAFETY: as blocks32's.
-    unsafe {
-        blocks32::<34, _>(row, a, |b, x, _| {
-            let w = load32(b.add(2));
-            // |w| · (x with w's sign): unsigned times signed, what vpdpbusd multiplies.
-            dot_u8_i8(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
-        })
+/// A 32-value type: its block bytes, the offset its values carry, and how a block's 32 weights
+/// become the bytes vpdpbusd multiplies (`signed`: they are signed and go through |w| and the
+/// sign moved onto the activations).
+trait Block32 {
+    const BB: usize;
+    const OFFSET: i32;
+    const SIGNED: bool;
+    /// # Safety
+    /// `b` points at a whole block; the CPU has the features of this file.
+    unsafe fn weights(b: *const u8) -> __m256i;
+}
+
+#[allow(non_camel_case_types)]
+struct Q8_0;
+impl Block32 for Q8_0 {
+    const BB: usize = 34;
+    const OFFSET: i32 = 0;
+    const SIGNED: bool = true;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    #[inline]
+    unsafe fn weights(b: *const u8) -> __m256i {
+        // SAFETY: 32 weight bytes after the scale.
+        unsafe { load32(b.add(2)) }
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-unsafe fn q4_0(row: &[u8], a: &Acts) -> f32 {
-    // SAFETY: as blocks32's.
-    unsafe { blocks32::<18, _>(row, a, |b, x, _| dot_u8_i8(nibbles16(b.add(2)), x)) }
+#[allow(non_camel_case_types)]
+struct Q4_0;
+impl Block32 for Q4_0 {
+    const BB: usize = 18;
+    const OFFSET: i32 = 8;
+    const SIGNED: bool = false;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    #[inline]
+    unsafe fn weights(b: *const u8) -> __m256i {
+        // SAFETY: 16 nibble bytes after the scale.
+        unsafe { nibbles16(b.add(2)) }
+    }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-unsafe fn q5_0(row: &[u8], a: &Acts) -> f32 {
-    // SAFETY: as blocks32's.
-    unsafe {
-        blocks32::<22, _>(row, a, |b, x, _| {
+#[allow(non_camel_case_types)]
+struct Q5_0;
+impl Block32 for Q5_0 {
+    const BB: usize = 22;
+    const OFFSET: i32 = 16;
+    const SIGNED: bool = false;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    #[inline]
+    unsafe fn weights(b: *const u8) -> __m256i {
+        // SAFETY: qh (4 bytes) and 16 nibble bytes after the scale.
+        unsafe {
             let qh = std::ptr::read_unaligned(b.add(2).cast::<u32>());
             // Byte j gets 0x10 where bit j of qh is set.
             let high = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
-            dot_u8_i8(_mm256_or_si256(nibbles16(b.add(6)), high), x)
-        })
+            _mm256_or_si256(nibbles16(b.add(6)), high)
+        }
     }
 }
 
-/// The offset each 32-value type's values carry (Q4_0: 8, Q5_0: 16; Q8_0: none).
-const fn offset_of(block_bytes: usize) -> i32 {
-    match block_bytes {
-        18 => 8,
-        22 => 16,
-        _ => 0,
+impl<B: Block32> Kernel for B {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    #[inline]
+    unsafe fn run<const T: usize>(row: &[u8], a: [&Acts; T]) -> [f32; T] {
+        // SAFETY: as blocks32's.
+        unsafe { blocks32::<B, T>(row, a) }
     }
 }
 
-/// A row of 32-value blocks of `BB` bytes, each with its f16 scale first: `partial(block,
-/// activations, i)` gives the block's eight partial integer sums; eight blocks at a time are
-/// reduced to eight sums together, scaled (the scalar reference's float operations, lane by
-/// lane) and added to [`Lanes`], so the result is the reference's bit for bit.
-///
-/// # Safety
-/// The CPU has the features of this file; `row` is whole blocks whose activations are in `a`.
+/// Eight blocks' eight-lane partial sums to eight sums: horizontal adds, then the halves.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 #[inline]
-unsafe fn blocks32<const BB: usize, P: Fn(*const u8, __m256i, usize) -> __m256i>(
-    row: &[u8],
-    a: &Acts,
-    partial: P,
-) -> f32 {
-    let n = row.len() / BB;
-    assert!(a.q.len() >= n * 32 && a.d.len() >= n && a.sums.len() >= n);
-    let (rp, xp) = (row.as_ptr(), a.q.as_ptr().cast::<u8>());
-    let mut lanes = _mm256_setzero_ps();
+fn sums8(p: &[__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi32(p[0], p[1]);
+    let h23 = _mm256_hadd_epi32(p[2], p[3]);
+    let h45 = _mm256_hadd_epi32(p[4], p[5]);
+    let h67 = _mm256_hadd_epi32(p[6], p[7]);
+    let (h0123, h4567) = (_mm256_hadd_epi32(h01, h23), _mm256_hadd_epi32(h45, h67));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(h0123, h4567),
+        _mm256_permute2x128_si256::<0x31>(h0123, h4567),
+    )
+}
+
+/// A row of 32-value blocks against `T` tokens: eight blocks at a time, their weights unpacked
+/// once, each token's eight integer sums reduced together, scaled with the scalar reference's
+/// float operations lane by lane and added to its [`Lanes`](super::dot::Lanes), so each result
+/// is the reference's bit for bit.
+///
+/// # Safety
+/// The CPU has the features of this file; `row` is whole blocks whose activations are in each
+/// of `a`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+#[inline]
+unsafe fn blocks32<B: Block32, const T: usize>(row: &[u8], a: [&Acts; T]) -> [f32; T] {
+    let n = row.len() / B::BB;
+    for t in &a {
+        assert!(t.q.len() >= n * 32 && t.d.len() >= n && t.sums.len() >= n);
+    }
+    let rp = row.as_ptr();
+    let mut lanes = [_mm256_setzero_ps(); T];
     let mut i = 0;
     while i + 8 <= n {
-        // SAFETY: blocks i .. i + 8 are inside the row and their activations inside a.q.
-        let p: [__m256i; 8] = std::array::from_fn(|j| unsafe {
-            partial(rp.add((i + j) * BB), load32(xp.add(32 * (i + j))), i + j)
-        });
-        // Eight 8-lane partial sums to eight sums: horizontal adds, then the two halves.
-        let h01 = _mm256_hadd_epi32(p[0], p[1]);
-        let h23 = _mm256_hadd_epi32(p[2], p[3]);
-        let h45 = _mm256_hadd_epi32(p[4], p[5]);
-        let h67 = _mm256_hadd_epi32(p[6], p[7]);
-        let (h0123, h4567) = (_mm256_hadd_epi32(h01, h23), _mm256_hadd_epi32(h45, h67));
-        let mut s = _mm256_add_epi32(
-            _mm256_permute2x128_si256::<0x20>(h0123, h4567),
-            _mm256_permute2x128_si256::<0x31>(h0123, h4567),
-        );
-        // SAFETY (both loads): blocks i .. i + 8 have their activation sums and scales.
-        let off = offset_of(BB);
-        if off != 0 {
-            let sums = unsafe { _mm256_loadu_si256(a.sums.as_ptr().add(i).cast::<__m256i>()) };
-            s = _mm256_sub_epi32(s, _mm256_mullo_epi32(sums, _mm256_set1_epi32(off)));
+        let mut p = [[_mm256_setzero_si256(); 8]; T];
+        for j in 0..8 {
+            // SAFETY: block i + j is inside the row; its activations inside each token's.
+            unsafe {
+                let w = B::weights(rp.add((i + j) * B::BB));
+                let wu = if B::SIGNED { _mm256_abs_epi8(w) } else { w };
+                for (t, pt) in p.iter_mut().enumerate() {
+                    let x = load32(a[t].q.as_ptr().add(32 * (i + j)).cast::<u8>());
+                    let x = if B::SIGNED { _mm256_sign_epi8(x, w) } else { x };
+                    pt[j] = dot_u8_i8(wu, x);
+                }
+            }
         }
-        let dx = unsafe { _mm256_loadu_ps(a.d.as_ptr().add(i)) };
-        let dws: [i16; 8] = std::array::from_fn(|j| {
+        let mut dws = [0i16; 8];
+        for (j, v) in dws.iter_mut().enumerate() {
             // SAFETY: block i + j's first two bytes.
-            unsafe { std::ptr::read_unaligned(rp.add((i + j) * BB).cast::<i16>()) }
-        });
+            *v = unsafe { std::ptr::read_unaligned(rp.add((i + j) * B::BB).cast::<i16>()) };
+        }
         let dw = _mm256_cvtph_ps(_mm_setr_epi16(
             dws[0], dws[1], dws[2], dws[3], dws[4], dws[5], dws[6], dws[7],
         ));
-        // The reference: term = s as f32 · (dw · dx), added to lane i % 8 (i is a multiple of 8).
-        lanes = _mm256_add_ps(lanes, _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx)));
+        for (t, pt) in p.iter().enumerate() {
+            let mut s = sums8(pt);
+            // SAFETY (both loads): blocks i .. i + 8 have their activation sums and scales.
+            if B::OFFSET != 0 {
+                let sums = unsafe { _mm256_loadu_si256(a[t].sums.as_ptr().add(i).cast::<__m256i>()) };
+                s = _mm256_sub_epi32(s, _mm256_mullo_epi32(sums, _mm256_set1_epi32(B::OFFSET)));
+            }
+            let dx = unsafe { _mm256_loadu_ps(a[t].d.as_ptr().add(i)) };
+            // The reference: term = s as f32 · (dw · dx), added to lane i % 8 (i is a
+            // multiple of 8).
+            lanes[t] = _mm256_add_ps(
+                lanes[t],
+                _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx)),
+            );
+        }
         i += 8;
     }
-    let mut l = [0.0f32; 8];
-    // SAFETY: eight floats.
-    unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes) };
-    let mut out = super::dot::Lanes(l);
-    while i < n {
-        // SAFETY: block i is inside the row, its activations inside a.q.
-        let s =
-            hsum(unsafe { partial(rp.add(i * BB), load32(xp.add(32 * i)), i) }) - offset_of(BB) * a.sums[i];
-        out.add(i, s as f32 * (half(&row[i * BB..], 0) * a.d[i]));
-        i += 1;
+    let mut out = [0.0f32; T];
+    for t in 0..T {
+        let mut l = [0.0f32; 8];
+        // SAFETY: eight floats.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes[t]) };
+        let mut acc = super::dot::Lanes(l);
+        for b in i..n {
+            // SAFETY: block b is inside the row, its activations inside the token's.
+            let s = unsafe {
+                let w = B::weights(rp.add(b * B::BB));
+                let x = load32(a[t].q.as_ptr().add(32 * b).cast::<u8>());
+                if B::SIGNED {
+                    hsum(dot_u8_i8(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)))
+                } else {
+                    hsum(dot_u8_i8(w, x))
+                }
+            } - B::OFFSET * a[t].sums[b];
+            acc.add(b, s as f32 * (half(&row[b * B::BB..], 0) * a[t].d[b]));
+        }
+        out[t] = acc.total();
     }
-    out.total()
+    out
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-unsafe fn q4_k(row: &[u8], a: &Acts) -> f32 {
-    let m = _mm256_set1_epi8(0x0F);
-    let mut sum = 0.0f32;
-    for (i, b) in row.chunks_exact(144).enumerate() {
-        let scales = &b[4..16];
-        let sums = &a.sums[i * 16..(i + 1) * 16];
-        let (mut acc, mut mins) = (_mm256_setzero_si256(), 0i32);
-        for c in 0..4 {
-            // SAFETY: 32 bytes of chunk c; 64 activations of block i from 64·c.
-            let (q, x_lo, x_hi) = unsafe {
-                let xp = a.q.as_ptr().add(i * 256 + 64 * c).cast::<u8>();
+struct Q4K;
+
+/// A Q4_K block's eight 6-bit scales and eight mins from their 12 packed bytes, four to a
+/// word (the bit layout of [`super::scale_min_k4`], done on whole words).
+#[inline(always)]
+fn q4k_scales_mins(p: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let word = |i: usize| u32::from_le_bytes([p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]]);
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let low = 0x3f3f_3f3f;
+    let sc_hi = (w2 & 0x0f0f_0f0f) | (((w0 >> 6) & 0x0303_0303) << 4);
+    let m_hi = ((w2 >> 4) & 0x0f0f_0f0f) | (((w1 >> 6) & 0x0303_0303) << 4);
+    let mut sc = [0u8; 8];
+    let mut m = [0u8; 8];
+    sc[..4].copy_from_slice(&(w0 & low).to_le_bytes());
+    sc[4..].copy_from_slice(&sc_hi.to_le_bytes());
+    m[..4].copy_from_slice(&(w1 & low).to_le_bytes());
+    m[4..].copy_from_slice(&m_hi.to_le_bytes());
+    (sc, m)
+}
+
+impl Kernel for Q4K {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    #[inline]
+    unsafe fn run<const T: usize>(row: &[u8], a: [&Acts; T]) -> [f32; T] {
+        let m = _mm256_set1_epi8(0x0F);
+        let mut lanes = [super::dot::Lanes::default(); T];
+        for (i, b) in row.chunks_exact(144).enumerate() {
+            let (sc, mn) = q4k_scales_mins(&b[4..16]);
+            // SAFETY: eight bytes each.
+            let (scv, mnv) = unsafe {
                 (
-                    load32(b.as_ptr().add(16 + 32 * c)),
-                    load32(xp),
-                    load32(xp.add(32)),
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.as_ptr().cast::<__m128i>())),
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(mn.as_ptr().cast::<__m128i>())),
                 )
             };
-            for (half_i, (w, x)) in [
-                (_mm256_and_si256(q, m), x_lo),
-                (_mm256_and_si256(_mm256_srli_epi16::<4>(q), m), x_hi),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let j = 2 * c + half_i;
-                let (sc, mn) = scale_min_k4(j, scales);
-                mins += i32::from(mn) * (sums[2 * j] + sums[2 * j + 1]);
-                acc = _mm256_add_epi32(
-                    acc,
-                    _mm256_mullo_epi32(dot_u8_i8(w, x), _mm256_set1_epi32(i32::from(sc))),
+            // Per token, sub-block j's eight partial sums.
+            let mut p = [[_mm256_setzero_si256(); 8]; T];
+            for c in 0..4 {
+                // SAFETY: 32 bytes of chunk c.
+                let q = unsafe { load32(b.as_ptr().add(16 + 32 * c)) };
+                let (lo, hi) = (
+                    _mm256_and_si256(q, m),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), m),
                 );
+                for (t, pt) in p.iter_mut().enumerate() {
+                    // SAFETY: 64 activations of block i from 64·c.
+                    let (xl, xh) = unsafe {
+                        let xp = a[t].q.as_ptr().add(i * 256 + 64 * c).cast::<u8>();
+                        (load32(xp), load32(xp.add(32)))
+                    };
+                    pt[2 * c] = dot_u8_i8(lo, xl);
+                    pt[2 * c + 1] = dot_u8_i8(hi, xh);
+                }
+            }
+            let (d, dmin) = (half(b, 0), half(b, 2));
+            for t in 0..T {
+                // Σ_j scale_j · (sub-block j's sum), and Σ_j min_j · (its activations' sum).
+                let isum = hsum(_mm256_mullo_epi32(sums8(&p[t]), scv));
+                // SAFETY: the block's 16 activation sums.
+                let pairs = unsafe {
+                    let sp = a[t].sums.as_ptr().add(i * 16).cast::<__m256i>();
+                    _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(
+                        _mm256_loadu_si256(sp),
+                        _mm256_loadu_si256(sp.add(1)),
+                    ))
+                };
+                let mins = hsum(_mm256_mullo_epi32(pairs, mnv));
+                let dy = a[t].d[i];
+                lanes[t].add(i, (dy * d) * isum as f32 - (dy * dmin) * mins as f32);
             }
         }
-        let dy = a.d[i];
-        sum += (dy * half(b, 0)) * hsum(acc) as f32 - (dy * half(b, 2)) * mins as f32;
+        let mut out = [0.0f32; T];
+        for (o, l) in out.iter_mut().zip(&lanes) {
+            *o = l.total();
+        }
+        out
     }
-    sum
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-unsafe fn q6_k(row: &[u8], a: &Acts) -> f32 {
-    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
-    let mut sum = 0.0f32;
-    for (i, b) in row.chunks_exact(210).enumerate() {
-        let sc = &b[192..208];
-        let sums = &a.sums[i * 16..(i + 1) * 16];
-        let mut acc = _mm256_setzero_si256();
-        let mut offset = 0i32;
-        for n in 0..2 {
-            // SAFETY: ql bytes 64n..64n+64, qh bytes 32n..32n+32 of the block; 128
-            // activations of block i from 128n.
-            let (qa, qb, qh) = unsafe {
-                (
-                    load32(b.as_ptr().add(64 * n)),
-                    load32(b.as_ptr().add(64 * n + 32)),
-                    load32(b.as_ptr().add(128 + 32 * n)),
-                )
-            };
-            let values = [
-                _mm256_or_si256(
-                    _mm256_and_si256(qa, m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(qb, m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(qa), m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(qb), m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2)),
-                ),
-            ];
-            for (c, w) in values.into_iter().enumerate() {
-                // Groups g and g + 1 (16 values each) of this quarter: their scales.
-                let g = 8 * n + 2 * c;
-                let (s0, s1) = (i32::from(sc[g] as i8), i32::from(sc[g + 1] as i8));
-                offset += 32 * (s0 * sums[g] + s1 * sums[g + 1]);
-                // SAFETY: 32 activations of block i from 128n + 32c.
-                let x = unsafe { load32(a.q.as_ptr().add(i * 256 + 128 * n + 32 * c).cast::<u8>()) };
-                let scale = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
-                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(dot_u8_i8(w, x), scale));
+struct Q6K;
+impl Kernel for Q6K {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    #[inline]
+    unsafe fn run<const T: usize>(row: &[u8], a: [&Acts; T]) -> [f32; T] {
+        let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+        // Scale bytes in the order the sums come out of the horizontal adds below.
+        let order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+        let mut lanes = [super::dot::Lanes::default(); T];
+        for (i, b) in row.chunks_exact(210).enumerate() {
+            // SAFETY: the block's 16 scale bytes.
+            let sc = unsafe { _mm_loadu_si128(b.as_ptr().add(192).cast::<__m128i>()) };
+            let (sc_lo, sc_hi) = (
+                _mm256_cvtepi8_epi32(sc),
+                _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(sc)),
+            );
+            let ordered = _mm_shuffle_epi8(sc, order);
+            let (so_lo, so_hi) = (
+                _mm256_cvtepi8_epi32(ordered),
+                _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(ordered)),
+            );
+            // Per token, quarter v = 4n + c's partial sums: lanes 0–3 group 8n + 2c, 4–7 the next.
+            let mut p = [[_mm256_setzero_si256(); 8]; T];
+            for n in 0..2 {
+                // SAFETY: ql bytes 64n..64n+64, qh bytes 32n..32n+32 of the block.
+                let (qa, qb, qh) = unsafe {
+                    (
+                        load32(b.as_ptr().add(64 * n)),
+                        load32(b.as_ptr().add(64 * n + 32)),
+                        load32(b.as_ptr().add(128 + 32 * n)),
+                    )
+                };
+                let values = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(qa, m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(qb, m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(qa), m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(qb), m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2)),
+                    ),
+                ];
+                for (c, w) in values.into_iter().enumerate() {
+                    for (t, pt) in p.iter_mut().enumerate() {
+                        // SAFETY: 32 activations of block i from 128n + 32c.
+                        let x =
+                            unsafe { load32(a[t].q.as_ptr().add(i * 256 + 128 * n + 32 * c).cast::<u8>()) };
+                        pt[4 * n + c] = dot_u8_i8(w, x);
+                    }
+                }
+            }
+            let d = half(b, 208);
+            for t in 0..T {
+                let pt = &p[t];
+                // Two rounds of horizontal adds: [v0 A, v1 A, v2 A, v3 A | v0 B, v1 B, v2 B, v3 B].
+                let h0123 =
+                    _mm256_hadd_epi32(_mm256_hadd_epi32(pt[0], pt[1]), _mm256_hadd_epi32(pt[2], pt[3]));
+                let h4567 =
+                    _mm256_hadd_epi32(_mm256_hadd_epi32(pt[4], pt[5]), _mm256_hadd_epi32(pt[6], pt[7]));
+                let raw = hsum(_mm256_add_epi32(
+                    _mm256_mullo_epi32(h0123, so_lo),
+                    _mm256_mullo_epi32(h4567, so_hi),
+                ));
+                // The values' offset of 32: Σ_g scale_g · 32 · (group g's activation sum).
+                // SAFETY: the block's 16 activation sums.
+                let offset = unsafe {
+                    let sp = a[t].sums.as_ptr().add(i * 16).cast::<__m256i>();
+                    hsum(_mm256_add_epi32(
+                        _mm256_mullo_epi32(_mm256_loadu_si256(sp), sc_lo),
+                        _mm256_mullo_epi32(_mm256_loadu_si256(sp.add(1)), sc_hi),
+                    ))
+                };
+                lanes[t].add(i, (a[t].d[i] * d) * (raw - 32 * offset) as f32);
             }
         }
-        sum += (a.d[i] * half(b, 208)) * (hsum(acc) - offset) as f32;
+        let mut out = [0.0f32; T];
+        for (o, l) in out.iter_mut().zip(&lanes) {
+            *o = l.total();
+        }
+        out
     }
-    sum
 }

@@ -370,8 +370,32 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if super::super::avx512::supported() {
                 // SAFETY: supported() says the CPU has the instructions.
-                if let Some(v) = unsafe { super::super::avx512::dot(ty, &row, &a) } {
-                    assert_eq!(v.to_bits(), got.to_bits(), "{ty:?}: AVX-512 {v} vs scalar {got}");
+                // One token, and the same token among three others.
+                let mut v = [0.0f32; 4];
+                if unsafe {
+                    super::super::avx512::dot_rows(ty, &row, 1, row.len(), std::slice::from_ref(&a), &mut v)
+                } {
+                    assert_eq!(
+                        v[0].to_bits(),
+                        got.to_bits(),
+                        "{ty:?}: AVX-512 {} vs scalar {got}",
+                        v[0]
+                    );
+                    let mut b = Acts::default();
+                    quantize_acts(
+                        ty.act_format(),
+                        &x.iter().map(|v| -v * 0.5).collect::<Vec<_>>(),
+                        &mut b,
+                    );
+                    // SAFETY: as above.
+                    let four = [b.clone(), a.clone(), b.clone(), b.clone()];
+                    assert!(unsafe { super::super::avx512::dot_rows(ty, &row, 1, row.len(), &four, &mut v) });
+                    assert_eq!(v[1].to_bits(), got.to_bits(), "{ty:?}: among others");
+                    assert_eq!(
+                        v[0].to_bits(),
+                        dot_scalar(ty, &row, &b).to_bits(),
+                        "{ty:?}: the other"
+                    );
                 }
             }
             assert!(
