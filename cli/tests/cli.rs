@@ -548,4 +548,12 @@ fn long_generation_memory_grows_only_with_the_kv_cache() {
         grew <= 1.2 * kv + 1.0,
         "RSS grew {grew:.1} MiB, the KV cache {kv:.1}: {e}"
     );
+    // And the byte model predicts the resident set itself, within 5 % at every point (its
+    // overhead is the process's measured baseline before the weights load).
+    for (n, rss, predicted) in &points {
+        assert!(
+            (rss - predicted).abs() <= 0.05 * predicted,
+            "token {n}: RSS {rss:.1} MiB vs byte model {predicted:.1}: {e}"
+        );
+    }
 }

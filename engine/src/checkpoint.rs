@@ -181,6 +181,10 @@ impl Checkpoint {
         self.warn_unused();
         let cached = std::sync::Arc::new(CachedExperts::new(store, &self.config.moe_layers(), opts)?);
         let model = Model::load_with(self.config.clone(), &self.weights, cached.clone())?;
+        // The resident weights are copies on the heap and the store reads the experts through
+        // its own handles: the pages the load touched in the checkpoint's maps need not stay
+        // in this process's resident set (they stay in the page cache).
+        self.weights.release_pages();
         Ok((model, cached))
     }
 

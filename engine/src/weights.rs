@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer as _};
 
 use crate::error::{EngineError, Result};
 use crate::ggml::BlockType;
@@ -622,6 +622,17 @@ impl WeightIndex {
         self.tensors.contains_key(name)
     }
 
+    /// Drops the pages of the checkpoint's files from this process's resident set (they stay
+    /// in the page cache; a later read maps them back). For after a load that copied what it
+    /// keeps.
+    pub fn release_pages(&self) {
+        for f in &self.files {
+            // SAFETY: the maps are read-only views of files; dropping their pages only makes
+            // the next access read them again from the page cache or the file.
+            let _ = unsafe { f.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// Whether the checkpoint has tensor `name` in a dtype the engine does not compute with.
     pub fn has_unsupported(&self, name: &str) -> bool {
         self.other_dtype.contains_key(name)
@@ -979,19 +990,26 @@ fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, Strin
     }
     let data_start = 8 + n;
     let data_len = len - data_start;
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&map[8..data_start])
-        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    // The header's entries one at a time (a checkpoint with thousands of experts has a header
+    // of megabytes: building it whole as JSON values took 15 MB of heap that the allocator
+    // kept after it was freed), in name order as before.
+    let failed = std::cell::RefCell::new(None);
+    let mut raw = serde_json::Deserializer::from_slice(&map[8..data_start])
+        .deserialize_map(HeaderEntries { failed: &failed })
+        .map_err(|e| match failed.borrow_mut().take() {
+            Some((tensor, message)) => EngineError::Tensor {
+                path: path.to_path_buf(),
+                tensor,
+                message: format!("bad header entry: {message}"),
+            },
+            None => bad(format!("header is not valid JSON: {e}")),
+        })?;
+    raw.sort_by(|a, b| a.0.cmp(&b.0));
+    raw.dedup_by(|later, earlier| later.0 == earlier.0);
     let mut needed = 0usize;
     let mut entries = Vec::with_capacity(raw.len());
-    for (name, value) in raw {
-        if name == "__metadata__" {
-            continue;
-        }
-        let info: RawInfo = serde_json::from_value(value).map_err(|e| EngineError::Tensor {
-            path: path.to_path_buf(),
-            tensor: name.clone(),
-            message: format!("bad header entry: {e}"),
-        })?;
+    let mut spans = Vec::with_capacity(raw.len());
+    for (name, info) in raw {
         let tensor_err = |message: String| EngineError::Tensor {
             path: path.to_path_buf(),
             tensor: name.clone(),
@@ -1044,6 +1062,7 @@ fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, Strin
                 e - s
             )));
         }
+        spans.push((s, e, entries.len()));
         entries.push((
             name,
             dtype.map(|dtype| TensorEntry {
@@ -1054,20 +1073,62 @@ fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, Strin
             }),
         ));
     }
-    // The safetensors crate's own validation: contiguous, non-overlapping offsets that cover the
-    // data exactly.
-    safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
-        bad(match e {
-            safetensors::SafeTensorError::MetadataIncompleteBuffer => format!(
-                "tensors cover {needed} bytes of data but the file has {data_len} (truncated, or trailing bytes)"
-            ),
-            safetensors::SafeTensorError::InvalidOffset(t) => {
-                format!("tensor `{t}`: data_offsets overlap or leave a gap")
-            }
-            other => format!("{other:?}"),
-        })
-    })?;
+    // The safetensors format's rule: contiguous, non-overlapping offsets that cover the data
+    // exactly.
+    spans.sort_unstable();
+    let mut at = 0;
+    for &(s, e, i) in &spans {
+        if s != at {
+            return Err(bad(format!(
+                "tensor `{}`: data_offsets overlap or leave a gap",
+                entries[i].0
+            )));
+        }
+        at = e;
+    }
+    if at != data_len {
+        return Err(bad(format!(
+            "tensors cover {needed} bytes of data but the file has {data_len} (truncated, or trailing bytes)"
+        )));
+    }
     Ok((map, entries))
+}
+
+/// A safetensors header's tensor entries, read one at a time; the name of an entry that is
+/// not one goes to `failed` with the reason.
+struct HeaderEntries<'a> {
+    failed: &'a std::cell::RefCell<Option<(String, String)>>,
+}
+
+impl<'de> serde::de::Visitor<'de> for HeaderEntries<'_> {
+    type Value = Vec<(String, RawInfo)>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object of tensor entries")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        use serde::de::Error as _;
+        let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            match map.next_value::<RawInfo>() {
+                Ok(info) => out.push((name, info)),
+                Err(e) => {
+                    let message = e.to_string();
+                    *self.failed.borrow_mut() = Some((name, message.clone()));
+                    return Err(A::Error::custom(message));
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Bits per element of the safetensors dtypes the engine does not compute with.

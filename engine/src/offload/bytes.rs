@@ -6,8 +6,14 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 
 /// Fixed process overhead the model adds: code, tokenizer, thread stacks, allocator slack
-/// (a whole run on the 4 MB test fixtures peaks at 11-12 MiB).
+/// (a whole run on the 4 MB test fixtures peaks at 11-12 MiB). Used where the process's own
+/// baseline cannot be measured (not Linux, or a model not about to be loaded here).
 pub const DEFAULT_OVERHEAD: u64 = 16 << 20;
+
+/// What a run adds to the process's measured baseline besides weights, expert slots and KV
+/// cache: the I/O and compute threads' stacks and the allocator's working slack (measured on
+/// the bundled model at capacities 32, 160 and 512 over 1,000–2,000 tokens: 0.9–1.1 MiB).
+pub const RUN_SLACK: u64 = 1 << 20;
 
 /// The terms of the prediction.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

@@ -158,7 +158,19 @@ impl Checkpoint {
             return Err(EngineError::invalid("--io-threads", "must be at least 1"));
         }
         let store = Arc::new(self.expert_store(cfg.io, cfg.pack.as_deref(), cfg.verify)?);
-        let byte_model = self.byte_model(&store);
+        let mut byte_model = self.byte_model(&store);
+        // The process as it stands before the weights load (code, tokenizer, the checkpoint's
+        // index), measured, plus what a run adds besides its weights and KV cache (thread
+        // stacks, allocator slack): the overhead term, where the platform tells it.
+        self.weights.release_pages();
+        crate::generate::trim_heap();
+        if let Some(rss) = crate::generate::current_rss_bytes() {
+            byte_model.overhead_bytes = rss + crate::offload::bytes::RUN_SLACK;
+            tracing::debug!(
+                "byte model: process baseline {} before the weights load",
+                crate::offload::bytes::fmt_bytes(rss)
+            );
+        }
         let moe_layers = c.moe_layers();
         let experts = c.num_experts;
         let budget = match cfg.capacity {
