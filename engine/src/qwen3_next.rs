@@ -27,10 +27,20 @@ use crate::error::{EngineError, Result};
 use crate::kernels::{linear, sigmoid};
 use crate::weights::{Weight, WeightIndex};
 
+/// The projection of the normalised input to the conv inputs (q, k, v) and the gate z.
+#[derive(Debug, Clone)]
+enum InProj {
+    /// Hugging Face's `in_proj_qkvz`: per key head g the rows `[q_g, k_g, v_g, z_g]`.
+    Grouped(Weight),
+    /// Ungrouped (llama.cpp's `attn_qkv` and `attn_gate`, Qwen3.5's `in_proj_qkv` and
+    /// `in_proj_z`): the rows of every q head, every k head, every v head; and of z.
+    Split { qkv: Weight, z: Weight },
+}
+
 /// Weights and shape of one Gated DeltaNet layer.
 #[derive(Debug, Clone)]
 pub struct GatedDeltaNet {
-    in_proj_qkvz: Weight,
+    in_proj: InProj,
     in_proj_ba: Weight,
     /// Depthwise kernel, `[C, K]`.
     conv: Vec<f32>,
@@ -53,6 +63,15 @@ fn silu(x: f32) -> f32 {
     x * sigmoid(x)
 }
 
+/// The values of `a` in row-major order.
+fn row_major(a: Array2<f32>) -> Vec<f32> {
+    if a.is_standard_layout() {
+        a.into_raw_vec_and_offset().0
+    } else {
+        a.iter().copied().collect()
+    }
+}
+
 /// `x / sqrt(Σx² + 1e-6)` in place (the FLA kernels' L2 norm).
 fn l2norm(x: &mut [f32]) {
     let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
@@ -60,7 +79,9 @@ fn l2norm(x: &mut [f32]) {
 }
 
 impl GatedDeltaNet {
-    /// Loads `model.layers.{l}.linear_attn.*`, checking every shape against the config.
+    /// Loads `model.layers.{l}.linear_attn.*`, checking every shape against the config:
+    /// `in_proj_qkvz`, or `in_proj_qkv` and `in_proj_z` (a GGUF file's); `A_log`, or the decay
+    /// rate `A` = `-exp(A_log)` itself (a GGUF file's `ssm_a`).
     pub fn load(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Self> {
         let shape = cfg.linear_attn.ok_or_else(|| {
             EngineError::field(
@@ -75,8 +96,21 @@ impl GatedDeltaNet {
         let vec = |name: &str, dims: &[usize]| -> Result<Vec<f32>> {
             Ok(w.get(&format!("{p}{name}"), dims)?.to_f32_vec())
         };
+        let in_proj = if w.contains(&format!("{p}in_proj_qkv.weight")) {
+            InProj::Split {
+                qkv: w.get(&format!("{p}in_proj_qkv.weight"), &[2 * kd + vd, h])?,
+                z: w.get(&format!("{p}in_proj_z.weight"), &[vd, h])?,
+            }
+        } else {
+            InProj::Grouped(w.get(&format!("{p}in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?)
+        };
+        let neg_a = if w.contains(&format!("{p}A")) {
+            vec("A", &[nv])?
+        } else {
+            vec("A_log", &[nv])?.into_iter().map(|a| -a.exp()).collect()
+        };
         Ok(Self {
-            in_proj_qkvz: w.get(&format!("{p}in_proj_qkvz.weight"), &[2 * kd + 2 * vd, h])?,
+            in_proj,
             in_proj_ba: w.get(&format!("{p}in_proj_ba.weight"), &[2 * nv, h])?,
             // `[C, 1, K]` as transformers stores it, `[C, K, 1]` as mlx_lm does: the same order.
             conv: {
@@ -87,7 +121,7 @@ impl GatedDeltaNet {
                 vec("conv1d.weight", &if mlx { [c, k, 1] } else { [c, 1, k] })?
             },
             dt_bias: vec("dt_bias", &[nv])?,
-            neg_a: vec("A_log", &[nv])?.into_iter().map(|a| -a.exp()).collect(),
+            neg_a,
             norm: vec("norm.weight", &[shape.value_head_dim])?,
             out_proj: w.get(&format!("{p}out_proj.weight"), &[h, vd])?,
             shape,
@@ -108,28 +142,41 @@ impl GatedDeltaNet {
         );
         let r = nv / nk; // value heads per key head
         let (kd, vd, c, kernel) = (s.key_dim(), s.value_dim(), s.conv_dim(), s.conv_kernel);
-        let qkvz = linear(x, &self.in_proj_qkvz, None); // (T, 2·kd + 2·vd), grouped by key head
         let ba = linear(x, &self.in_proj_ba, None); // (T, 2·Hv), grouped by key head
 
-        // Ungroup: per key head g the projection holds [q_g, k_g, v_g (r heads), z_g (r heads)];
-        // the conv input is [q (all heads), k (all heads), v (all heads)].
-        let group = 2 * dk + 2 * r * dv;
-        let mut mixed = vec![0.0f32; t * c]; // (T, C)
-        let mut z = vec![0.0f32; t * vd]; // (T, Hv·Dv)
+        // The conv input is [q (all heads), k (all heads), v (all heads)].
+        let (mixed, z) = match &self.in_proj {
+            InProj::Split { qkv, z } => (
+                row_major(linear(x, qkv, None)), // (T, C)
+                row_major(linear(x, z, None)),   // (T, Hv·Dv)
+            ),
+            InProj::Grouped(w) => {
+                // Ungroup: per key head g the projection holds [q_g, k_g, v_g (r heads),
+                // z_g (r heads)].
+                let qkvz = linear(x, w, None); // (T, 2·kd + 2·vd)
+                let group = 2 * dk + 2 * r * dv;
+                let mut mixed = vec![0.0f32; t * c];
+                let mut z = vec![0.0f32; t * vd];
+                for ti in 0..t {
+                    let row = qkvz.row(ti);
+                    let row = row.as_slice().expect("standard layout");
+                    let m = &mut mixed[ti * c..(ti + 1) * c];
+                    for g in 0..nk {
+                        let src = &row[g * group..(g + 1) * group];
+                        m[g * dk..(g + 1) * dk].copy_from_slice(&src[..dk]);
+                        m[kd + g * dk..kd + (g + 1) * dk].copy_from_slice(&src[dk..2 * dk]);
+                        m[2 * kd + g * r * dv..2 * kd + (g + 1) * r * dv]
+                            .copy_from_slice(&src[2 * dk..2 * dk + r * dv]);
+                        z[ti * vd + g * r * dv..ti * vd + (g + 1) * r * dv]
+                            .copy_from_slice(&src[2 * dk + r * dv..]);
+                    }
+                }
+                (mixed, z)
+            }
+        };
         let mut b = vec![0.0f32; t * nv];
         let mut a = vec![0.0f32; t * nv];
         for ti in 0..t {
-            let row = qkvz.row(ti);
-            let row = row.as_slice().expect("standard layout");
-            let m = &mut mixed[ti * c..(ti + 1) * c];
-            for g in 0..nk {
-                let src = &row[g * group..(g + 1) * group];
-                m[g * dk..(g + 1) * dk].copy_from_slice(&src[..dk]);
-                m[kd + g * dk..kd + (g + 1) * dk].copy_from_slice(&src[dk..2 * dk]);
-                m[2 * kd + g * r * dv..2 * kd + (g + 1) * r * dv]
-                    .copy_from_slice(&src[2 * dk..2 * dk + r * dv]);
-                z[ti * vd + g * r * dv..ti * vd + (g + 1) * r * dv].copy_from_slice(&src[2 * dk + r * dv..]);
-            }
             let row = ba.row(ti);
             let row = row.as_slice().expect("standard layout");
             for g in 0..nk {

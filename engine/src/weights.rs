@@ -473,8 +473,9 @@ pub struct WeightIndex {
     other_dtype: HashMap<String, (usize, String)>,
     /// config.json's `quantization` block: each quantised tensor must agree with it.
     quantization: Option<QuantConfig>,
-    /// Read from GGUF files: names are llama.cpp's, indexed under Hugging Face names.
-    gguf: bool,
+    /// Read from GGUF files (their `general.architecture`): names are llama.cpp's, indexed
+    /// under Hugging Face names.
+    gguf: Option<&'static str>,
     /// Query/key projections whose rows llama.cpp's converter permuted, with their head
     /// counts: un-permuted when copied into memory.
     permuted: HashMap<String, usize>,
@@ -550,7 +551,7 @@ impl WeightIndex {
             tensors: HashMap::new(),
             other_dtype: HashMap::new(),
             quantization: None,
-            gguf: false,
+            gguf: None,
             permuted: HashMap::new(),
         };
         for path in paths {
@@ -575,10 +576,11 @@ impl WeightIndex {
         Ok(out)
     }
 
-    /// An index over GGUF files (crate::gguf::arch): their maps, the tensors the engine computes
-    /// with under Hugging Face names, those of other ggml types, and the query/key projections
-    /// to un-permute (with their head counts).
+    /// An index over GGUF files of architecture `arch` (crate::gguf::arch): their maps, the
+    /// tensors the engine computes with under Hugging Face names, those of other ggml types,
+    /// and the query/key projections to un-permute (with their head counts).
     pub(crate) fn from_gguf(
+        arch: &'static str,
         files: Vec<(PathBuf, Arc<Mmap>)>,
         tensors: HashMap<String, TensorEntry>,
         other_dtype: HashMap<String, (usize, String)>,
@@ -592,20 +594,20 @@ impl WeightIndex {
             tensors,
             other_dtype,
             quantization: None,
-            gguf: true,
+            gguf: Some(arch),
             permuted,
         }
     }
 
     /// Whether the weights come from GGUF files.
     pub fn is_gguf(&self) -> bool {
-        self.gguf
+        self.gguf.is_some()
     }
 
     /// `name` as the files spell it (llama.cpp's name for a GGUF checkpoint).
     pub fn stored_name(&self, name: &str) -> String {
-        if self.gguf
-            && let Some(g) = crate::gguf::arch::gguf_name(name)
+        if let Some(arch) = self.gguf
+            && let Some(g) = crate::gguf::arch::gguf_name(arch, name)
         {
             return format!("{g}` (`{name}");
         }
@@ -675,7 +677,7 @@ impl WeightIndex {
     /// Whether the experts are stacked as mlx_lm writes them (`switch_mlp`): the checkpoint
     /// went through mlx_lm's `sanitize` (qwen3_next's norms then hold `1 + w`).
     pub fn mlx_layout(&self) -> bool {
-        !self.gguf && self.tensors.keys().any(|k| k.contains(".switch_mlp."))
+        self.gguf.is_none() && self.tensors.keys().any(|k| k.contains(".switch_mlp."))
     }
 
     /// Whether `{stem}.weight` is quantised (its scales are in the checkpoint, as mlx-lm
@@ -853,7 +855,7 @@ impl WeightIndex {
             return Err(EngineError::Tensor {
                 path: self.files[*file].path.clone(),
                 tensor: self.stored_name(name),
-                message: if self.gguf {
+                message: if self.gguf.is_some() {
                     format!(
                         "ggml type {dtype} is not supported (the engine computes F32, F16, BF16, {})",
                         crate::ggml::BlockType::ALL

@@ -233,9 +233,105 @@ fn unrunnable_gguf_checkpoints_get_one_line_errors() {
         !e.contains('\n') && e.contains("blocks.gguf") && e.contains("blk.0.attn_q.weight"),
         "{e}"
     );
+    // qwen3next: a multi-token-prediction count that leaves no layer to run, and a layer
+    // pattern of the wrong type.
+    let next = std::fs::read(dir().join("qwen3_next_gguf-q8_0.gguf")).unwrap();
+    let mut b = next.clone();
+    let at = value_type_at(&b, "qwen3next.nextn_predict_layers");
+    assert_eq!(u32::from_le_bytes(b[at..at + 4].try_into().unwrap()), 4, "UINT32");
+    b[at + 4..at + 8].copy_from_slice(&5u32.to_le_bytes());
+    let e = open("nextn.gguf", &b);
+    assert!(e.contains("qwen3next.nextn_predict_layers"), "{e}");
+    let mut b = next.clone();
+    let at = value_type_at(&b, "qwen3next.attention.recurrent_layers");
+    assert_eq!(
+        u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()),
+        7,
+        "array of BOOL"
+    );
+    b[at + 4..at + 8].copy_from_slice(&0u32.to_le_bytes()); // UINT8 items, one byte each
+    let e = open("recurrent.gguf", &b);
+    assert!(
+        e.contains("qwen3next.attention.recurrent_layers") && e.contains("bools"),
+        "{e}"
+    );
     // A missing split.
     let p = tmp.path().join("model-00001-of-00002.gguf");
     std::fs::write(&p, &mix).unwrap();
     let e = Checkpoint::open(p.to_str().unwrap()).unwrap_err().to_string();
     assert!(e.contains("model-00002-of-00002.gguf"), "{e}");
+}
+
+/// qwen3next files (llama.cpp's converter on the qwen3_next_gguf fixture): the configuration
+/// from `qwen3next.*` metadata is the fixture's own, whether or not the file carries the
+/// multi-token-prediction block (the q8_0 file does: block_count 5, nextn_predict_layers 1),
+/// and that block's tensors are left out of the index.
+#[test]
+fn qwen3next_config_is_the_fixtures() {
+    use shadowmoe_engine::Checkpoint;
+    use shadowmoe_engine::config::Mixer;
+    let src = Checkpoint::open_dir(&common::fixture_dir("qwen3_next_gguf")).unwrap();
+    let want = &src.config;
+    for file in [
+        "qwen3_next_gguf-bf16",
+        "qwen3_next_gguf-q8_0",
+        "qwen3_next_gguf-q4_k_m",
+    ] {
+        let path = dir().join(format!("{file}.gguf"));
+        let ckpt = Checkpoint::open(path.to_str().unwrap()).unwrap();
+        let c = &ckpt.config;
+        assert_eq!(c.arch, want.arch, "{file}");
+        assert_eq!(c.num_hidden_layers, 4, "{file}");
+        assert_eq!(c.mixers, want.mixers, "{file}");
+        assert_eq!(c.mixers[3], Mixer::Attention, "{file}");
+        assert_eq!(c.linear_attn, want.linear_attn, "{file}");
+        assert_eq!(c.rope.head_dim, 8, "{file}: a quarter of each head rotated");
+        assert_eq!(c.rope.head_dim, want.rope.head_dim, "{file}");
+        assert_eq!(c.rope.theta, want.rope.theta, "{file}");
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.head_dim,
+                c.num_attention_heads,
+                c.num_key_value_heads
+            ),
+            (
+                want.hidden_size,
+                want.head_dim,
+                want.num_attention_heads,
+                want.num_key_value_heads
+            ),
+            "{file}"
+        );
+        assert_eq!(
+            (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size),
+            (
+                want.num_experts,
+                want.num_experts_per_tok,
+                want.moe_intermediate_size
+            ),
+            "{file}"
+        );
+        assert_eq!(
+            c.shared_expert_intermediate_size, want.shared_expert_intermediate_size,
+            "{file}"
+        );
+        assert_eq!(c.mlp_kinds, want.mlp_kinds, "{file}");
+        assert_eq!(c.rms_norm_eps, want.rms_norm_eps, "{file}");
+        assert!(c.norm_topk_prob && c.attn_output_gate, "{file}");
+        // The converter stored the zero-centred norms as 1 + w.
+        assert!(want.norm_zero_centred && !c.norm_zero_centred, "{file}");
+        assert!(
+            ckpt.unused_tensors().is_empty(),
+            "{file}: {:?}",
+            ckpt.unused_tensors()
+        );
+        assert!(
+            !ckpt.weights.names().any(|n| n.starts_with("model.layers.4.")),
+            "{file}: the MTP block is not indexed"
+        );
+    }
+    let f = GgufFile::open(&dir().join("qwen3_next_gguf-q8_0.gguf")).unwrap();
+    assert_eq!(f.get("qwen3next.block_count").and_then(Value::as_u64), Some(5));
+    assert!(f.tensor("blk.4.nextn.eh_proj.weight").is_some());
 }

@@ -629,7 +629,8 @@ fn a_hanging_read_fails_the_pass_after_the_load_timeout() {
 
 /// GGUF files through the bounded cache: experts read as one slice of each stacked
 /// `ffn_*_exps` tensor, still quantised (f16, Q5_0/Q5_1/Q8_0, the K types, MXFP4), from the
-/// file itself or from an expert pack, give exactly the all-resident run.
+/// file itself or from an expert pack, give exactly the all-resident run (qwen3next's too:
+/// Gated DeltaNet layers, a shared expert, and a multi-token-prediction block left out).
 #[test]
 fn sync_cache_is_exact_on_gguf_files() {
     let tmp = tempfile::tempdir().unwrap();
@@ -639,6 +640,7 @@ fn sync_cache_is_exact_on_gguf_files() {
         ("olmoe-q8_0", true),
         ("qwen3_moe_wide-mix", false),
         ("qwen3_moe_wide-q4_k_m", false),
+        ("qwen3_next_gguf-q8_0", true),
     ] {
         let path = dir.join(format!("{name}.gguf"));
         let ckpt = Checkpoint::open(path.to_str().unwrap()).unwrap();

@@ -139,11 +139,13 @@ fn qwen3_moe_matches_transformers() {
 }
 
 /// The checkpoints the GGUF goldens were converted from (no dense layer, default rope; one at
-/// hidden 256 for the K types) are themselves transformers' functions.
+/// hidden 256 for the K types; qwen3_next as llama.cpp's qwen3next holds it) are themselves
+/// transformers' functions.
 #[test]
 fn gguf_source_checkpoints_match_transformers() {
     check_dir(&fixture_dir("qwen3_moe_gguf"), "qwen3_moe");
     check_dir(&fixture_dir("qwen3_moe_wide"), "qwen3_moe");
+    check_dir(&fixture_dir("qwen3_next_gguf"), "qwen3_next");
 }
 
 #[test]

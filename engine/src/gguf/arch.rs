@@ -10,6 +10,25 @@
 //! rotary embedding pairs adjacent dimensions, Hugging Face's pairs the two halves of a head);
 //! the index undoes the permutation when those weights are copied into memory, so the engine's
 //! rotary embedding is the same for every source.
+//!
+//! `qwen3next` (Qwen3-Next, Qwen3-Coder-Next): the converter (`Qwen3NextModel.modify_tensors`)
+//! changes these tensors, and the engine takes each as stored or undoes the change:
+//!
+//! | converter                                              | here                                  |
+//! |--------------------------------------------------------|---------------------------------------|
+//! | every RMSNorm weight but the gated one (`linear_attn.norm`) stored as `1 + w` | the config's zero-centred norms off (as mlx_lm's layout) |
+//! | `A_log` stored as `-exp(A_log)` (`ssm_a`)              | read as the decay rate itself (`linear_attn.A`) |
+//! | `dt_bias` renamed `dt_proj.bias` (`ssm_dt.bias`)       | `linear_attn.dt_bias`                 |
+//! | `conv1d` `[C, 1, K]` squeezed to `[C, K]`              | indexed as `[C, 1, K]` (same bytes)   |
+//! | `in_proj_qkvz` (grouped per key head `[q k v z]`) split into `attn_qkv` (all q, all k, all v) and `attn_gate` (z) | `linear_attn.in_proj_qkv` / `in_proj_z`: the layer takes them ungrouped (the two may differ in ggml type); an older file's `ssm_in` is `in_proj_qkvz` as it was |
+//! | `in_proj_ba`, `q_proj` (query and gate per head), the rest | as stored                        |
+//! | `post_attention_layernorm` named `post_attention_norm` | mapped back                           |
+//! | the multi-token-prediction block (`mtp.*`) written as block `n` (`nextn_predict_layers`) | left out: `num_hidden_layers` = block_count − nextn |
+//!
+//! llama.cpp's qwen3next always renormalises its top-k expert weights (the config says
+//! norm_topk_prob true) and takes both head widths of its linear attention from
+//! `ssm.state_size` (its loader refuses value heads of another width; the engine takes
+//! `ssm.inner_size / ssm.time_step_rank`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,11 +41,12 @@ use crate::error::{EngineError, Result};
 use crate::weights::{DType, WeightIndex};
 
 /// The families the engine runs, by `general.architecture`.
-const ARCHS: [(&str, &str); 4] = [
+const ARCHS: [(&str, &str); 5] = [
     ("llama", "mixtral"),
     ("qwen3moe", "qwen3_moe"),
     ("qwen2moe", "qwen2_moe"),
     ("olmoe", "olmoe"),
+    ("qwen3next", "qwen3_next"),
 ];
 
 /// An opened GGUF checkpoint (one file, or every split of one).
@@ -94,7 +114,7 @@ pub fn open(path: &Path) -> Result<GgufCheckpoint> {
         .architecture()
         .ok_or_else(|| bad("general.architecture", "missing (expected a string)".into()))?
         .to_string();
-    let Some(&(_, model_type)) = ARCHS.iter().find(|(a, _)| *a == arch) else {
+    let Some(&(arch_name, model_type)) = ARCHS.iter().find(|(a, _)| *a == arch) else {
         return Err(bad(
             "general.architecture",
             format!(
@@ -109,7 +129,10 @@ pub fn open(path: &Path) -> Result<GgufCheckpoint> {
     };
     let config_map = config_of(&meta, model_type, &files)?;
     let config_json = serde_json::to_string_pretty(&Json::Object(config_map)).unwrap_or_default();
-    let config = ModelConfig::from_json_str(&config_json, &first.path)?;
+    let mut config = ModelConfig::from_json_str(&config_json, &first.path)?;
+    // llama.cpp multiplies by its norm weights as stored: qwen3next's converter stored its
+    // zero-centred norms as `1 + w` (as mlx_lm's sanitize does).
+    config.norm_zero_centred = false;
     let permute = arch == "llama";
     let mut tensors = Vec::new();
     for (fi, f) in files.iter().enumerate() {
@@ -117,7 +140,7 @@ pub fn open(path: &Path) -> Result<GgufCheckpoint> {
             tensors.push((fi, t.clone()));
         }
     }
-    let weights = index(&files, &tensors, &config, permute)?;
+    let weights = index(&files, &tensors, &config, permute, arch_name)?;
     Ok(GgufCheckpoint {
         files,
         config,
@@ -208,7 +231,22 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
             format!("{v} differs from the key length {head_dim} (not supported)"),
         ));
     }
+    // qwen3next rotates a share of each head (partial_rotary_factor = rotated / head size).
+    let mut partial_rotary = None;
     if let Some(r) = m.u64_opt("rope.dimension_count")?
+        && r != head_dim
+        && model_type == "qwen3_next"
+    {
+        let factor = r as f64 / head_dim.max(1) as f64;
+        if r == 0 || r > head_dim || !r.is_multiple_of(2) || (head_dim as f64 * factor) as u64 != r {
+            return Err(EngineError::field(
+                &f.path,
+                m.key("rope.dimension_count"),
+                format!("{r}: expected an even number of rotated values up to the head size {head_dim}"),
+            ));
+        }
+        partial_rotary = Some(factor);
+    } else if let Some(r) = m.u64_opt("rope.dimension_count")?
         && r != head_dim
     {
         return Err(EngineError::field(
@@ -258,6 +296,18 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
             }
         },
     };
+    // A multi-token-prediction block (nextn) comes after the main layers and is not run by
+    // llama.cpp's main pass.
+    let blocks = m.u64("block_count")?;
+    let nextn = m.u64_opt("nextn_predict_layers")?.unwrap_or(0);
+    if nextn >= blocks {
+        return Err(EngineError::field(
+            &f.path,
+            m.key("nextn_predict_layers"),
+            format!("{nextn} leaves none of the {blocks} blocks (block_count) to run"),
+        ));
+    }
+    let layers = blocks - nextn;
     let experts = m.u64("expert_count")?;
     if experts == 0 {
         return Err(EngineError::field(
@@ -276,7 +326,7 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
     put("hidden_act", json!("silu"));
     put("vocab_size", json!(vocab));
     put("hidden_size", json!(hidden));
-    put("num_hidden_layers", json!(m.u64("block_count")?));
+    put("num_hidden_layers", json!(layers));
     put("num_attention_heads", json!(heads));
     put(
         "num_key_value_heads",
@@ -292,6 +342,9 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
     );
     if let Some(r) = rope_scaling {
         put("rope_scaling", r);
+    }
+    if let Some(p) = partial_rotary {
+        put("partial_rotary_factor", json!(p));
     }
     if let Some(ctx) = m.u64_opt("context_length")? {
         put("max_position_embeddings", json!(ctx));
@@ -315,6 +368,19 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
             );
             if let Some(c) = m.f64_opt("attention.clamp_kqv")? {
                 put("clip_qkv", json!(c));
+            }
+        }
+        "qwen3_next" => {
+            put("moe_intermediate_size", json!(expert_ffn.or(ffn)));
+            put("intermediate_size", json!(ffn.or(expert_ffn)));
+            // llama.cpp's qwen3next: every layer MoE, top-k weights always renormalised, the
+            // shared expert as wide as the dense width when its own is not given.
+            put("mlp_only_layers", json!([]));
+            put("norm_topk_prob", json!(true));
+            let shared = m.u64_opt("expert_shared_feed_forward_length")?.filter(|&s| s > 0);
+            put("shared_expert_intermediate_size", json!(shared.or(ffn)));
+            for (k, v) in linear_attention(m, layers)? {
+                put(&k, v);
             }
         }
         _ => {
@@ -346,8 +412,116 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
     Ok(c)
 }
 
-/// The Hugging Face name of a llama.cpp tensor name (None for one the engine does not read).
-pub fn hf_name(gguf: &str) -> Option<String> {
+/// qwen3next's Gated DeltaNet shape and layer pattern as `config.json` keys: the `ssm.*`
+/// metadata (group count = key heads, time-step rank = value heads, state size = key head
+/// width, inner size = value heads × value head width, conv kernel) and which layers are
+/// recurrent (`attention.recurrent_layers`, else a full-attention layer every
+/// `full_attention_interval` layers, 4 by default, as llama.cpp reads them).
+fn linear_attention(m: &Meta<'_>, layers: u64) -> Result<Vec<(String, Json)>> {
+    let key_heads = m.u64("ssm.group_count")?;
+    let value_heads = m.u64("ssm.time_step_rank")?;
+    let inner = m.u64("ssm.inner_size")?;
+    if value_heads == 0 || !inner.is_multiple_of(value_heads) {
+        return Err(EngineError::field(
+            &m.f.path,
+            m.key("ssm.inner_size"),
+            format!("{inner} is not a whole number of value heads of ssm.time_step_rank = {value_heads}"),
+        ));
+    }
+    let mut out = vec![
+        ("linear_num_key_heads".to_string(), json!(key_heads)),
+        ("linear_num_value_heads".to_string(), json!(value_heads)),
+        ("linear_key_head_dim".to_string(), json!(m.u64("ssm.state_size")?)),
+        ("linear_value_head_dim".to_string(), json!(inner / value_heads)),
+        (
+            "linear_conv_kernel_dim".to_string(),
+            json!(m.u64("ssm.conv_kernel")?),
+        ),
+    ];
+    let key = m.key("attention.recurrent_layers");
+    match m.f.get(&key) {
+        Some(Value::Array(_, items)) => {
+            if (items.len() as u64) < layers {
+                return Err(EngineError::field(
+                    &m.f.path,
+                    &key,
+                    format!("has {} entries, expected one per layer ({layers})", items.len()),
+                ));
+            }
+            let types = items
+                .iter()
+                .take(layers as usize)
+                .map(|v| match v {
+                    Value::Bool(true) => Ok(json!("linear_attention")),
+                    Value::Bool(false) => Ok(json!("full_attention")),
+                    other => Err(EngineError::field(
+                        &m.f.path,
+                        &key,
+                        format!("expected an array of bools, found {}", other.type_name()),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.push(("layer_types".to_string(), Json::Array(types)));
+        }
+        Some(v) => {
+            return Err(EngineError::field(
+                &m.f.path,
+                &key,
+                format!("expected an array of bools, found {}", v.type_name()),
+            ));
+        }
+        None => {
+            let interval = m.u64_opt("full_attention_interval")?.unwrap_or(4);
+            out.push(("full_attention_interval".to_string(), json!(interval)));
+        }
+    }
+    Ok(out)
+}
+
+/// llama.cpp's block tensor stems and the Hugging Face modules they are (the suffix, `.weight`
+/// or `.bias`, carries over).
+const STEMS: [(&str, &str); 19] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate_inp", "mlp.gate"),
+    ("ffn_gate_exps", "mlp.switch_mlp.gate_proj"),
+    ("ffn_up_exps", "mlp.switch_mlp.up_proj"),
+    ("ffn_down_exps", "mlp.switch_mlp.down_proj"),
+    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+    ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// qwen3next's own block tensors, whole names (see the module's table): its post-attention
+/// norm and its Gated DeltaNet. `linear_attn.A` is the decay rate `-exp(A_log)` as the
+/// converter stores it; `in_proj_qkv` / `in_proj_z` are `in_proj_qkvz` ungrouped (Qwen3.5's
+/// Hugging Face names for that layout).
+const QWEN3NEXT: [(&str, &str); 10] = [
+    ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    ("attn_qkv.weight", "linear_attn.in_proj_qkv.weight"),
+    ("attn_gate.weight", "linear_attn.in_proj_z.weight"),
+    ("ssm_in.weight", "linear_attn.in_proj_qkvz.weight"),
+    ("ssm_ba.weight", "linear_attn.in_proj_ba.weight"),
+    ("ssm_conv1d.weight", "linear_attn.conv1d.weight"),
+    ("ssm_dt.bias", "linear_attn.dt_bias"),
+    ("ssm_a", "linear_attn.A"),
+    ("ssm_norm.weight", "linear_attn.norm.weight"),
+    ("ssm_out.weight", "linear_attn.out_proj.weight"),
+];
+
+/// The Hugging Face name of a llama.cpp tensor name in a file of architecture `arch` (None for
+/// one the engine does not read).
+pub fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     let top = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -360,34 +534,19 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    if arch == "qwen3next"
+        && let Some((_, hf)) = QWEN3NEXT.iter().find(|(g, _)| *g == rest)
+    {
+        return Some(format!("model.layers.{layer}.{hf}"));
+    }
     let (stem, suffix) = rest.rsplit_once('.')?;
-    let mapped = match stem {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate_inp" => "mlp.gate",
-        "ffn_gate_exps" => "mlp.switch_mlp.gate_proj",
-        "ffn_up_exps" => "mlp.switch_mlp.up_proj",
-        "ffn_down_exps" => "mlp.switch_mlp.down_proj",
-        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
-        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
-        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
-        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let (_, mapped) = STEMS.iter().find(|(g, _)| *g == stem)?;
     Some(format!("model.layers.{layer}.{mapped}.{suffix}"))
 }
 
-/// The llama.cpp name of a Hugging Face name (for messages about a missing tensor).
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// The llama.cpp name of a Hugging Face name in a file of architecture `arch` (for messages
+/// about a missing tensor).
+pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     let top = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -399,29 +558,13 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
+    if arch == "qwen3next"
+        && let Some((g, _)) = QWEN3NEXT.iter().find(|(_, h)| *h == rest)
+    {
+        return Some(format!("blk.{layer}.{g}"));
+    }
     let (stem, suffix) = rest.rsplit_once('.')?;
-    let mapped = match stem {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate" => "ffn_gate_inp",
-        "mlp.switch_mlp.gate_proj" => "ffn_gate_exps",
-        "mlp.switch_mlp.up_proj" => "ffn_up_exps",
-        "mlp.switch_mlp.down_proj" => "ffn_down_exps",
-        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
-        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
-        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
-        "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
+    let (mapped, _) = STEMS.iter().find(|(_, h)| *h == stem)?;
     Some(format!("blk.{layer}.{mapped}.{suffix}"))
 }
 
@@ -435,22 +578,40 @@ fn dtype_of(t: &TensorInfo) -> Option<DType> {
     }
 }
 
-/// The weight index over the files' tensors under Hugging Face names.
+/// The weight index over the files' tensors under Hugging Face names. Blocks past the
+/// config's layers (a multi-token-prediction block) are left out.
 fn index(
     files: &[GgufFile],
     tensors: &[(usize, TensorInfo)],
     cfg: &ModelConfig,
     permute: bool,
+    arch: &'static str,
 ) -> Result<WeightIndex> {
     let mut entries = HashMap::new();
     let mut other = HashMap::new();
     let mut heads = HashMap::new();
     for (fi, t) in tensors {
-        let Some(name) = hf_name(&t.name) else {
+        let Some(name) = hf_name(arch, &t.name) else {
             continue;
         };
+        if let Some(layer) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, _)| l.parse::<usize>().ok())
+            && layer >= cfg.num_hidden_layers
+        {
+            continue;
+        }
         // ggml's dims run innermost first; the row-major shape is their reverse.
-        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        let mut shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        // The converter squeezed the conv kernel's middle axis: `[C, K]` is `[C, 1, K]`. A
+        // shared expert's gate, one row (`[1, H]` from the converter), is `[H]` after
+        // llama-quantize (ggml drops trailing unit dims).
+        if (name.ends_with("linear_attn.conv1d.weight") && shape.len() == 2)
+            || (name.ends_with("mlp.shared_expert_gate.weight") && shape.len() == 1)
+        {
+            shape.insert(shape.len() - 1, 1);
+        }
         match dtype_of(t) {
             Some(dtype) => {
                 if let Some(&k) = shape.last()
@@ -495,5 +656,47 @@ fn index(
         tracing::debug!("mixtral-family GGUF without the llama row permutation");
     }
     let maps = files.iter().map(|f| (f.path.clone(), f.map().clone())).collect();
-    Ok(WeightIndex::from_gguf(maps, entries, other, heads))
+    Ok(WeightIndex::from_gguf(arch, maps, entries, other, heads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        for arch in ["qwen3moe", "qwen3next"] {
+            for (g, _) in STEMS {
+                for suffix in ["weight", "bias"] {
+                    let name = format!("blk.7.{g}.{suffix}");
+                    let hf = hf_name(arch, &name).unwrap();
+                    let back = gguf_name(arch, &hf).unwrap();
+                    // qwen3next names its post-attention norm post_attention_norm.
+                    if arch == "qwen3next" && g == "ffn_norm" && suffix == "weight" {
+                        assert_eq!(back, format!("blk.7.post_attention_norm.{suffix}"));
+                    } else {
+                        assert_eq!(back, name, "{arch}");
+                    }
+                }
+            }
+        }
+        for (g, h) in QWEN3NEXT {
+            let name = format!("blk.2.{g}");
+            assert_eq!(
+                hf_name("qwen3next", &name).unwrap(),
+                format!("model.layers.2.{h}")
+            );
+            assert_eq!(
+                gguf_name("qwen3next", &format!("model.layers.2.{h}")).unwrap(),
+                name
+            );
+        }
+        // Not qwen3next's: not read.
+        assert_eq!(hf_name("qwen3moe", "blk.0.ssm_a"), None);
+        assert_eq!(hf_name("qwen3next", "blk.4.nextn.eh_proj.weight"), None);
+        assert_eq!(
+            hf_name("qwen3next", "blk.0.ssm_a").as_deref(),
+            Some("model.layers.0.linear_attn.A")
+        );
+    }
 }

@@ -22,11 +22,11 @@ sharding, tied embeddings, dense layers, sliding windows or a shared expert.
 Usage (pinned versions: see requirements.txt beside this file):
     python engine/tests/golden/make.py --out engine/tests/golden            # the committed fixtures
     python engine/tests/golden/make.py --out /tmp/g --seed 7 --size medium  # an independent set
-    python engine/tests/golden/make.py --out engine/tests/golden --arch qwen3_moe_gguf,qwen3_moe_wide
+    python engine/tests/golden/make.py --out engine/tests/golden --arch qwen3_moe_gguf,qwen3_moe_wide,qwen3_next_gguf
 
-The last makes only the named fixtures. qwen3_moe_gguf and qwen3_moe_wide (VARIANTS) are the
-qwen3_moe configurations that make_gguf.py converts for llama.cpp; they were made with torch
-2.11 (their golden.json says which versions), the others with the pinned versions.
+The last makes only the named fixtures. qwen3_moe_gguf, qwen3_moe_wide and qwen3_next_gguf
+(VARIANTS) are the configurations that make_gguf.py converts for llama.cpp; they were made with
+torch 2.11 (their golden.json says which versions), the others with the pinned versions.
 """
 
 import argparse
@@ -54,6 +54,12 @@ VARIANTS = {
     # The same with every matrix row 256 wide (hidden, expert width, heads x head_dim), so that
     # llama.cpp's K-quants (256-value super-blocks) apply to every matrix: 2 layers, 4 experts.
     "qwen3_moe_wide": "qwen3_moe",
+    # qwen3_next as llama.cpp's qwen3next architecture holds it (make_gguf.py): every layer MoE
+    # (its loader requires a router in every layer), value heads as wide as key heads (it sizes
+    # both from ssm.state_size), Qwen3-Next's own layer pattern (three Gated DeltaNet layers,
+    # then full attention: full_attention_interval 4) and rms_norm_eps 1e-6 (llama.cpp's L2 norm
+    # of q and k takes that epsilon, transformers' 1e-6); 8 experts to keep the files small.
+    "qwen3_next_gguf": "qwen3_next",
 }
 FIXTURES = ARCHS + list(VARIANTS)
 GENERATE = 16
@@ -128,6 +134,16 @@ def arch_config(arch, s, vocab):
     if arch == "qwen3_moe_gguf":
         c, dtype = arch_config("qwen3_moe", s, vocab)
         c.update(mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0))
+        return c, dtype
+    if arch == "qwen3_next_gguf":
+        c, dtype = arch_config("qwen3_next", s, vocab)
+        c.update(
+            linear_value_head_dim=16,
+            full_attention_interval=4,
+            num_experts=e,
+            mlp_only_layers=[],
+            rms_norm_eps=1e-6,
+        )
         return c, dtype
     if arch == "qwen3_moe_wide":
         c, dtype = arch_config("qwen3_moe", s, vocab)

@@ -57,7 +57,10 @@ importable; without it they are skipped. Where llama.cpp and transformers differ
 referee for the GGUF path: the GGUF carries no sliding window (mixtral's sliding_window 9 is
 dropped by the converter and llama.cpp attends to all positions) and no clip_qkv (olmoe's 4.0:
 the converter's OlmoeModel does not write attention.clamp_kqv, llama.cpp's olmoe graph does not
-clamp), so those logits differ from golden.safetensors' beyond the weights' rounding.
+clamp), so those logits differ from golden.safetensors' beyond the weights' rounding. On
+qwen3_next_gguf llama.cpp computes transformers' function (an f32 conversion's logits are within
+1.4e-5 of golden.safetensors'); its bf16 file's differ by up to 0.4, all of it the rounding of
+activations to bf16 for its matrices, as llama.cpp computes them.
 """
 import argparse
 import hashlib
@@ -79,6 +82,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # `types` say what each file holds. qwen3_moe and qwen2_moe are not here: their dense first layer
 # (`mlp_only_layers`) is one llama.cpp's qwen3moe/qwen2moe architectures cannot hold (the
 # converter refuses it); qwen3_moe_gguf and qwen3_moe_wide are qwen3_moe without it (make.py).
+# Nor is qwen3_next: llama.cpp's qwen3next loader requires a router in every layer and value
+# heads as wide as key heads (ssm.state_size); qwen3_next_gguf is qwen3_next with both (make.py).
 Q4_K_M = ("q4_k_m", "Q4_K_M", False, [])
 # qwen3_moe_wide's every other type in one file (--tensor-type overrides; a file per type would
 # take ~1.3 MB each): each K-quant, legacy quant and MXFP4 on an expert tensor or two and on
@@ -109,7 +114,20 @@ FIXTURES = [
     ("qwen3_moe_gguf", ["f16", "q8_0"], [Q4_K_M]),
     # Every matrix row 256 wide: K-quants apply everywhere.
     ("qwen3_moe_wide", [], [Q4_K_M, ("mix", "Q4_K_M", True, WIDE_MIX)]),
+    # Qwen3-Next (llama.cpp's qwen3next): bf16 is the fixture's own dtype (every value exact).
+    ("qwen3_next_gguf", ["bf16", "q8_0"], [Q4_K_M]),
 ]
+# Extra converter arguments per (fixture, output type); "f16" also covers the f16 file that
+# llama-quantize reads. Qwen3-Next checkpoints carry a multi-token-prediction block (`mtp.*`,
+# which transformers does not load; hf_copy adds one to the fixture, MTP_SEED) and the
+# converter writes it as one more block (`{arch}.nextn_predict_layers` 1, block_count 5) unless
+# told --no-mtp: the q8_0 file has it, as recent conversions of Qwen3-Next do; the bf16 and
+# q4_k_m files have not, as earlier ones.
+CONVERT_ARGS = {
+    ("qwen3_next_gguf", "bf16"): ["--no-mtp"],
+    ("qwen3_next_gguf", "f16"): ["--no-mtp"],
+}
+MTP_SEED = 18
 # The dequantisation golden's types: (name, byte ranges of the block's f16 scale fields).
 # Each block gets random bytes with these fields overwritten by sane f16 values.
 DEQUANT_TYPES = [
@@ -189,7 +207,62 @@ def hf_copy(src, work):
         c["tie_word_embeddings"] = False
     json.dump(c, open(cfg_path, "w"), indent=2)
     unfuse_experts(dst, untie=tied)
+    if c.get("model_type") == "qwen3_next":
+        add_mtp(dst, c)
     return dst
+
+
+def add_mtp(d, c):
+    """Qwen3-Next's multi-token-prediction block as its hub checkpoints hold it (`mtp.*`, shaped
+    as Qwen3-Next-80B-A3B's: fc [H, 2H], three norms, one full-attention MoE layer with a shared
+    expert), which transformers neither makes nor loads: seeded random values (MTP_SEED) in the
+    checkpoint's dtype, added to its single safetensors file. llama.cpp's converter refuses a
+    Qwen3NextForCausalLM without it unless told --no-mtp; with it, the converter writes it as
+    block `num_hidden_layers` (nextn) and llama.cpp's main pass does not run it."""
+    import math
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = os.path.join(d, "model.safetensors")
+    with safe_open(path, "pt") as sf:
+        meta = sf.metadata()
+        out = {n: sf.get_tensor(n) for n in sf.keys()}
+    dtype = out["model.embed_tokens.weight"].dtype
+    h, heads, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or h // heads
+    e, i, sh = c["num_experts"], c["moe_intermediate_size"], c["shared_expert_intermediate_size"]
+    shapes = [
+        ("mtp.fc.weight", [h, 2 * h]),
+        ("mtp.pre_fc_norm_embedding.weight", [h]),
+        ("mtp.pre_fc_norm_hidden.weight", [h]),
+        ("mtp.norm.weight", [h]),
+        ("mtp.layers.0.input_layernorm.weight", [h]),
+        ("mtp.layers.0.post_attention_layernorm.weight", [h]),
+        ("mtp.layers.0.self_attn.q_proj.weight", [2 * heads * hd, h]),
+        ("mtp.layers.0.self_attn.k_proj.weight", [kv * hd, h]),
+        ("mtp.layers.0.self_attn.v_proj.weight", [kv * hd, h]),
+        ("mtp.layers.0.self_attn.o_proj.weight", [h, heads * hd]),
+        ("mtp.layers.0.self_attn.q_norm.weight", [hd]),
+        ("mtp.layers.0.self_attn.k_norm.weight", [hd]),
+        ("mtp.layers.0.mlp.gate.weight", [e, h]),
+    ]
+    for x in range(e):
+        shapes += [(f"mtp.layers.0.mlp.experts.{x}.gate_proj.weight", [i, h]),
+                   (f"mtp.layers.0.mlp.experts.{x}.up_proj.weight", [i, h]),
+                   (f"mtp.layers.0.mlp.experts.{x}.down_proj.weight", [h, i])]
+    shapes += [
+        ("mtp.layers.0.mlp.shared_expert.gate_proj.weight", [sh, h]),
+        ("mtp.layers.0.mlp.shared_expert.up_proj.weight", [sh, h]),
+        ("mtp.layers.0.mlp.shared_expert.down_proj.weight", [h, sh]),
+        ("mtp.layers.0.mlp.shared_expert_gate.weight", [1, h]),
+    ]
+    gen = torch.Generator().manual_seed(MTP_SEED)
+    for n, shape in shapes:
+        v = torch.randn(shape, generator=gen)
+        v = 0.3 * v if n.endswith("norm.weight") else v / math.sqrt(shape[-1])  # zero-centred
+        out[n] = v.to(dtype).contiguous()
+    save_file(out, path, metadata=meta)
 
 
 def unfuse_experts(d, untie):
@@ -705,7 +778,8 @@ def main():
             if only is not None and arch not in only:
                 continue
             hf = hf_copy(os.path.join(HERE, arch), work)
-            outputs = [(ty, ["convert_hf_to_gguf.py", "--outtype", ty], None) for ty in types]
+            outputs = [(ty, ["convert_hf_to_gguf.py", "--outtype", ty] + CONVERT_ARGS.get((arch, ty), []), None)
+                       for ty in types]
             if arch == "qwen3_moe_wide" and a.all_wide_types:
                 quants = quants + WIDE_PURE
             outputs += [(q[0], None, q) for q in quants]
@@ -714,19 +788,22 @@ def main():
                 gguf = os.path.join(a.out, f"{arch}-{ty}.gguf")
                 if q is None:
                     subprocess.run(
-                        [sys.executable, convert, hf, "--outtype", ty, "--outfile", gguf],
+                        [sys.executable, convert, hf, "--outtype", ty, "--outfile", gguf]
+                        + CONVERT_ARGS.get((arch, ty), []),
                         check=True,
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE if os.environ.get("QUIET") else None,
                     )
                     made_with = " ".join(conv_args)
                 else:
+                    f16_args = CONVERT_ARGS.get((arch, "f16"), [])
                     if not os.path.exists(f16):
                         subprocess.run(
-                            [sys.executable, convert, hf, "--outtype", "f16", "--outfile", f16],
+                            [sys.executable, convert, hf, "--outtype", "f16", "--outfile", f16] + f16_args,
                             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )
-                    made_with = "convert_hf_to_gguf.py --outtype f16, then " + quantize(a.llama_cpp, f16, gguf, q[1], q[2], q[3])
+                    made_with = (" ".join(["convert_hf_to_gguf.py", "--outtype", "f16"] + f16_args) + ", then "
+                                 + quantize(a.llama_cpp, f16, gguf, q[1], q[2], q[3]))
                 d = dump(gguf)
                 with open(os.path.join(a.out, f"{arch}-{ty}.json"), "w") as f:
                     json.dump(d, f, indent=1, ensure_ascii=False)
