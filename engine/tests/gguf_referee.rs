@@ -260,87 +260,103 @@ fn gguf_files_match_llama_cpp() {
     let mut report = Vec::new();
     for path in referee_files() {
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
-        let name = stem.as_str();
-        let r = Referee::read(&path);
-        let ckpt = Checkpoint::open(path.to_str().unwrap()).unwrap();
-        let tok = ckpt.tokenizer().unwrap();
-        assert_eq!(
-            tok.encode(&r.prompt).unwrap(),
-            r.prompt_tokens,
-            "{name}: prompt tokens"
-        );
-        assert_eq!(
-            tok.encode_with(&r.chat_text, false).unwrap(),
-            r.chat_tokens,
-            "{name}: chat tokens"
-        );
-        let model = ckpt.load_model().unwrap();
-        let mut kv = model.new_cache();
-        let logits = model
-            .forward(
-                &r.prompt_ids,
-                &mut kv,
-                Phase::Prefill,
-                LogitsFor::All,
-                &mut NoObserver,
-            )
-            .unwrap();
-        let (t, v) = logits.dim();
-        assert_eq!(t * v, r.logits.len(), "{name}");
-        let ours = logits.as_slice().unwrap();
-        let scale = r.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let per_position: Vec<f32> = (0..t)
-            .map(|i| {
-                (0..v)
-                    .map(|j| (ours[i * v + j] - r.logits[i * v + j]).abs())
-                    .fold(0.0f32, f32::max)
-            })
-            .collect();
-        let worst = per_position.iter().copied().fold(0.0f32, f32::max);
-        let leading = per_position.iter().take_while(|d| **d <= 1e-4).count();
-        if EXACT.contains(&name) {
-            assert_eq!(
-                leading, t,
-                "{name}: logits differ by {worst:e} (position {leading})"
-            );
-        } else if name.ends_with("-f16") || name.ends_with("-bf16") {
-            assert!(
-                worst <= 1e-3 * scale,
-                "{name}: logits differ by {worst:e} (scale {scale})"
-            );
-        } else {
-            assert!(
-                leading >= 2,
-                "{name}: logits differ from the first positions ({per_position:?})"
-            );
-        }
-        let agree = (0..t)
-            .filter(|&i| argmax(&ours[i * v..(i + 1) * v]) == argmax(&r.logits[i * v..(i + 1) * v]))
-            .count();
-        assert!(
-            agree * 10 >= t * 9,
-            "{name}: argmax agrees at {agree}/{t} positions"
-        );
-        let generated = greedy(&model, &r.prompt_ids, r.generated.len());
-        let same = generated
-            .iter()
-            .zip(&r.generated)
-            .take_while(|(a, b)| a == b)
-            .count();
-        assert!(
-            same >= 4,
-            "{name}: greedy {generated:?} vs llama.cpp {:?}",
-            r.generated
-        );
-        report.push(format!(
-            "{name}: max |Δlogit| {worst:.1e} (scale {scale:.1}), first {leading}/{t} positions within 1e-4, argmax {agree}/{t}, greedy prefix {same}/{} ({:?})",
-            r.generated.len(),
-            r.types
-        ));
+        report.push(against_llama_cpp(&path, EXACT.contains(&stem.as_str())));
     }
     for line in &report {
         println!("{line}");
     }
+}
+
+/// One GGUF file against llama.cpp's referee outputs beside it, as [`gguf_files_match_llama_cpp`]
+/// says (`exact`: within 1e-4 at every position); its report line.
+fn against_llama_cpp(path: &Path, exact: bool) -> String {
+    let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+    let name = stem.as_str();
+    let r = Referee::read(path);
+    let ckpt = Checkpoint::open(path.to_str().unwrap()).unwrap();
+    let tok = ckpt.tokenizer().unwrap();
+    assert_eq!(
+        tok.encode(&r.prompt).unwrap(),
+        r.prompt_tokens,
+        "{name}: prompt tokens"
+    );
+    assert_eq!(
+        tok.encode_with(&r.chat_text, false).unwrap(),
+        r.chat_tokens,
+        "{name}: chat tokens"
+    );
+    let model = ckpt.load_model().unwrap();
+    let mut kv = model.new_cache();
+    let logits = model
+        .forward(
+            &r.prompt_ids,
+            &mut kv,
+            Phase::Prefill,
+            LogitsFor::All,
+            &mut NoObserver,
+        )
+        .unwrap();
+    let (t, v) = logits.dim();
+    assert_eq!(t * v, r.logits.len(), "{name}");
+    let ours = logits.as_slice().unwrap();
+    let scale = r.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let per_position: Vec<f32> = (0..t)
+        .map(|i| {
+            (0..v)
+                .map(|j| (ours[i * v + j] - r.logits[i * v + j]).abs())
+                .fold(0.0f32, f32::max)
+        })
+        .collect();
+    let worst = per_position.iter().copied().fold(0.0f32, f32::max);
+    let leading = per_position.iter().take_while(|d| **d <= 1e-4).count();
+    if exact {
+        assert_eq!(
+            leading, t,
+            "{name}: logits differ by {worst:e} (position {leading})"
+        );
+    } else if name.ends_with("-f16") || name.ends_with("-bf16") {
+        assert!(
+            worst <= 1e-3 * scale,
+            "{name}: logits differ by {worst:e} (scale {scale})"
+        );
+    } else {
+        assert!(
+            leading >= 2,
+            "{name}: logits differ from the first positions ({per_position:?})"
+        );
+    }
+    let agree = (0..t)
+        .filter(|&i| argmax(&ours[i * v..(i + 1) * v]) == argmax(&r.logits[i * v..(i + 1) * v]))
+        .count();
+    assert!(
+        agree * 10 >= t * 9,
+        "{name}: argmax agrees at {agree}/{t} positions"
+    );
+    let generated = greedy(&model, &r.prompt_ids, r.generated.len());
+    let same = generated
+        .iter()
+        .zip(&r.generated)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        same >= 4,
+        "{name}: greedy {generated:?} vs llama.cpp {:?}",
+        r.generated
+    );
+    format!(
+        "{name}: max |Δlogit| {worst:.1e} (scale {scale:.1}), first {leading}/{t} positions within 1e-4, argmax {agree}/{t}, greedy prefix {same}/{} ({:?})",
+        r.generated.len(),
+        r.types
+    )
+}
+
+/// The bundled reference model as llama.cpp users would run it (make_gguf.py --reference:
+/// models/reference/checkpoint converted to bf16 by llama.cpp's converter, then
+/// `llama-quantize` Q8_0) against llama.cpp's outputs on that file, as every other GGUF file.
+#[test]
+fn reference_q8_0_gguf_matches_llama_cpp() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/reference/checkpoint-q8_0.gguf");
+    println!("{}", against_llama_cpp(&path, false));
 }
 
 /// The float GGUF files against transformers' golden outputs for the checkpoints they were

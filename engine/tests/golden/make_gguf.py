@@ -6,6 +6,7 @@ logits on them, and gguf-py's dequantisation of every block type the engine read
     python engine/tests/golden/make_gguf.py \
         --llama-cpp ~/.cache/shadowmoe/llama/llama_cpp_python-0.3.36/vendor/llama.cpp \
         [--out engine/tests/golden/gguf] [--only mixtral,olmoe,...,dequant] [--all-wide-types]
+    python engine/tests/golden/make_gguf.py --llama-cpp DIR --reference
 
 DIR (--llama-cpp) is the llama.cpp source tree the `llama-cpp-python` 0.3.36 sdist vendors
 (`vendor/llama.cpp`: `convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`), built with cmake so that
@@ -51,6 +52,11 @@ For each fixture (FIXTURES) and output type it writes, under --out:
                                vec_dot's results `<TYPE>.dot` F32 [rows, tokens]; dequant.json's
                                `dot` says each vec_dot_type, its block layout and the CPU code
                                path (system_info) that made the bits
+
+With --reference it writes only models/reference/checkpoint-q8_0.gguf, the bundled reference
+model (models/reference/checkpoint, bf16) converted to bf16 and quantised by llama-quantize to
+Q8_0 (the same file benches/llama_cpp_compare.sh times), and its checkpoint-q8_0.llama.json /
+.llama.safetensors beside it, as above (prompt: the model's golden.json prompt_ids).
 
 The llama.cpp files (.llama.*), the ggml cross-check and the dot products need llama-cpp-python
 importable; without it they are skipped. Where llama.cpp and transformers differ on a fixture, llama.cpp is the
@@ -128,6 +134,9 @@ CONVERT_ARGS = {
     ("qwen3_next_gguf", "f16"): ["--no-mtp"],
 }
 MTP_SEED = 18
+# --reference: the bundled reference model and the Q8_0 GGUF file made from it.
+REFERENCE = os.path.normpath(os.path.join(HERE, "..", "..", "..", "models", "reference", "checkpoint"))
+REFERENCE_GGUF = REFERENCE + "-q8_0.gguf"
 # The dequantisation golden's types: (name, byte ranges of the block's f16 scale fields).
 # Each block gets random bytes with these fields overwritten by sane f16 values.
 DEQUANT_TYPES = [
@@ -307,7 +316,7 @@ def unfuse_experts(d, untie):
         json.dump(ix, open(index, "w"), indent=2)
 
 
-def quantize(llama, src, dst, qtype, pure, overrides):
+def quantize(llama, src, dst, qtype, pure, overrides, src_label="<f16.gguf>"):
     exe = os.path.join(llama, "build", "bin", "llama-quantize")
     opts = (["--pure"] if pure else []) + [a for n, t in overrides for a in ("--tensor-type", f"{n}={t}")]
     cmd = [exe] + opts + [src, dst, qtype, "2"]
@@ -315,7 +324,7 @@ def quantize(llama, src, dst, qtype, pure, overrides):
     if r.returncode != 0:
         sys.stderr.write(r.stdout)
         raise SystemExit(f"llama-quantize {qtype} failed: {' '.join(cmd)}")
-    return " ".join(["llama-quantize"] + opts + ["<f16.gguf>", "<out.gguf>", qtype])
+    return " ".join(["llama-quantize"] + opts + [src_label, "<out.gguf>", qtype])
 
 
 def value_of(field, GGUFValueType):
@@ -753,6 +762,31 @@ def ggml_check(tensors, info):
             "libggml-base of llama-cpp-python " + llama_cpp.__version__ + ")")
 
 
+def reference(llama, convert, work, have_llama):
+    """--reference: the bundled reference model (models/reference/checkpoint: qwen3_moe, bf16)
+    as llama.cpp users would run it, REFERENCE_GGUF: converted by the converter to bf16 (as
+    benches/llama_cpp_compare.sh does: the hub spellings of two config keys, the tokenizer's
+    pre-tokenizer treated as qwen2's), then `llama-quantize ... Q8_0` (the expert down
+    projections, rows of 16 values, are not whole Q8_0 blocks: llama-quantize keeps them F16),
+    and llama.cpp's referee outputs beside it (checkpoint-q8_0.llama.json / .llama.safetensors,
+    as for the fixtures; the prompt is golden.json's prompt_ids)."""
+    hf = hf_copy(REFERENCE, work)
+    bf16 = os.path.join(work, "reference-bf16.gguf")
+    subprocess.run([sys.executable, convert, hf, "--outtype", "bf16", "--outfile", bf16],
+                   check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE if os.environ.get("QUIET") else None)
+    made_with = ("convert_hf_to_gguf.py --outtype bf16, then "
+                 + quantize(llama, bf16, REFERENCE_GGUF, "Q8_0", False, [], src_label="<bf16.gguf>"))
+    counts = {}
+    for t in dump(REFERENCE_GGUF)["tensors"]:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    print(f"{REFERENCE_GGUF}: {sum(counts.values())} tensors {counts}, {os.path.getsize(REFERENCE_GGUF)} bytes")
+    if have_llama:
+        stem = REFERENCE_GGUF[: -len(".gguf")]
+        gen, _, _ = referee(REFERENCE_GGUF, REFERENCE, stem, counts, made_with)
+        print(f"  llama.cpp greedy: {gen}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", required=True)
@@ -761,17 +795,24 @@ def main():
                     help="comma list of fixture names and/or 'dequant' (default: everything)")
     ap.add_argument("--all-wide-types", action="store_true",
                     help="also qwen3_moe_wide once per type (--pure; ~14 MB, not committed)")
+    ap.add_argument("--reference", action="store_true",
+                    help="only the bundled reference model: models/reference/checkpoint-q8_0.gguf "
+                         "and its referee files (--out and --only do not apply)")
     a = ap.parse_args()
-    only = None if a.only == "all" else set(a.only.split(","))
-    os.makedirs(a.out, exist_ok=True)
-    if only is None or "dequant" in only:
-        dequant_golden(a.out)
     try:
         import llama_cpp  # noqa: F401
         have_llama = True
     except ImportError:
         have_llama = False
         print("(llama_cpp not importable: no referee logits)")
+    if a.reference:
+        with tempfile.TemporaryDirectory() as work:
+            reference(a.llama_cpp, patched_converter(a.llama_cpp, work), work, have_llama)
+        return
+    only = None if a.only == "all" else set(a.only.split(","))
+    os.makedirs(a.out, exist_ok=True)
+    if only is None or "dequant" in only:
+        dequant_golden(a.out)
     with tempfile.TemporaryDirectory() as work:
         convert = patched_converter(a.llama_cpp, work)
         for arch, types, quants in FIXTURES:
