@@ -12,7 +12,8 @@
 # Burn's CPU backend; or wgpu, cpu), LIVE_PROMPTS (8: held-out prompts of the live sweep),
 # LIVE_TOKENS (16), QUALITY_TOKENS (1000), QUALITY_PROMPTS (2), QUALITY_CAPACITY (32,64,128),
 # PREDICTOR_MS (0.6: modelled shadow predictor time per layer call in the sim
-# sweep; see README for the measured figure).
+# sweep; see README for the measured figure), GGUF (models/reference/checkpoint-q8_0.gguf: the
+# bundled model as llama.cpp's Q8_0 file, traced and swept live in the `gguf` step).
 # Finished steps are kept: rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,6 +89,19 @@ step "bench-sweep live: quality and repetition at ${QUALITY_TOKENS:-1000} tokens
   --limit "${QUALITY_PROMPTS:-2}" --max-new-tokens "${QUALITY_TOKENS:-1000}" --no-chat-template \
   --capacity "${QUALITY_CAPACITY:-32,64,128}" --on-miss sync,skip --pinning "off,$OUT/profile.json:16" \
   --replace --out "$OUT/sweep-quality"
+
+# The same model as llama.cpp's users hold it: its Q8_0 GGUF file (made by llama.cpp's converter
+# and llama-quantize; computed as llama.cpp computes it), traced and swept live like the above
+# (in gguf/, apart from the figures, which read the folders of OUT one level down).
+GGUF=${GGUF:-models/reference/checkpoint-q8_0.gguf}
+step "gguf: trace-collect and bench-sweep live on $GGUF"
+mkdir -p "$OUT/gguf"
+[ -f "$OUT/gguf/heldout.parquet" ] || "$BIN/trace-collect" --model "$GGUF" \
+  --dataset datasets/heldout.jsonl --limit "${LIVE_PROMPTS:-8}" --out "$OUT/gguf/heldout.parquet" \
+  --max-new-tokens "$NEW" --temperature 0.8 --seed 0 --no-chat-template --resume
+"$BIN/bench-sweep" --mode live --model "$GGUF" --dataset datasets/heldout.jsonl \
+  --limit "${LIVE_PROMPTS:-8}" --max-new-tokens "${LIVE_TOKENS:-16}" --no-chat-template \
+  --capacity "$CAPACITY" --replace --out "$OUT/gguf/sweep-live"
 
 step "plot-figures"
 "$BIN/plot-figures" --results "$OUT" --out "$OUT/figures"

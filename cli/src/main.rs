@@ -379,13 +379,16 @@ fn run_serve(a: ServeArgs) -> Result<()> {
     let server = shadowmoe_serve::Server::bind(opts)?;
     let ckpt = open(&a.model)?;
     let context = a.max_input_tokens + a.sampling.max_new_tokens;
+    // The tokenizer before the weights, so that the byte model's measured baseline has it.
+    let tokenizer = ckpt.tokenizer()?;
     let mut loaded = a.cache.load(&ckpt, context)?;
     let engine = shadowmoe_serve::Engine {
         model: loaded.model.clone(),
-        tokenizer: ckpt.tokenizer()?,
+        tokenizer,
         eos_token_ids: ckpt.eos_token_ids(),
         cached: loaded.cached.clone(),
         config_sha256: ckpt.config_sha256()?,
+        byte_model: loaded.byte_model(),
     };
     server.run(engine)?;
     a.cache.finish(&mut loaded, None, context)

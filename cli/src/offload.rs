@@ -104,6 +104,11 @@ fn flag<T: std::str::FromStr<Err = String>>(name: &str, value: &str) -> Result<T
 
 impl Loaded {
     /// The byte model's resident bytes with `tokens` in the KV cache (None: no expert cache).
+    /// The byte model and the expert slots it counts (experts from disk only).
+    pub fn byte_model(&self) -> Option<(ByteModel, usize)> {
+        self.byte_model
+    }
+
     pub fn predicted_rss(&self, tokens: usize) -> Option<u64> {
         self.byte_model
             .as_ref()

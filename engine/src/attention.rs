@@ -52,7 +52,7 @@ impl KvCache {
     /// Untouched reserved pages cost no memory.
     pub fn reserve(&mut self, positions: usize) {
         for l in &mut self.layers {
-            l.reserve = positions;
+            l.reserve = l.reserve.max(positions);
         }
     }
 

@@ -45,7 +45,7 @@ pub use config::{Arch, MlpKind, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{
     GenerateOptions, GenerationStats, current_rss_bytes, generate, generate_cached, peak_rss_bytes,
-    repetition,
+    repetition, trim_heap,
 };
 pub use model::{LogitsFor, Model, OpProfile};
 pub use moe::{ExpertProvider, ExpertWeights, InMemoryExperts, Router, RoutingDecision};

@@ -72,6 +72,9 @@ pub struct Engine {
     pub cached: Option<Arc<CachedExperts>>,
     /// sha256 of the checkpoint's `config.json` (ties a cache state to its model).
     pub config_sha256: String,
+    /// The byte model of the loaded run and its expert slots (experts from disk): `/metrics`
+    /// shows its prediction for the session's context beside the resident set.
+    pub byte_model: Option<(shadowmoe_engine::offload::ByteModel, usize)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -90,6 +93,7 @@ pub(crate) struct AppState {
     pub queue: std::sync::mpsc::SyncSender<Job>,
     pub metrics: Arc<Metrics>,
     pub cached: Option<Arc<CachedExperts>>,
+    pub byte_model: Option<(shadowmoe_engine::offload::ByteModel, usize)>,
     pub started: u64,
     pub worker_stopped: Arc<Mutex<bool>>,
 }
@@ -108,6 +112,9 @@ pub(crate) fn unix_now() -> u64 {
 pub struct Server {
     listener: std::net::TcpListener,
     opts: ServeOptions,
+    /// Started with the port, before the model loads: the byte model's measured baseline
+    /// then counts its threads.
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Server {
@@ -134,7 +141,17 @@ impl Server {
         listener
             .set_nonblocking(true)
             .map_err(|source| ServeError::Bind { addr, source })?;
-        Ok(Self { listener, opts })
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("shadowmoe-http")
+            .build()
+            .map_err(ServeError::Http)?;
+        Ok(Self {
+            listener,
+            opts,
+            runtime,
+        })
     }
 
     /// The address it listens on.
@@ -150,6 +167,7 @@ impl Server {
             eos_token_ids,
             cached,
             config_sha256,
+            byte_model,
         } = engine;
         let state_file = self.opts.cache_state.clone();
         if let Some(path) = &state_file {
@@ -180,6 +198,8 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(self.opts.queue_depth);
         let vocab_size = model.config.vocab_size;
         let worker = Worker {
+            kv_reserve: self.opts.max_input_tokens + self.opts.default_max_tokens,
+            byte_model,
             model,
             tokenizer: tokenizer.clone(),
             eos_token_ids,
@@ -199,15 +219,11 @@ impl Server {
             queue: tx,
             metrics,
             cached: cached.clone(),
+            byte_model,
             started: unix_now(),
             worker_stopped: stopped,
         });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("shadowmoe-http")
-            .build()
-            .map_err(ServeError::Http)?;
+        let runtime = self.runtime;
         let listener = self.listener;
         let served = runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).map_err(ServeError::Http)?;
@@ -310,7 +326,9 @@ async fn health(State(s): State<Shared>) -> Response {
 
 async fn prometheus(State(s): State<Shared>) -> Response {
     let start = Instant::now();
-    let text = s.metrics.render(s.cached.as_ref(), s.opts.queue_depth);
+    let text = s
+        .metrics
+        .render(s.cached.as_ref(), s.opts.queue_depth, s.byte_model.as_ref());
     tracing::debug!("metrics rendered in {:?}", start.elapsed());
     (
         [(

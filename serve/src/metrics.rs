@@ -79,6 +79,11 @@ pub struct Metrics {
     pub queued: AtomicUsize,
     /// 1 while the engine runs a request.
     pub busy: AtomicUsize,
+    /// Tokens the kept session's KV cache holds (after the last request).
+    pub session_tokens: AtomicUsize,
+    /// The process's overhead beyond weights, slots and KV cache, measured after the first
+    /// request (the byte model predicts with it from then on).
+    pub overhead_after_warmup: Mutex<Option<u64>>,
 }
 
 /// Cumulative counts of expert-load latencies per bucket of [`LOAD_BUCKETS`].
@@ -138,7 +143,12 @@ impl Metrics {
     }
 
     /// The whole `/metrics` page.
-    pub fn render(&self, cached: Option<&Arc<CachedExperts>>, queue_capacity: usize) -> String {
+    pub fn render(
+        &self,
+        cached: Option<&Arc<CachedExperts>>,
+        queue_capacity: usize,
+        byte_model: Option<&(shadowmoe_engine::offload::ByteModel, usize)>,
+    ) -> String {
         let mut w = Writer::default();
         {
             let m = self.lock();
@@ -253,6 +263,27 @@ impl Metrics {
                 "shadowmoe_rss_bytes",
                 "Resident set size of the process now",
                 rss as f64,
+            );
+        }
+        let session = self.session_tokens.load(Ordering::Relaxed);
+        w.gauge(
+            "shadowmoe_session_tokens",
+            "Tokens the kept session's KV cache holds",
+            session as f64,
+        );
+        if let Some((bm, slots)) = byte_model {
+            let mut bm = *bm;
+            if let Some(o) = *self
+                .overhead_after_warmup
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+            {
+                bm.overhead_bytes = o;
+            }
+            w.gauge(
+                "shadowmoe_byte_model_bytes",
+                "Resident bytes the byte model predicts for the session's context (its overhead measured after the first request)",
+                bm.predict_slots(*slots, session) as f64,
             );
         }
         if let Some(peak) = shadowmoe_engine::peak_rss_bytes() {
@@ -456,7 +487,7 @@ mod tests {
             decode_secs: 0.5,
             ..Default::default()
         });
-        let text = m.render(None, 8);
+        let text = m.render(None, 8, None);
         assert!(
             text.contains("shadowmoe_requests_total{api=\"messages\",outcome=\"ok\"} 1\n"),
             "{text}"

@@ -74,6 +74,12 @@ pub struct Worker {
     pub tokenizer: Arc<Tokenizer>,
     pub eos_token_ids: Vec<u32>,
     pub metrics: Arc<Metrics>,
+    /// Positions a new session's KV cache makes room for at once (untouched pages cost
+    /// nothing; a cache that doubled as a conversation grew kept its old copies resident).
+    pub kv_reserve: usize,
+    /// The byte model (and slots): after the first request it takes the process's measured
+    /// overhead (the server's threads and buffers included) for its later predictions.
+    pub byte_model: Option<(shadowmoe_engine::offload::ByteModel, usize)>,
     /// The expert cache, whose read spans are folded into the metrics after each request.
     pub cached: Option<Arc<shadowmoe_engine::offload::CachedExperts>>,
     /// Prefix reuse across requests (off: every request starts from an empty KV cache).
@@ -109,6 +115,33 @@ impl Worker {
         *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
     }
 
+    /// After the first request (warm-up): the overhead the byte model predicts with becomes
+    /// what the process holds beyond its weights, expert slots and this session's KV cache.
+    fn calibrate(&self, session_tokens: usize) {
+        let Some((bm, slots)) = &self.byte_model else {
+            return;
+        };
+        let mut slot = self
+            .metrics
+            .overhead_after_warmup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        shadowmoe_engine::trim_heap();
+        if let Some(rss) = shadowmoe_engine::current_rss_bytes() {
+            let rest = bm.predict_slots(*slots, session_tokens) - bm.overhead_bytes;
+            *slot = Some(rss.saturating_sub(rest));
+        }
+    }
+
+    fn new_cache(&self) -> shadowmoe_engine::KvCache {
+        let mut c = self.model.new_cache();
+        c.reserve(self.kv_reserve);
+        c
+    }
+
     /// Runs one job, continuing from `session` where the prompt allows; returns the session the
     /// KV cache now holds (none after an engine error).
     fn run_job(&self, job: Job, session: Option<Session>) -> Option<Session> {
@@ -127,11 +160,13 @@ impl Worker {
                 if common > 0 && s.cache.truncate(common) {
                     (common, s.cache)
                 } else {
-                    (0, self.model.new_cache())
+                    (0, self.new_cache())
                 }
             }
-            _ => (0, self.model.new_cache()),
+            _ => (0, self.new_cache()),
         };
+        // A request longer than the reserve grows the cache once to its own length.
+        cache.reserve(prompt.len() + job.max_tokens);
         let opts = GenerateOptions {
             max_new_tokens: job.max_tokens,
             sampling: job.sampling,
@@ -234,6 +269,8 @@ impl Worker {
         let mut tokens = job.prompt;
         tokens.extend_from_slice(&out);
         tokens.truncate(cache.len);
+        self.metrics.session_tokens.store(cache.len, Ordering::Relaxed);
+        self.calibrate(cache.len);
         Some(Session { tokens, cache })
     }
 }

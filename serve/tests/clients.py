@@ -264,6 +264,10 @@ check("metrics: hit rate by phase", 0 < metric(m1, "shadowmoe_expert_hit_rate", 
       and 0 <= metric(m1, "shadowmoe_expert_hit_rate", phase="prefill") <= 1)
 check("metrics: histogram and queue", metric(m1, "shadowmoe_expert_load_seconds_count") > 0
       and ("shadowmoe_queue_depth", ()) in m1 and metric(m1, "shadowmoe_rss_bytes") > 0)
+# The byte model's prediction for the kept session, beside the resident set it predicts.
+predicted, rss = metric(m1, "shadowmoe_byte_model_bytes"), metric(m1, "shadowmoe_rss_bytes")
+check("metrics: byte model beside RSS", metric(m1, "shadowmoe_session_tokens") > 0
+      and 0.5 * rss < predicted < 2 * rss, (predicted, rss))
 # The histogram keeps every load ever read (folded in, not re-read): it only grows, and its
 # +Inf bucket is its count.
 count0, count1 = metric(m0, "shadowmoe_expert_load_seconds_count"), metric(m1, "shadowmoe_expert_load_seconds_count")
