@@ -271,6 +271,43 @@ unsafe fn blocks32<B: Block32, const T: usize>(row: &[u8], a: [&Acts; T]) -> [f3
         }
         i += 8;
     }
+    // Four blocks left (rows of 128 or 160 values: expert down projections of narrow
+    // experts): the same, on the lanes' low half (i is still a multiple of 8).
+    if i + 4 <= n {
+        let mut p = [[_mm256_setzero_si256(); 4]; T];
+        for j in 0..4 {
+            // SAFETY: block i + j is inside the row; its activations inside each token's.
+            unsafe {
+                let w = B::weights(rp.add((i + j) * B::BB));
+                let wu = if B::SIGNED { _mm256_abs_epi8(w) } else { w };
+                for (t, pt) in p.iter_mut().enumerate() {
+                    let x = load32(a[t].q.as_ptr().add(32 * (i + j)).cast::<u8>());
+                    let x = if B::SIGNED { _mm256_sign_epi8(x, w) } else { x };
+                    pt[j] = dot_u8_i8(wu, x);
+                }
+            }
+        }
+        let mut dws = [0i16; 8];
+        for (j, v) in dws.iter_mut().take(4).enumerate() {
+            // SAFETY: block i + j's first two bytes.
+            *v = unsafe { std::ptr::read_unaligned(rp.add((i + j) * B::BB).cast::<i16>()) };
+        }
+        let dw = _mm_cvtph_ps(_mm_setr_epi16(dws[0], dws[1], dws[2], dws[3], 0, 0, 0, 0));
+        for (t, pt) in p.iter().enumerate() {
+            // Four blocks' eight partial sums to four sums.
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(pt[0], pt[1]), _mm256_hadd_epi32(pt[2], pt[3]));
+            let mut s4 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+            // SAFETY (both loads): blocks i .. i + 4 have their activation sums and scales.
+            if B::OFFSET != 0 {
+                let sums = unsafe { _mm_loadu_si128(a[t].sums.as_ptr().add(i).cast::<__m128i>()) };
+                s4 = _mm_sub_epi32(s4, _mm_mullo_epi32(sums, _mm_set1_epi32(B::OFFSET)));
+            }
+            let dx = unsafe { _mm_loadu_ps(a[t].d.as_ptr().add(i)) };
+            let term = _mm_mul_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(dw, dx));
+            lanes[t] = _mm256_add_ps(lanes[t], _mm256_insertf128_ps::<0>(_mm256_setzero_ps(), term));
+        }
+        i += 4;
+    }
     let mut out = [0.0f32; T];
     for t in 0..T {
         let mut l = [0.0f32; 8];

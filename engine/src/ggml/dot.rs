@@ -327,7 +327,7 @@ mod tests {
         for (k, ty) in BlockType::ALL
             .into_iter()
             .filter(|t| !t.is_float())
-            .flat_map(|t| [512usize, 416].map(|k| (k, t)))
+            .flat_map(|t| [512usize, 416, 128, 96].map(|k| (k, t)))
             .filter(|(k, t)| k.is_multiple_of(t.block_values()))
         {
             let x: Vec<f32> = (0..k).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
