@@ -214,6 +214,38 @@ fn sums8(p: &[__m256i; 8]) -> __m256i {
     )
 }
 
+/// Blocks `i .. i + G` of a row at `rp`: each token's eight partial integer sums per block
+/// (weights unpacked once for all tokens), and the blocks' f16 scale bits.
+///
+/// # Safety
+/// The blocks are inside the row and their activations inside each token's; the CPU has the
+/// features of this file.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+#[inline]
+unsafe fn partials<B: Block32, const T: usize, const G: usize>(
+    rp: *const u8,
+    a: &[&Acts; T],
+    i: usize,
+) -> ([[__m256i; G]; T], [i16; 8]) {
+    let mut p = [[_mm256_setzero_si256(); G]; T];
+    let mut dws = [0i16; 8];
+    for j in 0..G {
+        // SAFETY: the caller's: block i + j is inside the row, its activations in each token's.
+        unsafe {
+            let b = rp.add((i + j) * B::BB);
+            dws[j] = std::ptr::read_unaligned(b.cast::<i16>());
+            let w = B::weights(b);
+            let wu = if B::SIGNED { _mm256_abs_epi8(w) } else { w };
+            for (t, pt) in p.iter_mut().enumerate() {
+                let x = load32(a[t].q.as_ptr().add(32 * (i + j)).cast::<u8>());
+                let x = if B::SIGNED { _mm256_sign_epi8(x, w) } else { x };
+                pt[j] = dot_u8_i8(wu, x);
+            }
+        }
+    }
+    (p, dws)
+}
+
 /// A row of 32-value blocks against `T` tokens: eight blocks at a time, their weights unpacked
 /// once, each token's eight integer sums reduced together, scaled with the scalar reference's
 /// float operations lane by lane and added to its [`Lanes`](super::dot::Lanes), so each result
@@ -233,24 +265,8 @@ unsafe fn blocks32<B: Block32, const T: usize>(row: &[u8], a: [&Acts; T]) -> [f3
     let mut lanes = [_mm256_setzero_ps(); T];
     let mut i = 0;
     while i + 8 <= n {
-        let mut p = [[_mm256_setzero_si256(); 8]; T];
-        for j in 0..8 {
-            // SAFETY: block i + j is inside the row; its activations inside each token's.
-            unsafe {
-                let w = B::weights(rp.add((i + j) * B::BB));
-                let wu = if B::SIGNED { _mm256_abs_epi8(w) } else { w };
-                for (t, pt) in p.iter_mut().enumerate() {
-                    let x = load32(a[t].q.as_ptr().add(32 * (i + j)).cast::<u8>());
-                    let x = if B::SIGNED { _mm256_sign_epi8(x, w) } else { x };
-                    pt[j] = dot_u8_i8(wu, x);
-                }
-            }
-        }
-        let mut dws = [0i16; 8];
-        for (j, v) in dws.iter_mut().enumerate() {
-            // SAFETY: block i + j's first two bytes.
-            *v = unsafe { std::ptr::read_unaligned(rp.add((i + j) * B::BB).cast::<i16>()) };
-        }
+        // SAFETY: blocks i .. i + 8 are inside the row, their activations in each token's.
+        let (p, dws) = unsafe { partials::<B, T, 8>(rp, &a, i) };
         let dw = _mm256_cvtph_ps(_mm_setr_epi16(
             dws[0], dws[1], dws[2], dws[3], dws[4], dws[5], dws[6], dws[7],
         ));
@@ -274,24 +290,8 @@ unsafe fn blocks32<B: Block32, const T: usize>(row: &[u8], a: [&Acts; T]) -> [f3
     // Four blocks left (rows of 128 or 160 values: expert down projections of narrow
     // experts): the same, on the lanes' low half (i is still a multiple of 8).
     if i + 4 <= n {
-        let mut p = [[_mm256_setzero_si256(); 4]; T];
-        for j in 0..4 {
-            // SAFETY: block i + j is inside the row; its activations inside each token's.
-            unsafe {
-                let w = B::weights(rp.add((i + j) * B::BB));
-                let wu = if B::SIGNED { _mm256_abs_epi8(w) } else { w };
-                for (t, pt) in p.iter_mut().enumerate() {
-                    let x = load32(a[t].q.as_ptr().add(32 * (i + j)).cast::<u8>());
-                    let x = if B::SIGNED { _mm256_sign_epi8(x, w) } else { x };
-                    pt[j] = dot_u8_i8(wu, x);
-                }
-            }
-        }
-        let mut dws = [0i16; 8];
-        for (j, v) in dws.iter_mut().take(4).enumerate() {
-            // SAFETY: block i + j's first two bytes.
-            *v = unsafe { std::ptr::read_unaligned(rp.add((i + j) * B::BB).cast::<i16>()) };
-        }
+        // SAFETY: blocks i .. i + 4 are inside the row, their activations in each token's.
+        let (p, dws) = unsafe { partials::<B, T, 4>(rp, &a, i) };
         let dw = _mm_cvtph_ps(_mm_setr_epi16(dws[0], dws[1], dws[2], dws[3], 0, 0, 0, 0));
         for (t, pt) in p.iter().enumerate() {
             // Four blocks' eight partial sums to four sums.
