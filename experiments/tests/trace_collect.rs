@@ -278,6 +278,94 @@ fn killed_collection_resumes_to_the_same_rows() {
     );
 }
 
+/// A disk that fills while the collection writes (here: a file-size limit on the process, so
+/// that writing the final file fails with EFBIG as a full disk fails with ENOSPC): a one-line
+/// error, no file under the final name, every part already written kept; `--resume` on a disk
+/// with room then completes it with exactly the rows of an uninterrupted run.
+#[test]
+#[cfg(target_os = "linux")]
+fn a_disk_that_fills_loses_nothing_and_resume_completes() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_trace-collect");
+    let data = root().join("datasets/code.jsonl");
+    let model = fixture("qwen3_moe");
+    let cmd = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args([
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "24",
+            "--flush-every",
+            "1",
+        ])
+        .args(["--threads", "1", "--hidden-layers", "2"])
+        .args(extra)
+        .env("RUST_LOG", "warn");
+        c
+    };
+    let full = tmp.path().join("full.parquet");
+    let o = cmd(&full, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let whole = std::fs::metadata(&full).unwrap().len();
+
+    // Room for every part (one prompt each) but not for the final file.
+    let cut = tmp.path().join("cut.parquet");
+    let parts = tmp.path().join("cut.parquet.parts");
+    let limit = whole / 2;
+    let mut c = cmd(&cut, &[]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let l = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success(), "the collection fitted in {limit} bytes: {e}");
+    let last = e.trim().lines().last().unwrap_or_default();
+    assert!(last.contains("cut.parquet"), "the error names no file: {e}");
+    assert!(!cut.exists(), "a failed write left a file with the final name");
+    let kept = std::fs::read_dir(&parts).map(|d| d.count()).unwrap_or(0);
+    assert!(
+        kept > 0,
+        "the parts written before the disk filled were lost: {e}"
+    );
+
+    let o = cmd(&cut, &["--resume"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(cut.exists() && !parts.exists());
+    let read = |p: &Path| {
+        LazyFrame::scan_parquet(
+            PlRefPath::new(p.to_string_lossy().as_ref()),
+            ScanArgsParquet::default(),
+        )
+        .unwrap()
+        .collect()
+        .unwrap()
+    };
+    let (a, b) = (read(&full), read(&cut));
+    assert!(
+        a.equals_missing(&b),
+        "resumed rows differ from an uninterrupted run"
+    );
+}
+
 #[test]
 fn sharded_collections_concatenate_to_the_whole() {
     let tmp = tempfile::tempdir().unwrap();
