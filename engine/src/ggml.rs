@@ -10,9 +10,9 @@
 
 use half::f16;
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod avx512;
 pub mod dot;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
 
 /// Values per block of the K types.
 pub const QK_K: usize = 256;
@@ -220,12 +220,23 @@ pub fn quantize_tokens(ty: BlockType, x: &[f32], t: usize, k: usize) -> Vec<dot:
 /// rounded activations `acts` (`t = acts.len()`).
 pub fn dot_rows(ty: BlockType, w: &[u8], rows: usize, k: usize, acts: &[dot::Acts], out: &mut [f32]) {
     let (t, rb) = (acts.len(), ty.row_bytes(k));
+    // The vector kernels for the level the tile kernel runs at (`SHADOWMOE_SIMD` lowers both).
     #[cfg(target_arch = "x86_64")]
-    let vector = avx512::supported() && crate::kernels::Simd::detected() == crate::kernels::Simd::Avx512;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: avx512::supported said the CPU has the instructions.
-    if vector && unsafe { avx512::dot_rows(ty, w, rows, rb, acts, out) } {
-        return;
+    {
+        use crate::kernels::Simd;
+        let done = match Simd::detected() {
+            // SAFETY (both): supported() says the CPU has the instructions.
+            Simd::Avx512 if x86::avx512::supported() => unsafe {
+                x86::avx512::dot_rows(ty, w, rows, rb, acts, out)
+            },
+            Simd::Avx512 | Simd::Avx2 if x86::avx2::supported() => unsafe {
+                x86::avx2::dot_rows(ty, w, rows, rb, acts, out)
+            },
+            _ => false,
+        };
+        if done {
+            return;
+        }
     }
     for r in 0..rows {
         let row = &w[r * rb..(r + 1) * rb];

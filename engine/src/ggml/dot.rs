@@ -6,7 +6,7 @@
 //! summation order); computing in integers is what makes them fast.
 //!
 //! This file holds the activation formats and a scalar dot product for every type (the
-//! reference); `avx512.rs` has the vector ones for the common types, tested against these.
+//! reference); `x86.rs` has the vector ones for the common types, tested against these.
 
 use super::{BlockType, QK_K, e8m0_half, half, q3_k_scales, scale_min_k4};
 
@@ -368,34 +368,41 @@ mod tests {
                 .sum();
             let got = dot_scalar(ty, &row, &a);
             #[cfg(target_arch = "x86_64")]
-            if super::super::avx512::supported() {
-                // SAFETY: supported() says the CPU has the instructions.
-                // One token, and the same token among three others.
-                let mut v = [0.0f32; 4];
-                if unsafe {
-                    super::super::avx512::dot_rows(ty, &row, 1, row.len(), std::slice::from_ref(&a), &mut v)
-                } {
-                    assert_eq!(
-                        v[0].to_bits(),
-                        got.to_bits(),
-                        "{ty:?}: AVX-512 {} vs scalar {got}",
-                        v[0]
-                    );
-                    let mut b = Acts::default();
-                    quantize_acts(
-                        ty.act_format(),
-                        &x.iter().map(|v| -v * 0.5).collect::<Vec<_>>(),
-                        &mut b,
-                    );
-                    // SAFETY: as above.
-                    let four = [b.clone(), a.clone(), b.clone(), b.clone()];
-                    assert!(unsafe { super::super::avx512::dot_rows(ty, &row, 1, row.len(), &four, &mut v) });
-                    assert_eq!(v[1].to_bits(), got.to_bits(), "{ty:?}: among others");
-                    assert_eq!(
-                        v[0].to_bits(),
-                        dot_scalar(ty, &row, &b).to_bits(),
-                        "{ty:?}: the other"
-                    );
+            {
+                use super::super::x86::{avx2, avx512};
+                type Kernels = unsafe fn(BlockType, &[u8], usize, usize, &[Acts], &mut [f32]) -> bool;
+                let levels: [(&str, bool, Kernels); 2] = [
+                    ("AVX-512", avx512::supported(), avx512::dot_rows),
+                    ("AVX2", avx2::supported(), avx2::dot_rows),
+                ];
+                let mut b = Acts::default();
+                quantize_acts(
+                    ty.act_format(),
+                    &x.iter().map(|v| -v * 0.5).collect::<Vec<_>>(),
+                    &mut b,
+                );
+                let four = [b.clone(), a.clone(), b.clone(), b.clone()];
+                for (name, ok, kernels) in levels.into_iter().filter(|l| l.1) {
+                    let _ = ok;
+                    // One token, and the same token among three others.
+                    let mut v = [0.0f32; 4];
+                    // SAFETY: supported() says the CPU has the instructions.
+                    if unsafe { kernels(ty, &row, 1, row.len(), std::slice::from_ref(&a), &mut v) } {
+                        assert_eq!(
+                            v[0].to_bits(),
+                            got.to_bits(),
+                            "{ty:?}: {name} {} vs scalar {got}",
+                            v[0]
+                        );
+                        // SAFETY: as above.
+                        assert!(unsafe { kernels(ty, &row, 1, row.len(), &four, &mut v) });
+                        assert_eq!(v[1].to_bits(), got.to_bits(), "{ty:?}: {name} among others");
+                        assert_eq!(
+                            v[0].to_bits(),
+                            dot_scalar(ty, &row, &b).to_bits(),
+                            "{ty:?}: {name}, the other"
+                        );
+                    }
                 }
             }
             assert!(
