@@ -160,17 +160,92 @@ pub fn dot_row(
 ) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { dot_row_avx2(spec, words, scales, biases, x, xsum) };
+        use crate::kernels::Simd;
+        match Simd::detected() {
+            // SAFETY: Simd::detected says the CPU has AVX-512 (F, BW, VL).
+            Simd::Avx512 => return unsafe { dot_row_avx512(spec, words, scales, biases, x, xsum) },
+            // SAFETY: the CPU has AVX2 and FMA.
+            Simd::Avx2 => return unsafe { dot_row_avx2(spec, words, scales, biases, x, xsum) },
+            Simd::Portable => {}
         }
     }
     dot_row_portable(spec, words, scales, biases, x, xsum)
 }
 
-/// [`dot_row`] on AVX2: per group, `Σ q·x` in one 8-lane accumulator (a 4-bit word is broadcast
-/// and shifted into its 8 values; an 8-bit pair of words is widened byte by byte), scaled into
-/// the row's sum; the biases' part `Σ_g bias_g · xsum_g` alongside.
+/// [`dot_row`] on AVX-512: sixteen values a step (two 4-bit words spread over the 16 lanes and
+/// shifted into their values, or 16 bytes widened), four accumulators per group, the group's
+/// scale applied once; the biases' part alongside, as on AVX2. Monomorphised per bit width and
+/// group size, so that a group's steps unroll and its accumulators stay in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn dot_row_avx512(
+    spec: QuantSpec,
+    words: &[u32],
+    scales: &[f32],
+    biases: &[f32],
+    x: &[f32],
+    xsum: &[f32],
+) -> f32 {
+    // SAFETY (each): as this function's.
+    unsafe {
+        match (spec.bits, spec.group_size) {
+            (4, 32) => row_avx512::<4, 32>(words, scales, biases, x, xsum),
+            (4, 64) => row_avx512::<4, 64>(words, scales, biases, x, xsum),
+            (4, _) => row_avx512::<4, 128>(words, scales, biases, x, xsum),
+            (_, 32) => row_avx512::<8, 32>(words, scales, biases, x, xsum),
+            (_, 64) => row_avx512::<8, 64>(words, scales, biases, x, xsum),
+            _ => row_avx512::<8, 128>(words, scales, biases, x, xsum),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn row_avx512<const BITS: u32, const G: usize>(
+    words: &[u32],
+    scales: &[f32],
+    biases: &[f32],
+    x: &[f32],
+    xsum: &[f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let groups = x.len() / G;
+    let per_word = (32 / BITS) as usize;
+    assert!(words.len() >= groups * G / per_word && scales.len() >= groups && biases.len() >= groups);
+    let mut total = _mm512_setzero_ps();
+    let mut bias_part = 0.0f32;
+    // SAFETY (whole body): every load reads inside `words` / `x`, whose lengths cover
+    // `groups` groups (asserted above); unaligned loads are used throughout.
+    unsafe {
+        let shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let nibble = _mm512_set1_epi32(0xF);
+        for gi in 0..groups {
+            let xg = x.as_ptr().add(gi * G);
+            let wg = words.as_ptr().add(gi * G / per_word);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for j in 0..G / 16 {
+                let q = if BITS == 4 {
+                    let two = _mm512_castsi128_si512(_mm_loadl_epi64(wg.add(2 * j).cast()));
+                    _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, two), shifts), nibble)
+                } else {
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(wg.cast::<u8>().add(j * 16).cast()))
+                };
+                acc[j % 4] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xg.add(j * 16)), acc[j % 4]);
+            }
+            let acc = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            total = _mm512_fmadd_ps(_mm512_set1_ps(scales[gi]), acc, total);
+            bias_part += biases[gi] * xsum[gi];
+        }
+        _mm512_reduce_add_ps(total) + bias_part
+    }
+}
+
+/// [`dot_row`] on AVX2: per group, `Σ q·x` in four 8-lane accumulators (a 4-bit word is
+/// broadcast and shifted into its 8 values; 8 bytes of an 8-bit row are widened), scaled into
+/// the row's sum; the biases' part `Σ_g bias_g · xsum_g` alongside. Monomorphised per bit width
+/// and group size, as the AVX-512 one.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_row_avx2(
@@ -181,10 +256,33 @@ unsafe fn dot_row_avx2(
     x: &[f32],
     xsum: &[f32],
 ) -> f32 {
+    // SAFETY (each): as this function's.
+    unsafe {
+        match (spec.bits, spec.group_size) {
+            (4, 32) => row_avx2::<4, 32>(words, scales, biases, x, xsum),
+            (4, 64) => row_avx2::<4, 64>(words, scales, biases, x, xsum),
+            (4, _) => row_avx2::<4, 128>(words, scales, biases, x, xsum),
+            (_, 32) => row_avx2::<8, 32>(words, scales, biases, x, xsum),
+            (_, 64) => row_avx2::<8, 64>(words, scales, biases, x, xsum),
+            _ => row_avx2::<8, 128>(words, scales, biases, x, xsum),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn row_avx2<const BITS: u32, const G: usize>(
+    words: &[u32],
+    scales: &[f32],
+    biases: &[f32],
+    x: &[f32],
+    xsum: &[f32],
+) -> f32 {
     use std::arch::x86_64::*;
-    let g = spec.group_size;
-    let groups = x.len() / g;
-    assert!(words.len() >= groups * g / spec.per_word() && scales.len() >= groups && biases.len() >= groups);
+    let groups = x.len() / G;
+    let per_word = (32 / BITS) as usize;
+    assert!(words.len() >= groups * G / per_word && scales.len() >= groups && biases.len() >= groups);
     let mut total = _mm256_setzero_ps();
     let mut bias_part = 0.0f32;
     // SAFETY (whole body): every load reads inside `words` / `x`, whose lengths cover
@@ -193,25 +291,18 @@ unsafe fn dot_row_avx2(
         let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
         let nibble = _mm256_set1_epi32(0xF);
         for gi in 0..groups {
-            let xg = x.as_ptr().add(gi * g);
+            let xg = x.as_ptr().add(gi * G);
+            let wg = words.as_ptr().add(gi * G / per_word);
             // Four accumulators: the FMAs of one group do not wait on each other.
             let mut acc = [_mm256_setzero_ps(); 4];
-            if spec.bits == 4 {
-                let wg = words.as_ptr().add(gi * g / 8);
-                for j in 0..g / 8 {
+            for j in 0..G / 8 {
+                let q = if BITS == 4 {
                     let w = _mm256_set1_epi32(*wg.add(j) as i32);
-                    let q = _mm256_and_si256(_mm256_srlv_epi32(w, shifts), nibble);
-                    acc[j % 4] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc[j % 4]);
-                }
-            } else {
-                let bytes = words.as_ptr().add(gi * g / 4).cast::<u8>();
-                for j in 0..g / 8 {
-                    let b = _mm_loadl_epi64(bytes.add(j * 8).cast());
-                    let q = _mm256_cvtepu8_epi32(b);
-                    acc[j % 4] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc[j % 4]);
-                }
+                    _mm256_and_si256(_mm256_srlv_epi32(w, shifts), nibble)
+                } else {
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(wg.cast::<u8>().add(j * 8).cast()))
+                };
+                acc[j % 4] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc[j % 4]);
             }
             let acc = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
             total = _mm256_fmadd_ps(_mm256_set1_ps(scales[gi]), acc, total);
@@ -320,7 +411,20 @@ mod tests {
                 let sums = group_sums(&x, g);
                 let got = dot_row(spec, &words, &scales, &biases, &x, &sums);
                 let portable = dot_row_portable(spec, &words, &scales, &biases, &x, &sums);
-                for got in [got, portable] {
+                let mut all = vec![got, portable];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use crate::kernels::Simd;
+                    if Simd::supported() == Simd::Avx512 {
+                        // SAFETY: the CPU has AVX-512.
+                        all.push(unsafe { dot_row_avx512(spec, &words, &scales, &biases, &x, &sums) });
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2") {
+                        // SAFETY: the CPU has AVX2 and FMA.
+                        all.push(unsafe { dot_row_avx2(spec, &words, &scales, &biases, &x, &sums) });
+                    }
+                }
+                for got in all {
                     assert!(
                         (got - want).abs() < 1e-4 * want.abs().max(1.0),
                         "{bits}-bit g{g}: {got} vs {want}"

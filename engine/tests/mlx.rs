@@ -11,7 +11,9 @@
 //! Tolerance: both runtimes dequantise to the same f32 weights (`scale · q + bias`, scales and
 //! biases stored in f32), but sum in different orders — mlx-lm's quantised matmul accumulates
 //! `Σ scale·q·x + bias·x` per element, the engine `scale·Σq·x + bias·Σx` per group — so the
-//! logits (scale ~5) agree to f32 rounding, not bitwise: measured at most 4.9e-6 on qwen3_moe.
+//! logits (scale ~5) agree to f32 rounding, not bitwise: measured at most 4.9e-6 on qwen3_moe;
+//! on qwen3_next's 8-bit file within 2e-5 with the AVX2 kernel (8 lanes) and 2.3e-5 with the
+//! AVX-512 one (16 lanes), 5e-6 of the logit scale: float summation order, hence 5e-5.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,7 +25,7 @@ use common::MlxGolden;
 
 use shadowmoe_engine::{Checkpoint, GenerateOptions, LogitsFor, NoObserver, Phase, SamplingParams, generate};
 
-const LOGIT_TOL: f32 = 2e-5;
+const LOGIT_TOL: f32 = 5e-5;
 
 fn mlx_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
