@@ -14,7 +14,9 @@ use crate::rope::RopeTables;
 use crate::weights::{Weight, WeightIndex};
 
 /// What one layer keeps between passes. Attention layers: keys and values of every position so
-/// far, `[S, Hkv * Dh]` each. Linear-attention layers (qwen3_next): the last `kernel - 1`
+/// far, `[S, Hkv * Dh]` each. Latent-attention layers (deepseek_v3): in `k` the normalised
+/// latent `[S, kv_lora_rank]`, in `v` the rotated shared key `[S, qk_rope_head_dim]`.
+/// Linear-attention layers (qwen3_next): the last `kernel - 1`
 /// inputs of the causal convolution, `[kernel - 1, conv_dim]`, and the recurrent state,
 /// `[value_heads, key_head_dim, value_head_dim]` (empty until the first pass).
 #[derive(Debug, Clone, Default)]

@@ -225,9 +225,11 @@ impl Checkpoint {
     }
 
     /// Tensors of the checkpoint that the model as configured never reads: those of decoder
-    /// layers at or past `num_hidden_layers` (a config cut shorter than its checkpoint).
+    /// layers at or past `num_hidden_layers` (a config cut shorter than its checkpoint), less
+    /// the multi-token-prediction layers the config declares right after them (deepseek_v3's
+    /// `num_nextn_predict_layers`), which are expected there and left out of the forward pass.
     pub fn unused_tensors(&self) -> Vec<String> {
-        let layers = self.config.num_hidden_layers;
+        let layers = self.config.num_hidden_layers + self.config.nextn_predict_layers;
         let mut out: Vec<String> = self
             .weights
             .names()

@@ -20,13 +20,23 @@ pub enum Arch {
     Mixtral,
     Qwen2Moe,
     Qwen3Next,
+    DeepseekV3,
 }
 
 impl Arch {
     /// Every supported `model_type` string, in the order of the README table.
-    pub const SUPPORTED: [&'static str; 5] = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next"];
+    pub const SUPPORTED: [&'static str; 6] = [
+        "qwen3_moe",
+        "olmoe",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_next",
+        "deepseek_v3",
+    ];
 
-    /// The architecture for a `model_type` string, if supported.
+    /// The architecture for a `model_type` string, if supported. Kimi-K2's checkpoints say
+    /// `kimi_k2` for what is DeepSeek-V3's architecture (its model card says to rename it to
+    /// `deepseek_v3` for frameworks that do not know the name): taken as `deepseek_v3`.
     pub fn from_model_type(s: &str) -> Option<Self> {
         Some(match s {
             "qwen3_moe" => Arch::Qwen3Moe,
@@ -34,6 +44,7 @@ impl Arch {
             "mixtral" => Arch::Mixtral,
             "qwen2_moe" => Arch::Qwen2Moe,
             "qwen3_next" => Arch::Qwen3Next,
+            "deepseek_v3" | "kimi_k2" => Arch::DeepseekV3,
             _ => return None,
         })
     }
@@ -46,6 +57,7 @@ impl Arch {
             Arch::Mixtral => "mixtral",
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::Qwen3Next => "qwen3_next",
+            Arch::DeepseekV3 => "deepseek_v3",
         }
     }
 
@@ -61,7 +73,7 @@ impl Arch {
     fn default_eps(self) -> f64 {
         match self {
             Arch::Olmoe | Arch::Mixtral => 1e-5,
-            Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next => 1e-6,
+            Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next | Arch::DeepseekV3 => 1e-6,
         }
     }
 }
@@ -83,6 +95,62 @@ pub enum Mixer {
     Attention,
     /// qwen3_next's Gated DeltaNet: a causal conv1d and a recurrent state per layer.
     LinearAttention,
+    /// deepseek_v3's multi-head latent attention ([`MlaConfig`]).
+    LatentAttention,
+}
+
+/// Shape of deepseek_v3's multi-head latent attention: queries through a low-rank bottleneck
+/// (or one projection), keys and values expanded per head from one compressed latent per
+/// position; each query/key head is a non-rotary part and a rotary part, the rotary key shared
+/// by all heads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlaConfig {
+    /// `q_a_proj` → `q_a_layernorm` → `q_b_proj` of this inner width; `None` (the config's
+    /// null): one `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Width of the compressed key/value latent (`kv_a_proj_with_mqa` yields it and the rotary
+    /// key; `kv_b_proj` expands it per head).
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Rotary values stored as interleaved pairs `(x0, x1), (x2, x3), …` (DeepSeek's layout)
+    /// rather than in halves.
+    pub rope_interleave: bool,
+    /// The softmax scale: `1/√(qk_nope_head_dim + qk_rope_head_dim)`, times
+    /// `mscale(factor, mscale_all_dim)²` under a scaled rope with `mscale_all_dim`.
+    pub softmax_scale: f32,
+}
+
+impl MlaConfig {
+    /// Width of one query/key head: non-rotary then rotary values.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Values a layer's KV cache keeps per position: the normalised latent and the rotated
+    /// shared key.
+    pub fn cached_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// How a router turns its logits into a top-k selection and the weights applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RoutingRule {
+    /// Softmax over all experts, top-k, renormalised if `norm_topk_prob` (qwen*, olmoe,
+    /// mixtral).
+    Softmax,
+    /// deepseek_v3: sigmoid scores; a per-expert bias (`e_score_correction_bias`) added for the
+    /// selection only; the experts in `n_group` groups, each group scored by the sum of its two
+    /// best biased scores, the best `topk_group` groups kept and the top-k chosen within them;
+    /// the chosen experts' unbiased scores renormalised if `norm_topk_prob`, then multiplied by
+    /// `routed_scaling_factor`.
+    SigmoidGrouped {
+        n_group: usize,
+        topk_group: usize,
+        routed_scaling_factor: f32,
+    },
 }
 
 /// Shape of qwen3_next's Gated DeltaNet layers (`linear_*` keys of its config).
@@ -148,8 +216,21 @@ pub struct ModelConfig {
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
     pub norm_topk_prob: bool,
-    /// Shared expert FFN width (qwen2_moe), with its sigmoid gate.
+    /// Shared expert FFN width: qwen2_moe's and qwen3_next's (`shared_expert.`, with its
+    /// sigmoid gate), deepseek_v3's `n_shared_experts × moe_intermediate_size`
+    /// (`shared_experts.`, ungated: see [`ModelConfig::shared_expert_gated`]).
     pub shared_expert_intermediate_size: Option<usize>,
+    /// The shared expert's output is scaled by `sigmoid(x · shared_expert_gate)` (qwen2_moe,
+    /// qwen3_next); deepseek_v3 adds it as it is.
+    pub shared_expert_gated: bool,
+    /// How the routers select and weigh experts.
+    pub routing: RoutingRule,
+    /// deepseek_v3's latent attention shape (the layers' mixer is then
+    /// [`Mixer::LatentAttention`]).
+    pub mla: Option<MlaConfig>,
+    /// Multi-token-prediction layers stored after the decoder layers (deepseek_v3's
+    /// `num_nextn_predict_layers`): not part of the forward pass, and not reported as unused.
+    pub nextn_predict_layers: usize,
     /// Per layer: dense or MoE feed-forward.
     pub mlp_kinds: Vec<MlpKind>,
     /// Per layer: the sliding attention window, if the layer has one.
@@ -212,6 +293,15 @@ impl ModelConfig {
     /// Width of the key/value projections (`kv_heads * head_dim`).
     pub fn kv_width(&self) -> usize {
         self.num_key_value_heads * self.head_dim
+    }
+
+    /// Values one position occupies in one layer's KV cache: keys and values
+    /// (`2 × kv_width`), or under latent attention the latent and the rotary key.
+    pub fn kv_cache_width(&self) -> usize {
+        match &self.mla {
+            Some(m) => m.cached_width(),
+            None => 2 * self.kv_width(),
+        }
     }
 }
 
@@ -366,11 +456,28 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
             format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
         ));
     }
-    let head_dim = match f.usize_opt(&["head_dim"])? {
-        Some(d) => d,
+    // Latent attention expands the latent into every head: there are no key/value groups.
+    if arch == Arch::DeepseekV3 && num_key_value_heads != num_attention_heads {
+        return Err(EngineError::field(
+            f.path,
+            "num_key_value_heads",
+            format!(
+                "{num_key_value_heads} ≠ num_attention_heads = {num_attention_heads} (deepseek_v3's latent attention gives every head its own keys and values)"
+            ),
+        ));
+    }
+    let mla = match arch {
+        Arch::DeepseekV3 => Some(mla_shape(f)?),
+        _ => None,
+    };
+    let head_dim = match (&mla, f.usize_opt(&["head_dim"])?) {
+        // deepseek_v3's config says head_dim = qk_rope_head_dim; a query/key head is wider.
+        (Some(m), _) => m.qk_head_dim(),
+        (None, Some(d)) => d,
         // Without `head_dim`, the heads split the hidden size: say so in the keys the file has.
-        None if !hidden_size.is_multiple_of(num_attention_heads)
-            || !(hidden_size / num_attention_heads).is_multiple_of(2) =>
+        (None, None)
+            if !hidden_size.is_multiple_of(num_attention_heads)
+                || !(hidden_size / num_attention_heads).is_multiple_of(2) =>
         {
             return Err(EngineError::field(
                 f.path,
@@ -380,9 +487,9 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
                 ),
             ));
         }
-        None => hidden_size / num_attention_heads,
+        (None, None) => hidden_size / num_attention_heads,
     };
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if mla.is_none() && (head_dim == 0 || head_dim % 2 != 0) {
         return Err(EngineError::field(
             f.path,
             "head_dim",
@@ -391,11 +498,15 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     }
     let max_position_embeddings = f.positive(&["max_position_embeddings"])?;
 
-    let num_experts = f.positive(&["num_experts", "num_local_experts"])?;
+    // deepseek_v3 names its routed experts n_routed_experts (transformers maps
+    // num_local_experts onto it).
+    let expert_keys: &[&str] = match arch {
+        Arch::DeepseekV3 => &["n_routed_experts", "num_local_experts"],
+        _ => &["num_experts", "num_local_experts"],
+    };
+    let num_experts = f.positive(expert_keys)?;
     if num_experts > MAX_EXPERTS {
-        let key = f
-            .lookup(&["num_experts", "num_local_experts"])
-            .map_or("num_experts", |(k, _)| k);
+        let key = f.lookup(expert_keys).map_or(expert_keys[0], |(k, _)| k);
         return Err(EngineError::field(
             f.path,
             key,
@@ -416,7 +527,7 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     // Expert width: qwen*_moe name it moe_intermediate_size; mixtral and olmoe use
     // intermediate_size for their experts (they have no dense layers).
     let (intermediate_size, moe_intermediate_size) = match arch {
-        Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next => (
+        Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next | Arch::DeepseekV3 => (
             f.usize_opt(&["intermediate_size"])?.unwrap_or(0),
             f.positive(&["moe_intermediate_size"])?,
         ),
@@ -438,7 +549,8 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     let (qkv_bias, o_bias) = match arch {
         Arch::Qwen2Moe => (f.bool_or("qkv_bias", true)?, false),
         Arch::Mixtral => (false, false),
-        Arch::Qwen3Moe | Arch::Olmoe | Arch::Qwen3Next => {
+        // deepseek_v3: the biases of q_a_proj, kv_a_proj_with_mqa and o_proj.
+        Arch::Qwen3Moe | Arch::Olmoe | Arch::Qwen3Next | Arch::DeepseekV3 => {
             let b = f.bool_or("attention_bias", false)?;
             (b, b)
         }
@@ -446,7 +558,7 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     let qk_norm = match arch {
         Arch::Qwen3Moe | Arch::Qwen3Next => QkNorm::PerHead,
         Arch::Olmoe => QkNorm::FullWidth,
-        Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
+        Arch::Mixtral | Arch::Qwen2Moe | Arch::DeepseekV3 => QkNorm::None,
     };
     if arch == Arch::Olmoe && hidden_size != num_attention_heads * head_dim {
         let key = if f.lookup(&["head_dim"]).is_some() {
@@ -473,9 +585,22 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
 
     // qwen3_next rotates a quarter of each head unless its config says otherwise.
     let partial = (arch == Arch::Qwen3Next).then_some(0.25);
-    let rope = RopeConfig::from_config_partial(f.map, f.path, arch.default_theta(), head_dim, partial)?;
+    // deepseek_v3 rotates the qk_rope_head_dim values of each head (its rotary part).
+    let rotated = mla.map_or(head_dim, |m| m.qk_rope_head_dim);
+    let rope = RopeConfig::from_config_partial(f.map, f.path, arch.default_theta(), rotated, partial)?;
+    let mla = match mla {
+        Some(m) => Some(MlaConfig {
+            softmax_scale: mla_softmax_scale(f, &rope, m.qk_head_dim())?,
+            ..m
+        }),
+        None => None,
+    };
     let sliding_windows = sliding_windows(f, arch, num_hidden_layers)?;
     let (mixers, linear_attn) = mixers(f, arch, num_hidden_layers)?;
+    let routing = match arch {
+        Arch::DeepseekV3 => grouped_routing(f, num_experts, num_experts_per_tok)?,
+        _ => RoutingRule::Softmax,
+    };
 
     Ok(ModelConfig {
         arch,
@@ -502,11 +627,27 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         num_experts_per_tok,
         norm_topk_prob: match arch {
             Arch::Mixtral => true,
+            Arch::DeepseekV3 => f.bool_or("norm_topk_prob", true)?,
             _ => f.bool_or("norm_topk_prob", false)?,
         },
         shared_expert_intermediate_size: match arch {
             Arch::Qwen2Moe | Arch::Qwen3Next => Some(f.positive(&["shared_expert_intermediate_size"])?),
+            Arch::DeepseekV3 => match f.usize_opt(&["n_shared_experts"])?.unwrap_or(1) {
+                0 => None,
+                n => Some(n.checked_mul(moe_intermediate_size).ok_or_else(|| {
+                    EngineError::field(f.path, "n_shared_experts", format!("{n} is absurdly large"))
+                })?),
+            },
             _ => None,
+        },
+        shared_expert_gated: matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Next),
+        routing,
+        mla,
+        nextn_predict_layers: match arch {
+            Arch::DeepseekV3 => f
+                .usize_opt(&["num_nextn_predict_layers", "num_mtp_layers"])?
+                .unwrap_or(0),
+            _ => 0,
         },
         mlp_kinds,
         sliding_windows,
@@ -518,6 +659,157 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         bos_token_id: f.usize_opt(&["bos_token_id"])?.map(|n| n as u32),
         eos_token_ids: f.token_ids("eos_token_id")?,
         path: f.path.to_path_buf(),
+    })
+}
+
+/// deepseek_v3's latent attention shape (the softmax scale is filled in once the rope is read).
+/// Absent keys take transformers' defaults; `q_lora_rank: null` means one `q_proj`.
+fn mla_shape(f: &Fields<'_>) -> Result<MlaConfig> {
+    let q_lora_rank = match f.map.get("q_lora_rank") {
+        Some(Value::Null) => None,
+        None => Some(1536),
+        Some(_) => match f.usize_opt(&["q_lora_rank"])? {
+            Some(0) => {
+                return Err(EngineError::field(
+                    f.path,
+                    "q_lora_rank",
+                    "must be at least 1 (or null: one q_proj without a low-rank bottleneck)",
+                ));
+            }
+            r => r,
+        },
+    };
+    let at_least_one = |key: &str, default: usize| -> Result<usize> {
+        let n = f.usize_opt(&[key])?.unwrap_or(default);
+        if n == 0 {
+            return Err(EngineError::field(f.path, key, "must be at least 1"));
+        }
+        Ok(n)
+    };
+    let qk_rope_head_dim = at_least_one("qk_rope_head_dim", 64)?;
+    if !qk_rope_head_dim.is_multiple_of(2) {
+        return Err(EngineError::field(
+            f.path,
+            "qk_rope_head_dim",
+            format!("{qk_rope_head_dim} (expected an even number: rotary values turn in pairs)"),
+        ));
+    }
+    Ok(MlaConfig {
+        q_lora_rank,
+        kv_lora_rank: at_least_one("kv_lora_rank", 512)?,
+        qk_nope_head_dim: f.usize_opt(&["qk_nope_head_dim"])?.unwrap_or(128),
+        qk_rope_head_dim,
+        v_head_dim: at_least_one("v_head_dim", 128)?,
+        rope_interleave: f.bool_or("rope_interleave", true)?,
+        softmax_scale: 0.0,
+    })
+}
+
+/// transformers' `yarn_apply_mscale`: `1/√qk_head_dim`, times `mscale(factor,
+/// mscale_all_dim)²` when the rope is scaled and `mscale_all_dim` is set (not 0).
+fn mla_softmax_scale(f: &Fields<'_>, rope: &RopeConfig, qk_head_dim: usize) -> Result<f32> {
+    use crate::rope::RopeScaling;
+    let params = ["rope_parameters", "rope_scaling"]
+        .into_iter()
+        .find_map(|k| f.map.get(k).and_then(Value::as_object).map(|p| (k, p)));
+    let mscale_all_dim = match params.and_then(|(k, p)| p.get("mscale_all_dim").map(|v| (k, v))) {
+        None | Some((_, Value::Null)) => 0.0,
+        Some((k, v)) => v
+            .as_f64()
+            .ok_or_else(|| EngineError::field(f.path, format!("{k}.mscale_all_dim"), "expected a number"))?,
+    };
+    let factor = match rope.scaling {
+        RopeScaling::Default => None,
+        RopeScaling::Linear { factor }
+        | RopeScaling::Dynamic { factor }
+        | RopeScaling::Yarn { factor, .. }
+        | RopeScaling::Llama3 { factor, .. } => Some(factor),
+    };
+    let mut scale = (qk_head_dim as f64).powf(-0.5);
+    if let Some(factor) = factor
+        && mscale_all_dim != 0.0
+    {
+        let m = if factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * mscale_all_dim * factor.ln() + 1.0
+        };
+        scale *= m * m;
+    }
+    Ok(scale as f32)
+}
+
+/// deepseek_v3's router: group-limited top-k over sigmoid scores. Contradictions that would
+/// make transformers fail, or pick experts from dropped groups, are refused by key.
+fn grouped_routing(f: &Fields<'_>, experts: usize, top_k: usize) -> Result<RoutingRule> {
+    if let Some(func) = f.str_opt("scoring_func")?
+        && func != "sigmoid"
+    {
+        return Err(EngineError::field(
+            f.path,
+            "scoring_func",
+            format!("`{func}` is not supported for deepseek_v3 (expected \"sigmoid\")"),
+        ));
+    }
+    if let Some(method) = f.str_opt("topk_method")?
+        && method != "noaux_tc"
+    {
+        return Err(EngineError::field(
+            f.path,
+            "topk_method",
+            format!(
+                "`{method}` is not supported for deepseek_v3 (expected \"noaux_tc\": group-limited top-k with a selection bias)"
+            ),
+        ));
+    }
+    let n_group = f.usize_opt(&["n_group"])?.unwrap_or(8);
+    let topk_group = f.usize_opt(&["topk_group"])?.unwrap_or(4);
+    if n_group == 0 || !experts.is_multiple_of(n_group) {
+        return Err(EngineError::field(
+            f.path,
+            "n_group",
+            format!("{n_group} does not divide n_routed_experts = {experts} into equal groups"),
+        ));
+    }
+    let per_group = experts / n_group;
+    if per_group < 2 {
+        return Err(EngineError::field(
+            f.path,
+            "n_group",
+            format!(
+                "{n_group} groups of {experts} experts hold {per_group} each (a group is scored by its two best experts: expected at least 2 per group)"
+            ),
+        ));
+    }
+    if topk_group == 0 || topk_group > n_group {
+        return Err(EngineError::field(
+            f.path,
+            "topk_group",
+            format!("{topk_group} (expected 1 to n_group = {n_group})"),
+        ));
+    }
+    if top_k > topk_group * per_group {
+        return Err(EngineError::field(
+            f.path,
+            "num_experts_per_tok",
+            format!(
+                "{top_k} exceeds the {} experts that topk_group = {topk_group} groups of {per_group} leave to choose from",
+                topk_group * per_group
+            ),
+        ));
+    }
+    let routed_scaling_factor = f.f64_opt(&["routed_scaling_factor"])?.unwrap_or(2.5);
+    if !(routed_scaling_factor.is_finite() && routed_scaling_factor > 0.0) {
+        return Err(EngineError::field(
+            f.path,
+            "routed_scaling_factor",
+            format!("{routed_scaling_factor} (expected a finite number > 0)"),
+        ));
+    }
+    Ok(RoutingRule::SigmoidGrouped {
+        n_group,
+        topk_group,
+        routed_scaling_factor: routed_scaling_factor as f32,
     })
 }
 
@@ -545,6 +837,25 @@ fn quantization(f: &Fields<'_>) -> Result<Option<crate::quant::QuantConfig>> {
 fn mlp_kinds(f: &Fields<'_>, arch: Arch, layers: usize, experts: usize) -> Result<Vec<MlpKind>> {
     match arch {
         Arch::Mixtral | Arch::Olmoe => Ok(vec![MlpKind::Moe; layers]),
+        // DeepSeek's rule (its modeling_deepseek.py): MoE from layer first_k_dense_replace on,
+        // every moe_layer_freq-th layer (transformers reads first_k_dense_replace only; every
+        // released checkpoint has moe_layer_freq 1, where the two agree).
+        Arch::DeepseekV3 => {
+            let first = f.usize_opt(&["first_k_dense_replace"])?.unwrap_or(3);
+            let freq = f.usize_opt(&["moe_layer_freq"])?.unwrap_or(1);
+            if freq == 0 {
+                return Err(EngineError::field(f.path, "moe_layer_freq", "must be at least 1"));
+            }
+            Ok((0..layers)
+                .map(|l| {
+                    if l >= first && l % freq == 0 {
+                        MlpKind::Moe
+                    } else {
+                        MlpKind::Dense
+                    }
+                })
+                .collect())
+        }
         Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next => {
             let only_dense = f.usize_list("mlp_only_layers")?;
             let step = f.usize_opt(&["decoder_sparse_step"])?.unwrap_or(1);
@@ -588,7 +899,7 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
     };
     let per_layer: Vec<bool> = match (arch, explicit) {
         // qwen3_next's layer_types name its token mixers; it has no sliding windows.
-        (Arch::Qwen3Next, _) => vec![false; layers],
+        (Arch::Qwen3Next | Arch::DeepseekV3, _) => vec![false; layers],
         (_, Some(types)) if arch == Arch::Qwen2Moe || use_sliding => {
             if types.len() != layers {
                 return Err(EngineError::field(
@@ -622,6 +933,9 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
 /// Per layer, what mixes tokens (qwen3_next: `layer_types`, or a full-attention layer every
 /// `full_attention_interval` layers), and the linear-attention shape when any layer has it.
 fn mixers(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<(Vec<Mixer>, Option<LinearAttnConfig>)> {
+    if arch == Arch::DeepseekV3 {
+        return Ok((vec![Mixer::LatentAttention; layers], None));
+    }
     if arch != Arch::Qwen3Next {
         return Ok((vec![Mixer::Attention; layers], None));
     }
@@ -827,6 +1141,62 @@ mod tests {
         );
         let err = parse_str(&s).unwrap_err().to_string();
         assert!(err.contains("partial_rotary_factor"), "{err}");
+    }
+
+    /// DeepSeek-V3's own config shape (keys as its config.json spells them).
+    const DEEPSEEK: &str = r#"{"model_type":"deepseek_v3","vocab_size":100,"hidden_size":32,
+        "num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":4,
+        "max_position_embeddings":163840,"n_routed_experts":16,"num_experts_per_tok":4,
+        "n_group":4,"topk_group":2,"moe_intermediate_size":8,"intermediate_size":24,
+        "n_shared_experts":2,"first_k_dense_replace":1,"moe_layer_freq":1,"q_lora_rank":null,
+        "kv_lora_rank":16,"qk_rope_head_dim":8,"qk_nope_head_dim":12,"v_head_dim":10,
+        "scoring_func":"sigmoid","topk_method":"noaux_tc","num_nextn_predict_layers":1,
+        "rope_theta":10000,"rope_scaling":{"type":"yarn","factor":40,"mscale":1.0,
+        "mscale_all_dim":1.0,"original_max_position_embeddings":4096,"beta_fast":32,"beta_slow":1}}"#;
+
+    #[test]
+    fn deepseek_v3_shape_routing_and_scale() {
+        let c = parse_str(DEEPSEEK).unwrap();
+        assert_eq!(c.arch, Arch::DeepseekV3);
+        assert_eq!(c.moe_layers(), vec![1, 2, 3, 4, 5]);
+        assert!(c.mixers.iter().all(|&m| m == Mixer::LatentAttention));
+        let m = c.mla.unwrap();
+        assert_eq!((m.q_lora_rank, m.qk_head_dim(), m.cached_width()), (None, 20, 24));
+        assert!(m.rope_interleave, "transformers' default");
+        assert_eq!((c.head_dim, c.rope.head_dim, c.kv_cache_width()), (20, 8, 24));
+        let mscale = 0.1 * 40f64.ln() + 1.0;
+        assert!((m.softmax_scale as f64 - mscale * mscale / 20f64.sqrt()).abs() < 1e-6);
+        match c.rope.scaling {
+            crate::rope::RopeScaling::Yarn { attention_factor, .. } => assert_eq!(attention_factor, 1.0),
+            ref s => panic!("{s:?}"),
+        }
+        assert_eq!(
+            c.routing,
+            RoutingRule::SigmoidGrouped {
+                n_group: 4,
+                topk_group: 2,
+                routed_scaling_factor: 2.5
+            }
+        );
+        assert!(c.norm_topk_prob, "transformers' default");
+        assert_eq!(c.shared_expert_intermediate_size, Some(16));
+        assert!(!c.shared_expert_gated);
+        assert_eq!(c.nextn_predict_layers, 1);
+
+        // DeepSeek's rule for moe_layer_freq; a query bottleneck; Kimi-K2's model_type.
+        let c = parse_str(
+            &DEEPSEEK
+                .replace("\"moe_layer_freq\":1", "\"moe_layer_freq\":2")
+                .replace("\"q_lora_rank\":null", "\"q_lora_rank\":24")
+                .replace("deepseek_v3", "kimi_k2"),
+        )
+        .unwrap();
+        assert_eq!(c.arch, Arch::DeepseekV3);
+        assert_eq!(c.moe_layers(), vec![2, 4]);
+        assert_eq!(c.mla.unwrap().q_lora_rank, Some(24));
+        // Without mscale_all_dim the scale is plain.
+        let c = parse_str(&DEEPSEEK.replace("\"mscale_all_dim\":1.0,", "")).unwrap();
+        assert_eq!(c.mla.unwrap().softmax_scale, (20f64.powf(-0.5)) as f32);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! shadowmoe's inference engine: Hugging Face MoE checkpoints (qwen3_moe, olmoe, mixtral,
-//! qwen2_moe, qwen3_next) loaded through memory maps and run on the CPU.
+//! qwen2_moe, qwen3_next, deepseek_v3) loaded through memory maps and run on the CPU.
 //!
 //! The pieces, in the order a token meets them:
 //! - [`Checkpoint`] opens `config.json` ([`ModelConfig`]), the safetensors weights
 //!   ([`WeightIndex`]) and the tokenizer with its chat template ([`Tokenizer`]).
 //! - [`Model::forward`] runs a pass: attention with a KV cache (or qwen3_next's Gated
-//!   DeltaNet with its recurrent state), then per layer a dense MLP or a
+//!   DeltaNet with its recurrent state, or deepseek_v3's latent attention with its cache of
+//!   latents), then per layer a dense MLP or a
 //!   MoE block, where a [`Router`] makes a [`RoutingDecision`] and an [`ExpertProvider`] serves
 //!   each chosen expert's weights.
 //! - A [`RoutingObserver`] sees every decision (and, on request, the router's input).
@@ -19,6 +20,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod deepseek_v3;
 pub mod error;
 pub mod generate;
 pub mod ggml;
@@ -41,14 +43,14 @@ pub mod weights;
 
 pub use attention::KvCache;
 pub use checkpoint::{Checkpoint, GenerationConfig};
-pub use config::{Arch, MlpKind, ModelConfig};
+pub use config::{Arch, MlpKind, ModelConfig, RoutingRule};
 pub use error::{EngineError, Result};
 pub use generate::{
     GenerateOptions, GenerationStats, current_rss_bytes, generate, generate_cached, peak_rss_bytes,
     repetition, trim_heap,
 };
 pub use model::{LogitsFor, Model, OpProfile};
-pub use moe::{ExpertProvider, ExpertWeights, InMemoryExperts, Router, RoutingDecision};
+pub use moe::{ExpertProvider, ExpertWeights, InMemoryExperts, Router, RoutingDecision, Selection};
 pub use observer::{NoObserver, Phase, RecordedRoute, RecordingObserver, RouteEvent, RoutingObserver};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};

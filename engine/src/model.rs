@@ -10,6 +10,7 @@ use ndarray::{Array2, Axis, s};
 
 use crate::attention::{Attention, KvCache, norm_weight};
 use crate::config::{Mixer, MlpKind, ModelConfig};
+use crate::deepseek_v3::MlaAttention;
 use crate::error::{EngineError, Result};
 use crate::kernels::{linear, rms_norm_rows};
 use crate::moe::{ExpertProvider, InMemoryExperts, Mlp, MoeBlock, load_mlp};
@@ -33,6 +34,8 @@ pub enum TokenMixer {
     Attention(Attention),
     /// qwen3_next's linear attention.
     GatedDeltaNet(GatedDeltaNet),
+    /// deepseek_v3's multi-head latent attention.
+    LatentAttention(MlaAttention),
 }
 
 /// One decoder layer.
@@ -164,6 +167,9 @@ impl Model {
                     mixer: match cfg.mixers[l] {
                         Mixer::Attention => TokenMixer::Attention(Attention::load(&cfg, w, l)?),
                         Mixer::LinearAttention => TokenMixer::GatedDeltaNet(GatedDeltaNet::load(&cfg, w, l)?),
+                        Mixer::LatentAttention => {
+                            TokenMixer::LatentAttention(MlaAttention::load(&cfg, w, l)?)
+                        }
                     },
                     post_attention_layernorm: norm_vec(&format!("{p}post_attention_layernorm.weight"))?,
                     mlp: match cfg.mlp_kinds[l] {
@@ -314,6 +320,9 @@ impl Model {
             let attn = match &layer.mixer {
                 TokenMixer::Attention(a) => a.forward(hn.view(), &rope, &positions, &mut cache.layers[l]),
                 TokenMixer::GatedDeltaNet(d) => d.forward(hn.view(), &mut cache.layers[l]),
+                TokenMixer::LatentAttention(a) => {
+                    a.forward(hn.view(), &rope, &positions, &mut cache.layers[l])
+                }
             };
             x += &attn;
             mark(&mut prof.attention_secs);

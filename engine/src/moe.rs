@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ndarray::{Array2, ArrayView2, Axis};
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, RoutingRule};
 use crate::error::{EngineError, Result};
 use crate::kernels::{linear, sigmoid, silu_mul, softmax};
 use crate::observer::Phase;
@@ -42,20 +42,43 @@ impl RoutingDecision {
     }
 }
 
-/// Softmax over all experts, top-k, optionally renormalised: the rule of qwen2_moe, qwen3_moe,
-/// olmoe (`norm_topk_prob` from the config) and mixtral (always renormalised).
+/// How a router turns logits into a selection: its family's rule, with what the rule reads
+/// besides the logits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selection {
+    /// Softmax over all experts, top-k, optionally renormalised: the rule of qwen2_moe,
+    /// qwen3_moe, olmoe, qwen3_next (`norm_topk_prob` from the config) and mixtral (always
+    /// renormalised).
+    Softmax,
+    /// deepseek_v3 ([`RoutingRule::SigmoidGrouped`]): sigmoid scores, `bias` added for the
+    /// selection only, group-limited top-k, weights (unbiased scores, renormalised if
+    /// `norm_topk_prob`) times `scale`.
+    Grouped {
+        /// `[E]`: `e_score_correction_bias`.
+        bias: Vec<f32>,
+        n_group: usize,
+        topk_group: usize,
+        scale: f32,
+    },
+}
+
+/// A MoE layer's router: the gate matrix and its family's selection rule.
 #[derive(Debug, Clone)]
 pub struct Router {
     /// `[E, H]`.
     pub weight: Weight,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+    pub selection: Selection,
 }
 
 impl Router {
     /// Routes every row of `x` (`[T, H]`, the normalised hidden state).
     pub fn route(&self, x: ArrayView2<'_, f32>) -> RoutingDecision {
         let logits = linear(x, &self.weight, None); // (T, E)
+        if let Selection::Grouped { .. } = self.selection {
+            return self.route_grouped(&logits);
+        }
         let k = self.top_k;
         let mut experts = Vec::with_capacity(x.nrows() * k);
         let mut weights = Vec::with_capacity(x.nrows() * k);
@@ -84,6 +107,145 @@ impl Router {
         }
         RoutingDecision { k, experts, weights }
     }
+
+    /// deepseek_v3's rule on every row of `logits` (`[T, E]`).
+    fn route_grouped(&self, logits: &Array2<f32>) -> RoutingDecision {
+        let Selection::Grouped { scale, .. } = self.selection else {
+            unreachable!("called for grouped routers only")
+        };
+        let k = self.top_k;
+        let mut experts = Vec::with_capacity(logits.nrows() * k);
+        let mut weights = Vec::with_capacity(logits.nrows() * k);
+        for row in logits.rows() {
+            let row = row.to_vec();
+            let (scores, order) = self.grouped_order(&row, k);
+            let top = &order[..k];
+            // The unbiased scores of the chosen experts, as transformers applies them.
+            let mut w: Vec<f32> = top.iter().map(|&e| scores[e as usize]).collect();
+            if self.norm_topk_prob {
+                let s = w.iter().sum::<f32>() + 1e-20;
+                w.iter_mut().for_each(|v| *v /= s);
+            }
+            w.iter_mut().for_each(|v| *v *= scale);
+            experts.extend_from_slice(top);
+            weights.extend(w);
+        }
+        RoutingDecision { k, experts, weights }
+    }
+
+    /// The sigmoid scores of one token's `logits` and its experts in the order the grouped
+    /// rule ranks them: the kept groups' experts by biased score, then the dropped groups'
+    /// (ties: lower id); only the first `k` are guaranteed sorted. Groups rank by the sum of
+    /// their two best biased scores (ties: lower group).
+    fn grouped_order(&self, logits: &[f32], k: usize) -> (Vec<f32>, Vec<u32>) {
+        let Selection::Grouped {
+            bias,
+            n_group,
+            topk_group,
+            ..
+        } = &self.selection
+        else {
+            unreachable!("called for grouped routers only")
+        };
+        let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
+        let biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+        let per = biased.len() / n_group;
+        let group_score: Vec<f32> = biased
+            .chunks(per)
+            .map(|g| {
+                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                for &v in g {
+                    if v > a {
+                        b = a;
+                        a = v;
+                    } else if v > b {
+                        b = v;
+                    }
+                }
+                a + b
+            })
+            .collect();
+        let mut groups: Vec<usize> = (0..*n_group).collect();
+        groups.sort_by(|&a, &b| group_score[b].total_cmp(&group_score[a]).then(a.cmp(&b)));
+        let mut kept = vec![false; *n_group];
+        for &g in &groups[..*topk_group] {
+            kept[g] = true;
+        }
+        let mut order: Vec<u32> = (0..biased.len() as u32).collect();
+        let best_first = |a: &u32, b: &u32| {
+            let (a, b) = (*a as usize, *b as usize);
+            kept[b / per]
+                .cmp(&kept[a / per])
+                .then(biased[b].total_cmp(&biased[a]))
+                .then(a.cmp(&b))
+        };
+        let k = k.min(order.len());
+        if k > 0 && k < order.len() {
+            order.select_nth_unstable_by(k - 1, best_first);
+        }
+        order[..k].sort_by(best_first);
+        (scores, order)
+    }
+
+    /// Every expert, best first, as this router's rule ranks them from `logits` (one token's
+    /// `[E]`): its first `top_k` are exactly what [`Router::route`] selects, in that order.
+    /// Ties: lower id first. Gate-lookahead ranks with this.
+    pub fn rank(&self, logits: &[f32], k: usize) -> Vec<u32> {
+        match &self.selection {
+            Selection::Softmax => {
+                let mut p = logits.to_vec();
+                softmax(&mut p);
+                let mut ids: Vec<u32> = (0..p.len() as u32).collect();
+                ids.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
+                ids.truncate(k);
+                ids
+            }
+            Selection::Grouped { .. } => {
+                let mut order = self.grouped_order(logits, k).1;
+                order.truncate(k);
+                order
+            }
+        }
+    }
+
+    /// [`Router::rank`] of the router's logits for one hidden state (`[H]`).
+    pub fn rank_hidden(&self, hidden: &[f32], k: usize) -> Vec<u32> {
+        let x = ArrayView2::from_shape((1, hidden.len()), hidden).expect("one row");
+        let logits = linear(x, &self.weight, None);
+        self.rank(logits.row(0).as_slice().expect("standard layout"), k)
+    }
+}
+
+/// Loads layer `l`'s router: `gate.weight` `[E, H]`, and for deepseek_v3 its
+/// `gate.e_score_correction_bias` `[E]`.
+pub fn load_router(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Router> {
+    let prefix = moe_prefix(cfg, w, l);
+    let selection = match cfg.routing {
+        RoutingRule::Softmax => Selection::Softmax,
+        RoutingRule::SigmoidGrouped {
+            n_group,
+            topk_group,
+            routed_scaling_factor,
+        } => {
+            // Read (and checked finite) as any resident weight is.
+            let name = format!("{prefix}gate.e_score_correction_bias");
+            Selection::Grouped {
+                bias: w.get(&name, &[cfg.num_experts])?.to_f32_vec(),
+                n_group,
+                topk_group,
+                scale: routed_scaling_factor,
+            }
+        }
+    };
+    Ok(Router {
+        weight: w.get(
+            &format!("{prefix}gate.weight"),
+            &[cfg.num_experts, cfg.hidden_size],
+        )?,
+        top_k: cfg.num_experts_per_tok,
+        norm_topk_prob: cfg.norm_topk_prob,
+        selection,
+    })
 }
 
 /// One expert's SwiGLU weights, in the checkpoint's `[out, in]` layout.
@@ -463,12 +625,13 @@ pub fn load_mlp(cfg: &ModelConfig, w: &WeightIndex, prefix: &str, width: usize) 
     })
 }
 
-/// qwen2_moe's always-on expert, scaled by `sigmoid(x · gate)`.
+/// The always-on expert: qwen2_moe's and qwen3_next's, scaled by `sigmoid(x · gate)`;
+/// deepseek_v3's (`shared_experts`, as wide as its `n_shared_experts` together), added as it is.
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     pub mlp: Mlp,
-    /// `[1, H]`.
-    pub gate: Weight,
+    /// `[1, H]`; none for deepseek_v3.
+    pub gate: Option<Weight>,
 }
 
 /// One MoE feed-forward block: router, routed experts from the provider, optional shared
@@ -485,21 +648,18 @@ impl MoeBlock {
     /// Loads the router (and shared expert) of layer `l`; experts stay with the provider.
     pub fn load(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Self> {
         let prefix = moe_prefix(cfg, w, l);
-        let router = Router {
-            weight: w.get(
-                &format!("{prefix}gate.weight"),
-                &[cfg.num_experts, cfg.hidden_size],
-            )?,
-            top_k: cfg.num_experts_per_tok,
-            norm_topk_prob: cfg.norm_topk_prob,
-        };
+        let router = load_router(cfg, w, l)?;
         let shared = match cfg.shared_expert_intermediate_size {
-            Some(width) => Some(SharedExpert {
+            Some(width) if cfg.shared_expert_gated => Some(SharedExpert {
                 mlp: load_mlp(cfg, w, &format!("{prefix}shared_expert."), width)?,
-                gate: w.get(
+                gate: Some(w.get(
                     &format!("{prefix}shared_expert_gate.weight"),
                     &[1, cfg.hidden_size],
-                )?,
+                )?),
+            }),
+            Some(width) => Some(SharedExpert {
+                mlp: load_mlp(cfg, w, &format!("{prefix}shared_experts."), width)?,
+                gate: None,
             }),
             None => None,
         };
@@ -636,12 +796,17 @@ impl MoeBlock {
         }
         if let Some(shared) = &self.shared {
             let ys = shared.mlp.forward(x); // (T, H)
-            let gates = linear(x, &shared.gate, None); // (T, 1)
-            for ti in 0..t {
-                let g = sigmoid(gates[[ti, 0]]);
-                for (o, v) in out.row_mut(ti).iter_mut().zip(ys.row(ti)) {
-                    *o += g * v;
+            match &shared.gate {
+                Some(gate) => {
+                    let gates = linear(x, gate, None); // (T, 1)
+                    for ti in 0..t {
+                        let g = sigmoid(gates[[ti, 0]]);
+                        for (o, v) in out.row_mut(ti).iter_mut().zip(ys.row(ti)) {
+                            *o += g * v;
+                        }
+                    }
                 }
+                None => out += &ys,
             }
         }
         Ok(out)
@@ -661,6 +826,7 @@ mod tests {
             weight,
             top_k: 2,
             norm_topk_prob: true,
+            selection: Selection::Softmax,
         };
         let d = r.route(array![[2.0f32, 0.0], [0.0, 3.0]].view());
         assert_eq!(d.experts_of(0), &[0, 2]);
@@ -677,6 +843,52 @@ mod tests {
         assert!(raw.weights_of(0).iter().sum::<f32>() < 1.0);
     }
 
+    /// deepseek_v3's rule: sigmoid scores, the bias only for choosing, the best two of four
+    /// groups (each scored by its two best biased scores) kept, top-k within them, weights
+    /// renormalised and scaled.
+    #[test]
+    fn grouped_routing_keeps_the_best_groups_and_weighs_unbiased_scores() {
+        // 8 experts in 4 groups of 2; hidden 8 with an identity gate: logits are x.
+        let mut eye = vec![0.0f32; 64];
+        (0..8).for_each(|i| eye[i * 8 + i] = 1.0);
+        let router = |bias: Vec<f32>, norm: bool| Router {
+            weight: Weight::from_f32(&eye, vec![8, 8]),
+            top_k: 2,
+            norm_topk_prob: norm,
+            selection: Selection::Grouped {
+                bias,
+                n_group: 4,
+                topk_group: 2,
+                scale: 2.5,
+            },
+        };
+        let x = array![[3.0f32, -3.0, 2.2, 2.0, 1.5, 1.5, 2.5, -5.0]];
+        let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+        // Group sums: 1.0, 1.78, 1.64, 0.93: groups 1 and 2 kept. Plain top-2 would be 0 and 6.
+        let d = router(vec![0.0; 8], true).route(x.view());
+        assert_eq!(d.experts_of(0), &[2, 3]);
+        let (a, b) = (sig(2.2), sig(2.0));
+        let want = [2.5 * a / (a + b), 2.5 * b / (a + b)];
+        for (g, w) in d.weights_of(0).iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        // A bias of 0.5 on expert 4 makes it the first choice; its weight stays its sigmoid.
+        let mut bias = vec![0.0; 8];
+        bias[4] = 0.5;
+        let r = router(bias, false);
+        let d = r.route(x.view());
+        assert_eq!(d.experts_of(0), &[4, 2]);
+        let want = [2.5 * sig(1.5), 2.5 * sig(2.2)];
+        for (g, w) in d.weights_of(0).iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        // Ranked further: the rest of the kept groups, then the dropped groups' experts.
+        let logits = x.row(0).to_vec();
+        assert_eq!(r.rank(&logits, 8), vec![4, 2, 3, 5, 0, 6, 1, 7]);
+        assert_eq!(r.rank(&logits, 2), d.experts_of(0));
+        assert_eq!(r.rank_hidden(logits.as_slice(), 3), vec![4, 2, 3]);
+    }
+
     #[test]
     fn top_k_selection_equals_a_full_sort_with_ties() {
         // 64 experts whose logits repeat in runs of 4 (ties everywhere), hidden 1.
@@ -687,6 +899,7 @@ mod tests {
                 weight: Weight::from_f32(&w, vec![e, 1]),
                 top_k: k,
                 norm_topk_prob: false,
+                selection: Selection::Softmax,
             };
             let d = r.route(array![[1.0f32], [-1.0]].view());
             for (t, sign) in [(0, 1.0f32), (1, -1.0)] {

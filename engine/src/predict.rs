@@ -8,8 +8,6 @@
 
 use std::collections::HashMap;
 
-use ndarray::ArrayView2;
-
 use crate::error::Result;
 use crate::moe::Router;
 
@@ -191,19 +189,9 @@ pub struct PredictStats {
     pub forward_decode_secs: f64,
 }
 
-/// Experts ranked by router probability, best first (ties: lower id), as the router ranks.
-fn rank(router: &Router, hidden: &[f32], k: usize) -> Vec<u32> {
-    let x = ArrayView2::from_shape((1, hidden.len()), hidden).expect("one row");
-    let logits = crate::kernels::linear(x, &router.weight, None);
-    let mut p = logits.row(0).to_vec();
-    crate::kernels::softmax(&mut p);
-    let mut ids: Vec<u32> = (0..p.len() as u32).collect();
-    ids.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
-    ids.truncate(k);
-    ids
-}
-
-/// Layer L + D's router applied to the hidden state at L.
+/// Layer L + D's router applied to the hidden state at L, ranking experts by that router's own
+/// rule ([`Router::rank`]: softmax probability, or deepseek_v3's biased, group-limited
+/// selection), so that at depth 0 it reproduces the routing.
 #[derive(Debug, Clone)]
 pub struct GateLookahead {
     routers: HashMap<usize, Router>,
@@ -225,7 +213,7 @@ impl ExpertPredictor for GateLookahead {
         Ok(self
             .routers
             .get(&target)
-            .map(|r| rank(r, view.hidden, k))
+            .map(|r| r.rank_hidden(view.hidden, k))
             .unwrap_or_default())
     }
 }

@@ -496,6 +496,88 @@ fn absurd_or_contradictory_config_counts_are_refused() {
     assert!(!err.contains("field `head_dim`"), "{err}");
 }
 
+/// deepseek_v3's routing and attention keys that contradict each other (transformers would
+/// fail on them, or pick experts from groups it dropped) are refused by key, in one line.
+#[test]
+fn contradictory_deepseek_v3_configs_are_refused() {
+    for (edits, parts) in [
+        (
+            vec![("topk_group", Value::from(5))],
+            vec!["topk_group", "5 (expected 1 to n_group = 4)"],
+        ),
+        (
+            vec![("n_group", Value::from(3))],
+            vec!["n_group", "3 does not divide n_routed_experts = 16"],
+        ),
+        (
+            vec![("n_group", Value::from(16)), ("topk_group", Value::from(4))],
+            vec!["n_group", "expected at least 2 per group"],
+        ),
+        (
+            vec![("num_experts_per_tok", Value::from(9))],
+            vec![
+                "num_experts_per_tok",
+                "exceeds the 8 experts that topk_group = 2 groups of 4 leave",
+            ],
+        ),
+        (
+            vec![("num_key_value_heads", Value::from(2))],
+            vec!["num_key_value_heads", "2 ≠ num_attention_heads = 4"],
+        ),
+        (
+            vec![("q_lora_rank", Value::from(0))],
+            vec!["q_lora_rank", "must be at least 1 (or null"],
+        ),
+        (
+            vec![("qk_rope_head_dim", Value::from(7))],
+            vec!["qk_rope_head_dim", "expected an even number"],
+        ),
+        (
+            vec![("routed_scaling_factor", Value::from(-1.0))],
+            vec!["routed_scaling_factor", "expected a finite number > 0"],
+        ),
+        (
+            vec![("scoring_func", Value::from("softmax"))],
+            vec!["scoring_func", "`softmax` is not supported for deepseek_v3"],
+        ),
+        (
+            vec![("moe_layer_freq", Value::from(0))],
+            vec!["moe_layer_freq", "must be at least 1"],
+        ),
+    ] {
+        let (_t, dir) = copy_fixture("deepseek_v3");
+        edit_config(&dir, |c| {
+            for (k, v) in edits {
+                c.insert(k.into(), v);
+            }
+        });
+        let mut want = vec!["config.json"];
+        want.extend(parts);
+        assert_mentions(&load_error(&dir), &want);
+    }
+    // A latent shape that disagrees with the tensors names the tensor.
+    let (_t, dir) = copy_fixture("deepseek_v3");
+    edit_config(&dir, |c| {
+        c.insert("kv_lora_rank".into(), Value::from(24));
+    });
+    assert_mentions(
+        &load_error(&dir),
+        &["model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "[32, 64]"],
+    );
+    // The selection bias is part of the router: its absence is named (renamed away, so that
+    // the offsets still cover the data).
+    let (_t, dir) = copy_fixture("deepseek_v3");
+    edit_header(&dir.join("model.safetensors"), |h| {
+        let name = "model.layers.2.mlp.gate.e_score_correction_bias";
+        let entry = h.remove(name).unwrap();
+        h.insert(format!("{name}_renamed"), entry);
+    });
+    assert_mentions(
+        &load_error(&dir),
+        &["tensor `model.layers.2.mlp.gate.e_score_correction_bias` not found"],
+    );
+}
+
 #[test]
 fn fewer_layers_in_the_config_than_in_the_checkpoint_are_reported() {
     let (_t, dir) = copy_fixture("mixtral");

@@ -168,6 +168,87 @@ fn qwen3_next_matches_transformers() {
     check_arch("qwen3_next");
 }
 
+/// deepseek_v3: latent attention with compressed queries, interleaved yarn rope with DeepSeek's
+/// attention scaling; sigmoid routing with a selection bias, group-limited top-k (which on this
+/// prompt chooses differently from plain top-k: golden.json counts how often), scaled weights;
+/// a shared expert; a dense first layer.
+#[test]
+fn deepseek_v3_matches_transformers() {
+    let dir = fixture_dir("deepseek_v3");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let g = &meta["grouped_routing"];
+    assert!(
+        g["prompt_selections_differing_from_plain_top_k"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "the fixture must make group-limited routing matter: {g}"
+    );
+    check_arch("deepseek_v3");
+}
+
+/// deepseek_v3 without a query bottleneck (q_lora_rank null), rotary values in halves, two
+/// shared experts, unnormalised weights, fused experts, f32 on disk.
+#[test]
+fn deepseek_v3_without_q_lora_matches_transformers() {
+    check_dir(&fixture_dir("deepseek_v3_noqlora"), "deepseek_v3");
+}
+
+/// deepseek_v3 caches one latent and one rotary key per position and layer: a prefill of part
+/// of the prompt followed by one-token passes gives the logits of one long prefill, and the
+/// cache holds `kv_lora_rank + qk_rope_head_dim` values per position.
+#[test]
+fn deepseek_v3_prefill_then_decode_equals_one_prefill() {
+    for fixture in ["deepseek_v3", "deepseek_v3_noqlora"] {
+        let dir = fixture_dir(fixture);
+        let golden = Golden::read(&dir);
+        let ckpt = Checkpoint::open_dir(&dir).unwrap();
+        let model = ckpt.load_model().unwrap();
+        let ids = &golden.prompt_ids;
+        let v = golden.vocab;
+        let split = ids.len() - 6;
+        let mut cache = model.new_cache();
+        let mut obs = shadowmoe_engine::NoObserver;
+        let mut rows = model
+            .forward(
+                &ids[..split],
+                &mut cache,
+                Phase::Prefill,
+                LogitsFor::All,
+                &mut obs,
+            )
+            .unwrap()
+            .into_raw_vec_and_offset()
+            .0;
+        for &tok in &ids[split..] {
+            let l = model
+                .forward(&[tok], &mut cache, Phase::Decode, LogitsFor::Last, &mut obs)
+                .unwrap();
+            rows.extend(l.iter());
+        }
+        assert_eq!(rows.len(), ids.len() * v);
+        let mla = ckpt.config.mla.unwrap();
+        for layer in &cache.layers {
+            assert_eq!(layer.k.len(), ids.len() * mla.kv_lora_rank, "{fixture}: latents");
+            assert_eq!(
+                layer.v.len(),
+                ids.len() * mla.qk_rope_head_dim,
+                "{fixture}: rotary keys"
+            );
+        }
+        let max_diff = rows
+            .iter()
+            .zip(&golden.logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            max_diff <= LOGIT_TOL,
+            "{fixture}: split passes differ from transformers' one prefill by {max_diff:e}"
+        );
+    }
+}
+
 /// qwen3_next keeps a conv window and a recurrent state per linear-attention layer: a prefill
 /// of part of the prompt followed by one-token passes gives the logits of one long prefill.
 #[test]
@@ -208,6 +289,62 @@ fn qwen3_next_prefill_then_decode_equals_one_prefill() {
         max_diff <= LOGIT_TOL,
         "split passes differ from transformers' one prefill by {max_diff:e}"
     );
+}
+
+/// Gate-lookahead at depth 0 (a layer's router applied to its own input) reproduces what the
+/// layer chose, best first, for every family's rule — deepseek_v3's bias and groups included —
+/// on prefill and decode tokens; asked for more than top-k, it ranks the choice first.
+#[test]
+fn gate_lookahead_at_depth_zero_is_the_routing() {
+    use shadowmoe_engine::predict::{ExpertPredictor, GateLookahead, LayerView};
+    for fixture in [
+        "qwen3_moe",
+        "qwen2_moe",
+        "qwen3_next",
+        "deepseek_v3",
+        "deepseek_v3_noqlora",
+    ] {
+        let dir = fixture_dir(fixture);
+        let golden = Golden::read(&dir);
+        let ckpt = Checkpoint::open_dir(&dir).unwrap();
+        let model = ckpt.load_model().unwrap();
+        let mut obs = RecordingObserver {
+            hidden_layers: ckpt.config.moe_layers(),
+            ..Default::default()
+        };
+        let opts = GenerateOptions {
+            max_new_tokens: 4,
+            sampling: SamplingParams::default(),
+            eos_token_ids: vec![],
+        };
+        generate(&model, &golden.prompt_ids, &opts, &mut obs, |_| Ok(())).unwrap();
+        let k = ckpt.config.num_experts_per_tok;
+        let mut gl = GateLookahead::new(model.routers());
+        assert!(obs.events.iter().any(|e| e.phase == Phase::Decode));
+        for e in &obs.events {
+            let hidden = e.hidden.as_ref().unwrap();
+            let view = LayerView {
+                layer: e.layer,
+                hidden,
+                experts: &e.experts,
+            };
+            assert_eq!(
+                gl.predict(&view, e.layer, k).unwrap(),
+                e.experts,
+                "{fixture}: layer {}, position {}",
+                e.layer,
+                e.position
+            );
+            let more = gl.predict(&view, e.layer, k + 2).unwrap();
+            assert_eq!(
+                &more[..k],
+                &e.experts[..],
+                "{fixture}: top-{} starts with the choice",
+                k + 2
+            );
+            assert_eq!(more.len(), k + 2);
+        }
+    }
 }
 
 /// The observer sees decode tokens too, with their positions and hidden states on request.

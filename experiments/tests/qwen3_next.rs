@@ -1,4 +1,4 @@
-//! The pipeline on qwen3_next, unchanged: trace-collect, trace-stats, train-shadow and
+//! The pipeline on qwen3_next (and deepseek_v3), unchanged: trace-collect, trace-stats, train-shadow and
 //! bench-sweep (simulated and live) on the transformers-checked fixture, whose layers mix Gated
 //! DeltaNet and gated attention, whose MoE layers carry a shared expert and skip a dense layer
 //! (MoE layers 0, 1, 3) — in transformers' bf16 layout, and as mlx_lm.convert writes it in 4-bit
@@ -58,6 +58,18 @@ fn pipeline_runs_on_qwen3_next_mlx_4bit() {
         &root().join("engine/tests/golden/mlx/qwen3_next-q4g64"),
         "qwen3_next",
         &[0, 1, 3],
+    );
+}
+
+/// deepseek_v3 (latent attention, group-limited sigmoid routing with a selection bias, shared
+/// expert, a dense first layer: MoE layers 1, 2, 3): the traces hold what its router chose,
+/// and gate-lookahead at depth 0 — applying the family's own rule — reproduces it.
+#[test]
+fn pipeline_runs_on_deepseek_v3() {
+    pipeline(
+        &root().join("engine/tests/golden/deepseek_v3"),
+        "deepseek_v3",
+        &[1, 2, 3],
     );
 }
 

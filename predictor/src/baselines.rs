@@ -4,9 +4,9 @@
 //! applied to the hidden state at the source layer) and `oracle` (the truth).
 
 use ndarray::Array2;
-use shadowmoe_engine::kernels::{linear, softmax};
-use shadowmoe_engine::moe::moe_prefix;
-use shadowmoe_engine::{Checkpoint, Weight};
+use shadowmoe_engine::Checkpoint;
+use shadowmoe_engine::kernels::linear;
+use shadowmoe_engine::moe::{Router, load_router};
 
 use crate::data::Examples;
 
@@ -59,37 +59,36 @@ pub fn oracle(ranked: &[Vec<u16>], ex: &Examples, k: usize) -> Vec<u16> {
         .collect()
 }
 
-/// The routers of every MoE layer (`[E, H]` each), read from the checkpoint through the engine.
-pub fn routers(ckpt: &Checkpoint) -> shadowmoe_engine::Result<Vec<Weight>> {
+/// The routers of every MoE layer (`[E, H]` each, with their family's selection rule), read
+/// from the checkpoint through the engine.
+pub fn routers(ckpt: &Checkpoint) -> shadowmoe_engine::Result<Vec<Router>> {
     let c = &ckpt.config;
     c.moe_layers()
         .into_iter()
-        .map(|l| {
-            let name = format!("{}gate.weight", moe_prefix(c, &ckpt.weights, l));
-            ckpt.weights.get(&name, &[c.num_experts, c.hidden_size])
-        })
+        .map(|l| load_router(c, &ckpt.weights, l))
         .collect()
 }
 
 /// The target layer's router applied to the hidden state at the source layer; experts ranked
-/// by probability as the engine's router ranks them (ties: lower id). At depth 0 this is the
-/// model's own routing.
-pub fn gate_lookahead(routers: &[Weight], ex: &Examples, k: usize) -> Vec<u16> {
+/// as the engine's router ranks them ([`Router::rank`]: by probability, or by deepseek_v3's
+/// biased, group-limited selection; ties: lower id). At depth 0 this is the model's own
+/// routing.
+pub fn gate_lookahead(routers: &[Router], ex: &Examples, k: usize) -> Vec<u16> {
     let mut out = vec![u16::MAX; ex.len() * k];
     let h = ex.hidden_size;
-    for (tl, w) in routers.iter().enumerate() {
+    for (tl, router) in routers.iter().enumerate() {
         let rows: Vec<usize> = (0..ex.len()).filter(|&i| ex.target_layer(i) == tl).collect();
         if rows.is_empty() {
             continue;
         }
         let x = Array2::from_shape_fn((rows.len(), h), |(r, j)| ex.hidden_of(rows[r])[j]);
-        let logits = linear(x.view(), w, None); // (n, E)
+        let logits = linear(x.view(), &router.weight, None); // (n, E)
         for (r, &i) in rows.iter().enumerate() {
-            let mut p = logits.row(r).to_vec();
-            softmax(&mut p);
-            let mut ids: Vec<u16> = (0..p.len() as u16).collect();
-            ids.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
-            out[i * k..(i + 1) * k].copy_from_slice(&ids[..k]);
+            let row = logits.row(r).to_vec();
+            let ids = router.rank(&row, k);
+            for (o, e) in out[i * k..(i + 1) * k].iter_mut().zip(ids) {
+                *o = e as u16;
+            }
         }
     }
     out

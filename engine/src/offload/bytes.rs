@@ -23,7 +23,8 @@ pub struct ByteModel {
     /// Bytes one resident expert occupies (its slot).
     pub expert_bytes: u64,
     pub moe_layers: usize,
-    /// KV cache bytes per token of context (f32 keys and values, all layers).
+    /// KV cache bytes per token of context (f32 keys and values, or deepseek_v3's latents and
+    /// rotary keys, all layers).
     pub kv_bytes_per_token: u64,
     pub overhead_bytes: u64,
 }
@@ -44,7 +45,7 @@ impl ByteModel {
             non_expert_bytes: total_weight_bytes.saturating_sub(all_experts),
             expert_bytes: slot_bytes,
             moe_layers,
-            kv_bytes_per_token: (cfg.num_hidden_layers * 2 * cfg.kv_width() * 4) as u64,
+            kv_bytes_per_token: (cfg.num_hidden_layers * cfg.kv_cache_width() * 4) as u64,
             overhead_bytes: DEFAULT_OVERHEAD,
         }
     }
@@ -83,6 +84,34 @@ impl ByteModel {
                         + bytes(&format!("{a}o_proj"), h, qw)
                         + 2 * cfg.head_dim as u64 * float_bytes
                 }
+                // deepseek_v3: query (low-rank or direct), latent and rotary key, their expansion,
+                // output; the latent norms (and the biases under attention_bias).
+                crate::config::Mixer::LatentAttention => cfg.mla.map_or(0, |m| {
+                    let a = format!("{p}self_attn.");
+                    let heads = cfg.num_attention_heads;
+                    let (r, dr) = (m.kv_lora_rank, m.qk_rope_head_dim);
+                    let q = match m.q_lora_rank {
+                        None => bytes(&format!("{a}q_proj"), heads * m.qk_head_dim(), h),
+                        Some(qr) => {
+                            bytes(&format!("{a}q_a_proj"), qr, h)
+                                + bytes(&format!("{a}q_b_proj"), heads * m.qk_head_dim(), qr)
+                                + (qr as u64) * float_bytes * (1 + cfg.qkv_bias as u64)
+                        }
+                    };
+                    q + bytes(&format!("{a}kv_a_proj_with_mqa"), r + dr, h)
+                        + bytes(
+                            &format!("{a}kv_b_proj"),
+                            heads * (m.qk_nope_head_dim + m.v_head_dim),
+                            r,
+                        )
+                        + bytes(&format!("{a}o_proj"), h, heads * m.v_head_dim)
+                        + (r as u64) * float_bytes
+                        + if cfg.qkv_bias {
+                            ((r + dr + h) as u64) * float_bytes
+                        } else {
+                            0
+                        }
+                }),
                 // The config has the shape whenever a layer is linear attention.
                 crate::config::Mixer::LinearAttention => cfg.linear_attn.map_or(0, |s| {
                     let a = format!("{p}linear_attn.");
@@ -102,11 +131,21 @@ impl ByteModel {
                 }
                 crate::config::MlpKind::Moe => {
                     non_expert += bytes(&format!("{m}gate"), cfg.num_experts, h);
+                    if let crate::config::RoutingRule::SigmoidGrouped { .. } = cfg.routing {
+                        // e_score_correction_bias (f32 in DeepSeek's checkpoints).
+                        non_expert += cfg.num_experts as u64 * 4;
+                    }
                     if let Some(i) = cfg.shared_expert_intermediate_size {
-                        let se = format!("{m}shared_expert.");
+                        let se = if cfg.shared_expert_gated {
+                            format!("{m}shared_expert.")
+                        } else {
+                            format!("{m}shared_experts.")
+                        };
                         non_expert += 2 * bytes(&format!("{se}gate_proj"), i, h)
-                            + bytes(&format!("{se}down_proj"), h, i)
-                            + bytes(&format!("{m}shared_expert_gate"), 1, h);
+                            + bytes(&format!("{se}down_proj"), h, i);
+                        if cfg.shared_expert_gated {
+                            non_expert += bytes(&format!("{m}shared_expert_gate"), 1, h);
+                        }
                     }
                     let (i, sw) = (cfg.moe_intermediate_size, format!("{m}switch_mlp."));
                     expert =
@@ -118,7 +157,7 @@ impl ByteModel {
             non_expert_bytes: non_expert,
             expert_bytes: expert,
             moe_layers: cfg.moe_layers().len(),
-            kv_bytes_per_token: (cfg.num_hidden_layers * 2 * cfg.kv_width() * 4) as u64,
+            kv_bytes_per_token: (cfg.num_hidden_layers * cfg.kv_cache_width() * 4) as u64,
             overhead_bytes: DEFAULT_OVERHEAD,
         }
     }

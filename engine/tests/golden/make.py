@@ -12,7 +12,13 @@ The engine's parity tests read what this script writes (no Python at test time):
                                       router_hidden f32 [T, H]    router input, first MoE layer
                                       generated    i64 [N]      greedy, EOS ignored
     <out>/<arch>/golden.json          versions, seed, prompt text, chat messages, rendered chat
-                                      text and ids, smallest router top-k margin
+                                      text and ids, smallest router top-k margin; deepseek_v3:
+                                      grouped_routing (how many prompt selections group-limited
+                                      routing changed against plain top-k of the biased scores,
+                                      smallest group and within-group margins)
+
+router_experts are the selection best first: deepseek_v3's router returns its top-k unsorted,
+and they are recorded sorted by the biased score it selects on, with their weights as applied.
 
 Every architecture gets features that a careless loader would get wrong: norms and biases with
 random (not unit/zero) values, routers scaled so that routing is decisive, and per fixture a
@@ -25,8 +31,10 @@ Usage (pinned versions: see requirements.txt beside this file):
     python engine/tests/golden/make.py --out engine/tests/golden --arch qwen3_moe_gguf,qwen3_moe_wide,qwen3_next_gguf
 
 The last makes only the named fixtures. qwen3_moe_gguf, qwen3_moe_wide and qwen3_next_gguf
-(VARIANTS) are the configurations that make_gguf.py converts for llama.cpp; they were made with
-torch 2.11 (their golden.json says which versions), the others with the pinned versions.
+(VARIANTS) are the configurations that make_gguf.py converts for llama.cpp; they, deepseek_v3
+and deepseek_v3_noqlora were made with torch 2.11 (their golden.json says which versions), the
+others with the pinned versions:
+    python engine/tests/golden/make.py --out engine/tests/golden --arch deepseek_v3,deepseek_v3_noqlora
 """
 
 import argparse
@@ -43,10 +51,10 @@ from safetensors.torch import save_file
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next"]
+ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3"]
 # Extra fixtures: another config of an architecture in ARCHS, named by --arch (and made by
 # `--arch all` after the ones above). Each draws its weights from its own generator seed (after
-# ARCHS' in this order), so adding one changes no other fixture's bytes.
+# ARCHS' in SEED_ORDER), so adding one changes no other fixture's bytes.
 VARIANTS = {
     # qwen3_moe that llama.cpp's qwen3moe architecture can hold (every layer MoE) and that the
     # engine's GGUF path takes (default rope): the GGUF golden files' qwen3_moe (make_gguf.py).
@@ -60,8 +68,27 @@ VARIANTS = {
     # then full attention: full_attention_interval 4) and rms_norm_eps 1e-6 (llama.cpp's L2 norm
     # of q and k takes that epsilon, transformers' 1e-6); 8 experts to keep the files small.
     "qwen3_next_gguf": "qwen3_next",
+    # deepseek_v3 without a query compression (q_lora_rank null: one q_proj), its rotary
+    # values in halves (rope_interleave false), two shared experts, raw (not renormalised)
+    # sigmoid weights, transformers-5 fused experts, f32 on disk; tiny.
+    "deepseek_v3_noqlora": "deepseek_v3",
 }
 FIXTURES = ARCHS + list(VARIANTS)
+# The order that numbers each fixture's weight generator: fixtures added later come last, so
+# that adding one changes no other fixture's bytes.
+SEED_ORDER = [
+    "qwen3_moe",
+    "olmoe",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_next",
+    "qwen3_moe_gguf",
+    "qwen3_moe_wide",
+    "qwen3_next_gguf",
+    "deepseek_v3",
+    "deepseek_v3_noqlora",
+]
+assert sorted(SEED_ORDER) == sorted(FIXTURES)
 GENERATE = 16
 
 # Qwen2/3's pre-tokenizer split pattern (byte-level BPE after it).
@@ -145,6 +172,29 @@ def arch_config(arch, s, vocab):
             rms_norm_eps=1e-6,
         )
         return c, dtype
+    if arch == "deepseek_v3_noqlora":
+        c, _ = arch_config("deepseek_v3", s, vocab)
+        c.update(
+            num_hidden_layers=3,
+            n_routed_experts=e,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=2,
+            moe_intermediate_size=w // 2,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=12,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=False,
+            rope_interleave=False,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=10_000.0, factor=2.0, original_max_position_embeddings=128
+            ),
+        )
+        return c, torch.float32
     if arch == "qwen3_moe_wide":
         c, dtype = arch_config("qwen3_moe", s, vocab)
         c.update(
@@ -246,6 +296,45 @@ def arch_config(arch, s, vocab):
             rope_parameters=dict(rope_type="default", rope_theta=10_000.0, partial_rotary_factor=0.25),
             tie_word_embeddings=False,
         ), torch.bfloat16
+    if arch == "deepseek_v3":
+        # Multi-head latent attention (compressed queries: q_lora_rank; a compressed key/value
+        # latent: kv_lora_rank; heads split into a rotary part shared by all heads and a
+        # non-rotary part, values of another width), yarn rope with DeepSeek's attention scaling
+        # (mscale, mscale_all_dim), interleaved rotary pairs; sigmoid router scores with a
+        # selection-only bias and group-limited top-k (4 groups of 4, the best 2 kept), scaled
+        # weights; a shared expert; the first layer dense.
+        return dict(
+            common,
+            model_type=arch,
+            num_key_value_heads=heads,
+            n_routed_experts=2 * e,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            moe_intermediate_size=w,
+            intermediate_size=3 * w,
+            first_k_dense_replace=1,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_interleave=True,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10_000.0,
+                factor=4.0,
+                original_max_position_embeddings=64,
+                mscale=0.707,
+                mscale_all_dim=1.0,
+                beta_fast=32,
+                beta_slow=1,
+            ),
+            tie_word_embeddings=False,
+        ), torch.bfloat16
     raise ValueError(arch)
 
 
@@ -289,23 +378,65 @@ def init_weights(model, gen):
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    # deepseek_v3's selection bias is a buffer, not a parameter: drawn as wide as the spread of
+    # the sigmoid scores, so that it changes which experts and groups win.
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            with torch.no_grad():
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
 
 
 class RouterRecorder:
-    """Records (indices, weights, probabilities) of every TopKRouter call."""
+    """Records (indices, weights, probabilities) of every TopKRouter call (deepseek_v3's
+    TopkRouter too: its selection and weights as applied, best first by the score it selects
+    on, and what plain top-k would have chosen)."""
 
     def __init__(self, model):
         self.calls = []
         self.inputs = []
+        # deepseek_v3: per call (group-limited selection differs from plain top-k per token,
+        # smallest group margin, smallest expert margin within the kept groups).
+        self.grouped = []
         self.handles = [
-            m.register_forward_hook(self.hook) for m in model.modules() if type(m).__name__.endswith("TopKRouter")
+            m.register_forward_hook(self.hook)
+            for m in model.modules()
+            if type(m).__name__.lower().endswith("topkrouter")
         ]
 
     def hook(self, module, inputs, output):
         logits, weights, indices = output
-        probs = torch.softmax(logits.float(), dim=-1)
-        self.calls.append((indices.detach().clone(), weights.detach().float().clone(), probs.detach()))
+        if hasattr(module, "e_score_correction_bias"):
+            indices, weights = self.grouped_call(module, logits, weights, indices)
+            probs = None
+        else:
+            probs = torch.softmax(logits.float(), dim=-1).detach()
+        self.calls.append((indices.detach().clone(), weights.detach().float().clone(), probs))
         self.inputs.append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().clone())
+
+    def grouped_call(self, module, logits, weights, indices):
+        """deepseek_v3's router picks its top-k unsorted: sort them best first by the biased
+        score it selects on (weights alongside, as applied), and measure the selection."""
+        scores = logits.float().sigmoid()
+        biased = scores + module.e_score_correction_bias.float()
+        chosen = biased.gather(1, indices)
+        order = torch.sort(chosen, dim=-1, descending=True, stable=True).indices
+        indices, weights = indices.gather(1, order), weights.gather(1, order)
+        n, g, kg, k = module.num_experts, module.num_group, module.topk_group, module.top_k
+        group_scores = biased.view(-1, g, n // g).topk(2, dim=-1)[0].sum(dim=-1)
+        gs = torch.sort(group_scores, dim=-1, descending=True).values
+        group_margin = (gs[:, kg - 1] - gs[:, kg]).min() if kg < g else torch.tensor(float("inf"))
+        kept = biased.gather(1, indices)  # (T, K) best first
+        masked = biased.clone()
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, torch.topk(group_scores, kg, dim=-1).indices, True)
+        masked[~keep.repeat_interleave(n // g, dim=1)] = float("-inf")
+        ms = torch.sort(masked, dim=-1, descending=True).values
+        expert_margin = (ms[:, k - 1] - ms[:, k]).min() if k < kg * (n // g) else torch.tensor(float("inf"))
+        assert torch.equal(ms[:, :k], kept), "the recorded selection is not the masked top-k"
+        plain = torch.topk(biased, k, dim=-1).indices
+        differs = [set(a.tolist()) != set(b.tolist()) for a, b in zip(plain, indices)]
+        self.grouped.append((differs, float(group_margin), float(expert_margin)))
+        return indices, weights
 
     def close(self):
         for h in self.handles:
@@ -315,7 +446,7 @@ class RouterRecorder:
 def make_fixture(arch, out_dir, seed, size):
     s = sizes(size)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed * 1000 + FIXTURES.index(arch))
+    gen = torch.Generator().manual_seed(seed * 1000 + SEED_ORDER.index(arch))
     bos_style = VARIANTS.get(arch, arch) == "mixtral"
     tok = train_tokenizer(s["vocab"] - 32, bos_style)
     cfg_dict, dtype = arch_config(arch, s, s["vocab"])
@@ -337,9 +468,15 @@ def make_fixture(arch, out_dir, seed, size):
     save_kwargs = {}
     if arch == "qwen3_moe":
         save_kwargs["max_shard_size"] = "400KB"  # sharded: model.safetensors.index.json
-    if arch == "olmoe":
+    if arch in ("olmoe", "deepseek_v3_noqlora"):
         save_kwargs["save_original_format"] = False  # transformers-5 fused experts
-    model.to(dtype).save_pretrained(out, **save_kwargs)
+    model.to(dtype)
+    # deepseek_v3 checkpoints keep the selection bias in f32 beside bf16 weights (transformers
+    # loads it so: _keep_in_fp32_modules_strict).
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.data = b.data.float()
+    model.save_pretrained(out, **save_kwargs)
     # The reference is transformers loading the files just written, computing in f32 from
     # exactly the on-disk values.
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -388,8 +525,26 @@ def write_golden(model, hf_tok, out, extra_meta):
     k = config.num_experts_per_tok
     margins = []
     for _, _, probs in prompt_calls + rec.calls:
+        if probs is None:
+            continue  # deepseek_v3's group-limited selection: measured by RouterRecorder
         top = torch.sort(probs, dim=-1, descending=True).values
         margins.append(float((top[:, k - 1] - top[:, k]).min()))
+    grouped_meta = {}
+    if rec.grouped:
+        # Every router call, prompt and decode: the selection's margins (the gap between the
+        # last kept and the first dropped group score, and between the k-th and (k+1)-th biased
+        # score within the kept groups), and on the prompt, how many (token, MoE layer)
+        # selections group-limited routing changed against plain top-k of the biased scores.
+        margins = [min(gm, em) for _, gm, em in rec.grouped]
+        prompt_grouped = rec.grouped[: len(prompt_calls)]
+        grouped_meta = {
+            "grouped_routing": {
+                "prompt_selections": sum(len(d) for d, _, _ in prompt_grouped),
+                "prompt_selections_differing_from_plain_top_k": sum(sum(d) for d, _, _ in prompt_grouped),
+                "min_group_margin": min(gm for _, gm, _ in rec.grouped),
+                "min_expert_margin_within_kept_groups": min(em for _, _, em in rec.grouped),
+            }
+        }
     router_experts = torch.stack([c[0] for c in prompt_calls]).to(torch.int64)
     router_weights = torch.stack([c[1] for c in prompt_calls])
     save_file(
@@ -416,6 +571,7 @@ def write_golden(model, hf_tok, out, extra_meta):
         "generated": generated.tolist(),
         "min_router_margin": min(margins),
         "min_logit_top2_gap": float((top2[:, 0] - top2[:, 1]).min()),
+        **grouped_meta,
     }
     (out / "golden.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     name = extra_meta.get("arch", config.model_type)
