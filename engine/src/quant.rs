@@ -228,11 +228,15 @@ unsafe fn row_avx512<const BITS: u32, const G: usize>(
             for j in 0..G / 16 {
                 let q = if BITS == 4 {
                     let two = _mm512_castsi128_si512(_mm_loadl_epi64(wg.add(2 * j).cast()));
-                    _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, two), shifts), nibble)
+                    _mm512_and_si512(
+                        _mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, two), shifts),
+                        nibble,
+                    )
                 } else {
                     _mm512_cvtepu8_epi32(_mm_loadu_si128(wg.cast::<u8>().add(j * 16).cast()))
                 };
-                acc[j % 4] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xg.add(j * 16)), acc[j % 4]);
+                acc[j % 4] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xg.add(j * 16)), acc[j % 4]);
             }
             let acc = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             total = _mm512_fmadd_ps(_mm512_set1_ps(scales[gi]), acc, total);
@@ -302,7 +306,8 @@ unsafe fn row_avx2<const BITS: u32, const G: usize>(
                 } else {
                     _mm256_cvtepu8_epi32(_mm_loadl_epi64(wg.cast::<u8>().add(j * 8).cast()))
                 };
-                acc[j % 4] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc[j % 4]);
+                acc[j % 4] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg.add(j * 8)), acc[j % 4]);
             }
             let acc = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
             total = _mm256_fmadd_ps(_mm256_set1_ps(scales[gi]), acc, total);
