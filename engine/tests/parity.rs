@@ -195,70 +195,14 @@ fn deepseek_v3_without_q_lora_matches_transformers() {
     check_dir(&fixture_dir("deepseek_v3_noqlora"), "deepseek_v3");
 }
 
-/// deepseek_v3 caches one latent and one rotary key per position and layer: a prefill of part
-/// of the prompt followed by one-token passes gives the logits of one long prefill, and the
-/// cache holds `kv_lora_rank + qk_rope_head_dim` values per position.
-#[test]
-fn deepseek_v3_prefill_then_decode_equals_one_prefill() {
-    for fixture in ["deepseek_v3", "deepseek_v3_noqlora"] {
-        let dir = fixture_dir(fixture);
-        let golden = Golden::read(&dir);
-        let ckpt = Checkpoint::open_dir(&dir).unwrap();
-        let model = ckpt.load_model().unwrap();
-        let ids = &golden.prompt_ids;
-        let v = golden.vocab;
-        let split = ids.len() - 6;
-        let mut cache = model.new_cache();
-        let mut obs = shadowmoe_engine::NoObserver;
-        let mut rows = model
-            .forward(
-                &ids[..split],
-                &mut cache,
-                Phase::Prefill,
-                LogitsFor::All,
-                &mut obs,
-            )
-            .unwrap()
-            .into_raw_vec_and_offset()
-            .0;
-        for &tok in &ids[split..] {
-            let l = model
-                .forward(&[tok], &mut cache, Phase::Decode, LogitsFor::Last, &mut obs)
-                .unwrap();
-            rows.extend(l.iter());
-        }
-        assert_eq!(rows.len(), ids.len() * v);
-        let mla = ckpt.config.mla.unwrap();
-        for layer in &cache.layers {
-            assert_eq!(layer.k.len(), ids.len() * mla.kv_lora_rank, "{fixture}: latents");
-            assert_eq!(
-                layer.v.len(),
-                ids.len() * mla.qk_rope_head_dim,
-                "{fixture}: rotary keys"
-            );
-        }
-        let max_diff = rows
-            .iter()
-            .zip(&golden.logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(
-            max_diff <= LOGIT_TOL,
-            "{fixture}: split passes differ from transformers' one prefill by {max_diff:e}"
-        );
-    }
-}
-
-/// qwen3_next keeps a conv window and a recurrent state per linear-attention layer: a prefill
-/// of part of the prompt followed by one-token passes gives the logits of one long prefill.
-#[test]
-fn qwen3_next_prefill_then_decode_equals_one_prefill() {
-    let dir = fixture_dir("qwen3_next");
+/// Logits of the golden prompt run as a prefill of all but its last six tokens and then six
+/// one-token passes, against transformers' one prefill (within `LOGIT_TOL`); returns the cache.
+fn split_passes_match_one_prefill(fixture: &str) -> (Checkpoint, shadowmoe_engine::KvCache, usize) {
+    let dir = fixture_dir(fixture);
     let golden = Golden::read(&dir);
     let ckpt = Checkpoint::open_dir(&dir).unwrap();
     let model = ckpt.load_model().unwrap();
     let ids = &golden.prompt_ids;
-    let v = golden.vocab;
     let split = ids.len() - 6;
     let mut cache = model.new_cache();
     let mut obs = shadowmoe_engine::NoObserver;
@@ -279,7 +223,7 @@ fn qwen3_next_prefill_then_decode_equals_one_prefill() {
             .unwrap();
         rows.extend(l.iter());
     }
-    assert_eq!(rows.len(), ids.len() * v);
+    assert_eq!(rows.len(), ids.len() * golden.vocab);
     let max_diff = rows
         .iter()
         .zip(&golden.logits)
@@ -287,8 +231,31 @@ fn qwen3_next_prefill_then_decode_equals_one_prefill() {
         .fold(0.0f32, f32::max);
     assert!(
         max_diff <= LOGIT_TOL,
-        "split passes differ from transformers' one prefill by {max_diff:e}"
+        "{fixture}: split passes differ from transformers' one prefill by {max_diff:e}"
     );
+    (ckpt, cache, ids.len())
+}
+
+/// deepseek_v3 caches one latent and one rotary key per position and layer: a prefill of part
+/// of the prompt followed by one-token passes gives the logits of one long prefill, and the
+/// cache holds `kv_lora_rank + qk_rope_head_dim` values per position.
+#[test]
+fn deepseek_v3_prefill_then_decode_equals_one_prefill() {
+    for fixture in ["deepseek_v3", "deepseek_v3_noqlora"] {
+        let (ckpt, cache, n) = split_passes_match_one_prefill(fixture);
+        let mla = ckpt.config.mla.unwrap();
+        for layer in &cache.layers {
+            assert_eq!(layer.k.len(), n * mla.kv_lora_rank, "{fixture}: latents");
+            assert_eq!(layer.v.len(), n * mla.qk_rope_head_dim, "{fixture}: rotary keys");
+        }
+    }
+}
+
+/// qwen3_next keeps a conv window and a recurrent state per linear-attention layer: a prefill
+/// of part of the prompt followed by one-token passes gives the logits of one long prefill.
+#[test]
+fn qwen3_next_prefill_then_decode_equals_one_prefill() {
+    split_passes_match_one_prefill("qwen3_next");
 }
 
 /// Gate-lookahead at depth 0 (a layer's router applied to its own input) reproduces what the
