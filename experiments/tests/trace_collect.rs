@@ -196,37 +196,30 @@ fn a_second_reader_reads_the_trace() {
     }
 }
 
+/// `trace-collect` on the qwen3_moe fixture and the code prompts into `out`, `new_tokens` per
+/// prompt, one prompt per flushed part, one thread, hidden states of layer 2, then `extra`.
+fn collect_cmd(out: &Path, new_tokens: &str, extra: &[&str]) -> Command {
+    let (model, data) = (fixture("qwen3_moe"), root().join("datasets/code.jsonl"));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_trace-collect"));
+    c.args([
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+    ])
+    .args(["--out", out.to_str().unwrap(), "--max-new-tokens", new_tokens])
+    .args(["--flush-every", "1", "--threads", "1", "--hidden-layers", "2"])
+    .args(extra)
+    .env("RUST_LOG", "warn");
+    c
+}
+
 /// A collection killed mid-way leaves no file with the final name; `--resume` then completes
 /// it with exactly the rows of an uninterrupted run.
 #[test]
 fn killed_collection_resumes_to_the_same_rows() {
     let tmp = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_trace-collect");
-    let data = root().join("datasets/code.jsonl");
-    let model = fixture("qwen3_moe");
-    let cmd = |out: &Path, extra: &[&str]| {
-        let mut c = Command::new(bin);
-        c.args([
-            "--model",
-            model.to_str().unwrap(),
-            "--dataset",
-            data.to_str().unwrap(),
-        ])
-        .args([
-            "--out",
-            out.to_str().unwrap(),
-            "--max-new-tokens",
-            "96",
-            "--flush-every",
-            "1",
-            "--threads",
-            "1",
-        ])
-        .args(["--hidden-layers", "2"])
-        .args(extra)
-        .env("RUST_LOG", "warn");
-        c
-    };
+    let cmd = |out: &Path, extra: &[&str]| collect_cmd(out, "96", extra);
     let full = tmp.path().join("full.parquet");
     let o = cmd(&full, &[]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -287,30 +280,7 @@ fn killed_collection_resumes_to_the_same_rows() {
 fn a_disk_that_fills_loses_nothing_and_resume_completes() {
     use std::os::unix::process::CommandExt;
     let tmp = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_trace-collect");
-    let data = root().join("datasets/code.jsonl");
-    let model = fixture("qwen3_moe");
-    let cmd = |out: &Path, extra: &[&str]| {
-        let mut c = Command::new(bin);
-        c.args([
-            "--model",
-            model.to_str().unwrap(),
-            "--dataset",
-            data.to_str().unwrap(),
-        ])
-        .args([
-            "--out",
-            out.to_str().unwrap(),
-            "--max-new-tokens",
-            "24",
-            "--flush-every",
-            "1",
-        ])
-        .args(["--threads", "1", "--hidden-layers", "2"])
-        .args(extra)
-        .env("RUST_LOG", "warn");
-        c
-    };
+    let cmd = |out: &Path, extra: &[&str]| collect_cmd(out, "24", extra);
     let full = tmp.path().join("full.parquet");
     let o = cmd(&full, &[]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
