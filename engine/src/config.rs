@@ -21,17 +21,25 @@ pub enum Arch {
     Qwen2Moe,
     Qwen3Next,
     DeepseekV3,
+    /// GLM-4.5 / 4.6: grouped-query attention (partial rotary, optional q/k norms and q/k/v
+    /// biases) over deepseek_v3's sigmoid group-limited router and shared experts.
+    Glm4Moe,
+    /// GLM-4.7-Flash: deepseek_v3's latent attention and router, dense/sparse layers by
+    /// `mlp_layer_types`.
+    Glm4MoeLite,
 }
 
 impl Arch {
     /// Every supported `model_type` string, in the order of the README table.
-    pub const SUPPORTED: [&'static str; 6] = [
+    pub const SUPPORTED: [&'static str; 8] = [
         "qwen3_moe",
         "olmoe",
         "mixtral",
         "qwen2_moe",
         "qwen3_next",
         "deepseek_v3",
+        "glm4_moe",
+        "glm4_moe_lite",
     ];
 
     /// The architecture for a `model_type` string, if supported. Kimi-K2's checkpoints say
@@ -45,6 +53,8 @@ impl Arch {
             "qwen2_moe" => Arch::Qwen2Moe,
             "qwen3_next" => Arch::Qwen3Next,
             "deepseek_v3" | "kimi_k2" => Arch::DeepseekV3,
+            "glm4_moe" => Arch::Glm4Moe,
+            "glm4_moe_lite" => Arch::Glm4MoeLite,
             _ => return None,
         })
     }
@@ -58,7 +68,20 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::Qwen3Next => "qwen3_next",
             Arch::DeepseekV3 => "deepseek_v3",
+            Arch::Glm4Moe => "glm4_moe",
+            Arch::Glm4MoeLite => "glm4_moe_lite",
         }
+    }
+
+    /// DeepSeek's MoE: `n_routed_experts` chosen by sigmoid scores with a selection bias and
+    /// groups, ungated `shared_experts`, leading dense layers (deepseek_v3 and the GLM-4 MoEs).
+    pub fn deepseek_moe(self) -> bool {
+        matches!(self, Arch::DeepseekV3 | Arch::Glm4Moe | Arch::Glm4MoeLite)
+    }
+
+    /// Every layer mixes tokens with multi-head latent attention.
+    pub fn latent_attention(self) -> bool {
+        matches!(self, Arch::DeepseekV3 | Arch::Glm4MoeLite)
     }
 
     /// Default `rope_theta` of transformers' config class.
@@ -72,7 +95,7 @@ impl Arch {
     /// Default `rms_norm_eps` of transformers' config class.
     fn default_eps(self) -> f64 {
         match self {
-            Arch::Olmoe | Arch::Mixtral => 1e-5,
+            Arch::Olmoe | Arch::Mixtral | Arch::Glm4Moe | Arch::Glm4MoeLite => 1e-5,
             Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next | Arch::DeepseekV3 => 1e-6,
         }
     }
@@ -457,17 +480,19 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         ));
     }
     // Latent attention expands the latent into every head: there are no key/value groups.
-    if arch == Arch::DeepseekV3 && num_key_value_heads != num_attention_heads {
+    if arch.latent_attention() && num_key_value_heads != num_attention_heads {
         return Err(EngineError::field(
             f.path,
             "num_key_value_heads",
             format!(
-                "{num_key_value_heads} ≠ num_attention_heads = {num_attention_heads} (deepseek_v3's latent attention gives every head its own keys and values)"
+                "{num_key_value_heads} ≠ num_attention_heads = {num_attention_heads} ({}'s latent attention gives every head its own keys and values)",
+                arch.model_type()
             ),
         ));
     }
     let mla = match arch {
-        Arch::DeepseekV3 => Some(mla_shape(f)?),
+        Arch::DeepseekV3 => Some(mla_shape(f, &MLA_DEFAULTS_DEEPSEEK_V3)?),
+        Arch::Glm4MoeLite => Some(mla_shape(f, &MLA_DEFAULTS_GLM4_MOE_LITE)?),
         _ => None,
     };
     let head_dim = match (&mla, f.usize_opt(&["head_dim"])?) {
@@ -500,9 +525,10 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
 
     // deepseek_v3 names its routed experts n_routed_experts (transformers maps
     // num_local_experts onto it).
-    let expert_keys: &[&str] = match arch {
-        Arch::DeepseekV3 => &["n_routed_experts", "num_local_experts"],
-        _ => &["num_experts", "num_local_experts"],
+    let expert_keys: &[&str] = if arch.deepseek_moe() {
+        &["n_routed_experts", "num_local_experts"]
+    } else {
+        &["num_experts", "num_local_experts"]
     };
     let num_experts = f.positive(expert_keys)?;
     if num_experts > MAX_EXPERTS {
@@ -527,7 +553,12 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     // Expert width: qwen*_moe name it moe_intermediate_size; mixtral and olmoe use
     // intermediate_size for their experts (they have no dense layers).
     let (intermediate_size, moe_intermediate_size) = match arch {
-        Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next | Arch::DeepseekV3 => (
+        Arch::Qwen3Moe
+        | Arch::Qwen2Moe
+        | Arch::Qwen3Next
+        | Arch::DeepseekV3
+        | Arch::Glm4Moe
+        | Arch::Glm4MoeLite => (
             f.usize_opt(&["intermediate_size"])?.unwrap_or(0),
             f.positive(&["moe_intermediate_size"])?,
         ),
@@ -550,15 +581,19 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         Arch::Qwen2Moe => (f.bool_or("qkv_bias", true)?, false),
         Arch::Mixtral => (false, false),
         // deepseek_v3: the biases of q_a_proj, kv_a_proj_with_mqa and o_proj.
-        Arch::Qwen3Moe | Arch::Olmoe | Arch::Qwen3Next | Arch::DeepseekV3 => {
+        Arch::Qwen3Moe | Arch::Olmoe | Arch::Qwen3Next | Arch::DeepseekV3 | Arch::Glm4MoeLite => {
             let b = f.bool_or("attention_bias", false)?;
             (b, b)
         }
+        // glm4_moe: q/k/v carry biases under attention_bias, o_proj never does.
+        Arch::Glm4Moe => (f.bool_or("attention_bias", false)?, false),
     };
     let qk_norm = match arch {
         Arch::Qwen3Moe | Arch::Qwen3Next => QkNorm::PerHead,
         Arch::Olmoe => QkNorm::FullWidth,
-        Arch::Mixtral | Arch::Qwen2Moe | Arch::DeepseekV3 => QkNorm::None,
+        Arch::Mixtral | Arch::Qwen2Moe | Arch::DeepseekV3 | Arch::Glm4MoeLite => QkNorm::None,
+        Arch::Glm4Moe if f.bool_or("use_qk_norm", false)? => QkNorm::PerHead,
+        Arch::Glm4Moe => QkNorm::None,
     };
     if arch == Arch::Olmoe && hidden_size != num_attention_heads * head_dim {
         let key = if f.lookup(&["head_dim"]).is_some() {
@@ -584,7 +619,12 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     }
 
     // qwen3_next rotates a quarter of each head unless its config says otherwise.
-    let partial = (arch == Arch::Qwen3Next).then_some(0.25);
+    // qwen3_next rotates a quarter of each head, glm4_moe half, unless the config says otherwise.
+    let partial = match arch {
+        Arch::Qwen3Next => Some(0.25),
+        Arch::Glm4Moe => Some(0.5),
+        _ => None,
+    };
     // deepseek_v3 rotates the qk_rope_head_dim values of each head (its rotary part).
     let rotated = mla.map_or(head_dim, |m| m.qk_rope_head_dim);
     let rope = RopeConfig::from_config_partial(f.map, f.path, arch.default_theta(), rotated, partial)?;
@@ -597,9 +637,10 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     };
     let sliding_windows = sliding_windows(f, arch, num_hidden_layers)?;
     let (mixers, linear_attn) = mixers(f, arch, num_hidden_layers)?;
-    let routing = match arch {
-        Arch::DeepseekV3 => grouped_routing(f, num_experts, num_experts_per_tok)?,
-        _ => RoutingRule::Softmax,
+    let routing = if arch.deepseek_moe() {
+        grouped_routing(f, arch, num_experts, num_experts_per_tok)?
+    } else {
+        RoutingRule::Softmax
     };
 
     Ok(ModelConfig {
@@ -627,24 +668,26 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         num_experts_per_tok,
         norm_topk_prob: match arch {
             Arch::Mixtral => true,
-            Arch::DeepseekV3 => f.bool_or("norm_topk_prob", true)?,
+            Arch::DeepseekV3 | Arch::Glm4Moe | Arch::Glm4MoeLite => f.bool_or("norm_topk_prob", true)?,
             _ => f.bool_or("norm_topk_prob", false)?,
         },
         shared_expert_intermediate_size: match arch {
             Arch::Qwen2Moe | Arch::Qwen3Next => Some(f.positive(&["shared_expert_intermediate_size"])?),
-            Arch::DeepseekV3 => match f.usize_opt(&["n_shared_experts"])?.unwrap_or(1) {
-                0 => None,
-                n => Some(n.checked_mul(moe_intermediate_size).ok_or_else(|| {
-                    EngineError::field(f.path, "n_shared_experts", format!("{n} is absurdly large"))
-                })?),
-            },
+            Arch::DeepseekV3 | Arch::Glm4Moe | Arch::Glm4MoeLite => {
+                match f.usize_opt(&["n_shared_experts"])?.unwrap_or(1) {
+                    0 => None,
+                    n => Some(n.checked_mul(moe_intermediate_size).ok_or_else(|| {
+                        EngineError::field(f.path, "n_shared_experts", format!("{n} is absurdly large"))
+                    })?),
+                }
+            }
             _ => None,
         },
         shared_expert_gated: matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Next),
         routing,
         mla,
         nextn_predict_layers: match arch {
-            Arch::DeepseekV3 => f
+            Arch::DeepseekV3 | Arch::Glm4Moe | Arch::Glm4MoeLite => f
                 .usize_opt(&["num_nextn_predict_layers", "num_mtp_layers"])?
                 .unwrap_or(0),
             _ => 0,
@@ -662,12 +705,39 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     })
 }
 
-/// deepseek_v3's latent attention shape (the softmax scale is filled in once the rope is read).
-/// Absent keys take transformers' defaults; `q_lora_rank: null` means one `q_proj`.
-fn mla_shape(f: &Fields<'_>) -> Result<MlaConfig> {
+/// The latent-attention shape transformers' config class assumes for absent keys.
+struct MlaDefaults {
+    q_lora_rank: usize,
+    kv_lora_rank: usize,
+    qk_rope_head_dim: usize,
+    qk_nope_head_dim: usize,
+    v_head_dim: usize,
+}
+
+/// `DeepseekV3Config`'s defaults (DeepSeek-V3's shape).
+const MLA_DEFAULTS_DEEPSEEK_V3: MlaDefaults = MlaDefaults {
+    q_lora_rank: 1536,
+    kv_lora_rank: 512,
+    qk_rope_head_dim: 64,
+    qk_nope_head_dim: 128,
+    v_head_dim: 128,
+};
+
+/// `Glm4MoeLiteConfig`'s defaults (GLM-4.7-Flash's shape).
+const MLA_DEFAULTS_GLM4_MOE_LITE: MlaDefaults = MlaDefaults {
+    q_lora_rank: 768,
+    kv_lora_rank: 512,
+    qk_rope_head_dim: 64,
+    qk_nope_head_dim: 192,
+    v_head_dim: 256,
+};
+
+/// The latent attention shape (the softmax scale is filled in once the rope is read). Absent
+/// keys take transformers' defaults; `q_lora_rank: null` means one `q_proj`.
+fn mla_shape(f: &Fields<'_>, d: &MlaDefaults) -> Result<MlaConfig> {
     let q_lora_rank = match f.map.get("q_lora_rank") {
         Some(Value::Null) => None,
-        None => Some(1536),
+        None => Some(d.q_lora_rank),
         Some(_) => match f.usize_opt(&["q_lora_rank"])? {
             Some(0) => {
                 return Err(EngineError::field(
@@ -686,7 +756,7 @@ fn mla_shape(f: &Fields<'_>) -> Result<MlaConfig> {
         }
         Ok(n)
     };
-    let qk_rope_head_dim = at_least_one("qk_rope_head_dim", 64)?;
+    let qk_rope_head_dim = at_least_one("qk_rope_head_dim", d.qk_rope_head_dim)?;
     if !qk_rope_head_dim.is_multiple_of(2) {
         return Err(EngineError::field(
             f.path,
@@ -696,10 +766,10 @@ fn mla_shape(f: &Fields<'_>) -> Result<MlaConfig> {
     }
     Ok(MlaConfig {
         q_lora_rank,
-        kv_lora_rank: at_least_one("kv_lora_rank", 512)?,
-        qk_nope_head_dim: f.usize_opt(&["qk_nope_head_dim"])?.unwrap_or(128),
+        kv_lora_rank: at_least_one("kv_lora_rank", d.kv_lora_rank)?,
+        qk_nope_head_dim: f.usize_opt(&["qk_nope_head_dim"])?.unwrap_or(d.qk_nope_head_dim),
         qk_rope_head_dim,
-        v_head_dim: at_least_one("v_head_dim", 128)?,
+        v_head_dim: at_least_one("v_head_dim", d.v_head_dim)?,
         rope_interleave: f.bool_or("rope_interleave", true)?,
         softmax_scale: 0.0,
     })
@@ -741,14 +811,17 @@ fn mla_softmax_scale(f: &Fields<'_>, rope: &RopeConfig, qk_head_dim: usize) -> R
 
 /// deepseek_v3's router: group-limited top-k over sigmoid scores. Contradictions that would
 /// make transformers fail, or pick experts from dropped groups, are refused by key.
-fn grouped_routing(f: &Fields<'_>, experts: usize, top_k: usize) -> Result<RoutingRule> {
+fn grouped_routing(f: &Fields<'_>, arch: Arch, experts: usize, top_k: usize) -> Result<RoutingRule> {
     if let Some(func) = f.str_opt("scoring_func")?
         && func != "sigmoid"
     {
         return Err(EngineError::field(
             f.path,
             "scoring_func",
-            format!("`{func}` is not supported for deepseek_v3 (expected \"sigmoid\")"),
+            format!(
+                "`{func}` is not supported for {} (expected \"sigmoid\")",
+                arch.model_type()
+            ),
         ));
     }
     if let Some(method) = f.str_opt("topk_method")?
@@ -758,7 +831,8 @@ fn grouped_routing(f: &Fields<'_>, experts: usize, top_k: usize) -> Result<Routi
             f.path,
             "topk_method",
             format!(
-                "`{method}` is not supported for deepseek_v3 (expected \"noaux_tc\": group-limited top-k with a selection bias)"
+                "`{method}` is not supported for {} (expected \"noaux_tc\": group-limited top-k with a selection bias)",
+                arch.model_type()
             ),
         ));
     }
@@ -856,6 +930,46 @@ fn mlp_kinds(f: &Fields<'_>, arch: Arch, layers: usize, experts: usize) -> Resul
                 })
                 .collect())
         }
+        // transformers' Glm4MoeDecoderLayer: MoE from layer first_k_dense_replace on.
+        Arch::Glm4Moe => {
+            let first = f.usize_opt(&["first_k_dense_replace"])?.unwrap_or(1);
+            Ok((0..layers)
+                .map(|l| if l >= first { MlpKind::Moe } else { MlpKind::Dense })
+                .collect())
+        }
+        // Glm4MoeLiteConfig: `mlp_layer_types` ("dense" / "sparse"), by default the first layer
+        // dense and the rest sparse (transformers ignores first_k_dense_replace here).
+        Arch::Glm4MoeLite => match f.lookup(&["mlp_layer_types"]) {
+            None => Ok((0..layers)
+                .map(|l| if l == 0 { MlpKind::Dense } else { MlpKind::Moe })
+                .collect()),
+            Some((k, Value::Array(items))) => {
+                if items.len() != layers {
+                    return Err(EngineError::field(
+                        f.path,
+                        k,
+                        format!(
+                            "has {} entries, expected num_hidden_layers = {layers}",
+                            items.len()
+                        ),
+                    ));
+                }
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| match v.as_str() {
+                        Some("dense") => Ok(MlpKind::Dense),
+                        Some("sparse") => Ok(MlpKind::Moe),
+                        _ => Err(EngineError::field(
+                            f.path,
+                            format!("{k}[{i}]"),
+                            format!("{v} (expected \"dense\" or \"sparse\")"),
+                        )),
+                    })
+                    .collect()
+            }
+            Some((k, _)) => Err(EngineError::field(f.path, k, "expected a list of strings")),
+        },
         Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next => {
             let only_dense = f.usize_list("mlp_only_layers")?;
             let step = f.usize_opt(&["decoder_sparse_step"])?.unwrap_or(1);
@@ -899,7 +1013,7 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
     };
     let per_layer: Vec<bool> = match (arch, explicit) {
         // qwen3_next's layer_types name its token mixers; it has no sliding windows.
-        (Arch::Qwen3Next | Arch::DeepseekV3, _) => vec![false; layers],
+        (Arch::Qwen3Next | Arch::DeepseekV3 | Arch::Glm4Moe | Arch::Glm4MoeLite, _) => vec![false; layers],
         (_, Some(types)) if arch == Arch::Qwen2Moe || use_sliding => {
             if types.len() != layers {
                 return Err(EngineError::field(
@@ -933,7 +1047,7 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
 /// Per layer, what mixes tokens (qwen3_next: `layer_types`, or a full-attention layer every
 /// `full_attention_interval` layers), and the linear-attention shape when any layer has it.
 fn mixers(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<(Vec<Mixer>, Option<LinearAttnConfig>)> {
-    if arch == Arch::DeepseekV3 {
+    if arch.latent_attention() {
         return Ok((vec![Mixer::LatentAttention; layers], None));
     }
     if arch != Arch::Qwen3Next {
@@ -1141,6 +1255,84 @@ mod tests {
         );
         let err = parse_str(&s).unwrap_err().to_string();
         assert!(err.contains("partial_rotary_factor"), "{err}");
+    }
+
+    /// GLM-4.5's config shape (keys as its config.json spells them: partial_rotary_factor
+    /// top-level, rope_theta without rope parameters).
+    const GLM4_MOE: &str = r#"{"model_type":"glm4_moe","vocab_size":100,"hidden_size":32,
+        "num_hidden_layers":5,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+        "partial_rotary_factor":0.5,"attention_bias":true,"use_qk_norm":true,
+        "max_position_embeddings":131072,"n_routed_experts":16,"num_experts_per_tok":4,
+        "n_group":1,"topk_group":1,"moe_intermediate_size":8,"intermediate_size":24,
+        "n_shared_experts":1,"first_k_dense_replace":3,"routed_scaling_factor":2.5,
+        "norm_topk_prob":true,"num_nextn_predict_layers":1,"rope_theta":1000000,
+        "rope_scaling":null,"rms_norm_eps":1e-05}"#;
+
+    #[test]
+    fn glm4_moe_attention_and_routing() {
+        let c = parse_str(GLM4_MOE).unwrap();
+        assert_eq!(c.arch, Arch::Glm4Moe);
+        assert_eq!(c.rope.head_dim, 8, "half of head_dim 16 rotates");
+        assert_eq!(c.rope.theta, 1e6);
+        assert!(c.qkv_bias && !c.o_bias);
+        assert_eq!(c.qk_norm, QkNorm::PerHead);
+        assert!(c.mla.is_none() && c.mixers.iter().all(|m| *m == Mixer::Attention));
+        assert_eq!(c.moe_layers(), vec![3, 4]);
+        assert_eq!(c.shared_expert_intermediate_size, Some(8));
+        assert!(!c.shared_expert_gated);
+        assert_eq!(c.nextn_predict_layers, 1);
+        assert_eq!(
+            c.routing,
+            RoutingRule::SigmoidGrouped {
+                n_group: 1,
+                topk_group: 1,
+                routed_scaling_factor: 2.5
+            }
+        );
+        // GLM-4.5-Air: no q/k norms; a config without partial_rotary_factor rotates half.
+        let c = parse_str(
+            &GLM4_MOE
+                .replace("\"use_qk_norm\":true", "\"use_qk_norm\":false")
+                .replace("\"partial_rotary_factor\":0.5,", ""),
+        )
+        .unwrap();
+        assert_eq!(c.qk_norm, QkNorm::None);
+        assert_eq!(c.rope.head_dim, 8);
+    }
+
+    /// GLM-4.7-Flash's config shape: latent attention, no mlp_layer_types (the first layer
+    /// dense, as transformers' default; its first_k_dense_replace is not read).
+    const GLM4_MOE_LITE: &str = r#"{"model_type":"glm4_moe_lite","vocab_size":100,
+        "hidden_size":32,"num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":4,
+        "max_position_embeddings":202752,"n_routed_experts":8,"num_experts_per_tok":4,
+        "n_group":1,"topk_group":1,"moe_intermediate_size":8,"intermediate_size":24,
+        "n_shared_experts":1,"first_k_dense_replace":1,"routed_scaling_factor":1.8,
+        "kv_lora_rank":16,"q_lora_rank":24,"qk_nope_head_dim":12,"qk_rope_head_dim":8,
+        "v_head_dim":20,"topk_method":"noaux_tc","num_nextn_predict_layers":1,
+        "rope_theta":1000000}"#;
+
+    #[test]
+    fn glm4_moe_lite_is_latent_attention_with_layer_types() {
+        let c = parse_str(GLM4_MOE_LITE).unwrap();
+        assert_eq!(c.arch, Arch::Glm4MoeLite);
+        let mla = c.mla.unwrap();
+        assert_eq!(
+            (mla.q_lora_rank, mla.kv_lora_rank, mla.v_head_dim),
+            (Some(24), 16, 20)
+        );
+        assert!(mla.rope_interleave);
+        assert_eq!(c.head_dim, 20);
+        assert_eq!(c.moe_layers(), vec![1, 2, 3]);
+        assert!(c.mixers.iter().all(|m| *m == Mixer::LatentAttention));
+        let c = parse_str(&GLM4_MOE_LITE.replace(
+            "\"first_k_dense_replace\":1",
+            "\"mlp_layer_types\":[\"dense\",\"sparse\",\"dense\",\"sparse\"]",
+        ))
+        .unwrap();
+        assert_eq!(c.moe_layers(), vec![1, 3]);
+        // transformers' defaults for absent latent keys are GLM-4.7-Flash's, not DeepSeek's.
+        let c = parse_str(&GLM4_MOE_LITE.replace("\"v_head_dim\":20,", "")).unwrap();
+        assert_eq!(c.mla.unwrap().v_head_dim, 256);
     }
 
     /// DeepSeek-V3's own config shape (keys as its config.json spells them).

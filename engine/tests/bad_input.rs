@@ -578,6 +578,71 @@ fn contradictory_deepseek_v3_configs_are_refused() {
     );
 }
 
+/// The GLM-4 MoE keys the engine reads beyond deepseek_v3's: each wrong value named by key.
+#[test]
+fn contradictory_glm4_moe_configs_are_refused() {
+    for (fixture, key, value, parts) in [
+        (
+            "glm4_moe",
+            "use_qk_norm",
+            Value::from("yes"),
+            vec!["use_qk_norm", "expected true or false"],
+        ),
+        (
+            "glm4_moe",
+            "rope_parameters",
+            serde_json::json!({"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.3}),
+            vec![
+                "rope_parameters.partial_rotary_factor",
+                "0.3 gives 9 rotated values of head_dim 32",
+            ],
+        ),
+        (
+            "glm4_moe",
+            "topk_group",
+            Value::from(5),
+            vec!["topk_group", "n_group = 4"],
+        ),
+        (
+            "glm4_moe_lite",
+            "mlp_layer_types",
+            Value::from(vec!["sparse", "dense"]),
+            vec!["mlp_layer_types", "has 2 entries, expected num_hidden_layers = 3"],
+        ),
+        (
+            "glm4_moe_lite",
+            "mlp_layer_types",
+            Value::from(vec!["sparse", "moe", "dense"]),
+            vec!["mlp_layer_types[1]", "\"moe\" (expected \"dense\" or \"sparse\")"],
+        ),
+        (
+            "glm4_moe_lite",
+            "num_key_value_heads",
+            Value::from(2),
+            vec!["2 ≠ num_attention_heads = 4", "glm4_moe_lite's latent attention"],
+        ),
+    ] {
+        let (_t, dir) = copy_fixture(fixture);
+        edit_config(&dir, |c| {
+            c.insert(key.into(), value.clone());
+        });
+        let mut want = vec!["config.json"];
+        want.extend(parts);
+        assert_mentions(&load_error(&dir), &want);
+    }
+    // A q/k norm the config asks for but the checkpoint lacks is named.
+    let (_t, dir) = copy_fixture("glm4_moe");
+    edit_header(&dir.join("model.safetensors"), |h| {
+        let name = "model.layers.1.self_attn.k_norm.weight";
+        let entry = h.remove(name).unwrap();
+        h.insert(format!("{name}_renamed"), entry);
+    });
+    assert_mentions(
+        &load_error(&dir),
+        &["tensor `model.layers.1.self_attn.k_norm.weight` not found"],
+    );
+}
+
 #[test]
 fn fewer_layers_in_the_config_than_in_the_checkpoint_are_reported() {
     let (_t, dir) = copy_fixture("mixtral");

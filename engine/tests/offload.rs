@@ -18,7 +18,7 @@ use shadowmoe_engine::{
     Checkpoint, GenerateOptions, LogitsFor, Model, NoObserver, Phase, SamplingParams, generate,
 };
 
-const ARCHS: [&str; 7] = [
+const ARCHS: [&str; 9] = [
     "qwen3_moe",
     "olmoe",
     "mixtral",
@@ -26,6 +26,8 @@ const ARCHS: [&str; 7] = [
     "qwen3_next",
     "deepseek_v3",
     "deepseek_v3_noqlora",
+    "glm4_moe",
+    "glm4_moe_lite",
 ];
 
 fn opts(budget: Budget) -> CacheOptions {
@@ -441,9 +443,12 @@ fn cancelled_prefetch_is_dropped_unread() {
 #[test]
 fn prefetching_is_exact_and_counted() {
     use shadowmoe_engine::predict::{GateLookahead, PredictorTiming, Prefetch, PrefetchSpan, PreviousToken};
-    // The tiny deepseek_v3 variant (8 experts, 4 resident, a repetitive decode) finds its
-    // predictions resident: nothing to prefetch there.
-    for arch in ARCHS.into_iter().filter(|&a| a != "deepseek_v3_noqlora") {
+    // The tiny deepseek_v3 and glm4_moe_lite fixtures (8 experts, 4 resident, a repetitive
+    // decode) find their predictions resident: nothing to prefetch there.
+    for arch in ARCHS
+        .into_iter()
+        .filter(|&a| !matches!(a, "deepseek_v3_noqlora" | "glm4_moe_lite"))
+    {
         let (ckpt, prompt, all) = reference(arch);
         let k = ckpt.config.num_experts_per_tok;
         for name in ["gate-lookahead", "previous-token"] {
@@ -700,24 +705,47 @@ fn sync_cache_is_exact_on_gguf_files() {
     }
 }
 
-/// The byte model from deepseek_v3's config alone (latent attention, router bias, ungated
-/// shared experts, a dense first layer) counts exactly the bytes of the fixture's files, and
-/// its KV cache is the latent and rotary key per position and layer.
+/// The byte model from the config alone counts exactly the bytes of every fixture's files
+/// (q/k norms per head or full width, q/k/v and o_proj biases where the family has them, tied
+/// embeddings, gated or ungated shared experts, dense layers, linear attention; deepseek_v3's
+/// latent attention and router bias), and its KV cache is keys and values — or under latent
+/// attention the latent and rotary key — per position and layer.
 #[test]
-fn byte_model_from_the_deepseek_v3_config_counts_its_files() {
+fn byte_model_from_the_config_counts_every_fixtures_files() {
     use shadowmoe_engine::offload::bytes::ByteModel;
-    let ckpt = Checkpoint::open_dir(&fixture_dir("deepseek_v3")).unwrap();
-    let c = &ckpt.config;
-    let m = ByteModel::from_config(c, 2); // bf16 on disk
-    let experts = (c.moe_layers().len() * c.num_experts) as u64;
-    assert_eq!(m.expert_bytes, 3 * 32 * 64 * 2);
-    assert_eq!(
-        m.non_expert_bytes + experts * m.expert_bytes,
-        ckpt.weights.total_bytes()
-    );
-    let mla = c.mla.unwrap();
-    assert_eq!(
-        m.kv_bytes_per_token,
-        (c.num_hidden_layers * (mla.kv_lora_rank + mla.qk_rope_head_dim) * 4) as u64
-    );
+    for (fixture, dtype_bytes) in [
+        ("qwen3_moe", 2),
+        ("olmoe", 4),
+        ("mixtral", 2),
+        ("qwen2_moe", 4),
+        ("qwen3_next", 2),
+        ("deepseek_v3", 2),
+        ("deepseek_v3_noqlora", 4),
+        ("glm4_moe", 2),
+        ("glm4_moe_lite", 4),
+    ] {
+        let ckpt = Checkpoint::open_dir(&fixture_dir(fixture)).unwrap();
+        let c = &ckpt.config;
+        let m = ByteModel::from_config(c, dtype_bytes);
+        let experts = (c.moe_layers().len() * c.num_experts) as u64;
+        assert_eq!(
+            m.expert_bytes,
+            3 * (c.moe_intermediate_size * c.hidden_size) as u64 * dtype_bytes,
+            "{fixture}"
+        );
+        assert_eq!(
+            m.non_expert_bytes + experts * m.expert_bytes,
+            ckpt.weights.total_bytes(),
+            "{fixture}"
+        );
+        let per_position = match c.mla {
+            Some(mla) => mla.kv_lora_rank + mla.qk_rope_head_dim,
+            None => 2 * c.kv_width(),
+        };
+        assert_eq!(
+            m.kv_bytes_per_token,
+            (c.num_hidden_layers * per_position * 4) as u64,
+            "{fixture}"
+        );
+    }
 }

@@ -71,6 +71,10 @@ fn check_dir(dir: &std::path::Path, arch: &str) {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     let scale = golden.logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    eprintln!(
+        "{}: logits within {max_diff:e} of transformers (scale {scale})",
+        dir.display()
+    );
     assert!(
         max_diff <= LOGIT_TOL,
         "{arch}: logits differ by {max_diff:e} (> {LOGIT_TOL:e}; logit scale {scale}); first values ours {:?} golden {:?}",
@@ -174,7 +178,15 @@ fn qwen3_next_matches_transformers() {
 /// a shared expert; a dense first layer.
 #[test]
 fn deepseek_v3_matches_transformers() {
-    let dir = fixture_dir("deepseek_v3");
+    assert_grouped_routing_matters("deepseek_v3");
+    check_arch("deepseek_v3");
+}
+
+/// The fixture's golden.json says that group-limited routing chose differently from plain
+/// top-k of the biased scores on some prompt selections (else its parity proves nothing about
+/// the groups).
+fn assert_grouped_routing_matters(fixture: &str) {
+    let dir = fixture_dir(fixture);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let g = &meta["grouped_routing"];
@@ -183,9 +195,25 @@ fn deepseek_v3_matches_transformers() {
             .as_u64()
             .unwrap()
             > 0,
-        "the fixture must make group-limited routing matter: {g}"
+        "{fixture}: the fixture must make group-limited routing matter: {g}"
     );
-    check_arch("deepseek_v3");
+}
+
+/// glm4_moe (GLM-4.5): grouped-query attention with half of each head rotated, per-head q/k
+/// norms, q/k/v biases without an o_proj bias, over deepseek_v3's router (sigmoid, selection
+/// bias, groups, scaled weights) and a shared expert; a dense first layer.
+#[test]
+fn glm4_moe_matches_transformers() {
+    assert_grouped_routing_matters("glm4_moe");
+    check_arch("glm4_moe");
+}
+
+/// glm4_moe_lite (GLM-4.7-Flash): latent attention and GLM's router, dense and sparse layers
+/// as mlp_layer_types names them, two shared experts, fused experts in f32.
+#[test]
+fn glm4_moe_lite_matches_transformers() {
+    assert_grouped_routing_matters("glm4_moe_lite");
+    check_arch("glm4_moe_lite");
 }
 
 /// deepseek_v3 without a query bottleneck (q_lora_rank null), rotary values in halves, two
@@ -241,7 +269,7 @@ fn split_passes_match_one_prefill(fixture: &str) -> (Checkpoint, shadowmoe_engin
 /// cache holds `kv_lora_rank + qk_rope_head_dim` values per position.
 #[test]
 fn deepseek_v3_prefill_then_decode_equals_one_prefill() {
-    for fixture in ["deepseek_v3", "deepseek_v3_noqlora"] {
+    for fixture in ["deepseek_v3", "deepseek_v3_noqlora", "glm4_moe_lite"] {
         let (ckpt, cache, n) = split_passes_match_one_prefill(fixture);
         let mla = ckpt.config.mla.unwrap();
         for layer in &cache.layers {
@@ -270,6 +298,8 @@ fn gate_lookahead_at_depth_zero_is_the_routing() {
         "qwen3_next",
         "deepseek_v3",
         "deepseek_v3_noqlora",
+        "glm4_moe",
+        "glm4_moe_lite",
     ] {
         let dir = fixture_dir(fixture);
         let golden = Golden::read(&dir);

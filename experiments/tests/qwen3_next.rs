@@ -1,4 +1,4 @@
-//! The pipeline on qwen3_next (and deepseek_v3), unchanged: trace-collect, trace-stats, train-shadow and
+//! The pipeline on qwen3_next (and deepseek_v3, glm4_moe), unchanged: trace-collect, trace-stats, train-shadow and
 //! bench-sweep (simulated and live) on the transformers-checked fixture, whose layers mix Gated
 //! DeltaNet and gated attention, whose MoE layers carry a shared expert and skip a dense layer
 //! (MoE layers 0, 1, 3) — in transformers' bf16 layout, and as mlx_lm.convert writes it in 4-bit
@@ -69,6 +69,17 @@ fn pipeline_runs_on_deepseek_v3() {
     pipeline(
         &root().join("engine/tests/golden/deepseek_v3"),
         "deepseek_v3",
+        &[1, 2, 3],
+    );
+}
+
+/// glm4_moe (grouped-query attention with partial rotary and q/k norms over deepseek_v3's
+/// router and a shared expert; a dense first layer: MoE layers 1, 2, 3).
+#[test]
+fn pipeline_runs_on_glm4_moe() {
+    pipeline(
+        &root().join("engine/tests/golden/glm4_moe"),
+        "glm4_moe",
         &[1, 2, 3],
     );
 }

@@ -79,10 +79,17 @@ impl ByteModel {
                     let (qw, kv) = (cfg.q_width(), cfg.kv_width());
                     let q_rows = if cfg.attn_output_gate { 2 * qw } else { qw };
                     let a = format!("{p}self_attn.");
+                    let norms = match cfg.qk_norm {
+                        crate::config::QkNorm::None => 0,
+                        crate::config::QkNorm::PerHead => 2 * cfg.head_dim,
+                        crate::config::QkNorm::FullWidth => qw + kv,
+                    };
+                    let biases =
+                        if cfg.qkv_bias { q_rows + 2 * kv } else { 0 } + if cfg.o_bias { h } else { 0 };
                     bytes(&format!("{a}q_proj"), q_rows, h)
                         + 2 * bytes(&format!("{a}k_proj"), kv, h)
                         + bytes(&format!("{a}o_proj"), h, qw)
-                        + 2 * cfg.head_dim as u64 * float_bytes
+                        + (norms + biases) as u64 * float_bytes
                 }
                 // deepseek_v3: query (low-rank or direct), latent and rotary key, their expansion,
                 // output; the latent norms (and the biases under attention_bias).

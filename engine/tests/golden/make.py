@@ -12,7 +12,7 @@ The engine's parity tests read what this script writes (no Python at test time):
                                       router_hidden f32 [T, H]    router input, first MoE layer
                                       generated    i64 [N]      greedy, EOS ignored
     <out>/<arch>/golden.json          versions, seed, prompt text, chat messages, rendered chat
-                                      text and ids, smallest router top-k margin; deepseek_v3:
+                                      text and ids, smallest router top-k margin; deepseek_v3, glm4_moe*:
                                       grouped_routing (how many prompt selections group-limited
                                       routing changed against plain top-k of the biased scores,
                                       smallest group and within-group margins)
@@ -31,10 +31,10 @@ Usage (pinned versions: see requirements.txt beside this file):
     python engine/tests/golden/make.py --out engine/tests/golden --arch qwen3_moe_gguf,qwen3_moe_wide,qwen3_next_gguf
 
 The last makes only the named fixtures. qwen3_moe_gguf, qwen3_moe_wide and qwen3_next_gguf
-(VARIANTS) are the configurations that make_gguf.py converts for llama.cpp; they, deepseek_v3
-and deepseek_v3_noqlora were made with torch 2.11 (their golden.json says which versions), the
-others with the pinned versions:
-    python engine/tests/golden/make.py --out engine/tests/golden --arch deepseek_v3,deepseek_v3_noqlora
+(VARIANTS) are the configurations that make_gguf.py converts for llama.cpp; they, deepseek_v3,
+deepseek_v3_noqlora, glm4_moe and glm4_moe_lite were made with torch 2.11 and transformers 5.23
+(their golden.json says which versions), the others with the pinned versions:
+    python engine/tests/golden/make.py --out engine/tests/golden --arch deepseek_v3,deepseek_v3_noqlora,glm4_moe,glm4_moe_lite
 """
 
 import argparse
@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3"]
+ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "glm4_moe_lite"]
 # Extra fixtures: another config of an architecture in ARCHS, named by --arch (and made by
 # `--arch all` after the ones above). Each draws its weights from its own generator seed (after
 # ARCHS' in SEED_ORDER), so adding one changes no other fixture's bytes.
@@ -87,6 +87,8 @@ SEED_ORDER = [
     "qwen3_next_gguf",
     "deepseek_v3",
     "deepseek_v3_noqlora",
+    "glm4_moe",
+    "glm4_moe_lite",
 ]
 assert sorted(SEED_ORDER) == sorted(FIXTURES)
 GENERATE = 16
@@ -335,6 +337,62 @@ def arch_config(arch, s, vocab):
             ),
             tie_word_embeddings=False,
         ), torch.bfloat16
+    if arch == "glm4_moe":
+        # GLM-4.5's stack: grouped-query attention with heads wider than hidden / heads, half of
+        # each head rotated (partial_rotary_factor, a top-level key as in GLM's configs), q/k
+        # RMSNorms per head, biases on q/k/v but not o_proj; deepseek_v3's router (sigmoid,
+        # selection bias, 4 groups of 4 with the best 2 kept, scaled weights); a shared expert;
+        # the first layer dense.
+        return dict(
+            common,
+            model_type=arch,
+            num_key_value_heads=heads // 2,
+            head_dim=2 * h // heads,
+            partial_rotary_factor=0.5,
+            use_qk_norm=True,
+            attention_bias=True,
+            n_routed_experts=2 * e,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            moe_intermediate_size=w,
+            intermediate_size=3 * w,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0, partial_rotary_factor=0.5),
+            tie_word_embeddings=False,
+        ), torch.bfloat16
+    if arch == "glm4_moe_lite":
+        # GLM-4.7-Flash's stack: deepseek_v3's latent attention (compressed queries, interleaved
+        # rotary pairs, values of another width) over GLM's router (2 groups, the best kept), two
+        # shared experts; dense and sparse layers named by mlp_layer_types (not the default
+        # pattern); transformers-5 fused experts, f32 on disk.
+        return dict(
+            common,
+            model_type=arch,
+            num_hidden_layers=3,
+            num_key_value_heads=heads,
+            n_routed_experts=e,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=2,
+            moe_intermediate_size=w // 2,
+            intermediate_size=2 * w,
+            mlp_layer_types=["sparse", "dense", "sparse"],
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=12,
+            routed_scaling_factor=1.8,
+            norm_topk_prob=True,
+            rope_interleave=True,
+            rope_parameters=dict(rope_type="default", rope_theta=10_000.0),
+            tie_word_embeddings=False,
+        ), torch.float32
     raise ValueError(arch)
 
 
@@ -468,7 +526,7 @@ def make_fixture(arch, out_dir, seed, size):
     save_kwargs = {}
     if arch == "qwen3_moe":
         save_kwargs["max_shard_size"] = "400KB"  # sharded: model.safetensors.index.json
-    if arch in ("olmoe", "deepseek_v3_noqlora"):
+    if arch in ("olmoe", "deepseek_v3_noqlora", "glm4_moe_lite"):
         save_kwargs["save_original_format"] = False  # transformers-5 fused experts
     model.to(dtype)
     # deepseek_v3 checkpoints keep the selection bias in f32 beside bf16 weights (transformers
