@@ -85,7 +85,13 @@ fn reads_what_llama_cpp_wrote_as_gguf_py_reads_it() {
         }
         let arch = &meta["general.architecture"]["value"];
         assert_eq!(f.architecture(), arch.as_str(), "{name}");
-        assert!(f.tensor("blk.0.ffn_gate_exps.weight").is_some(), "{name}");
+        // Experts somewhere (glm4moe's first block is dense).
+        assert!(
+            f.tensors
+                .iter()
+                .any(|t| t.name.ends_with(".ffn_gate_exps.weight")),
+            "{name}"
+        );
     }
 }
 
@@ -255,11 +261,54 @@ fn unrunnable_gguf_checkpoints_get_one_line_errors() {
         e.contains("qwen3next.attention.recurrent_layers") && e.contains("bools"),
         "{e}"
     );
+    // glm4moe: a router gating other than sigmoid.
+    let glm = std::fs::read(dir().join("glm4_moe_gguf-q8_0.gguf")).unwrap();
+    let mut b = glm.clone();
+    let at = value_type_at(&b, "glm4moe.expert_gating_func");
+    assert_eq!(u32::from_le_bytes(b[at..at + 4].try_into().unwrap()), 4, "UINT32");
+    b[at + 4..at + 8].copy_from_slice(&1u32.to_le_bytes());
+    let e = open("gating.gguf", &b);
+    assert!(
+        e.contains("glm4moe.expert_gating_func") && e.contains("expected 2 (sigmoid)"),
+        "{e}"
+    );
     // A missing split.
     let p = tmp.path().join("model-00001-of-00002.gguf");
     std::fs::write(&p, &mix).unwrap();
     let e = Checkpoint::open(p.to_str().unwrap()).unwrap_err().to_string();
     assert!(e.contains("model-00002-of-00002.gguf"), "{e}");
+}
+
+/// glm4moe files (llama.cpp's converter on the glm4_moe_gguf fixture): the configuration from
+/// `glm4moe.*` metadata and the tensors present is the fixture's own — partial rotary, q/k
+/// norms, q/k/v biases, sigmoid routing with its scale and renormalisation, the shared expert,
+/// the dense first layer.
+#[test]
+fn glm4moe_config_is_the_fixtures() {
+    use shadowmoe_engine::Checkpoint;
+    let src = Checkpoint::open_dir(&common::fixture_dir("glm4_moe_gguf")).unwrap();
+    let want = &src.config;
+    for file in ["glm4_moe_gguf-bf16", "glm4_moe_gguf-q8_0", "glm4_moe_gguf-q4_k_m"] {
+        let path = dir().join(format!("{file}.gguf"));
+        let c = Checkpoint::open(path.to_str().unwrap()).unwrap().config;
+        assert_eq!(c.arch, want.arch, "{file}");
+        assert_eq!(c.num_hidden_layers, want.num_hidden_layers, "{file}");
+        assert_eq!(c.head_dim, want.head_dim, "{file}");
+        assert_eq!(c.rope.head_dim, 16, "{file}: half of each head rotated");
+        assert_eq!(c.rope.theta, want.rope.theta, "{file}");
+        assert_eq!((c.qkv_bias, c.o_bias), (true, false), "{file}");
+        assert_eq!(c.qk_norm, want.qk_norm, "{file}");
+        assert_eq!(c.routing, want.routing, "{file}");
+        assert_eq!(c.norm_topk_prob, want.norm_topk_prob, "{file}");
+        assert_eq!(c.mlp_kinds, want.mlp_kinds, "{file}");
+        assert_eq!(
+            c.shared_expert_intermediate_size, want.shared_expert_intermediate_size,
+            "{file}"
+        );
+        assert!(!c.shared_expert_gated, "{file}");
+        assert_eq!(c.moe_intermediate_size, want.moe_intermediate_size, "{file}");
+        assert_eq!(c.intermediate_size, want.intermediate_size, "{file}");
+    }
 }
 
 /// qwen3next files (llama.cpp's converter on the qwen3_next_gguf fixture): the configuration

@@ -238,15 +238,27 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
 /// their float sums differ from llama.cpp's only in summation order, and no 8-bit activation
 /// rounds differently. (qwen3_next_gguf-bf16 has one position, 34, where a bf16 activation
 /// rounds the other way: 1.9e-4 there, at most 5e-7 at the others.)
-const EXACT: [&str; 7] = [
+const EXACT: [&str; 8] = [
     "mixtral-f32",
     "mixtral-bf16",
     "mixtral-q4_k_m",
+    "glm4_moe_gguf-bf16",
     "qwen3_moe_gguf-q8_0",
     "qwen3_moe_gguf-q4_k_m",
     "qwen3_moe_wide-q4_k_m",
     "qwen3_next_gguf-q8_0",
 ];
+
+/// Quantised files of a sigmoid-routed family whose routing is this fixture's most fragile:
+/// the engine against itself, with every other activation moved by one ulp before its 8-bit
+/// rounding (a one-off patch to `ggml::dot::quantize_acts`, 2026-12-06), gives the same kind
+/// of divergence as against llama.cpp — exact up to a position (13 of 37 for Q8_0, 17 for
+/// Q4_K_M), then 0.05–0.15 with two positions near 1.2 and one or two argmax changes — where
+/// qwen3_moe_gguf-q8_0 does not move at all: sigmoid scores plus a selection bias leave
+/// selection margins of 1e-4 (golden.json), which one rounding flip upstream crosses. Against
+/// llama.cpp they are exact for the first 4 (Q8_0) and 15 (Q4_K_M) positions; asserted here:
+/// the first 4, and the first greedy token (not 90 % of the argmaxes or four greedy tokens).
+const ROUTING_SENSITIVE: [&str; 2] = ["glm4_moe_gguf-q8_0", "glm4_moe_gguf-q4_k_m"];
 
 /// Every GGUF file against llama.cpp: tokenization exactly; logits within 1e-4 at every
 /// position for [`EXACT`]; for the others, the positions before the first one where an 8-bit
@@ -319,6 +331,11 @@ fn against_llama_cpp(path: &Path, exact: bool) -> String {
             worst <= 1e-3 * scale,
             "{name}: logits differ by {worst:e} (scale {scale})"
         );
+    } else if ROUTING_SENSITIVE.contains(&name) {
+        assert!(
+            leading >= 4,
+            "{name}: logits differ within the first four positions ({per_position:?})"
+        );
     } else {
         assert!(
             leading >= 2,
@@ -328,8 +345,9 @@ fn against_llama_cpp(path: &Path, exact: bool) -> String {
     let agree = (0..t)
         .filter(|&i| argmax(&ours[i * v..(i + 1) * v]) == argmax(&r.logits[i * v..(i + 1) * v]))
         .count();
+    let sensitive = ROUTING_SENSITIVE.contains(&name);
     assert!(
-        agree * 10 >= t * 9,
+        sensitive || agree * 10 >= t * 9,
         "{name}: argmax agrees at {agree}/{t} positions"
     );
     let generated = greedy(&model, &r.prompt_ids, r.generated.len());
@@ -339,7 +357,7 @@ fn against_llama_cpp(path: &Path, exact: bool) -> String {
         .take_while(|(a, b)| a == b)
         .count();
     assert!(
-        same >= 4,
+        same >= if sensitive { 1 } else { 4 },
         "{name}: greedy {generated:?} vs llama.cpp {:?}",
         r.generated
     );

@@ -41,12 +41,13 @@ use crate::error::{EngineError, Result};
 use crate::weights::{DType, WeightIndex};
 
 /// The families the engine runs, by `general.architecture`.
-const ARCHS: [(&str, &str); 5] = [
+const ARCHS: [(&str, &str); 6] = [
     ("llama", "mixtral"),
     ("qwen3moe", "qwen3_moe"),
     ("qwen2moe", "qwen2_moe"),
     ("olmoe", "olmoe"),
     ("qwen3next", "qwen3_next"),
+    ("glm4moe", "glm4_moe"),
 ];
 
 /// An opened GGUF checkpoint (one file, or every split of one).
@@ -231,11 +232,15 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
             format!("{v} differs from the key length {head_dim} (not supported)"),
         ));
     }
-    // qwen3next rotates a share of each head (partial_rotary_factor = rotated / head size).
+    // qwen3next and glm4moe rotate a share of each head (partial_rotary_factor = rotated /
+    // head size; glm4_moe's config must say 1.0 when all of it turns).
     let mut partial_rotary = None;
+    if model_type == "glm4_moe" {
+        partial_rotary = Some(1.0);
+    }
     if let Some(r) = m.u64_opt("rope.dimension_count")?
         && r != head_dim
-        && model_type == "qwen3_next"
+        && matches!(model_type, "qwen3_next" | "glm4_moe")
     {
         let factor = r as f64 / head_dim.max(1) as f64;
         if r == 0 || r > head_dim || !r.is_multiple_of(2) || (head_dim as f64 * factor) as u64 != r {
@@ -370,6 +375,11 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
                 put("clip_qkv", json!(c));
             }
         }
+        "glm4_moe" => {
+            for (k, v) in glm4_moe(m, files, expert_ffn, ffn)? {
+                put(&k, v);
+            }
+        }
         "qwen3_next" => {
             put("moe_intermediate_size", json!(expert_ffn.or(ffn)));
             put("intermediate_size", json!(ffn.or(expert_ffn)));
@@ -410,6 +420,65 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
         put("eos_token_id", json!(e));
     }
     Ok(c)
+}
+
+/// glm4moe's MoE and attention keys as `config.json` has them: the router as llama.cpp's
+/// metadata describes it (sigmoid gating required; groups only where `expert_group_count` says,
+/// which GLM's converter never writes; `expert_weights_scale` 0 or absent is no scaling), the
+/// shared experts and leading dense layers; q/k/v biases and q/k norms where the file has them.
+fn glm4_moe(
+    m: &Meta<'_>,
+    files: &[GgufFile],
+    expert_ffn: Option<u64>,
+    ffn: Option<u64>,
+) -> Result<Vec<(String, Json)>> {
+    let find = |name: &str| files.iter().any(|f| f.tensor(name).is_some());
+    // llama_expert_gating_func_type: 1 softmax, 2 sigmoid (llama.cpp's glm4moe takes absent as
+    // sigmoid).
+    match m.u64_opt("expert_gating_func")? {
+        None | Some(2) => {}
+        Some(g) => {
+            return Err(EngineError::field(
+                &m.f.path,
+                m.key("expert_gating_func"),
+                format!("{g}: expected 2 (sigmoid), the gating glm4_moe's router applies"),
+            ));
+        }
+    }
+    let scale = m
+        .f64_opt("expert_weights_scale")?
+        .filter(|&s| s != 0.0)
+        .unwrap_or(1.0);
+    let groups = m.u64_opt("expert_group_count")?.filter(|&g| g > 1).unwrap_or(1);
+    let groups_used = if groups > 1 {
+        m.u64_opt("expert_group_used_count")?.unwrap_or(groups)
+    } else {
+        1
+    };
+    let mut out = vec![
+        ("moe_intermediate_size", json!(expert_ffn.or(ffn))),
+        ("intermediate_size", json!(ffn.or(expert_ffn))),
+        (
+            "n_shared_experts",
+            json!(m.u64_opt("expert_shared_count")?.unwrap_or(0)),
+        ),
+        (
+            "first_k_dense_replace",
+            json!(m.u64_opt("leading_dense_block_count")?.unwrap_or(0)),
+        ),
+        (
+            "norm_topk_prob",
+            json!(m.bool_opt("expert_weights_norm")?.unwrap_or(false)),
+        ),
+        ("routed_scaling_factor", json!(scale)),
+        ("n_group", json!(groups)),
+        ("topk_group", json!(groups_used)),
+        ("attention_bias", json!(find("blk.0.attn_q.bias"))),
+        ("use_qk_norm", json!(find("blk.0.attn_q_norm.weight"))),
+    ];
+    // The multi-token-prediction block is not run (block_count counts it).
+    out.push(("num_nextn_predict_layers", json!(0)));
+    Ok(out.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
 /// qwen3next's Gated DeltaNet shape and layer pattern as `config.json` keys: the `ssm.*`
@@ -519,6 +588,25 @@ const QWEN3NEXT: [(&str, &str); 10] = [
     ("ssm_out.weight", "linear_attn.out_proj.weight"),
 ];
 
+/// glm4moe's own block tensor names: its post-attention norm, the router's selection bias, the
+/// (ungated, plural) shared experts.
+const GLM4MOE: [(&str, &str); 5] = [
+    ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
+    ("ffn_gate_shexp.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn_up_shexp.weight", "mlp.shared_experts.up_proj.weight"),
+    ("ffn_down_shexp.weight", "mlp.shared_experts.down_proj.weight"),
+];
+
+/// Whole block-tensor names an architecture renames beyond [`STEMS`].
+fn own_names(arch: &str) -> &'static [(&'static str, &'static str)] {
+    match arch {
+        "qwen3next" => &QWEN3NEXT,
+        "glm4moe" => &GLM4MOE,
+        _ => &[],
+    }
+}
+
 /// The Hugging Face name of a llama.cpp tensor name in a file of architecture `arch` (None for
 /// one the engine does not read).
 pub fn hf_name(arch: &str, gguf: &str) -> Option<String> {
@@ -534,9 +622,7 @@ pub fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    if arch == "qwen3next"
-        && let Some((_, hf)) = QWEN3NEXT.iter().find(|(g, _)| *g == rest)
-    {
+    if let Some((_, hf)) = own_names(arch).iter().find(|(g, _)| *g == rest) {
         return Some(format!("model.layers.{layer}.{hf}"));
     }
     let (stem, suffix) = rest.rsplit_once('.')?;
@@ -558,9 +644,7 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
-    if arch == "qwen3next"
-        && let Some((g, _)) = QWEN3NEXT.iter().find(|(_, h)| *h == rest)
-    {
+    if let Some((g, _)) = own_names(arch).iter().find(|(_, h)| *h == rest) {
         return Some(format!("blk.{layer}.{g}"));
     }
     let (stem, suffix) = rest.rsplit_once('.')?;
@@ -665,15 +749,21 @@ mod tests {
 
     #[test]
     fn names_map_both_ways() {
-        for arch in ["qwen3moe", "qwen3next"] {
+        for arch in ["qwen3moe", "qwen3next", "glm4moe"] {
             for (g, _) in STEMS {
                 for suffix in ["weight", "bias"] {
                     let name = format!("blk.7.{g}.{suffix}");
                     let hf = hf_name(arch, &name).unwrap();
                     let back = gguf_name(arch, &hf).unwrap();
-                    // qwen3next names its post-attention norm post_attention_norm.
-                    if arch == "qwen3next" && g == "ffn_norm" && suffix == "weight" {
+                    // qwen3next and glm4moe name their post-attention norm
+                    // post_attention_norm; glm4moe's shared experts are its own.
+                    if arch != "qwen3moe" && g == "ffn_norm" && suffix == "weight" {
                         assert_eq!(back, format!("blk.7.post_attention_norm.{suffix}"));
+                    } else if arch == "glm4moe"
+                        && GLM4MOE.iter().any(|(own, _)| *own == format!("{g}.{suffix}"))
+                    {
+                        assert!(hf.contains("mlp.shared_experts."), "{hf}");
+                        assert_eq!(back, name, "{arch}");
                     } else {
                         assert_eq!(back, name, "{arch}");
                     }
@@ -688,6 +778,14 @@ mod tests {
             );
             assert_eq!(
                 gguf_name("qwen3next", &format!("model.layers.2.{h}")).unwrap(),
+                name
+            );
+        }
+        for (g, h) in GLM4MOE {
+            let name = format!("blk.3.{g}");
+            assert_eq!(hf_name("glm4moe", &name).unwrap(), format!("model.layers.3.{h}"));
+            assert_eq!(
+                gguf_name("glm4moe", &format!("model.layers.3.{h}")).unwrap(),
                 name
             );
         }

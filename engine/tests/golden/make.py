@@ -72,6 +72,10 @@ VARIANTS = {
     # values in halves (rope_interleave false), two shared experts, raw (not renormalised)
     # sigmoid weights, transformers-5 fused experts, f32 on disk; tiny.
     "deepseek_v3_noqlora": "deepseek_v3",
+    # glm4_moe as llama.cpp's glm4moe holds it (make_gguf.py): one expert group (GLM's converter
+    # writes no group count; GLM-4.5's configs have n_group 1), no multi-token-prediction layer,
+    # and GLM's special tokens in the tokenizer (the converter's GLM vocabulary asks for them).
+    "glm4_moe_gguf": "glm4_moe",
 }
 FIXTURES = ARCHS + list(VARIANTS)
 # The order that numbers each fixture's weight generator: fixtures added later come last, so
@@ -89,6 +93,7 @@ SEED_ORDER = [
     "deepseek_v3_noqlora",
     "glm4_moe",
     "glm4_moe_lite",
+    "glm4_moe_gguf",
 ]
 assert sorted(SEED_ORDER) == sorted(FIXTURES)
 GENERATE = 16
@@ -197,6 +202,10 @@ def arch_config(arch, s, vocab):
             ),
         )
         return c, torch.float32
+    if arch == "glm4_moe_gguf":
+        c, dtype = arch_config("glm4_moe", s, vocab)
+        c.update(n_group=1, topk_group=1, num_nextn_predict_layers=0)
+        return c, dtype
     if arch == "qwen3_moe_wide":
         c, dtype = arch_config("qwen3_moe", s, vocab)
         c.update(
@@ -396,8 +405,13 @@ def arch_config(arch, s, vocab):
     raise ValueError(arch)
 
 
-def train_tokenizer(vocab, bos_style):
-    specials = ["<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+# Special tokens GLM's tokenizers have and llama.cpp's converter looks up for its glm4moe
+# vocabulary (bos [gMASK], eot <|user|>, eom <|observation|>).
+GLM_SPECIALS = ["[gMASK]", "<|user|>", "<|observation|>"]
+
+
+def train_tokenizer(vocab, bos_style, extra_specials=()):
+    specials = ["<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *extra_specials]
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -506,7 +520,7 @@ def make_fixture(arch, out_dir, seed, size):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed * 1000 + SEED_ORDER.index(arch))
     bos_style = VARIANTS.get(arch, arch) == "mixtral"
-    tok = train_tokenizer(s["vocab"] - 32, bos_style)
+    tok = train_tokenizer(s["vocab"] - 32, bos_style, GLM_SPECIALS if arch == "glm4_moe_gguf" else ())
     cfg_dict, dtype = arch_config(arch, s, s["vocab"])
     if bos_style:
         cfg_dict["bos_token_id"] = tok.token_to_id("<s>")

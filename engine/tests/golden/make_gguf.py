@@ -122,6 +122,9 @@ FIXTURES = [
     ("qwen3_moe_wide", [], [Q4_K_M, ("mix", "Q4_K_M", True, WIDE_MIX)]),
     # Qwen3-Next (llama.cpp's qwen3next): bf16 is the fixture's own dtype (every value exact).
     ("qwen3_next_gguf", ["bf16", "q8_0"], [Q4_K_M]),
+    # GLM-4.5 (llama.cpp's glm4moe): partial rotary, q/k norms, q/k/v biases, the sigmoid router
+    # with its selection bias, a shared expert and a dense first layer.
+    ("glm4_moe_gguf", ["bf16", "q8_0"], [Q4_K_M]),
 ]
 # Extra converter arguments per (fixture, output type); "f16" also covers the f16 file that
 # llama-quantize reads. Qwen3-Next checkpoints carry a multi-token-prediction block (`mtp.*`,
