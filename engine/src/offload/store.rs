@@ -498,6 +498,7 @@ impl ExpertStore {
             gate: w(&layout.parts[0]),
             up: w(&layout.parts[1]),
             down: w(&layout.parts[2]),
+            biases: None,
         })
     }
 
@@ -519,6 +520,7 @@ impl ExpertStore {
             gate: w(&layout.parts[0]),
             up: w(&layout.parts[1]),
             down: w(&layout.parts[2]),
+            biases: None,
         })
     }
 
