@@ -60,9 +60,9 @@ pub enum Selection {
         topk_group: usize,
         scale: f32,
     },
-    /// gpt_oss ([`RoutingRule::TopKSoftmax`]): the top-k logits (the router's bias included),
-    /// their softmax as weights.
-    TopKSoftmax,
+    /// gpt_oss ([`RoutingRule::TopKSoftmax`]): `bias` (`[E]`, its `router.bias`) added to the
+    /// logits, the top k kept, their softmax as weights.
+    TopKSoftmax { bias: Vec<f32> },
 }
 
 /// A MoE layer's router: the gate matrix and its family's selection rule.
@@ -70,8 +70,6 @@ pub enum Selection {
 pub struct Router {
     /// `[E, H]`.
     pub weight: Weight,
-    /// `[E]`, added to the logits (gpt_oss's `router.bias`).
-    pub bias: Option<Vec<f32>>,
     pub top_k: usize,
     pub norm_topk_prob: bool,
     pub selection: Selection,
@@ -83,7 +81,7 @@ impl Router {
         let logits = self.logits(x); // (T, E)
         match self.selection {
             Selection::Grouped { .. } => return self.route_grouped(&logits),
-            Selection::TopKSoftmax => return self.route_topk_softmax(&logits),
+            Selection::TopKSoftmax { .. } => return self.route_topk_softmax(&logits),
             Selection::Softmax => {}
         }
         let k = self.top_k;
@@ -117,7 +115,11 @@ impl Router {
 
     /// The router's logits for every row of `x` (`[T, H]` → `[T, E]`), its bias included.
     pub fn logits(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
-        linear(x, &self.weight, self.bias.as_deref())
+        let bias = match &self.selection {
+            Selection::TopKSoftmax { bias } => Some(bias.as_slice()),
+            _ => None,
+        };
+        linear(x, &self.weight, bias)
     }
 
     /// gpt_oss's rule on every row of `logits` (`[T, E]`): the k largest logits (ties: lower
@@ -235,7 +237,7 @@ impl Router {
                 order
             }
             // The softmax of the chosen logits keeps their order.
-            Selection::TopKSoftmax => top_k_ids(logits, k),
+            Selection::TopKSoftmax { .. } => top_k_ids(logits, k),
         }
     }
 
@@ -264,24 +266,18 @@ fn top_k_ids(values: &[f32], k: usize) -> Vec<u32> {
 /// `gate.e_score_correction_bias` `[E]`, for gpt_oss `router.weight` and `router.bias`.
 pub fn load_router(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Router> {
     let prefix = moe_prefix(cfg, w, l);
-    if cfg.routing == RoutingRule::TopKSoftmax {
-        return Ok(Router {
-            weight: w.get(
-                &format!("{prefix}router.weight"),
-                &[cfg.num_experts, cfg.hidden_size],
-            )?,
-            bias: Some(
-                w.get(&format!("{prefix}router.bias"), &[cfg.num_experts])?
-                    .to_f32_vec(),
-            ),
-            top_k: cfg.num_experts_per_tok,
-            norm_topk_prob: false,
-            selection: Selection::TopKSoftmax,
-        });
-    }
+    // gpt_oss names its router `router`, the others `gate`.
+    let gate = match cfg.routing {
+        RoutingRule::TopKSoftmax => "router",
+        _ => "gate",
+    };
     let selection = match cfg.routing {
         RoutingRule::Softmax => Selection::Softmax,
-        RoutingRule::TopKSoftmax => unreachable!("returned above"),
+        RoutingRule::TopKSoftmax => Selection::TopKSoftmax {
+            bias: w
+                .get(&format!("{prefix}router.bias"), &[cfg.num_experts])?
+                .to_f32_vec(),
+        },
         RoutingRule::SigmoidGrouped {
             n_group,
             topk_group,
@@ -299,10 +295,9 @@ pub fn load_router(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Route
     };
     Ok(Router {
         weight: w.get(
-            &format!("{prefix}gate.weight"),
+            &format!("{prefix}{gate}.weight"),
             &[cfg.num_experts, cfg.hidden_size],
         )?,
-        bias: None,
         top_k: cfg.num_experts_per_tok,
         norm_topk_prob: cfg.norm_topk_prob,
         selection,
@@ -931,7 +926,6 @@ mod tests {
         let weight = Weight::from_f32(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5], vec![3, 2]);
         let r = Router {
             weight,
-            bias: None,
             top_k: 2,
             norm_topk_prob: true,
             selection: Selection::Softmax,
@@ -961,7 +955,6 @@ mod tests {
         (0..8).for_each(|i| eye[i * 8 + i] = 1.0);
         let router = |bias: Vec<f32>, norm: bool| Router {
             weight: Weight::from_f32(&eye, vec![8, 8]),
-            bias: None,
             top_k: 2,
             norm_topk_prob: norm,
             selection: Selection::Grouped {
@@ -1006,7 +999,6 @@ mod tests {
         for k in [1, 3, 4, 10, 64] {
             let r = Router {
                 weight: Weight::from_f32(&w, vec![e, 1]),
-                bias: None,
                 top_k: k,
                 norm_topk_prob: false,
                 selection: Selection::Softmax,

@@ -1012,8 +1012,10 @@ fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Option<AlignedByte
 #[allow(clippy::type_complexity)]
 /// A tensor of a dtype the engine does not compute with: its dtype, offset and shape.
 type OtherEntry = (String, usize, Vec<usize>);
+/// A file's tensors by name: those the engine computes with, and the others.
+type Entries = Vec<(String, Result<TensorEntry, OtherEntry>)>;
 
-fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, OtherEntry>)>)> {
+fn open_one(path: &Path) -> Result<(Mmap, Entries)> {
     let file = File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => EngineError::MissingFile {
             path: path.to_path_buf(),
