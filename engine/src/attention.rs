@@ -104,6 +104,9 @@ pub struct Attention {
     head_dim: usize,
     eps: f32,
     sliding_window: Option<usize>,
+    /// gpt_oss: `[Hq]` learned logits, one per query head, that join each softmax's
+    /// denominator (attention that may go "nowhere").
+    sinks: Option<Vec<f32>>,
 }
 
 impl Attention {
@@ -149,6 +152,11 @@ impl Attention {
             head_dim: cfg.head_dim,
             eps: cfg.rms_norm_eps,
             sliding_window: cfg.sliding_windows[l],
+            sinks: if cfg.attention_sinks {
+                Some(vec("sinks", cfg.num_attention_heads)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -250,7 +258,10 @@ impl Attention {
                     let kvec = &kv.k[s * kvw + kh * dh..][..dh];
                     crate::kernels::dot(qv, kvec) * scale
                 }));
-                softmax(&mut scores);
+                match &self.sinks {
+                    Some(sinks) => softmax_with_sink(&mut scores, sinks[h]),
+                    None => softmax(&mut scores),
+                }
                 let o = &mut out[ti * dh..(ti + 1) * dh];
                 for (s, &a) in (lo..=p).zip(&scores) {
                     let vvec = &kv.v[s * kvw + kh * dh..][..dh];
@@ -277,6 +288,19 @@ impl Attention {
     }
 }
 
+/// Softmax over `scores` and one more logit, `sink`, whose share is dropped (gpt_oss's
+/// attention sinks, as transformers' eager attention computes them): the weights then sum to
+/// less than one.
+fn softmax_with_sink(scores: &mut [f32], sink: f32) {
+    let max = scores.iter().copied().fold(sink, f32::max);
+    let mut sum = (sink - max).exp();
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    scores.iter_mut().for_each(|s| *s /= sum);
+}
+
 /// An RMSNorm weight as the kernels use it: zero-centred norms (qwen3_next) scale by
 /// `1 + weight`, computed in f32 as transformers does.
 pub fn norm_weight(cfg: &ModelConfig, mut w: Vec<f32>) -> Vec<f32> {
@@ -289,6 +313,18 @@ pub fn norm_weight(cfg: &ModelConfig, mut w: Vec<f32>) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sink_takes_its_share_of_the_softmax() {
+        let mut s = vec![1.0f32, 2.0];
+        softmax_with_sink(&mut s, 0.5);
+        let z = 1f32.exp() + 2f32.exp() + 0.5f32.exp();
+        assert!((s[0] - 1f32.exp() / z).abs() < 1e-7 && (s[1] - 2f32.exp() / z).abs() < 1e-7);
+        // A very low sink leaves the plain softmax.
+        let mut s = vec![1.0f32, 2.0];
+        softmax_with_sink(&mut s, -1e30);
+        assert!((s[0] + s[1] - 1.0).abs() < 1e-6);
+    }
 
     #[test]
     fn truncate_cuts_attention_keys_but_not_a_recurrent_state() {

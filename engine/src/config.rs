@@ -27,11 +27,12 @@ pub enum Arch {
     /// GLM-4.7-Flash: deepseek_v3's latent attention and router, dense/sparse layers by
     /// `mlp_layer_types`.
     Glm4MoeLite,
+    GptOss,
 }
 
 impl Arch {
     /// Every supported `model_type` string, in the order of the README table.
-    pub const SUPPORTED: [&'static str; 8] = [
+    pub const SUPPORTED: [&'static str; 9] = [
         "qwen3_moe",
         "olmoe",
         "mixtral",
@@ -40,6 +41,7 @@ impl Arch {
         "deepseek_v3",
         "glm4_moe",
         "glm4_moe_lite",
+        "gpt_oss",
     ];
 
     /// The architecture for a `model_type` string, if supported. Kimi-K2's checkpoints say
@@ -55,6 +57,7 @@ impl Arch {
             "deepseek_v3" | "kimi_k2" => Arch::DeepseekV3,
             "glm4_moe" => Arch::Glm4Moe,
             "glm4_moe_lite" => Arch::Glm4MoeLite,
+            "gpt_oss" => Arch::GptOss,
             _ => return None,
         })
     }
@@ -70,6 +73,7 @@ impl Arch {
             Arch::DeepseekV3 => "deepseek_v3",
             Arch::Glm4Moe => "glm4_moe",
             Arch::Glm4MoeLite => "glm4_moe_lite",
+            Arch::GptOss => "gpt_oss",
         }
     }
 
@@ -88,6 +92,7 @@ impl Arch {
     fn default_theta(self) -> f64 {
         match self {
             Arch::Mixtral => 1_000_000.0,
+            Arch::GptOss => 150_000.0,
             _ => 10_000.0,
         }
     }
@@ -95,7 +100,7 @@ impl Arch {
     /// Default `rms_norm_eps` of transformers' config class.
     fn default_eps(self) -> f64 {
         match self {
-            Arch::Olmoe | Arch::Mixtral | Arch::Glm4Moe | Arch::Glm4MoeLite => 1e-5,
+            Arch::Olmoe | Arch::Mixtral | Arch::Glm4Moe | Arch::Glm4MoeLite | Arch::GptOss => 1e-5,
             Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next | Arch::DeepseekV3 => 1e-6,
         }
     }
@@ -174,6 +179,19 @@ pub enum RoutingRule {
         topk_group: usize,
         routed_scaling_factor: f32,
     },
+    /// gpt_oss: the router's logits (with its bias) ranked, the top-k kept, and a softmax over
+    /// those k logits alone gives the weights.
+    TopKSoftmax,
+}
+
+/// gpt_oss's expert activation: `gate_up_proj` yields gate and up values interleaved
+/// (`gate = [..., ::2]`, `up = [..., 1::2]`), each with its bias; the gate is clamped above at
+/// `limit`, the up values to `±limit`, and `(up + 1) · gate · σ(alpha · gate)` goes to
+/// `down_proj` (with its bias).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClampedSwiglu {
+    pub alpha: f32,
+    pub limit: f32,
 }
 
 /// Shape of qwen3_next's Gated DeltaNet layers (`linear_*` keys of its config).
@@ -254,6 +272,11 @@ pub struct ModelConfig {
     /// Multi-token-prediction layers stored after the decoder layers (deepseek_v3's
     /// `num_nextn_predict_layers`): not part of the forward pass, and not reported as unused.
     pub nextn_predict_layers: usize,
+    /// gpt_oss: experts with biases and the clamped SwiGLU (none: `silu(gate) · up`, no biases).
+    pub clamped_swiglu: Option<ClampedSwiglu>,
+    /// gpt_oss: a learned logit per query head (`self_attn.sinks`) joins each softmax's
+    /// denominator.
+    pub attention_sinks: bool,
     /// Per layer: dense or MoE feed-forward.
     pub mlp_kinds: Vec<MlpKind>,
     /// Per layer: the sliding attention window, if the layer has one.
@@ -562,7 +585,7 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
             f.usize_opt(&["intermediate_size"])?.unwrap_or(0),
             f.positive(&["moe_intermediate_size"])?,
         ),
-        Arch::Mixtral | Arch::Olmoe => {
+        Arch::Mixtral | Arch::Olmoe | Arch::GptOss => {
             let i = f.positive(&["intermediate_size"])?;
             (i, i)
         }
@@ -587,11 +610,16 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         }
         // glm4_moe: q/k/v carry biases under attention_bias, o_proj never does.
         Arch::Glm4Moe => (f.bool_or("attention_bias", false)?, false),
+        // gpt_oss: q, k, v and o biases unless the config says otherwise.
+        Arch::GptOss => {
+            let b = f.bool_or("attention_bias", true)?;
+            (b, b)
+        }
     };
     let qk_norm = match arch {
         Arch::Qwen3Moe | Arch::Qwen3Next => QkNorm::PerHead,
         Arch::Olmoe => QkNorm::FullWidth,
-        Arch::Mixtral | Arch::Qwen2Moe | Arch::DeepseekV3 | Arch::Glm4MoeLite => QkNorm::None,
+        Arch::Mixtral | Arch::Qwen2Moe | Arch::DeepseekV3 | Arch::Glm4MoeLite | Arch::GptOss => QkNorm::None,
         Arch::Glm4Moe if f.bool_or("use_qk_norm", false)? => QkNorm::PerHead,
         Arch::Glm4Moe => QkNorm::None,
     };
@@ -627,7 +655,11 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     };
     // deepseek_v3 rotates the qk_rope_head_dim values of each head (its rotary part).
     let rotated = mla.map_or(head_dim, |m| m.qk_rope_head_dim);
-    let rope = RopeConfig::from_config_partial(f.map, f.path, arch.default_theta(), rotated, partial)?;
+    let rope = match gpt_oss_default_rope(f, arch) {
+        // Without rope keys, gpt_oss's config class supplies its yarn scaling.
+        Some(map) => RopeConfig::from_config_partial(&map, f.path, arch.default_theta(), rotated, partial)?,
+        None => RopeConfig::from_config_partial(f.map, f.path, arch.default_theta(), rotated, partial)?,
+    };
     let mla = match mla {
         Some(m) => Some(MlaConfig {
             softmax_scale: mla_softmax_scale(f, &rope, m.qk_head_dim())?,
@@ -639,8 +671,14 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
     let (mixers, linear_attn) = mixers(f, arch, num_hidden_layers)?;
     let routing = if arch.deepseek_moe() {
         grouped_routing(f, arch, num_experts, num_experts_per_tok)?
+    } else if arch == Arch::GptOss {
+        RoutingRule::TopKSoftmax
     } else {
         RoutingRule::Softmax
+    };
+    let clamped_swiglu = match arch {
+        Arch::GptOss => Some(clamped_swiglu(f)?),
+        _ => None,
     };
 
     Ok(ModelConfig {
@@ -692,13 +730,15 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
                 .unwrap_or(0),
             _ => 0,
         },
+        clamped_swiglu,
+        attention_sinks: arch == Arch::GptOss,
         mlp_kinds,
         sliding_windows,
         mixers,
         linear_attn,
         attn_output_gate: arch == Arch::Qwen3Next,
         norm_zero_centred: arch == Arch::Qwen3Next,
-        quantization: quantization(f)?,
+        quantization: quantization(f, arch)?,
         bos_token_id: f.usize_opt(&["bos_token_id"])?.map(|n| n as u32),
         eos_token_ids: f.token_ids("eos_token_id")?,
         path: f.path.to_path_buf(),
@@ -731,6 +771,44 @@ const MLA_DEFAULTS_GLM4_MOE_LITE: MlaDefaults = MlaDefaults {
     qk_nope_head_dim: 192,
     v_head_dim: 256,
 };
+
+/// gpt_oss's `swiglu_alpha` and `swiglu_limit` (transformers' defaults 1.702 and 7.0).
+fn clamped_swiglu(f: &Fields<'_>) -> Result<ClampedSwiglu> {
+    let mut out = [0.0f32; 2];
+    for (o, (key, default)) in out
+        .iter_mut()
+        .zip([("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)])
+    {
+        let v = f.f64_opt(&[key])?.unwrap_or(default);
+        if !(v.is_finite() && v > 0.0) {
+            return Err(EngineError::field(
+                f.path,
+                key,
+                format!("{v} (expected a finite number > 0)"),
+            ));
+        }
+        *o = v as f32;
+    }
+    Ok(ClampedSwiglu {
+        alpha: out[0],
+        limit: out[1],
+    })
+}
+
+/// gpt_oss's config class fills in this yarn scaling when the file has no rope keys; the map
+/// with it added, for gpt_oss configs without `rope_parameters` and `rope_scaling`.
+fn gpt_oss_default_rope(f: &Fields<'_>, arch: Arch) -> Option<serde_json::Map<String, Value>> {
+    if arch != Arch::GptOss || f.map.contains_key("rope_parameters") || f.map.contains_key("rope_scaling") {
+        return None;
+    }
+    let mut map = f.map.clone();
+    map.insert(
+        "rope_scaling".into(),
+        serde_json::json!({"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": false, "original_max_position_embeddings": 4096}),
+    );
+    Some(map)
+}
 
 /// The latent attention shape (the softmax scale is filled in once the rope is read). Absent
 /// keys take transformers' defaults; `q_lora_rank: null` means one `q_proj`.
@@ -889,12 +967,16 @@ fn grouped_routing(f: &Fields<'_>, arch: Arch, experts: usize, top_k: usize) -> 
 
 /// MLX's `quantization` block, or its copy `quantization_config`; other quantisation formats
 /// (transformers' `quant_method`: fp8, gptq, awq, …) are refused by name.
-fn quantization(f: &Fields<'_>) -> Result<Option<crate::quant::QuantConfig>> {
+fn quantization(f: &Fields<'_>, arch: Arch) -> Result<Option<crate::quant::QuantConfig>> {
     let (key, v) = match (f.map.get("quantization"), f.map.get("quantization_config")) {
         (Some(v), _) => ("quantization", v),
         (None, Some(v)) => ("quantization_config", v),
         (None, None) => return Ok(None),
     };
+    // gpt_oss's hub checkpoints: MXFP4 experts (`*_blocks` and `*_scales`), read as they are.
+    if arch == Arch::GptOss && v.get("quant_method").and_then(Value::as_str) == Some("mxfp4") {
+        return Ok(None);
+    }
     if let Some(method) = v.get("quant_method") {
         return Err(EngineError::field(
             f.path,
@@ -910,7 +992,7 @@ fn quantization(f: &Fields<'_>) -> Result<Option<crate::quant::QuantConfig>> {
 /// Dense or MoE per layer, as transformers' decoder layer decides it.
 fn mlp_kinds(f: &Fields<'_>, arch: Arch, layers: usize, experts: usize) -> Result<Vec<MlpKind>> {
     match arch {
-        Arch::Mixtral | Arch::Olmoe => Ok(vec![MlpKind::Moe; layers]),
+        Arch::Mixtral | Arch::Olmoe | Arch::GptOss => Ok(vec![MlpKind::Moe; layers]),
         // DeepSeek's rule (its modeling_deepseek.py): MoE from layer first_k_dense_replace on,
         // every moe_layer_freq-th layer (transformers reads first_k_dense_replace only; every
         // released checkpoint has moe_layer_freq 1, where the two agree).
@@ -1036,6 +1118,46 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
         (Arch::Qwen3Moe, _) => vec![use_sliding; layers],
         (Arch::Mixtral, _) => vec![window.is_some(); layers],
         (Arch::Olmoe, _) => vec![false; layers],
+        // gpt_oss: `layer_types`, else sliding and full attention alternating from layer 0.
+        (Arch::GptOss, types) => {
+            let sliding: Vec<bool> = match types {
+                Some(types) => {
+                    if types.len() != layers {
+                        return Err(EngineError::field(
+                            f.path,
+                            "layer_types",
+                            format!(
+                                "has {} entries, expected num_hidden_layers = {layers}",
+                                types.len()
+                            ),
+                        ));
+                    }
+                    types
+                        .iter()
+                        .map(|t| match t.as_str() {
+                            "sliding_attention" => Ok(true),
+                            "full_attention" => Ok(false),
+                            other => Err(EngineError::field(
+                                f.path,
+                                "layer_types",
+                                format!(
+                                    "`{other}` is not a gpt_oss layer type (expected \"sliding_attention\" or \"full_attention\")"
+                                ),
+                            )),
+                        })
+                        .collect::<Result<_>>()?
+                }
+                None => (0..layers).map(|i| i % 2 == 0).collect(),
+            };
+            if sliding.contains(&true) && window.is_none() {
+                return Err(EngineError::field(
+                    f.path,
+                    "sliding_window",
+                    "missing or 0 (required: some layers are sliding_attention)",
+                ));
+            }
+            sliding
+        }
         (Arch::Qwen2Moe, Some(_)) => unreachable!("handled by the first arm"),
     };
     Ok(per_layer

@@ -1,5 +1,5 @@
 //! shadowmoe's inference engine: Hugging Face MoE checkpoints (qwen3_moe, olmoe, mixtral,
-//! qwen2_moe, qwen3_next, deepseek_v3) loaded through memory maps and run on the CPU.
+//! qwen2_moe, qwen3_next, deepseek_v3, gpt_oss) loaded through memory maps and run on the CPU.
 //!
 //! The pieces, in the order a token meets them:
 //! - [`Checkpoint`] opens `config.json` ([`ModelConfig`]), the safetensors weights
@@ -25,6 +25,7 @@ pub mod error;
 pub mod generate;
 pub mod ggml;
 pub mod gguf;
+pub mod gpt_oss;
 pub mod hub;
 pub mod inflate;
 pub mod kernels;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ndarray::{Array2, ArrayView2, Axis};
 
-use crate::config::{Arch, ModelConfig, RoutingRule};
+use crate::config::{Arch, ClampedSwiglu, ModelConfig, RoutingRule};
 use crate::error::{EngineError, Result};
 use crate::kernels::{linear, sigmoid, silu_mul, softmax};
 use crate::observer::Phase;
@@ -60,6 +60,9 @@ pub enum Selection {
         topk_group: usize,
         scale: f32,
     },
+    /// gpt_oss ([`RoutingRule::TopKSoftmax`]): `bias` (`[E]`, its `router.bias`) added to the
+    /// logits, the top k kept, their softmax as weights.
+    TopKSoftmax { bias: Vec<f32> },
 }
 
 /// A MoE layer's router: the gate matrix and its family's selection rule.
@@ -75,9 +78,11 @@ pub struct Router {
 impl Router {
     /// Routes every row of `x` (`[T, H]`, the normalised hidden state).
     pub fn route(&self, x: ArrayView2<'_, f32>) -> RoutingDecision {
-        let logits = linear(x, &self.weight, None); // (T, E)
-        if let Selection::Grouped { .. } = self.selection {
-            return self.route_grouped(&logits);
+        let logits = self.logits(x); // (T, E)
+        match self.selection {
+            Selection::Grouped { .. } => return self.route_grouped(&logits),
+            Selection::TopKSoftmax { .. } => return self.route_topk_softmax(&logits),
+            Selection::Softmax => {}
         }
         let k = self.top_k;
         let mut experts = Vec::with_capacity(x.nrows() * k);
@@ -103,6 +108,32 @@ impl Router {
                 w.iter_mut().for_each(|v| *v /= s);
             }
             experts.extend_from_slice(top);
+            weights.extend(w);
+        }
+        RoutingDecision { k, experts, weights }
+    }
+
+    /// The router's logits for every row of `x` (`[T, H]` → `[T, E]`), its bias included.
+    pub fn logits(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
+        let bias = match &self.selection {
+            Selection::TopKSoftmax { bias } => Some(bias.as_slice()),
+            _ => None,
+        };
+        linear(x, &self.weight, bias)
+    }
+
+    /// gpt_oss's rule on every row of `logits` (`[T, E]`): the k largest logits (ties: lower
+    /// id), weighted by their softmax.
+    fn route_topk_softmax(&self, logits: &Array2<f32>) -> RoutingDecision {
+        let k = self.top_k;
+        let mut experts = Vec::with_capacity(logits.nrows() * k);
+        let mut weights = Vec::with_capacity(logits.nrows() * k);
+        for row in logits.rows() {
+            let row = row.to_vec();
+            let top = top_k_ids(&row, k);
+            let mut w: Vec<f32> = top.iter().map(|&e| row[e as usize]).collect();
+            softmax(&mut w);
+            experts.extend_from_slice(&top);
             weights.extend(w);
         }
         RoutingDecision { k, experts, weights }
@@ -205,23 +236,48 @@ impl Router {
                 order.truncate(k);
                 order
             }
+            // The softmax of the chosen logits keeps their order.
+            Selection::TopKSoftmax { .. } => top_k_ids(logits, k),
         }
     }
 
     /// [`Router::rank`] of the router's logits for one hidden state (`[H]`).
     pub fn rank_hidden(&self, hidden: &[f32], k: usize) -> Vec<u32> {
         let x = ArrayView2::from_shape((1, hidden.len()), hidden).expect("one row");
-        let logits = linear(x, &self.weight, None);
+        let logits = self.logits(x);
         self.rank(logits.row(0).as_slice().expect("standard layout"), k)
     }
 }
 
-/// Loads layer `l`'s router: `gate.weight` `[E, H]`, and for deepseek_v3 its
-/// `gate.e_score_correction_bias` `[E]`.
+/// The `k` largest of `values` (ties: lower id first), best first.
+fn top_k_ids(values: &[f32], k: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..values.len() as u32).collect();
+    let best_first = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    let k = k.min(order.len());
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, best_first);
+    }
+    order.truncate(k);
+    order.sort_by(best_first);
+    order
+}
+
+/// Loads layer `l`'s router: `gate.weight` `[E, H]`, for deepseek_v3 its
+/// `gate.e_score_correction_bias` `[E]`, for gpt_oss `router.weight` and `router.bias`.
 pub fn load_router(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Router> {
     let prefix = moe_prefix(cfg, w, l);
+    // gpt_oss names its router `router`, the others `gate`.
+    let gate = match cfg.routing {
+        RoutingRule::TopKSoftmax => "router",
+        _ => "gate",
+    };
     let selection = match cfg.routing {
         RoutingRule::Softmax => Selection::Softmax,
+        RoutingRule::TopKSoftmax => Selection::TopKSoftmax {
+            bias: w
+                .get(&format!("{prefix}router.bias"), &[cfg.num_experts])?
+                .to_f32_vec(),
+        },
         RoutingRule::SigmoidGrouped {
             n_group,
             topk_group,
@@ -239,7 +295,7 @@ pub fn load_router(cfg: &ModelConfig, w: &WeightIndex, l: usize) -> Result<Route
     };
     Ok(Router {
         weight: w.get(
-            &format!("{prefix}gate.weight"),
+            &format!("{prefix}{gate}.weight"),
             &[cfg.num_experts, cfg.hidden_size],
         )?,
         top_k: cfg.num_experts_per_tok,
@@ -257,17 +313,37 @@ pub struct ExpertWeights {
     pub up: Weight,
     /// `[H, I]`.
     pub down: Weight,
+    /// gpt_oss: the expert's biases and its clamped SwiGLU; none: `silu(gate) · up`.
+    pub biases: Option<Box<ExpertBiases>>,
+}
+
+/// gpt_oss's expert biases (`[1, I]`, `[1, I]`, `[1, H]`) and activation
+/// ([`crate::gpt_oss::expert_forward`]).
+#[derive(Debug, Clone)]
+pub struct ExpertBiases {
+    pub gate: Weight,
+    pub up: Weight,
+    pub down: Weight,
+    pub swiglu: ClampedSwiglu,
 }
 
 impl ExpertWeights {
     /// Refuses an expert whose float values (matrices, or a quantised one's scales and
     /// biases) hold NaN or infinity; `what` names it (`model.layers.3.mlp.experts.17`).
     pub fn check_finite(&self, path: &std::path::Path, what: &str) -> Result<()> {
-        for (name, m) in [
+        let mut mats = vec![
             ("gate_proj", &self.gate),
             ("up_proj", &self.up),
             ("down_proj", &self.down),
-        ] {
+        ];
+        if let Some(b) = &self.biases {
+            mats.extend([
+                ("gate_proj_bias", &b.gate),
+                ("up_proj_bias", &b.up),
+                ("down_proj_bias", &b.down),
+            ]);
+        }
+        for (name, m) in mats {
             let tensor = format!("{what}.{name}");
             match m.quant() {
                 None => crate::weights::check_finite(path, &tensor, m.dtype(), m.bytes())?,
@@ -293,6 +369,9 @@ impl ExpertWeights {
     /// `down(silu(gate(x)) * up(x))` for `x` of `[T, H]`.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
         self.prefetch_head(false);
+        if let Some(b) = &self.biases {
+            return crate::gpt_oss::expert_forward(self, b, x);
+        }
         let mut g = linear(x, &self.gate, None); // (T, I)
         let u = linear(x, &self.up, None); // (T, I)
         silu_mul(
@@ -313,9 +392,15 @@ impl ExpertWeights {
         prefetch_head(&self.down, head_bytes(&self.down));
     }
 
-    /// Bytes of the three matrices.
+    /// Bytes of the three matrices (and of gpt_oss's biases).
     pub fn nbytes(&self) -> usize {
-        self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
+        self.gate.nbytes()
+            + self.up.nbytes()
+            + self.down.nbytes()
+            + self
+                .biases
+                .as_ref()
+                .map_or(0, |b| b.gate.nbytes() + b.up.nbytes() + b.down.nbytes())
     }
 }
 
@@ -373,9 +458,8 @@ impl InMemoryExperts {
                     (0..cfg.num_experts)
                         .map(|e| {
                             let ew = expert_weights(cfg, w, l, e)?;
-                            let [g, ..] = expert_tensor_refs(cfg, w, l, e)?;
                             ew.check_finite(
-                                w.file_path(g.file),
+                                w.file_path(expert_file(cfg, w, l, e)?),
                                 &format!("{}experts.{e}", moe_prefix(cfg, w, l)),
                             )?;
                             Ok(Arc::new(ew))
@@ -590,8 +674,24 @@ pub fn expert_tensor_refs(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize
     Ok(refs.try_into().expect("three refs"))
 }
 
-/// Expert `e` of layer `l` as views into the memory-mapped checkpoint (no copy).
+/// Index of the file that holds expert `e` of layer `l` (its gate's), for error messages.
+pub fn expert_file(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<usize> {
+    if cfg.clamped_swiglu.is_some() {
+        let p = format!("{}experts.", moe_prefix(cfg, w, l));
+        return Ok(["gate_up_proj", "gate_up_proj_blocks"]
+            .iter()
+            .find_map(|n| w.entry(&format!("{p}{n}")).map(|en| en.file))
+            .unwrap_or(0));
+    }
+    Ok(expert_tensor_refs(cfg, w, l, e)?[0].file)
+}
+
+/// Expert `e` of layer `l` as views into the memory-mapped checkpoint (no copy); gpt_oss's
+/// rearranged into its own memory ([`crate::gpt_oss::expert_weights`]).
 pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
+    if cfg.clamped_swiglu.is_some() {
+        return crate::gpt_oss::expert_weights(cfg, w, l, e);
+    }
     let [g, u, d] = expert_tensor_refs(cfg, w, l, e)?;
     let piece = |p: &Piece| ((p.file, p.offset), p.dtype, p.shape);
     let view = |r: TensorRef| {
@@ -609,6 +709,7 @@ pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) ->
         gate: view(g),
         up: view(u),
         down: view(d),
+        biases: None,
     })
 }
 
@@ -622,6 +723,7 @@ pub fn load_mlp(cfg: &ModelConfig, w: &WeightIndex, prefix: &str, width: usize) 
         gate: w.get(&format!("{prefix}gate_proj.weight"), &[width, h])?,
         up: w.get(&format!("{prefix}up_proj.weight"), &[width, h])?,
         down: w.get(&format!("{prefix}down_proj.weight"), &[h, width])?,
+        biases: None,
     })
 }
 

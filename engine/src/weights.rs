@@ -471,6 +471,9 @@ pub struct WeightIndex {
     tensors: HashMap<String, TensorEntry>,
     /// Tensors whose dtype the engine does not compute with, by name (dtype shown in errors).
     other_dtype: HashMap<String, (usize, String)>,
+    /// Of those, the U8 ones (gpt_oss's MXFP4 `*_blocks` and `*_scales`): file, byte offset and
+    /// shape.
+    bytes_u8: HashMap<String, (usize, usize, Vec<usize>)>,
     /// config.json's `quantization` block: each quantised tensor must agree with it.
     quantization: Option<QuantConfig>,
     /// Read from GGUF files (their `general.architecture`): names are llama.cpp's, indexed
@@ -550,6 +553,7 @@ impl WeightIndex {
             files: Vec::new(),
             tensors: HashMap::new(),
             other_dtype: HashMap::new(),
+            bytes_u8: HashMap::new(),
             quantization: None,
             gguf: None,
             permuted: HashMap::new(),
@@ -563,7 +567,10 @@ impl WeightIndex {
                         e.file = file_idx;
                         out.tensors.insert(name, e);
                     }
-                    Err(dtype) => {
+                    Err((dtype, offset, shape)) => {
+                        if dtype == "U8" {
+                            out.bytes_u8.insert(name.clone(), (file_idx, offset, shape));
+                        }
                         out.other_dtype.insert(name, (file_idx, dtype));
                     }
                 }
@@ -593,6 +600,7 @@ impl WeightIndex {
                 .collect(),
             tensors,
             other_dtype,
+            bytes_u8: HashMap::new(),
             quantization: None,
             gguf: Some(arch),
             permuted,
@@ -894,12 +902,52 @@ impl WeightIndex {
         Ok(entry)
     }
 
+    /// The bytes of U8 tensor `name` (gpt_oss's MXFP4 blocks and scales), which must have
+    /// exactly `shape`: file index, byte offset, and the bytes (memory-mapped, not copied).
+    pub fn u8_checked(&self, name: &str, shape: &[usize]) -> Result<(usize, usize, &[u8])> {
+        let Some((file, offset, got)) = self.bytes_u8.get(name) else {
+            if let Some(e) = self.tensors.get(name) {
+                return Err(EngineError::Tensor {
+                    path: self.files[e.file].path.clone(),
+                    tensor: name.to_string(),
+                    message: format!("dtype {} (expected U8)", e.dtype.name()),
+                });
+            }
+            if let Some((file, dtype)) = self.other_dtype.get(name) {
+                return Err(EngineError::Tensor {
+                    path: self.files[*file].path.clone(),
+                    tensor: name.to_string(),
+                    message: format!("dtype {dtype} (expected U8)"),
+                });
+            }
+            return Err(EngineError::MissingTensor {
+                path: self.where_(),
+                tensor: name.to_string(),
+            });
+        };
+        if got != shape {
+            return Err(EngineError::Shape {
+                path: self.files[*file].path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                got: got.clone(),
+            });
+        }
+        let n: usize = shape.iter().product();
+        Ok((*file, *offset, &self.files[*file].map[*offset..*offset + n]))
+    }
+
     /// Total bytes of all float tensors.
     pub fn total_bytes(&self) -> u64 {
         self.tensors
             .values()
             .map(|e| e.dtype.nbytes(&e.shape) as u64)
-            .sum()
+            .sum::<u64>()
+            + self
+                .bytes_u8
+                .values()
+                .map(|(_, _, shape)| shape.iter().product::<usize>() as u64)
+                .sum::<u64>()
     }
 
     /// The tensor `name`, whatever its shape.
@@ -962,7 +1010,12 @@ fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Option<AlignedByte
 /// Maps one file and checks its header against its length. Entries with a dtype the engine does
 /// not compute with come back as `Err(dtype name)`.
 #[allow(clippy::type_complexity)]
-fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, String>)>)> {
+/// A tensor of a dtype the engine does not compute with: its dtype, offset and shape.
+type OtherEntry = (String, usize, Vec<usize>);
+/// A file's tensors by name: those the engine computes with, and the others.
+type Entries = Vec<(String, Result<TensorEntry, OtherEntry>)>;
+
+fn open_one(path: &Path) -> Result<(Mmap, Entries)> {
     let file = File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => EngineError::MissingFile {
             path: path.to_path_buf(),
@@ -1067,12 +1120,15 @@ fn open_one(path: &Path) -> Result<(Mmap, Vec<(String, Result<TensorEntry, Strin
         spans.push((s, e, entries.len()));
         entries.push((
             name,
-            dtype.map(|dtype| TensorEntry {
-                file: 0,
-                offset: data_start + s,
-                dtype,
-                shape: info.shape,
-            }),
+            match dtype {
+                Ok(dtype) => Ok(TensorEntry {
+                    file: 0,
+                    offset: data_start + s,
+                    dtype,
+                    shape: info.shape,
+                }),
+                Err(other) => Err((other, data_start + s, info.shape)),
+            },
         ));
     }
     // The safetensors format's rule: contiguous, non-overlapping offsets that cover the data

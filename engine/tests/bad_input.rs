@@ -218,13 +218,13 @@ fn missing_config_file() {
 fn unknown_model_type() {
     let (_t, dir) = copy_fixture("qwen2_moe");
     edit_config(&dir, |c| {
-        c.insert("model_type".into(), Value::from("gpt_oss"));
+        c.insert("model_type".into(), Value::from("dbrx"));
     });
     assert_mentions(
         &load_error(&dir),
         &[
             "config.json",
-            "unsupported model_type `gpt_oss`",
+            "unsupported model_type `dbrx`",
             "qwen3_moe, olmoe, mixtral, qwen2_moe",
         ],
     );
@@ -640,6 +640,114 @@ fn contradictory_glm4_moe_configs_are_refused() {
     assert_mentions(
         &load_error(&dir),
         &["tensor `model.layers.1.self_attn.k_norm.weight` not found"],
+    );
+}
+
+/// gpt_oss's keys and tensors: a non-positive SwiGLU limit, layer types that are not its own
+/// or not one per layer, sliding layers without a window, another quantisation method, a
+/// missing sink or MXFP4 scale tensor, an expert width that is not whole MXFP4 blocks, and the
+/// disk tier (which does not hold its experts' biases yet): one line naming the key or tensor.
+#[test]
+fn bad_gpt_oss_configs_and_tensors_are_refused() {
+    let types = |v: &[&str]| Value::from(v.iter().map(|s| Value::from(*s)).collect::<Vec<_>>());
+    for (fixture, edits, parts) in [
+        (
+            "gpt_oss",
+            vec![("swiglu_limit", Value::from(-1.0))],
+            vec!["swiglu_limit", "-1 (expected a finite number > 0)"],
+        ),
+        (
+            "gpt_oss",
+            vec![("swiglu_alpha", Value::from(0.0))],
+            vec!["swiglu_alpha", "expected a finite number > 0"],
+        ),
+        (
+            "gpt_oss",
+            vec![(
+                "layer_types",
+                types(&["sliding_attention", "full_attention", "sliding_attention"]),
+            )],
+            vec!["layer_types", "has 3 entries, expected num_hidden_layers = 4"],
+        ),
+        (
+            "gpt_oss",
+            vec![(
+                "layer_types",
+                types(&[
+                    "sliding_attention",
+                    "linear_attention",
+                    "sliding_attention",
+                    "full_attention",
+                ]),
+            )],
+            vec!["layer_types", "`linear_attention` is not a gpt_oss layer type"],
+        ),
+        (
+            "gpt_oss",
+            vec![("sliding_window", Value::Null)],
+            vec![
+                "sliding_window",
+                "missing or 0 (required: some layers are sliding_attention)",
+            ],
+        ),
+        (
+            "gpt_oss_mxfp4",
+            vec![("quantization_config", serde_json::json!({"quant_method": "fp8"}))],
+            vec![
+                "quantization_config.quant_method",
+                "\"fp8\" checkpoints are not supported",
+            ],
+        ),
+        (
+            "gpt_oss_mxfp4",
+            vec![("intermediate_size", Value::from(48))],
+            vec![
+                "model.layers.0.mlp.experts.down_proj_blocks",
+                "rows of 48 values are not whole MXFP4 blocks of 32",
+            ],
+        ),
+    ] {
+        let (_t, dir) = copy_fixture(fixture);
+        edit_config(&dir, |c| {
+            for (k, v) in edits {
+                c.insert(k.into(), v);
+            }
+        });
+        let err = load_error(&dir);
+        if !parts[0].starts_with("model.") {
+            assert_mentions(&err, &["config.json"]);
+        }
+        assert_mentions(&err, &parts);
+    }
+    // A missing sink, a missing MXFP4 scale tensor: named (renamed away, so that the offsets
+    // still cover the data).
+    for (fixture, name) in [
+        ("gpt_oss", "model.layers.1.self_attn.sinks"),
+        ("gpt_oss_mxfp4", "model.layers.2.mlp.experts.gate_up_proj_scales"),
+    ] {
+        let (_t, dir) = copy_fixture(fixture);
+        edit_header(&dir.join("model.safetensors"), |h| {
+            let entry = h.remove(name).unwrap();
+            h.insert(format!("{name}_renamed"), entry);
+        });
+        assert_mentions(&load_error(&dir), &[&format!("tensor `{name}` not found")]);
+    }
+    // The disk tier refuses gpt_oss's experts by name instead of dropping their biases.
+    let ckpt = Checkpoint::open_dir(&common::fixture_dir("gpt_oss")).unwrap();
+    let err = shadowmoe_engine::offload::store::ExpertStore::from_checkpoint(
+        &ckpt.config,
+        &ckpt.weights,
+        shadowmoe_engine::offload::store::IoMode::Pread,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_mentions(
+        &err,
+        &[
+            "config.json",
+            "gpt_oss's experts",
+            "cannot be served from disk yet",
+        ],
     );
 }
 

@@ -242,23 +242,24 @@ const EXACT: [&str; 8] = [
     "mixtral-f32",
     "mixtral-bf16",
     "mixtral-q4_k_m",
-    "glm4_moe_gguf-bf16",
+    "glm4_moe_gguf-q4_k_m",
     "qwen3_moe_gguf-q8_0",
     "qwen3_moe_gguf-q4_k_m",
     "qwen3_moe_wide-q4_k_m",
     "qwen3_next_gguf-q8_0",
 ];
 
-/// Quantised files of a sigmoid-routed family whose routing is this fixture's most fragile:
-/// the engine against itself, with every other activation moved by one ulp before its 8-bit
-/// rounding (a one-off patch to `ggml::dot::quantize_acts`, 2026-12-06), gives the same kind
-/// of divergence as against llama.cpp — exact up to a position (13 of 37 for Q8_0, 17 for
-/// Q4_K_M), then 0.05–0.15 with two positions near 1.2 and one or two argmax changes — where
-/// qwen3_moe_gguf-q8_0 does not move at all: sigmoid scores plus a selection bias leave
-/// selection margins of 1e-4 (golden.json), which one rounding flip upstream crosses. Against
-/// llama.cpp they are exact for the first 4 (Q8_0) and 15 (Q4_K_M) positions; asserted here:
-/// the first 4, and the first greedy token (not 90 % of the argmaxes or four greedy tokens).
-const ROUTING_SENSITIVE: [&str; 2] = ["glm4_moe_gguf-q8_0", "glm4_moe_gguf-q4_k_m"];
+/// Files of a sigmoid-routed family whose routing is this fixture's most fragile: sigmoid
+/// scores plus a selection bias leave selection margins near 1e-4 (golden.json), which one
+/// activation rounding the other way upstream crosses. Measured (2026-12-06, a one-off patch
+/// to `ggml::dot::quantize_acts` moving every other activation by one ulp before its 8-bit
+/// rounding): the engine against itself diverges from position 24 (Q8_0; 1.5 at most, three
+/// argmax changes) and from position 2 (Q4_K_M; 1.2), where the Q8_0 files of qwen3_moe_gguf,
+/// mixtral and olmoe do not move at all. Against llama.cpp the Q4_K_M file happens to be exact
+/// everywhere (in [`EXACT`]); the Q8_0 file is exact for 22 positions, agrees on 36 of 37
+/// argmaxes, but its last position — the first greedy token — lands the other way. Asserted
+/// here: the first four positions and 90 % of the argmaxes, not the greedy tokens.
+const ROUTING_SENSITIVE: [&str; 1] = ["glm4_moe_gguf-q8_0"];
 
 /// Every GGUF file against llama.cpp: tokenization exactly; logits within 1e-4 at every
 /// position for [`EXACT`]; for the others, the positions before the first one where an 8-bit
@@ -347,7 +348,7 @@ fn against_llama_cpp(path: &Path, exact: bool) -> String {
         .count();
     let sensitive = ROUTING_SENSITIVE.contains(&name);
     assert!(
-        sensitive || agree * 10 >= t * 9,
+        agree * 10 >= t * 9,
         "{name}: argmax agrees at {agree}/{t} positions"
     );
     let generated = greedy(&model, &r.prompt_ids, r.generated.len());
@@ -357,7 +358,7 @@ fn against_llama_cpp(path: &Path, exact: bool) -> String {
         .take_while(|(a, b)| a == b)
         .count();
     assert!(
-        same >= if sensitive { 1 } else { 4 },
+        sensitive || same >= 4,
         "{name}: greedy {generated:?} vs llama.cpp {:?}",
         r.generated
     );

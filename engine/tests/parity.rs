@@ -27,6 +27,11 @@ fn check_arch(arch: &str) {
 
 /// The golden files in `dir` (a checkpoint of architecture `arch`) against the engine.
 fn check_dir(dir: &std::path::Path, arch: &str) {
+    check_dir_within(dir, arch, LOGIT_TOL, 1e-4);
+}
+
+/// [`check_dir`] with logits within `logit_tol` and router weights within `weight_tol`.
+fn check_dir_within(dir: &std::path::Path, arch: &str, logit_tol: f32, weight_tol: f32) {
     let golden = Golden::read(dir);
     let ckpt = Checkpoint::open_dir(dir).unwrap();
     assert_eq!(ckpt.config.arch.model_type(), arch);
@@ -76,8 +81,8 @@ fn check_dir(dir: &std::path::Path, arch: &str) {
         dir.display()
     );
     assert!(
-        max_diff <= LOGIT_TOL,
-        "{arch}: logits differ by {max_diff:e} (> {LOGIT_TOL:e}; logit scale {scale}); first values ours {:?} golden {:?}",
+        max_diff <= logit_tol,
+        "{arch}: logits differ by {max_diff:e} (> {logit_tol:e}; logit scale {scale}); first values ours {:?} golden {:?}",
         &logits.as_slice().unwrap()[..4],
         &golden.logits[..4]
     );
@@ -103,7 +108,7 @@ fn check_dir(dir: &std::path::Path, arch: &str) {
                 let h = hidden.len();
                 for (a, b) in hidden.iter().zip(&golden.router_hidden[ti * h..(ti + 1) * h]) {
                     assert!(
-                        (a - b).abs() < 1e-4,
+                        (a - b).abs() < weight_tol,
                         "{arch}: router input at layer {layer}, token {ti}: {a} vs {b}"
                     );
                 }
@@ -112,7 +117,7 @@ fn check_dir(dir: &std::path::Path, arch: &str) {
             let want_w = &golden.router_weights[(li * t + ti) * k..][..k];
             for (a, b) in ev.weights.iter().zip(want_w) {
                 assert!(
-                    (a - b).abs() < 1e-4,
+                    (a - b).abs() < weight_tol,
                     "{arch}: router weight at layer {layer}, token {ti}: {a} vs {b}"
                 );
             }
@@ -223,6 +228,38 @@ fn deepseek_v3_without_q_lora_matches_transformers() {
     check_dir(&fixture_dir("deepseek_v3_noqlora"), "deepseek_v3");
 }
 
+/// gpt_oss in bf16: attention sinks, q/k/v/o biases, GQA with head_dim × heads ≠ hidden,
+/// sliding (window 5, shorter than the prompt) and full attention alternating, yarn rope with
+/// its attention factor; a biased router, softmax over the top-k logits; fused experts with
+/// gate and up interleaved, biases, and the clamped SwiGLU (limit 1.0: the clamps bite).
+#[test]
+fn gpt_oss_matches_transformers() {
+    let dir = fixture_dir("gpt_oss");
+    let c = Checkpoint::open_dir(&dir).unwrap().config;
+    assert_eq!(c.sliding_windows, vec![Some(5), None, Some(5), None]);
+    assert!(c.attention_sinks && c.qkv_bias && c.o_bias);
+    check_arch("gpt_oss");
+}
+
+/// gpt_oss with MXFP4 experts as the hub stores them (`*_blocks`, `*_scales`), kept packed
+/// (ggml's `block_mxfp4`) and computed block by block with f32 activations, against
+/// transformers on the weights its `convert_moe_packed_tensors` dequantises, in f32: the same
+/// arithmetic up to summation order, so the bf16 fixture's tolerances hold.
+#[test]
+fn gpt_oss_mxfp4_matches_transformers() {
+    let dir = fixture_dir("gpt_oss_mxfp4");
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    let model = ckpt.load_model().unwrap();
+    // The experts stay 4.25 bits a value: 17 bytes a block of 32.
+    let e = model.experts().expert(0, 3).unwrap();
+    let (h, i) = (ckpt.config.hidden_size, ckpt.config.moe_intermediate_size);
+    assert_eq!(
+        e.gate.nbytes() + e.up.nbytes() + e.down.nbytes(),
+        3 * h * i / 32 * 17
+    );
+    check_dir(&dir, "gpt_oss");
+}
+
 /// Logits of the golden prompt run as a prefill of all but its last six tokens and then six
 /// one-token passes, against transformers' one prefill (within `LOGIT_TOL`); returns the cache.
 fn split_passes_match_one_prefill(fixture: &str) -> (Checkpoint, shadowmoe_engine::KvCache, usize) {
@@ -286,6 +323,14 @@ fn qwen3_next_prefill_then_decode_equals_one_prefill() {
     split_passes_match_one_prefill("qwen3_next");
 }
 
+/// gpt_oss's sliding layers look back 5 positions and every layer's sinks join the softmax:
+/// a prefill of part of the prompt followed by one-token passes gives one long prefill's
+/// logits.
+#[test]
+fn gpt_oss_prefill_then_decode_equals_one_prefill() {
+    split_passes_match_one_prefill("gpt_oss");
+}
+
 /// Gate-lookahead at depth 0 (a layer's router applied to its own input) reproduces what the
 /// layer chose, best first, for every family's rule — deepseek_v3's bias and groups included —
 /// on prefill and decode tokens; asked for more than top-k, it ranks the choice first.
@@ -300,6 +345,8 @@ fn gate_lookahead_at_depth_zero_is_the_routing() {
         "deepseek_v3_noqlora",
         "glm4_moe",
         "glm4_moe_lite",
+        "gpt_oss",
+        "gpt_oss_mxfp4",
     ] {
         let dir = fixture_dir(fixture);
         let golden = Golden::read(&dir);

@@ -5,7 +5,6 @@
 
 use ndarray::Array2;
 use shadowmoe_engine::Checkpoint;
-use shadowmoe_engine::kernels::linear;
 use shadowmoe_engine::moe::{Router, load_router};
 
 use crate::data::Examples;
@@ -82,7 +81,7 @@ pub fn gate_lookahead(routers: &[Router], ex: &Examples, k: usize) -> Vec<u16> {
             continue;
         }
         let x = Array2::from_shape_fn((rows.len(), h), |(r, j)| ex.hidden_of(rows[r])[j]);
-        let logits = linear(x.view(), &router.weight, None); // (n, E)
+        let logits = router.logits(x.view()); // (n, E), the router's bias included
         for (r, &i) in rows.iter().enumerate() {
             let row = logits.row(r).to_vec();
             let ids = router.rank(&row, k);

@@ -145,6 +145,7 @@ pub fn write_pack_for(
     out: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<PackSummary> {
+    super::store::refuse_biased_experts(cfg)?;
     if out.exists() {
         return Err(EngineError::invalid(
             "--out",
@@ -396,6 +397,7 @@ fn dtype_from(name: &str) -> Option<DType> {
 
 /// Opens the pack in `dir` for the model whose `config.json` has sha256 `config_sha256`.
 pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMode) -> Result<ExpertStore> {
+    super::store::refuse_biased_experts(cfg)?;
     let index_path = dir.join("index.json");
     let text = std::fs::read_to_string(&index_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => EngineError::MissingFile {

@@ -177,9 +177,25 @@ fn part_weight(p: &Part, at: &dyn Fn(usize) -> (Backing, usize)) -> Weight {
     )
 }
 
+/// gpt_oss's experts carry biases (and are rearranged on load) that the disk tier's slots and
+/// packs do not hold yet: refused by name rather than run without them.
+pub(crate) fn refuse_biased_experts(cfg: &ModelConfig) -> Result<()> {
+    if cfg.clamped_swiglu.is_some() {
+        return Err(EngineError::invalid(
+            cfg.path.display().to_string(),
+            format!(
+                "{}'s experts (with biases, rearranged on load) cannot be served from disk yet (--capacity, --pack, expert-pack); run without them",
+                cfg.arch.model_type()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl ExpertStore {
     /// A store over the checkpoint's own safetensors files.
     pub fn from_checkpoint(cfg: &ModelConfig, w: &WeightIndex, mode: IoMode) -> Result<Self> {
+        refuse_biased_experts(cfg)?;
         let mut layouts = HashMap::new();
         let mut used_files: Vec<usize> = Vec::new();
         for l in cfg.moe_layers() {
@@ -498,6 +514,7 @@ impl ExpertStore {
             gate: w(&layout.parts[0]),
             up: w(&layout.parts[1]),
             down: w(&layout.parts[2]),
+            biases: None,
         })
     }
 
@@ -519,6 +536,7 @@ impl ExpertStore {
             gate: w(&layout.parts[0]),
             up: w(&layout.parts[1]),
             down: w(&layout.parts[2]),
+            biases: None,
         })
     }
 

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "glm4_moe_lite"]
+ARCHS = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss"]
 # Extra fixtures: another config of an architecture in ARCHS, named by --arch (and made by
 # `--arch all` after the ones above). Each draws its weights from its own generator seed (after
 # ARCHS' in SEED_ORDER), so adding one changes no other fixture's bytes.
@@ -72,6 +72,11 @@ VARIANTS = {
     # values in halves (rope_interleave false), two shared experts, raw (not renormalised)
     # sigmoid weights, transformers-5 fused experts, f32 on disk; tiny.
     "deepseek_v3_noqlora": "deepseek_v3",
+    # gpt_oss with its experts as the hub checkpoints store them: MXFP4 `*_blocks` (E2M1
+    # nibbles) and `*_scales` (E8M0), quantised here from random weights; the golden is
+    # transformers on the weights its own convert_moe_packed_tensors dequantises (what it runs
+    # on a CPU without MXFP4 kernels), the swiglu limit the hub's 7.0.
+    "gpt_oss_mxfp4": "gpt_oss",
     # glm4_moe as llama.cpp's glm4moe holds it (make_gguf.py): one expert group (GLM's converter
     # writes no group count; GLM-4.5's configs have n_group 1), no multi-token-prediction layer,
     # and GLM's special tokens in the tokenizer (the converter's GLM vocabulary asks for them).
@@ -91,6 +96,8 @@ SEED_ORDER = [
     "qwen3_next_gguf",
     "deepseek_v3",
     "deepseek_v3_noqlora",
+    "gpt_oss",
+    "gpt_oss_mxfp4",
     "glm4_moe",
     "glm4_moe_lite",
     "glm4_moe_gguf",
@@ -402,7 +409,80 @@ def arch_config(arch, s, vocab):
             rope_parameters=dict(rope_type="default", rope_theta=10_000.0),
             tie_word_embeddings=False,
         ), torch.float32
+    if arch in ("gpt_oss", "gpt_oss_mxfp4"):
+        # Attention sinks, q/k/v/o biases, GQA, head_dim × heads ≠ hidden, sliding and full
+        # attention alternating (a window shorter than the prompt), the hub's yarn rope
+        # (factor 32, truncate false, its attention factor); a router with a bias, softmax over
+        # the top-k logits; experts fused with gate and up interleaved, with biases, and the
+        # clamped SwiGLU (bf16: a limit of 1.0 so that the clamps bite on random weights).
+        return dict(
+            common,
+            model_type="gpt_oss",
+            num_key_value_heads=heads // 2,
+            head_dim=24,
+            num_local_experts=2 * e,
+            num_experts_per_tok=4,
+            intermediate_size=w,
+            sliding_window=5,
+            swiglu_limit=7.0 if arch == "gpt_oss_mxfp4" else 1.0,
+            attention_bias=True,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150_000.0,
+                factor=32.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=4096,
+            ),
+            tie_word_embeddings=False,
+        ), torch.bfloat16
     raise ValueError(arch)
+
+
+def quantize_mxfp4(w):
+    """Float `[..., K]` (K a multiple of 32) → (blocks u8 `[..., K/32, 16]`, scales u8
+    `[..., K/32]`) as the hub stores MXFP4: per block of 32 the E8M0 scale 2^(s−127) that brings
+    the largest magnitude within E2M1's 6, each value rounded to the nearest E2M1 value, value
+    2m in the low nibble of byte m and 2m + 1 in the high one."""
+    fp4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    *lead, k = w.shape
+    b = w.float().reshape(*lead, k // 32, 32)
+    amax = b.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    e = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    q = b / torch.pow(2.0, e)
+    idx = (q.abs().unsqueeze(-1) - fp4).abs().argmin(dim=-1)
+    nib = (idx | ((q < 0) & (idx > 0)).to(torch.int64) << 3).to(torch.uint8)
+    blocks = nib[..., 0::2] | (nib[..., 1::2] << 4)
+    return blocks.contiguous(), (e.squeeze(-1) + 127).to(torch.uint8).contiguous()
+
+
+def write_mxfp4_experts(out, model):
+    """Replaces the fixture's float experts in model.safetensors by MXFP4 blocks and scales in
+    the hub's layout (`[E, rows, cols/32, 16]`, rows the output: gate_up_proj's 2I interleaved,
+    down_proj's H), declares `quantization_config` as the hub's config.json does, and loads
+    transformers' dequantisation of them into `model` (the golden's weights)."""
+    from safetensors.torch import load_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    tensors = load_file(out / "model.safetensors")
+    state = {}
+    for name in list(tensors):
+        if not (name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")):
+            continue
+        w = tensors.pop(name).transpose(1, 2).contiguous()  # [E, out, in]
+        blocks, scales = quantize_mxfp4(w)
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        state[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16).float()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    }
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(n in missing for n in [k for k in model.state_dict() if k not in state])
 
 
 # Special tokens GLM's tokenizers have and llama.cpp's converter looks up for its glm4moe
@@ -444,7 +524,7 @@ def init_weights(model, gen):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
                 p.copy_(3.0 * torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
@@ -552,6 +632,8 @@ def make_fixture(arch, out_dir, seed, size):
     # The reference is transformers loading the files just written, computing in f32 from
     # exactly the on-disk values.
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    if arch == "gpt_oss_mxfp4":
+        write_mxfp4_experts(out, model)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>" if bos_style else None,
