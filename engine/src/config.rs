@@ -277,6 +277,9 @@ pub struct ModelConfig {
     /// gpt_oss: a learned logit per query head (`self_attn.sinks`) joins each softmax's
     /// denominator.
     pub attention_sinks: bool,
+    /// gpt_oss: the config's `quantization_config` says MXFP4 (`quant_method: "mxfp4"`): its
+    /// experts are the hub's `*_blocks` / `*_scales`.
+    pub mxfp4_experts: bool,
     /// Per layer: dense or MoE feed-forward.
     pub mlp_kinds: Vec<MlpKind>,
     /// Per layer: the sliding attention window, if the layer has one.
@@ -732,6 +735,14 @@ fn parse(f: &Fields<'_>) -> Result<ModelConfig> {
         },
         clamped_swiglu,
         attention_sinks: arch == Arch::GptOss,
+        mxfp4_experts: arch == Arch::GptOss
+            && ["quantization", "quantization_config"].iter().any(|k| {
+                f.map
+                    .get(*k)
+                    .and_then(|v| v.get("quant_method"))
+                    .and_then(Value::as_str)
+                    == Some("mxfp4")
+            }),
         mlp_kinds,
         sliding_windows,
         mixers,

@@ -81,151 +81,262 @@ fn expert_linear(x: ArrayView2<'_, f32>, w: &Weight, bias: &[f32]) -> Array2<f32
     Array2::from_shape_fn((t, n), |(i, r)| yt[r * t + i])
 }
 
-/// Expert `e` of layer `l`, rearranged into the engine's layout (see the module docs).
-pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
+/// Where one tensor of an expert lies in the checkpoint's files, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawPiece {
+    pub file: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// How an expert's matrices are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawKind {
+    /// transformers' float parameters, in this dtype.
+    Float(DType),
+    /// The hub's MXFP4 blocks and scales.
+    Mxfp4,
+}
+
+/// One expert's tensors as the checkpoint stores them (slices of the stacked tensors), before
+/// rearranging. `pieces`: float — `gate_up_proj` `[H, 2I]`, `down_proj` `[I, H]`; MXFP4 —
+/// `gate_up_proj_blocks`, `gate_up_proj_scales`, `down_proj_blocks`, `down_proj_scales`;
+/// then both biases, `gate_up_proj_bias` `[2I]` and `down_proj_bias` `[H]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawExpert {
+    pub kind: RawKind,
+    pub bias_dtype: DType,
+    pub hidden: usize,
+    pub width: usize,
+    pub pieces: Vec<RawPiece>,
+}
+
+/// An expert in the engine's layout: gate and up `[I, H]`, down `[H, I]` (float, or ggml's
+/// `block_mxfp4` rows), and the three bias vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rearranged {
+    pub mat_dtype: DType,
+    pub bias_dtype: DType,
+    /// gate, up, down, gate bias, up bias, down bias.
+    pub bytes: [Vec<u8>; 6],
+}
+
+impl RawExpert {
+    /// The matrices' dtype once rearranged.
+    pub fn mat_dtype(&self) -> DType {
+        match self.kind {
+            RawKind::Float(d) => d,
+            RawKind::Mxfp4 => DType::Block(BlockType::MXFP4),
+        }
+    }
+
+    /// Shapes of gate, up, down, gate bias, up bias, down bias once rearranged.
+    pub fn shapes(&self) -> [[usize; 2]; 6] {
+        let (h, i) = (self.hidden, self.width);
+        [[i, h], [i, h], [h, i], [1, i], [1, i], [1, h]]
+    }
+
+    /// The float pieces as stored (`(name, index into pieces, dtype)`), for the finiteness
+    /// check before rearranging.
+    pub fn float_pieces(&self) -> Vec<(&'static str, usize, DType)> {
+        let mut out = match self.kind {
+            RawKind::Float(d) => vec![("gate_up_proj", 0, d), ("down_proj", 1, d)],
+            RawKind::Mxfp4 => vec![],
+        };
+        let b = self.pieces.len() - 2;
+        out.push(("gate_up_proj_bias", b, self.bias_dtype));
+        out.push(("down_proj_bias", b + 1, self.bias_dtype));
+        out
+    }
+
+    /// Rearranges the stored bytes (`bytes[k]` = piece `k`'s) into the engine's layout: float
+    /// matrices transposed and gate/up de-interleaved; MXFP4 rows repacked into ggml's
+    /// `block_mxfp4` (the E8M0 scale byte, then 16 bytes holding value `j` in the low nibble of
+    /// byte `j` and value `j + 16` in its high nibble), gate and up from alternate rows.
+    pub fn rearrange(&self, bytes: &[&[u8]]) -> Rearranged {
+        let (h, i) = (self.hidden, self.width);
+        let [gate, up, down] = match self.kind {
+            RawKind::Float(d) => {
+                let s = d.size();
+                let el = |src: &[u8], k: usize| -> [u8; 4] {
+                    let mut v = [0u8; 4];
+                    v[..s].copy_from_slice(&src[k * s..(k + 1) * s]);
+                    v
+                };
+                let gu = bytes[0]; // [H, 2I]
+                let pick = |parity: usize| -> Vec<u8> {
+                    let mut out = Vec::with_capacity(i * h * s);
+                    for j in 0..i {
+                        for k in 0..h {
+                            out.extend_from_slice(&el(gu, k * 2 * i + 2 * j + parity)[..s]);
+                        }
+                    }
+                    out
+                };
+                let dn = bytes[1]; // [I, H]
+                let mut down = Vec::with_capacity(h * i * s);
+                for o in 0..h {
+                    for j in 0..i {
+                        down.extend_from_slice(&el(dn, j * h + o)[..s]);
+                    }
+                }
+                [pick(0), pick(1), down]
+            }
+            RawKind::Mxfp4 => {
+                let (gb, hb) = (h / BLOCK, i / BLOCK);
+                // `rows` of a matrix of `blocks` blocks a row, in ggml's layout.
+                let repack =
+                    |data: &[u8], scales: &[u8], blocks: usize, rows: &mut dyn Iterator<Item = usize>| {
+                        let mut out = Vec::new();
+                        for r in rows {
+                            for b in 0..blocks {
+                                let at = r * blocks + b;
+                                out.push(scales[at]);
+                                out.extend(ggml_qs(&data[at * PACKED..(at + 1) * PACKED]));
+                            }
+                        }
+                        out
+                    };
+                [
+                    repack(bytes[0], bytes[1], gb, &mut (0..i).map(|j| 2 * j)),
+                    repack(bytes[0], bytes[1], gb, &mut (0..i).map(|j| 2 * j + 1)),
+                    repack(bytes[2], bytes[3], hb, &mut (0..h)),
+                ]
+            }
+        };
+        let s = self.bias_dtype.size();
+        let b = self.pieces.len() - 2;
+        let gu = bytes[b];
+        let alternate = |parity: usize| -> Vec<u8> {
+            gu.chunks(s)
+                .skip(parity)
+                .step_by(2)
+                .flat_map(|v| v.iter().copied())
+                .collect()
+        };
+        Rearranged {
+            mat_dtype: self.mat_dtype(),
+            bias_dtype: self.bias_dtype,
+            bytes: [gate, up, down, alternate(0), alternate(1), bytes[b + 1].to_vec()],
+        }
+    }
+}
+
+impl Rearranged {
+    /// The expert over its own copies of the bytes.
+    pub fn into_weights(self, raw: &RawExpert, swiglu: ClampedSwiglu) -> ExpertWeights {
+        let shapes = raw.shapes();
+        let [g, u, d, gb, ub, db] = self.bytes;
+        let own = |bytes: Vec<u8>, dtype: DType, shape: [usize; 2]| {
+            Weight::new(
+                Arc::new(AlignedBytes::copy_from(&bytes)),
+                0,
+                dtype,
+                shape.to_vec(),
+            )
+        };
+        ExpertWeights {
+            gate: own(g, self.mat_dtype, shapes[0]),
+            up: own(u, self.mat_dtype, shapes[1]),
+            down: own(d, self.mat_dtype, shapes[2]),
+            biases: Some(Box::new(ExpertBiases {
+                gate: own(gb, self.bias_dtype, shapes[3]),
+                up: own(ub, self.bias_dtype, shapes[4]),
+                down: own(db, self.bias_dtype, shapes[5]),
+                swiglu,
+            })),
+        }
+    }
+}
+
+/// Where expert `e` of layer `l` lies in the checkpoint (see [`RawExpert`]); shapes checked
+/// against the config.
+pub fn raw_expert(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<RawExpert> {
     let (h, i, n) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
     let p = format!("{}experts.", moe_prefix(cfg, w, l));
-    let swiglu = cfg
-        .clamped_swiglu
-        .ok_or_else(|| EngineError::invalid("gpt_oss", "config without the clamped SwiGLU"))?;
-    let (gate, up, down) = if w.contains(&format!("{p}gate_up_proj")) {
-        float_expert(w, &p, e, [n, h, i])?
+    // Element `e`'s slice of a stacked tensor of `per` bytes an expert.
+    let slice = |file: usize, offset: usize, per: usize| RawPiece {
+        file,
+        offset: (offset + e * per) as u64,
+        len: per as u64,
+    };
+    let mut pieces = Vec::with_capacity(6);
+    let kind = if w.contains(&format!("{p}gate_up_proj")) {
+        let gu = w.entry_checked(&format!("{p}gate_up_proj"), &[n, h, 2 * i])?;
+        let dn = w.entry_checked(&format!("{p}down_proj"), &[n, i, h])?;
+        pieces.push(slice(gu.file, gu.offset, h * 2 * i * gu.dtype.size()));
+        pieces.push(slice(dn.file, dn.offset, i * h * dn.dtype.size()));
+        if dn.dtype != gu.dtype {
+            return Err(EngineError::Tensor {
+                path: w.file_path(dn.file).to_path_buf(),
+                tensor: format!("{p}down_proj"),
+                message: format!(
+                    "dtype {} differs from gate_up_proj's {}",
+                    dn.dtype.name(),
+                    gu.dtype.name()
+                ),
+            });
+        }
+        RawKind::Float(gu.dtype)
     } else {
-        mxfp4_expert(w, &p, e, [n, h, i])?
+        for (name, k) in [("gate_up_proj", h), ("down_proj", i)] {
+            if !k.is_multiple_of(BLOCK) {
+                return Err(EngineError::Tensor {
+                    path: w.file_path(0).to_path_buf(),
+                    tensor: format!("{p}{name}_blocks"),
+                    message: format!("rows of {k} values are not whole MXFP4 blocks of {BLOCK}"),
+                });
+            }
+        }
+        let (gb, hb) = (h / BLOCK, i / BLOCK);
+        for (name, shape) in [
+            ("gate_up_proj_blocks", vec![n, 2 * i, gb, PACKED]),
+            ("gate_up_proj_scales", vec![n, 2 * i, gb]),
+            ("down_proj_blocks", vec![n, h, hb, PACKED]),
+            ("down_proj_scales", vec![n, h, hb]),
+        ] {
+            let (file, offset, _) = w.u8_checked(&format!("{p}{name}"), &shape)?;
+            pieces.push(slice(file, offset, shape[1..].iter().product()));
+        }
+        RawKind::Mxfp4
     };
     let bias_gu = w.entry_checked(&format!("{p}gate_up_proj_bias"), &[n, 2 * i])?;
     let bias_dn = w.entry_checked(&format!("{p}down_proj_bias"), &[n, h])?;
-    let map = |en: &crate::weights::TensorEntry| &w.file_map(en.file)[en.offset..];
-    let gu = elements(map(bias_gu), bias_gu.dtype, e * 2 * i, 2 * i);
-    let biases = ExpertBiases {
-        gate: owned(
-            gu.iter().step_by(2).flat_map(|v| v.iter()).copied().collect(),
-            bias_gu.dtype,
-            [1, i],
-        ),
-        up: owned(
-            gu.iter()
-                .skip(1)
-                .step_by(2)
-                .flat_map(|v| v.iter())
-                .copied()
-                .collect(),
-            bias_gu.dtype,
-            [1, i],
-        ),
-        down: owned(
-            elements(map(bias_dn), bias_dn.dtype, e * h, h).concat(),
-            bias_dn.dtype,
-            [1, h],
-        ),
-        swiglu,
-    };
-    Ok(ExpertWeights {
-        gate,
-        up,
-        down,
-        biases: Some(Box::new(biases)),
+    if bias_dn.dtype != bias_gu.dtype {
+        return Err(EngineError::Tensor {
+            path: w.file_path(bias_dn.file).to_path_buf(),
+            tensor: format!("{p}down_proj_bias"),
+            message: format!(
+                "dtype {} differs from gate_up_proj_bias's {}",
+                bias_dn.dtype.name(),
+                bias_gu.dtype.name()
+            ),
+        });
+    }
+    pieces.push(slice(bias_gu.file, bias_gu.offset, 2 * i * bias_gu.dtype.size()));
+    pieces.push(slice(bias_dn.file, bias_dn.offset, h * bias_dn.dtype.size()));
+    Ok(RawExpert {
+        kind,
+        bias_dtype: bias_gu.dtype,
+        hidden: h,
+        width: i,
+        pieces,
     })
 }
 
-/// `count` elements of `dtype` from element `from` of `bytes`, one slice per element.
-fn elements(bytes: &[u8], dtype: DType, from: usize, count: usize) -> Vec<&[u8]> {
-    let s = dtype.size();
-    bytes[from * s..(from + count) * s].chunks(s).collect()
-}
-
-/// A weight over its own copy of `bytes`.
-fn owned(bytes: Vec<u8>, dtype: DType, shape: [usize; 2]) -> Weight {
-    Weight::new(
-        Arc::new(AlignedBytes::copy_from(&bytes)),
-        0,
-        dtype,
-        shape.to_vec(),
-    )
-}
-
-/// Float experts (`[E, H, 2I]` and `[E, I, H]`): transposed and de-interleaved into gate and
-/// up `[I, H]` and down `[H, I]`, in the file's dtype.
-fn float_expert(
-    w: &WeightIndex,
-    p: &str,
-    e: usize,
-    [n, h, i]: [usize; 3],
-) -> Result<(Weight, Weight, Weight)> {
-    let gu = w.entry_checked(&format!("{p}gate_up_proj"), &[n, h, 2 * i])?;
-    let dn = w.entry_checked(&format!("{p}down_proj"), &[n, i, h])?;
-    let el = |en: &crate::weights::TensorEntry, rows: usize, cols: usize| {
-        elements(
-            &w.file_map(en.file)[en.offset..],
-            en.dtype,
-            e * rows * cols,
-            rows * cols,
-        )
-    };
-    let src = el(gu, h, 2 * i); // [H, 2I]
-    let pick = |parity: usize| -> Vec<u8> {
-        (0..i)
-            .flat_map(|j| (0..h).map(move |k| (j, k)))
-            .flat_map(|(j, k)| src[k * 2 * i + 2 * j + parity].iter().copied())
-            .collect()
-    };
-    let gate = owned(pick(0), gu.dtype, [i, h]);
-    let up = owned(pick(1), gu.dtype, [i, h]);
-    let src = el(dn, i, h); // [I, H]
-    let down: Vec<u8> = (0..h)
-        .flat_map(|o| (0..i).map(move |j| (o, j)))
-        .flat_map(|(o, j)| src[j * h + o].iter().copied())
+/// Expert `e` of layer `l`, rearranged into the engine's layout (see the module docs), over
+/// its own memory.
+pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
+    let swiglu = cfg
+        .clamped_swiglu
+        .ok_or_else(|| EngineError::invalid("gpt_oss", "config without the clamped SwiGLU"))?;
+    let raw = raw_expert(cfg, w, l, e)?;
+    let bytes: Vec<&[u8]> = raw
+        .pieces
+        .iter()
+        .map(|p| &w.file_map(p.file)[p.offset as usize..(p.offset + p.len) as usize])
         .collect();
-    Ok((gate, up, owned(down, dn.dtype, [h, i])))
-}
-
-/// MXFP4 experts: the rows of gate, up and down repacked into ggml's `block_mxfp4` (the E8M0
-/// scale byte, then 16 bytes holding value `j` in the low nibble of byte `j` and value `j + 16`
-/// in its high nibble).
-fn mxfp4_expert(
-    w: &WeightIndex,
-    p: &str,
-    e: usize,
-    [n, h, i]: [usize; 3],
-) -> Result<(Weight, Weight, Weight)> {
-    for (name, k) in [("gate_up_proj", h), ("down_proj", i)] {
-        if !k.is_multiple_of(BLOCK) {
-            return Err(EngineError::Tensor {
-                path: w.file_path(0).to_path_buf(),
-                tensor: format!("{p}{name}_blocks"),
-                message: format!("rows of {k} values are not whole MXFP4 blocks of {BLOCK}"),
-            });
-        }
-    }
-    let (gb, hb) = (h / BLOCK, i / BLOCK);
-    let (_, _, gu_blocks) = w.u8_checked(&format!("{p}gate_up_proj_blocks"), &[n, 2 * i, gb, PACKED])?;
-    let (_, _, gu_scales) = w.u8_checked(&format!("{p}gate_up_proj_scales"), &[n, 2 * i, gb])?;
-    let (_, _, dn_blocks) = w.u8_checked(&format!("{p}down_proj_blocks"), &[n, h, hb, PACKED])?;
-    let (_, _, dn_scales) = w.u8_checked(&format!("{p}down_proj_scales"), &[n, h, hb])?;
-    let ty = BlockType::MXFP4;
-    // Rows `rows` of expert e (of `per` rows of `blocks` blocks each) in ggml's layout.
-    let repack =
-        |data: &[u8], scales: &[u8], per: usize, blocks: usize, rows: &mut dyn Iterator<Item = usize>| {
-            let mut out = Vec::new();
-            for r in rows {
-                let row = e * per + r;
-                for b in 0..blocks {
-                    let at = row * blocks + b;
-                    out.push(scales[at]);
-                    out.extend(ggml_qs(&data[at * PACKED..(at + 1) * PACKED]));
-                }
-            }
-            out
-        };
-    let gate = repack(gu_blocks, gu_scales, 2 * i, gb, &mut (0..i).map(|j| 2 * j));
-    let up = repack(gu_blocks, gu_scales, 2 * i, gb, &mut (0..i).map(|j| 2 * j + 1));
-    let down = repack(dn_blocks, dn_scales, h, hb, &mut (0..h));
-    let dt = DType::Block(ty);
-    Ok((
-        owned(gate, dt, [i, h]),
-        owned(up, dt, [i, h]),
-        owned(down, dt, [h, i]),
-    ))
+    Ok(raw.rearrange(&bytes).into_weights(&raw, swiglu))
 }
 
 /// One block's 16 packed bytes from the hub's order (value `2m` low, `2m + 1` high in byte

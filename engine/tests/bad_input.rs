@@ -645,8 +645,8 @@ fn contradictory_glm4_moe_configs_are_refused() {
 
 /// gpt_oss's keys and tensors: a non-positive SwiGLU limit, layer types that are not its own
 /// or not one per layer, sliding layers without a window, another quantisation method, a
-/// missing sink or MXFP4 scale tensor, an expert width that is not whole MXFP4 blocks, and the
-/// disk tier (which does not hold its experts' biases yet): one line naming the key or tensor.
+/// missing sink or MXFP4 scale tensor, an expert width that is not whole MXFP4 blocks: one line
+/// naming the key or tensor.
 #[test]
 fn bad_gpt_oss_configs_and_tensors_are_refused() {
     let types = |v: &[&str]| Value::from(v.iter().map(|s| Value::from(*s)).collect::<Vec<_>>());
@@ -732,23 +732,23 @@ fn bad_gpt_oss_configs_and_tensors_are_refused() {
         });
         assert_mentions(&load_error(&dir), &[&format!("tensor `{name}` not found")]);
     }
-    // The disk tier refuses gpt_oss's experts by name instead of dropping their biases.
+    // A pack of gpt_oss's experts without their biases (its index edited, and its checksum
+    // file removed as packs made before it have none): refused by key, not run without them.
     let ckpt = Checkpoint::open_dir(&common::fixture_dir("gpt_oss")).unwrap();
-    let err = shadowmoe_engine::offload::store::ExpertStore::from_checkpoint(
-        &ckpt.config,
-        &ckpt.weights,
-        shadowmoe_engine::offload::store::IoMode::Pread,
-    )
-    .unwrap_err()
-    .to_string();
-    assert_mentions(
-        &err,
-        &[
-            "config.json",
-            "gpt_oss's experts",
-            "cannot be served from disk yet",
-        ],
-    );
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join("p.pack");
+    shadowmoe_engine::offload::pack::write_pack(&ckpt.dir, &ckpt.config, &ckpt.weights, &pack, |_, _| {})
+        .unwrap();
+    let index = pack.join("index.json");
+    let mut j: Map<String, Value> = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    assert!(j.remove("biases").is_some(), "the pack holds the experts' biases");
+    std::fs::write(&index, serde_json::to_string(&j).unwrap()).unwrap();
+    std::fs::remove_file(pack.join(shadowmoe_engine::offload::pack::INDEX_SUM)).unwrap();
+    let err = ckpt
+        .expert_store(shadowmoe_engine::offload::IoMode::Pread, Some(&pack), false)
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&err, &["index.json", "biases", "missing"]);
 }
 
 #[test]

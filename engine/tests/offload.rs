@@ -18,7 +18,7 @@ use shadowmoe_engine::{
     Checkpoint, GenerateOptions, LogitsFor, Model, NoObserver, Phase, SamplingParams, generate,
 };
 
-const ARCHS: [&str; 9] = [
+const ARCHS: [&str; 11] = [
     "qwen3_moe",
     "olmoe",
     "mixtral",
@@ -28,6 +28,8 @@ const ARCHS: [&str; 9] = [
     "deepseek_v3_noqlora",
     "glm4_moe",
     "glm4_moe_lite",
+    "gpt_oss",
+    "gpt_oss_mxfp4",
 ];
 
 fn opts(budget: Budget) -> CacheOptions {
@@ -708,7 +710,8 @@ fn sync_cache_is_exact_on_gguf_files() {
 /// The byte model from the config alone counts exactly the bytes of every fixture's files
 /// (q/k norms per head or full width, q/k/v and o_proj biases where the family has them, tied
 /// embeddings, gated or ungated shared experts, dense layers, linear attention; deepseek_v3's
-/// latent attention and router bias), and its KV cache is keys and values — or under latent
+/// latent attention and router bias; gpt_oss's sinks, router bias, expert biases and MXFP4
+/// experts), and its KV cache is keys and values — or under latent
 /// attention the latent and rotary key — per position and layer.
 #[test]
 fn byte_model_from_the_config_counts_every_fixtures_files() {
@@ -723,16 +726,25 @@ fn byte_model_from_the_config_counts_every_fixtures_files() {
         ("deepseek_v3_noqlora", 4),
         ("glm4_moe", 2),
         ("glm4_moe_lite", 4),
+        ("gpt_oss", 2),
+        ("gpt_oss_mxfp4", 2),
     ] {
         let ckpt = Checkpoint::open_dir(&fixture_dir(fixture)).unwrap();
         let c = &ckpt.config;
         let m = ByteModel::from_config(c, dtype_bytes);
         let experts = (c.moe_layers().len() * c.num_experts) as u64;
-        assert_eq!(
-            m.expert_bytes,
-            3 * (c.moe_intermediate_size * c.hidden_size) as u64 * dtype_bytes,
-            "{fixture}"
-        );
+        let (h, i) = (c.hidden_size, c.moe_intermediate_size);
+        let matrices = if c.mxfp4_experts {
+            3 * (i * h / 32 * 17) as u64 // 16 packed bytes and a scale a block
+        } else {
+            3 * (i * h) as u64 * dtype_bytes
+        };
+        let biases = if c.clamped_swiglu.is_some() {
+            (2 * i + h) as u64 * dtype_bytes
+        } else {
+            0
+        };
+        assert_eq!(m.expert_bytes, matrices + biases, "{fixture}");
         assert_eq!(
             m.non_expert_bytes + experts * m.expert_bytes,
             ckpt.weights.total_bytes(),

@@ -1,4 +1,4 @@
-//! The pipeline on qwen3_next (and deepseek_v3, glm4_moe), unchanged: trace-collect, trace-stats, train-shadow and
+//! The pipeline on qwen3_next (and deepseek_v3, glm4_moe, gpt_oss), unchanged: trace-collect, trace-stats, train-shadow and
 //! bench-sweep (simulated and live) on the transformers-checked fixture, whose layers mix Gated
 //! DeltaNet and gated attention, whose MoE layers carry a shared expert and skip a dense layer
 //! (MoE layers 0, 1, 3) — in transformers' bf16 layout, and as mlx_lm.convert writes it in 4-bit
@@ -82,6 +82,21 @@ fn pipeline_runs_on_glm4_moe() {
         "glm4_moe",
         &[1, 2, 3],
     );
+}
+
+/// gpt_oss (attention sinks, alternating sliding and full attention, a biased router with a
+/// softmax over its top k, experts with biases and the clamped SwiGLU), in bf16 and with the
+/// hub's MXFP4 experts: experts read as stored and rearranged in their slots, packs holding
+/// the biases; every layer MoE.
+#[test]
+fn pipeline_runs_on_gpt_oss() {
+    for fixture in ["gpt_oss", "gpt_oss_mxfp4"] {
+        pipeline(
+            &root().join("engine/tests/golden").join(fixture),
+            "gpt_oss",
+            &[0, 1, 2, 3],
+        );
+    }
 }
 
 /// A GGUF file goes wherever a checkpoint directory goes: llama.cpp's Q8_0 file of the

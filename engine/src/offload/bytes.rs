@@ -90,6 +90,12 @@ impl ByteModel {
                         + 2 * bytes(&format!("{a}k_proj"), kv, h)
                         + bytes(&format!("{a}o_proj"), h, qw)
                         + (norms + biases) as u64 * float_bytes
+                        // gpt_oss: a sink logit per head.
+                        + if cfg.attention_sinks {
+                            cfg.num_attention_heads as u64 * float_bytes
+                        } else {
+                            0
+                        }
                 }
                 // deepseek_v3: query (low-rank or direct), latent and rotary key, their expansion,
                 // output; the latent norms (and the biases under attention_bias).
@@ -138,9 +144,16 @@ impl ByteModel {
                 }
                 crate::config::MlpKind::Moe => {
                     non_expert += bytes(&format!("{m}gate"), cfg.num_experts, h);
-                    if let crate::config::RoutingRule::SigmoidGrouped { .. } = cfg.routing {
+                    match cfg.routing {
                         // e_score_correction_bias (f32 in DeepSeek's checkpoints).
-                        non_expert += cfg.num_experts as u64 * 4;
+                        crate::config::RoutingRule::SigmoidGrouped { .. } => {
+                            non_expert += cfg.num_experts as u64 * 4;
+                        }
+                        // gpt_oss's router bias.
+                        crate::config::RoutingRule::TopKSoftmax => {
+                            non_expert += cfg.num_experts as u64 * float_bytes;
+                        }
+                        crate::config::RoutingRule::Softmax => {}
                     }
                     if let Some(i) = cfg.shared_expert_intermediate_size {
                         let se = if cfg.shared_expert_gated {
@@ -155,8 +168,16 @@ impl ByteModel {
                         }
                     }
                     let (i, sw) = (cfg.moe_intermediate_size, format!("{m}switch_mlp."));
-                    expert =
-                        2 * bytes(&format!("{sw}gate_proj"), i, h) + bytes(&format!("{sw}down_proj"), h, i);
+                    expert = if cfg.mxfp4_experts {
+                        // gpt_oss's MXFP4: 17 bytes (16 packed, one E8M0 scale) a block of 32.
+                        3 * (i * h / 32 * 17) as u64
+                    } else {
+                        2 * bytes(&format!("{sw}gate_proj"), i, h) + bytes(&format!("{sw}down_proj"), h, i)
+                    };
+                    if cfg.clamped_swiglu.is_some() {
+                        // gpt_oss's expert biases (gate, up, down).
+                        expert += (2 * i + h) as u64 * float_bytes;
+                    }
                 }
             }
         }

@@ -1,7 +1,11 @@
 //! Where one expert's bytes are in the files and where they go in its slot: extents (merged
 //! where they touch), each keeping its offset modulo [`ALIGN`](super::ALIGN) so that O_DIRECT
 //! can read it, and the three matrices (gate, up, down) inside the slot — for quantised ones,
-//! their packed words, scales and biases (up to nine pieces), kept quantised.
+//! their packed words, scales and biases (up to nine pieces), kept quantised — and, for experts
+//! with biases (gpt_oss), the three bias vectors after them. gpt_oss's experts are stored
+//! otherwise than the engine computes them (gate and up interleaved, transposed, or MXFP4 in
+//! the hub's nibble order): read as stored, they are rearranged in their slot once read
+//! ([`Rearrange`]), so that a slot holds the same bytes as a pack's extent.
 
 use super::{align_down, align_up};
 use crate::moe::TensorRef;
@@ -64,39 +68,71 @@ pub struct ExpertLayout {
     pub extents: Vec<Extent>,
     /// gate, up, down.
     pub parts: [Part; 3],
-    /// xxh3-64 of gate ‖ up ‖ down bytes (packs only).
+    /// gpt_oss: the gate, up and down biases, right after `parts` in the slot.
+    pub biases: Option<[SlotPiece; 3]>,
+    /// gpt_oss read from its checkpoint: the stored tensors' places in the slot as read, to
+    /// be rearranged into `parts` and `biases` before use.
+    pub rearrange: Option<Rearrange>,
+    /// xxh3-64 of gate ‖ up ‖ down (‖ biases) bytes (packs only).
     pub checksum: Option<u64>,
 }
 
-pub(super) fn parts_bytes(parts: &[Part; 3]) -> u64 {
-    parts.iter().map(Part::nbytes).sum()
+/// An expert read as its checkpoint stores it: where each stored piece landed in the slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rearrange {
+    pub raw: crate::gpt_oss::RawExpert,
+    /// Slot offset of each of `raw.pieces`.
+    pub at: Vec<usize>,
 }
 
-/// Extents of the three matrices (and of quantised ones' scales and biases), merged where
-/// they touch, laid out in the slot so that each extent's first byte keeps its offset modulo
-/// [`ALIGN`](super::ALIGN) (what an O_DIRECT read needs).
-pub(super) fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
-    // Pieces: (matrix, role 0 words / 1 scales / 2 biases, file, offset, len).
-    let mut pieces: Vec<(usize, usize, usize, u64, u64)> = Vec::new();
-    for (i, r) in refs.iter().enumerate() {
-        pieces.push((i, 0, r.file, r.offset, r.nbytes()));
-        if let Some(q) = &r.quant {
-            pieces.push((i, 1, q.scales.file, q.scales.offset, q.scales.nbytes()));
-            pieces.push((i, 2, q.biases.file, q.biases.offset, q.biases.nbytes()));
+impl ExpertLayout {
+    /// Bytes of the expert as computed: its three matrices (and biases), contiguous in the
+    /// slot from `parts[0].slot_offset`.
+    pub fn bytes(&self) -> u64 {
+        let biases = self.biases.as_ref().map_or(0, |b| {
+            b.iter().map(|p| p.dtype.nbytes(&p.shape) as u64).sum::<u64>()
+        });
+        self.parts.iter().map(Part::nbytes).sum::<u64>() + biases
+    }
+
+    /// Rearranges a slot read as the checkpoint stores the expert into the layout `parts` and
+    /// `biases` describe (no-op for other experts).
+    pub fn rearrange_in(&self, slot: &mut [u8]) {
+        let Some(r) = &self.rearrange else { return };
+        let bytes: Vec<&[u8]> = r
+            .raw
+            .pieces
+            .iter()
+            .zip(&r.at)
+            .map(|(p, &at)| &slot[at..at + p.len as usize])
+            .collect();
+        let out = r.raw.rearrange(&bytes);
+        let mut at = self.parts[0].slot_offset;
+        for b in &out.bytes {
+            slot[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
         }
     }
-    pieces.sort_by_key(|p| (p.2, p.3));
+}
+
+/// Extents over `pieces` (file, offset, length), merged where they touch, laid out in the slot
+/// so that each extent's first byte keeps its offset modulo [`ALIGN`](super::ALIGN); and the
+/// slot offset of each piece.
+fn extents_of(pieces: &[(usize, u64, u64)]) -> (Vec<Extent>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..pieces.len()).collect();
+    order.sort_by_key(|&k| (pieces[k].0, pieces[k].1));
     let mut extents: Vec<Extent> = Vec::new();
-    let mut piece_at = [[(0usize, 0u64); 3]; 3]; // [matrix][role]: (extent index, offset within)
-    for &(i, role, file, offset, len) in &pieces {
+    let mut piece_at = vec![(0usize, 0u64); pieces.len()]; // (extent index, offset within)
+    for k in order {
+        let (file, offset, len) = pieces[k];
         let n = extents.len();
         match extents.last_mut() {
             Some(x) if x.file == file && x.offset + x.len == offset => {
-                piece_at[i][role] = (n - 1, x.len);
+                piece_at[k] = (n - 1, x.len);
                 x.len += len;
             }
             _ => {
-                piece_at[i][role] = (n, 0);
+                piece_at[k] = (n, 0);
                 extents.push(Extent {
                     file,
                     offset,
@@ -112,31 +148,91 @@ pub(super) fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
         x.slot_offset = (base + lead) as usize;
         base += align_up(lead + x.len);
     }
-    let at = |i: usize, role: usize| {
-        let (xi, within) = piece_at[i][role];
-        extents[xi].slot_offset + within as usize
+    let at = piece_at
+        .iter()
+        .map(|&(xi, within)| extents[xi].slot_offset + within as usize)
+        .collect();
+    (extents, at)
+}
+
+/// gpt_oss's expert read as stored (`raw`), rearranged in its slot into gate, up, down and
+/// the three biases, contiguous from the first extent's first byte: the same bytes in all (a
+/// permutation; MXFP4's 16 + 1 bytes a block stay 17), so they fit where they were read.
+pub(super) fn layout_rearranged(raw: crate::gpt_oss::RawExpert) -> ExpertLayout {
+    let pieces: Vec<(usize, u64, u64)> = raw.pieces.iter().map(|p| (p.file, p.offset, p.len)).collect();
+    let (extents, at) = extents_of(&pieces);
+    let shapes = raw.shapes();
+    let (mat, bias) = (raw.mat_dtype(), raw.bias_dtype);
+    let mut next = extents.first().map_or(0, |x| x.slot_offset);
+    let mut place = |dtype: DType, shape: [usize; 2]| {
+        let p = SlotPiece {
+            dtype,
+            shape,
+            slot_offset: next,
+        };
+        next += dtype.nbytes(&shape);
+        p
     };
+    let parts = std::array::from_fn(|k| {
+        let p = place(mat, shapes[k]);
+        Part {
+            dtype: p.dtype,
+            shape: p.shape,
+            slot_offset: p.slot_offset,
+            quant: None,
+        }
+    });
+    let biases = std::array::from_fn(|k| place(bias, shapes[3 + k]));
+    ExpertLayout {
+        extents,
+        parts,
+        biases: Some(biases),
+        rearrange: Some(Rearrange { raw, at }),
+        checksum: None,
+    }
+}
+
+/// Extents of the three matrices (and of quantised ones' scales and biases), merged where
+/// they touch, laid out in the slot so that each extent's first byte keeps its offset modulo
+/// [`ALIGN`](super::ALIGN) (what an O_DIRECT read needs).
+pub(super) fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
+    // Pieces: per matrix its words, then a quantised one's scales and biases.
+    let mut pieces: Vec<(usize, u64, u64)> = Vec::new();
+    let mut index = [[0usize; 3]; 3]; // [matrix][role 0 words / 1 scales / 2 biases]
+    for (i, r) in refs.iter().enumerate() {
+        index[i][0] = pieces.len();
+        pieces.push((r.file, r.offset, r.nbytes()));
+        if let Some(q) = &r.quant {
+            index[i][1] = pieces.len();
+            pieces.push((q.scales.file, q.scales.offset, q.scales.nbytes()));
+            index[i][2] = pieces.len();
+            pieces.push((q.biases.file, q.biases.offset, q.biases.nbytes()));
+        }
+    }
+    let (extents, at) = extents_of(&pieces);
     let parts = std::array::from_fn(|i| Part {
         dtype: refs[i].dtype,
         shape: refs[i].shape,
-        slot_offset: at(i, 0),
+        slot_offset: at[index[i][0]],
         quant: refs[i].quant.map(|q| QuantPart {
             spec: q.spec,
             scales: SlotPiece {
                 dtype: q.scales.dtype,
                 shape: q.scales.shape,
-                slot_offset: at(i, 1),
+                slot_offset: at[index[i][1]],
             },
             biases: SlotPiece {
                 dtype: q.biases.dtype,
                 shape: q.biases.shape,
-                slot_offset: at(i, 2),
+                slot_offset: at[index[i][2]],
             },
         }),
     });
     ExpertLayout {
         extents,
         parts,
+        biases: None,
+        rearrange: None,
         checksum: None,
     }
 }

@@ -5,7 +5,8 @@
 //! - `experts.bin`: the extents, in (layer, expert) order, each padded to 4 KiB;
 //! - `index.json`: format tag, the sha256 of the source `config.json`, shapes and dtype of the
 //!   three parts (a quantised part: its packed words, then its scales and biases, with bits and
-//!   group size), and per expert its offset, length and xxh3-64 checksum.
+//!   group size), for experts with biases (gpt_oss) the three bias vectors after them
+//!   (`biases`), and per expert its offset, length and xxh3-64 checksum.
 //!
 //! It is written under a temporary name and renamed when complete.
 
@@ -90,6 +91,9 @@ struct PackIndex {
     /// some layers' experts differently): their parts and expert bytes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     layer_parts: Vec<LayerParts>,
+    /// gpt_oss: the gate, up and down biases, after the three matrices (every expert alike).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    biases: Option<Vec<PieceIndex>>,
     experts: Vec<ExpertIndex>,
 }
 
@@ -145,7 +149,6 @@ pub fn write_pack_for(
     out: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<PackSummary> {
-    super::store::refuse_biased_experts(cfg)?;
     if out.exists() {
         return Err(EngineError::invalid(
             "--out",
@@ -174,13 +177,14 @@ pub fn write_pack_for(
         let mut parts: Option<Vec<PartIndex>> = None;
         let mut layer_parts: Vec<LayerParts> = Vec::new();
         let mut this_layer: Option<Vec<PartIndex>> = None;
+        let mut bias_parts: Option<Vec<PieceIndex>> = None;
         let mut offset = 0u64;
         for &l in &moe_layers {
             for e in 0..cfg.num_experts {
                 let ew = expert_weights(cfg, w, l, e)?;
-                let [g, ..] = crate::moe::expert_tensor_refs(cfg, w, l, e)?;
+                let file = crate::moe::expert_file(cfg, w, l, e)?;
                 ew.check_finite(
-                    w.file_path(g.file),
+                    w.file_path(file),
                     &format!("{}experts.{e}", crate::moe::moe_prefix(cfg, w, l)),
                 )?;
                 let mats = [("gate", &ew.gate), ("up", &ew.up), ("down", &ew.down)];
@@ -221,6 +225,31 @@ pub fn write_pack_for(
                         offset,
                         quant,
                     });
+                }
+                // gpt_oss: the biases after the matrices.
+                if let Some(b) = &ew.biases {
+                    let mut pieces = Vec::with_capacity(3);
+                    for m in [&b.gate, &b.up, &b.down] {
+                        pieces.push(PieceIndex {
+                            dtype: dtype_tag(m.dtype()),
+                            shape: [m.shape()[0], m.shape()[1]],
+                            offset: within,
+                        });
+                        within += m.nbytes();
+                        chunks.push(m.bytes());
+                    }
+                    match &bias_parts {
+                        None => bias_parts = Some(pieces),
+                        Some(p) if *p == pieces => {}
+                        Some(_) => {
+                            return Err(EngineError::invalid(
+                                "expert-pack",
+                                format!(
+                                    "layer {l} expert {e}: biases laid out otherwise than the first expert's"
+                                ),
+                            ));
+                        }
+                    }
                 }
                 if e == 0 {
                     this_layer = Some(these.clone());
@@ -284,6 +313,7 @@ pub fn write_pack_for(
             expert_bytes,
             parts: parts.unwrap_or_default(),
             layer_parts,
+            biases: bias_parts,
             experts,
         };
         let index_path = tmp.join("index.json");
@@ -397,7 +427,6 @@ fn dtype_from(name: &str) -> Option<DType> {
 
 /// Opens the pack in `dir` for the model whose `config.json` has sha256 `config_sha256`.
 pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMode) -> Result<ExpertStore> {
-    super::store::refuse_biased_experts(cfg)?;
     let index_path = dir.join("index.json");
     let text = std::fs::read_to_string(&index_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => EngineError::MissingFile {
@@ -507,6 +536,52 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
         v.try_into().map_err(|_| bad("parts", "expected 3 parts".into()))
     };
     let parts = parse(&index.parts, index.expert_bytes)?;
+    // gpt_oss's biases: present exactly when the model's experts have them, each one vector of
+    // the config's width, inside the expert.
+    let biases: Option<[SlotPiece; 3]> = match (&index.biases, cfg.clamped_swiglu.is_some()) {
+        (None, false) => None,
+        (Some(list), true) if index.layer_parts.is_empty() && list.len() == 3 => {
+            let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+            let mut v = Vec::with_capacity(3);
+            for (x, want) in list.iter().zip([[1, i], [1, i], [1, h]]) {
+                let dtype = dtype_from(&x.dtype)
+                    .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
+                    .ok_or_else(|| bad("biases", format!("dtype {}", x.dtype)))?;
+                let end = x.offset.checked_add(dtype.nbytes(&x.shape));
+                if x.shape != want || end.is_none_or(|end| end as u64 > index.expert_bytes) {
+                    return Err(bad(
+                        "biases",
+                        format!(
+                            "shape {:?} at {} (expected {want:?} within expert_bytes {})",
+                            x.shape, x.offset, index.expert_bytes
+                        ),
+                    ));
+                }
+                v.push(SlotPiece {
+                    dtype,
+                    shape: x.shape,
+                    slot_offset: x.offset,
+                });
+            }
+            v.try_into().ok()
+        }
+        (Some(_), true) => return Err(bad("biases", "expected three bias vectors".into())),
+        (None, true) => {
+            return Err(bad(
+                "biases",
+                format!(
+                    "missing: {}'s experts have biases (a pack made before they were packed; make it again)",
+                    cfg.arch.model_type()
+                ),
+            ));
+        }
+        (Some(_), false) => {
+            return Err(bad(
+                "biases",
+                format!("present, but {}'s experts have none", cfg.arch.model_type()),
+            ));
+        }
+    };
     // Per layer: its parts and expert bytes (the default's, unless layer_parts says otherwise).
     let mut by_layer: HashMap<usize, ([Part; 3], u64)> = HashMap::new();
     for lp in &index.layer_parts {
@@ -563,6 +638,8 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
                     slot_offset: 0,
                 }],
                 parts,
+                biases,
+                rearrange: None,
                 checksum: Some(checksum),
             },
         );
@@ -586,5 +663,5 @@ pub fn open_pack(dir: &Path, cfg: &ModelConfig, config_sha256: &str, mode: IoMod
             ),
         });
     }
-    ExpertStore::open(vec![bin], layouts, mode, "pack".into())
+    ExpertStore::open(vec![bin], layouts, mode, "pack".into(), cfg.clamped_swiglu)
 }

@@ -1,6 +1,7 @@
 //! The disk tier: reads one expert by (layer, expert) into a slot, from an expert pack (one
 //! aligned extent per expert) or straight from the checkpoint's safetensors (up to three
-//! extents per expert, merged where they touch).
+//! extents per expert, merged where they touch; gpt_oss's stored tensors rearranged in the
+//! slot once read).
 //!
 //! Read modes: `mmap` (the expert is a view of the memory-mapped file; a load touches its
 //! pages, an eviction drops them from this process), `pread` (through the page cache) and
@@ -18,11 +19,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use memmap2::Mmap;
 
 pub use super::layout::{ExpertLayout, Extent, Part};
-use super::layout::{SlotPiece, layout_from_refs, parts_bytes};
+use super::layout::{SlotPiece, layout_from_refs, layout_rearranged};
 use super::{ALIGN, ExpertKey, PageBuf, align_down, align_up};
-use crate::config::ModelConfig;
+use crate::config::{ClampedSwiglu, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::moe::{ExpertWeights, expert_tensor_refs};
+use crate::moe::{ExpertBiases, ExpertWeights, expert_tensor_refs};
 use crate::weights::{Backing, Weight, WeightIndex, matrix_from_pieces};
 
 /// How expert bytes are read.
@@ -89,6 +90,8 @@ pub struct ExpertStore {
     mode: IoMode,
     verify: bool,
     source: String,
+    /// gpt_oss: its experts' activation (their biases are in the slots).
+    swiglu: Option<ClampedSwiglu>,
     /// Fault injection: the n-th read (1-based) fails / comes back short; 0 = never.
     fail_read: AtomicU64,
     short_read: AtomicU64,
@@ -177,29 +180,23 @@ fn part_weight(p: &Part, at: &dyn Fn(usize) -> (Backing, usize)) -> Weight {
     )
 }
 
-/// gpt_oss's experts carry biases (and are rearranged on load) that the disk tier's slots and
-/// packs do not hold yet: refused by name rather than run without them.
-pub(crate) fn refuse_biased_experts(cfg: &ModelConfig) -> Result<()> {
-    if cfg.clamped_swiglu.is_some() {
-        return Err(EngineError::invalid(
-            cfg.path.display().to_string(),
-            format!(
-                "{}'s experts (with biases, rearranged on load) cannot be served from disk yet (--capacity, --pack, expert-pack); run without them",
-                cfg.arch.model_type()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 impl ExpertStore {
     /// A store over the checkpoint's own safetensors files.
     pub fn from_checkpoint(cfg: &ModelConfig, w: &WeightIndex, mode: IoMode) -> Result<Self> {
-        refuse_biased_experts(cfg)?;
         let mut layouts = HashMap::new();
         let mut used_files: Vec<usize> = Vec::new();
         for l in cfg.moe_layers() {
             for e in 0..cfg.num_experts {
+                if cfg.clamped_swiglu.is_some() {
+                    let raw = crate::gpt_oss::raw_expert(cfg, w, l, e)?;
+                    for p in &raw.pieces {
+                        if !used_files.contains(&p.file) {
+                            used_files.push(p.file);
+                        }
+                    }
+                    layouts.insert(ExpertKey::new(l, e as u32), layout_rearranged(raw));
+                    continue;
+                }
                 let refs = expert_tensor_refs(cfg, w, l, e)?;
                 for r in &refs {
                     let quant_files = r.quant.iter().flat_map(|q| [q.scales.file, q.biases.file]);
@@ -221,7 +218,7 @@ impl ExpertStore {
         }
         let paths: Vec<PathBuf> = used_files.iter().map(|&f| w.file_path(f).to_path_buf()).collect();
         let source = if w.is_gguf() { "gguf" } else { "safetensors" };
-        Self::open(paths, layouts, mode, source.into())
+        Self::open(paths, layouts, mode, source.into(), cfg.clamped_swiglu)
     }
 
     /// A store over files and layouts made elsewhere (the expert pack).
@@ -230,10 +227,11 @@ impl ExpertStore {
         layouts: HashMap<ExpertKey, ExpertLayout>,
         mode: IoMode,
         source: String,
+        swiglu: Option<ClampedSwiglu>,
     ) -> Result<Self> {
         // The mean over experts: every expert's bytes where all are alike; GGUF files may
         // quantise some layers' experts differently (Q4_K_M's Q6_K down projections).
-        let total: u64 = layouts.values().map(|l| parts_bytes(&l.parts)).sum();
+        let total: u64 = layouts.values().map(ExpertLayout::bytes).sum();
         let expert_bytes = total.div_ceil(layouts.len().max(1) as u64);
         let mut files = Vec::new();
         let mut refused = false;
@@ -287,6 +285,7 @@ impl ExpertStore {
             mode,
             verify: false,
             source,
+            swiglu,
             fail_read: AtomicU64::new(0),
             short_read: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
@@ -437,6 +436,7 @@ impl ExpertStore {
         }
         let slot = buf.as_ref();
         self.check_finite_once(key, layout, |off, len| &slot[off..off + len])?;
+        layout.rearrange_in(buf.as_mut_slice());
         Ok(total)
     }
 
@@ -458,6 +458,29 @@ impl ExpertStore {
             return Ok(());
         }
         let file = &self.files[layout.extents[0].file].path;
+        // An expert read as stored: its float tensors as they are, before rearranging.
+        if let Some(r) = &layout.rearrange {
+            for (name, k, dtype) in r.raw.float_pieces() {
+                let len = r.raw.pieces[k].len as usize;
+                crate::weights::check_finite(file, &format!("{key} {name}"), dtype, at(r.at[k], len))?;
+            }
+            self.checked.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+            return Ok(());
+        }
+        if let Some(biases) = &layout.biases {
+            for (name, b) in ["gate_proj_bias", "up_proj_bias", "down_proj_bias"]
+                .iter()
+                .zip(biases)
+            {
+                let len = b.dtype.nbytes(&b.shape);
+                crate::weights::check_finite(
+                    file,
+                    &format!("{key} {name}"),
+                    b.dtype,
+                    at(b.slot_offset, len),
+                )?;
+            }
+        }
         for (name, p) in ["gate_proj", "up_proj", "down_proj"].iter().zip(&layout.parts) {
             let tensor = format!("{key} {name}");
             let piece = |q: &SlotPiece, what: &str| {
@@ -493,7 +516,7 @@ impl ExpertStore {
             return Ok(());
         };
         let start = layout.parts[0].slot_offset;
-        let got = xxhash_rust::xxh3::xxh3_64(&slot[start..start + parts_bytes(&layout.parts) as usize]);
+        let got = xxhash_rust::xxh3::xxh3_64(&slot[start..start + layout.bytes() as usize]);
         if got != want {
             return Err(EngineError::invalid(
                 format!("{} ({key})", self.files[0].path.display()),
@@ -509,18 +532,66 @@ impl ExpertStore {
     pub fn view(&self, key: ExpertKey, slot: &Arc<PageBuf>) -> Result<ExpertWeights> {
         let layout = self.layout(key)?;
         let backing: Backing = slot.clone();
-        let w = |p: &Part| part_weight(p, &|off| (backing.clone(), off));
+        let at = |off| (backing.clone(), off);
+        let w = |p: &Part| part_weight(p, &at);
         Ok(ExpertWeights {
             gate: w(&layout.parts[0]),
             up: w(&layout.parts[1]),
             down: w(&layout.parts[2]),
-            biases: None,
+            biases: self.biases(layout, &at)?,
         })
+    }
+
+    /// gpt_oss: the expert's biases as views of `at(slot_offset)`, with its activation.
+    fn biases(
+        &self,
+        layout: &ExpertLayout,
+        at: &dyn Fn(usize) -> (Backing, usize),
+    ) -> Result<Option<Box<ExpertBiases>>> {
+        let Some(b) = &layout.biases else {
+            return Ok(None);
+        };
+        let swiglu = self.swiglu.ok_or_else(|| {
+            EngineError::invalid(self.source.clone(), "experts with biases but no clamped SwiGLU")
+        })?;
+        let w = |p: &SlotPiece| {
+            let (backing, start) = at(p.slot_offset);
+            Weight::new(backing, start, p.dtype, p.shape.to_vec())
+        };
+        Ok(Some(Box::new(ExpertBiases {
+            gate: w(&b[0]),
+            up: w(&b[1]),
+            down: w(&b[2]),
+            swiglu,
+        })))
     }
 
     /// mmap mode: the expert's weights as views into the memory-mapped file.
     pub fn view_mapped(&self, key: ExpertKey) -> Result<ExpertWeights> {
         let layout = self.layout(key)?;
+        // Stored otherwise than computed (gpt_oss from its checkpoint): rearranged into the
+        // expert's own memory.
+        if let Some(r) = &layout.rearrange {
+            let swiglu = self.swiglu.ok_or_else(|| {
+                EngineError::invalid(self.source.clone(), "gpt_oss experts without their SwiGLU")
+            })?;
+            let bytes: Vec<&[u8]> = r
+                .raw
+                .pieces
+                .iter()
+                .zip(&r.at)
+                .map(|(p, &at)| {
+                    let x = layout
+                        .extents
+                        .iter()
+                        .find(|x| at >= x.slot_offset && at < x.slot_offset + x.len as usize)
+                        .expect("every piece lies in an extent");
+                    let start = x.offset as usize + (at - x.slot_offset);
+                    &self.files[x.file].map[start..start + p.len as usize]
+                })
+                .collect();
+            return Ok(r.raw.rearrange(&bytes).into_weights(&r.raw, swiglu));
+        }
         // Every piece lies inside one extent: map its slot offset back to the file.
         let in_file = |slot_offset: usize| -> (Backing, usize) {
             let x = layout
@@ -536,7 +607,7 @@ impl ExpertStore {
             gate: w(&layout.parts[0]),
             up: w(&layout.parts[1]),
             down: w(&layout.parts[2]),
-            biases: None,
+            biases: self.biases(layout, &in_file)?,
         })
     }
 
@@ -566,7 +637,7 @@ impl ExpertStore {
         if self.verify {
             let x = &layout.extents[0];
             let start = (x.offset + (layout.parts[0].slot_offset - x.slot_offset) as u64) as usize;
-            let bytes = &self.files[x.file].map[start..start + parts_bytes(&layout.parts) as usize];
+            let bytes = &self.files[x.file].map[start..start + layout.bytes() as usize];
             if let Some(want) = layout.checksum
                 && xxhash_rust::xxh3::xxh3_64(bytes) != want
             {
