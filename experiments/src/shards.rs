@@ -214,16 +214,18 @@ pub fn merge_traces(out: &Path) -> Result<Merged> {
     let first = &shards[0].1;
     for (_, t, d) in &shards[1..] {
         if let Some(field) = trace_mismatch(&first.manifest, &t.manifest) {
-            let (x, y) = if field == "harness version" {
-                (
-                    format!(" (shadowmoe {})", t.manifest.harness_version),
-                    format!(" (shadowmoe {})", first.manifest.harness_version),
-                )
-            } else {
-                (String::new(), String::new())
-            };
+            if field == "harness version" {
+                bail!(
+                    "shard {} ({}) was written by shadowmoe {}, shard 0 ({}) by {}: collect every shard with one build",
+                    d.name,
+                    t.path.display(),
+                    t.manifest.harness_version,
+                    first.path.display(),
+                    first.manifest.harness_version
+                );
+            }
             bail!(
-                "shard {} ({}{x}) was collected with another {field} than shard 0 ({}{y}): not shares of one collection",
+                "shard {} ({}) was collected with another {field} than shard 0 ({}): not shares of one collection",
                 d.name,
                 t.path.display(),
                 first.path.display()
