@@ -337,9 +337,11 @@ pub fn parquet_rows(path: &Path) -> Result<u64> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))? as u64)
 }
 
-/// For the sweep merge: the shards' `manifest.json`, checked and in index order, with their
-/// folders. Each is `(index, manifest, folder)`.
-pub fn sweep_shards(out: &Path) -> Result<(usize, Vec<(usize, serde_json::Value, ShardDir)>)> {
+/// A finished sweep shard: its index, its `manifest.json` and its folder.
+pub type SweepShard = (usize, serde_json::Value, ShardDir);
+
+/// For the sweep merge: the shard count and the shards, checked and in index order.
+pub fn sweep_shards(out: &Path) -> Result<(usize, Vec<SweepShard>)> {
     let kind = Kind::BenchSweep;
     let mut claims = Vec::new();
     let mut manifests = Vec::new();
@@ -368,7 +370,7 @@ pub fn sweep_shards(out: &Path) -> Result<(usize, Vec<(usize, serde_json::Value,
         manifests.push(m);
     }
     let n = check_indices(out, kind, &claims, &unfinished)?;
-    let mut shards: Vec<(usize, serde_json::Value, ShardDir)> = claims
+    let mut shards: Vec<SweepShard> = claims
         .into_iter()
         .zip(manifests)
         .map(|((d, i, _), m)| (i, m, d))

@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     /// Measure this machine for the simulator: O_DIRECT reads of the model's experts at queue
     /// depths 1..N (and of a random-bytes file), compute per layer, predictor time per call.
-    Calibrate(CalibrateArgs),
+    Calibrate(Box<CalibrateArgs>),
     /// Check the shards a `--slurm N --out DIR` job array wrote (DIR/shards/I/) and join them
     /// into DIR/results.parquet (+ CSV, summary, manifest, figures): the rows one process
     /// running the whole sweep would have written.
