@@ -370,6 +370,28 @@ fn job_scripts_merge_to_the_one_process_result_and_bad_shards_are_refused() {
         cmd(COLLECT, &collect_args(&t.join("x.parquet")), &["--slurm", "2"]),
         "with --slurm, give a run folder",
     );
+    // What every task would fail on is refused before a job array is written.
+    let never = t.join("never");
+    refused(
+        cmd(
+            SWEEP,
+            &sweep_args(&one, &never),
+            &["--slurm", "2", "--threads", "1"],
+        ),
+        "--threads applies to --mode live only",
+    );
+    refused(
+        cmd(
+            SWEEP,
+            &sweep_args(&one, &never),
+            &["--slurm", "2", "--on-miss", "never"],
+        ),
+        "--on-miss",
+    );
+    assert!(
+        !never.exists(),
+        "a job array was written for a sweep that cannot run"
+    );
     // `--submit` where there is no sbatch: the script is written, the error says how to submit.
     let no_slurm = t.join("empty-path");
     std::fs::create_dir_all(&no_slurm).unwrap();

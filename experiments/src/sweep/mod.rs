@@ -351,6 +351,20 @@ fn write_run(out: &Path, df: &mut DataFrame, summary: &str, manifest: &serde_jso
     Ok(())
 }
 
+/// The checks that need no input read: the mode and its flags, the lists' syntax, the backend
+/// (`--slurm` runs them before writing a job array whose every task would fail on them).
+pub fn check_flags(a: &SweepArgs) -> Result<()> {
+    if !["sim", "live"].contains(&a.mode.as_str()) {
+        bail!("--mode: unknown `{}` (expected sim or live)", a.mode);
+    }
+    source::refuse_other_mode(a)?;
+    a.backend
+        .parse::<shadowmoe_predictor::BackendChoice>()
+        .map_err(|e: String| anyhow::anyhow!("--backend: {e}"))?;
+    combos(a, usize::MAX)?;
+    Ok(())
+}
+
 /// Runs a sweep; returns the run folder.
 pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     let backend: shadowmoe_predictor::BackendChoice = a
