@@ -3,9 +3,12 @@
 //! folder; `bench-sweep calibrate --model M --out FILE` measures this machine for the
 //! simulator.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 use shadowmoe_experiments::calibrate::CalibrateArgs;
-use shadowmoe_experiments::sweep::{SweepArgs, run};
+use shadowmoe_experiments::slurm::{Kind, SlurmArgs, report, write_job};
+use shadowmoe_experiments::sweep::{SweepArgs, check_flags, merge, out_dir, run};
 
 /// Sweep capacity, pinning, prefetch depth and span, predictor, policy and miss handling.
 #[derive(Parser, Debug)]
@@ -20,13 +23,22 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     args: Option<SweepArgs>,
+    #[command(flatten)]
+    slurm: SlurmArgs,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Measure this machine for the simulator: O_DIRECT reads of the model's experts at queue
     /// depths 1..N (and of a random-bytes file), compute per layer, predictor time per call.
-    Calibrate(CalibrateArgs),
+    Calibrate(Box<CalibrateArgs>),
+    /// Check the shards a `--slurm N --out DIR` job array wrote (DIR/shards/I/) and join them
+    /// into DIR/results.parquet (+ CSV, summary, manifest, figures): the rows one process
+    /// running the whole sweep would have written.
+    Merge {
+        /// The run folder given to --out with --slurm.
+        dir: PathBuf,
+    },
 }
 
 fn main() {
@@ -42,7 +54,21 @@ fn main() {
                     cal.compute.layer_ms
                 );
             }
+            (Some(Command::Merge { dir }), _) => {
+                let m = merge(&dir)?;
+                eprintln!("wrote {}: {} shards, {} rows", m.path.display(), m.shards, m.rows);
+            }
             (None, Some(args)) => {
+                if let Some(plan) = cli.slurm.plan(args.shard.as_deref())? {
+                    check_flags(&args)?;
+                    let out = out_dir(&args);
+                    let (script, job) = write_job(Kind::BenchSweep, &plan, &out)?;
+                    eprintln!(
+                        "{}",
+                        report(Kind::BenchSweep, &plan, &script, job.as_deref(), &out)
+                    );
+                    return Ok(());
+                }
                 shadowmoe_engine::init_threads(args.threads)?;
                 let out = run(&args, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
                 eprintln!("wrote {}", out.join("results.parquet").display());

@@ -219,6 +219,13 @@ pub(super) fn fig6(rows: &[Res], out: &Path, stem: &str) -> Result<std::result::
         ));
     }
     groups.retain(|g| !g.1.is_empty());
+    // (A shard of a sweep may hold lru rows of neither kind: nothing to stack, and a figure
+    // zero panels wide.)
+    if groups.is_empty() {
+        return Ok(Err(
+            "no lru rows without prefetching or with the main predictor at its deepest depth".into(),
+        ));
+    }
     let mut caps: Vec<f64> = base.iter().map(|r| r.capacity).collect();
     caps.sort_by(f64::total_cmp);
     caps.dedup();

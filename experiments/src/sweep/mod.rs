@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -18,13 +18,15 @@ use shadowmoe_engine::predict::{PredictorTiming, PrefetchSpan};
 use crate::args::{parse_list, parse_shard};
 use crate::sim::{SimConfig, simulate};
 
+mod merge;
 mod rows;
 mod source;
+pub use merge::merge;
 use rows::{Row, RunIds, csv, frame, summary};
 use source::{ModelIds, PredictorInputs, Source, open_source, pin_spec, pins, predictor};
 
 /// Flags of `bench-sweep`.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Serialize)]
 pub struct SweepArgs {
     /// Experts per MoE layer: a list or range (160..256:32).
     #[arg(long)]
@@ -283,6 +285,86 @@ fn check_prefetch(all: &[Combo], moe_layers: usize, no_hidden: Option<bool>) -> 
     Ok(())
 }
 
+/// The run folder: `--out`, else `runs/<date>-sweep`.
+pub fn out_dir(a: &SweepArgs) -> PathBuf {
+    a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{}-sweep",
+            shadowmoe_trace::schema::utc_now().replace(':', "")
+        ))
+    })
+}
+
+/// The arguments that decide a sweep's rows, for its manifest: every flag but where it is
+/// written (`--out`, `--replace`), which share it runs (`--shard`) and the thread count.
+fn args_json(a: &SweepArgs) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(a)?;
+    if let Some(m) = v.as_object_mut() {
+        for k in ["out", "replace", "shard", "threads"] {
+            m.remove(k);
+        }
+    }
+    Ok(v)
+}
+
+/// Writes a run folder's outputs: `results.parquet` (under a temporary name, renamed when
+/// complete), `results.csv`, `manifest.json`, `summary.txt` (also printed) and the figures its
+/// rows feed.
+fn write_run(out: &Path, df: &mut DataFrame, summary: &str, manifest: &serde_json::Value) -> Result<()> {
+    let tmp = out.join("results.parquet.tmp");
+    let written = File::create(&tmp)
+        .with_context(|| format!("--out: cannot write {}", tmp.display()))
+        .and_then(|f| {
+            ParquetWriter::new(f)
+                .with_compression(ParquetCompression::Zstd(None))
+                .finish(df)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out.join("results.parquet"))?;
+    std::fs::write(out.join("results.csv"), csv(df)?)?;
+    std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(manifest)?)?;
+    std::fs::write(out.join("summary.txt"), summary)?;
+    eprint!("{summary}");
+    // The figures this sweep alone can feed (the rest need train-shadow and trace-stats
+    // outputs: `plot-figures --results` on a pipeline folder draws all eight).
+    match crate::figures::draw(out, &out.join("figures"), &[]) {
+        Ok(drawn) => {
+            let names: Vec<&str> = drawn
+                .iter()
+                .filter(|d| d.1.is_ok())
+                .map(|d| d.0.as_str())
+                .collect();
+            if !names.is_empty() {
+                eprintln!(
+                    "figures in {}: {}",
+                    out.join("figures").display(),
+                    names.join(", ")
+                );
+            }
+        }
+        Err(e) => tracing::warn!("figures not drawn: {e:#}"),
+    }
+    Ok(())
+}
+
+/// The checks that need no input read: the mode and its flags, the lists' syntax, the backend
+/// (`--slurm` runs them before writing a job array whose every task would fail on them).
+pub fn check_flags(a: &SweepArgs) -> Result<()> {
+    if !["sim", "live"].contains(&a.mode.as_str()) {
+        bail!("--mode: unknown `{}` (expected sim or live)", a.mode);
+    }
+    source::refuse_other_mode(a)?;
+    a.backend
+        .parse::<shadowmoe_predictor::BackendChoice>()
+        .map_err(|e: String| anyhow::anyhow!("--backend: {e}"))?;
+    combos(a, usize::MAX)?;
+    Ok(())
+}
+
 /// Runs a sweep; returns the run folder.
 pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     let backend: shadowmoe_predictor::BackendChoice = a
@@ -352,12 +434,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
         .filter(|(i, _)| i % sn == si)
         .map(|(_, c)| c.clone())
         .collect();
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "{}-sweep",
-            shadowmoe_trace::schema::utc_now().replace(':', "")
-        ))
-    });
+    let out = out_dir(a);
     if out.join("results.parquet").exists() {
         if !a.replace {
             bail!(
@@ -569,12 +646,6 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
             trace: &trace_name,
         },
     )?;
-    let tmp = out.join("results.parquet.tmp");
-    ParquetWriter::new(File::create(&tmp).with_context(|| format!("--out: cannot write {}", tmp.display()))?)
-        .with_compression(ParquetCompression::Zstd(None))
-        .finish(&mut df)?;
-    std::fs::rename(&tmp, out.join("results.parquet"))?;
-    std::fs::write(out.join("results.csv"), csv(&df)?)?;
     let manifest = serde_json::json!({
         "format": "shadowmoe-sweep/1",
         "mode": a.mode,
@@ -584,38 +655,14 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
         "model_id": model_id,
         "config_sha256": sha,
         "source": info,
+        "args": args_json(a)?,
         "prefetch_k": k,
         "shard": format!("{si}/{sn}"),
         "combinations": all.len(),
         "repeat": repeats,
         "rows": rows.len(),
     });
-    std::fs::write(
-        out.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?,
-    )?;
-    let summary = summary(&rows);
-    std::fs::write(out.join("summary.txt"), &summary)?;
-    eprint!("{summary}");
-    // The figures this sweep alone can feed (the rest need train-shadow and trace-stats
-    // outputs: `plot-figures --results` on a pipeline folder draws all eight).
-    match crate::figures::draw(&out, &out.join("figures"), &[]) {
-        Ok(drawn) => {
-            let names: Vec<&str> = drawn
-                .iter()
-                .filter(|d| d.1.is_ok())
-                .map(|d| d.0.as_str())
-                .collect();
-            if !names.is_empty() {
-                eprintln!(
-                    "figures in {}: {}",
-                    out.join("figures").display(),
-                    names.join(", ")
-                );
-            }
-        }
-        Err(e) => tracing::warn!("figures not drawn: {e:#}"),
-    }
+    write_run(&out, &mut df, &summary(&rows), &manifest)?;
     // Rows are written either way (their `error` column says why), but a sweep of which no
     // configuration ran is a failure, not a result.
     if let Some(first) = rows.first()

@@ -348,3 +348,60 @@ pub(super) fn summary(rows: &[Row]) -> String {
     }
     out
 }
+
+/// Rows read back from a results frame, with what [`summary`] reads (the configuration, the
+/// repetition, hit rates, tok/s, fallback rate and error); the other metrics are left unset.
+pub(super) fn rows_for_summary(df: &DataFrame) -> Result<Vec<Row>> {
+    let col = |name: &str| -> Result<&Series> {
+        Ok(df
+            .column(name)
+            .map_err(|_| anyhow::anyhow!("results: no column `{name}`"))?
+            .as_materialized_series())
+    };
+    let strs = |name: &str| -> Result<Vec<String>> {
+        Ok(col(name)?
+            .str()?
+            .iter()
+            .map(|v| v.unwrap_or_default().to_string())
+            .collect())
+    };
+    let ints =
+        |name: &str| -> Result<Vec<u64>> { Ok(col(name)?.u64()?.iter().map(|v| v.unwrap_or(0)).collect()) };
+    let floats = |name: &str| -> Result<Vec<Option<f64>>> { Ok(col(name)?.f64()?.iter().collect()) };
+    let (mode, pinning, span, predictor, policy, on_miss, error) = (
+        strs("mode")?,
+        strs("pinning")?,
+        strs("prefetch_span")?,
+        strs("predictor")?,
+        strs("policy")?,
+        strs("on_miss")?,
+        strs("error")?,
+    );
+    let (capacity, depth, repeat) = (ints("capacity")?, ints("prefetch_depth")?, ints("repeat")?);
+    let (hit, tok, est, fallback) = (
+        floats("hit_rate_decode")?,
+        floats("decode_tok_s")?,
+        floats("est_decode_tok_s")?,
+        floats("fallback_rate")?,
+    );
+    Ok((0..df.height())
+        .map(|i| {
+            let combo = Combo {
+                capacity: capacity[i] as usize,
+                pinning: pinning[i].clone(),
+                prefetch_depth: depth[i] as usize,
+                prefetch_span: span[i].clone(),
+                predictor: predictor[i].clone(),
+                policy: policy[i].clone(),
+                on_miss: on_miss[i].clone(),
+            };
+            let mut r = Row::new(&combo, &mode[i], repeat[i] as usize);
+            r.hit_rate_decode = hit[i].unwrap_or(f64::NAN);
+            r.decode_tok_s = tok[i];
+            r.est_decode_tok_s = est[i].unwrap_or(f64::NAN);
+            r.fallback_rate = fallback[i].unwrap_or(f64::NAN);
+            r.error = error[i].clone();
+            r
+        })
+        .collect())
+}

@@ -207,7 +207,7 @@ pub(super) enum Source {
 }
 
 /// Flags that only one mode reads: given in the other, they are refused, not ignored.
-fn refuse_other_mode(a: &SweepArgs) -> Result<()> {
+pub(super) fn refuse_other_mode(a: &SweepArgs) -> Result<()> {
     let (mode, given): (&str, Vec<(&str, bool)>) = match a.mode.as_str() {
         "live" => (
             "sim",
