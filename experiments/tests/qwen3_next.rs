@@ -74,13 +74,19 @@ fn pipeline_runs_on_deepseek_v3() {
 }
 
 /// glm4_moe (grouped-query attention with partial rotary and q/k norms over deepseek_v3's
-/// router and a shared expert; a dense first layer: MoE layers 1, 2, 3).
+/// router and a shared expert; a dense first layer: MoE layers 1, 2, 3) and glm4_moe_lite.
 #[test]
 fn pipeline_runs_on_glm4_moe() {
     pipeline(
         &root().join("engine/tests/golden/glm4_moe"),
         "glm4_moe",
         &[1, 2, 3],
+    );
+    // GLM-4.7-Flash's stack: latent attention, a dense layer between MoE layers 0 and 2.
+    pipeline(
+        &root().join("engine/tests/golden/glm4_moe_lite"),
+        "glm4_moe_lite",
+        &[0, 2],
     );
 }
 
@@ -188,11 +194,13 @@ fn pipeline(model: &Path, arch: &str, moe_layers: &[usize]) {
     assert_eq!(p["layers"].as_object().unwrap().len(), moe_layers.len(), "{p}");
 
     // train-shadow: trains, and gate-lookahead at depth 0 reproduces the routing exactly.
+    // (Depth 2 needs three MoE layers.)
+    let depths = if moe_layers.len() > 2 { "1,2" } else { "1" };
     let shadow = tmp.path().join("shadow");
     let text = train(&ShadowArgs {
         traces: vec![trace_path.clone()],
         eval_traces: vec![],
-        depth: "1,2".into(),
+        depth: depths.into(),
         top_k: 4,
         out: shadow.clone(),
         backend: "cpu".into(),
@@ -253,6 +261,7 @@ fn pipeline(model: &Path, arch: &str, moe_layers: &[usize]) {
     assert!(errors.iter().all(|e| e == Some("")), "{df}");
     // A depth the shadow model was not trained for is refused up front (before: no prefetch
     // at all, reported as "no gain").
+    let untrained = if moe_layers.len() > 2 { "3" } else { "2" };
     let err = format!(
         "{:#}",
         sweep(
@@ -266,7 +275,7 @@ fn pipeline(model: &Path, arch: &str, moe_layers: &[usize]) {
                 "--capacity",
                 "4",
                 "--prefetch-depth",
-                "3",
+                untrained,
                 "--prefetch-span",
                 "wrap",
                 "--predictor",
@@ -279,7 +288,8 @@ fn pipeline(model: &Path, arch: &str, moe_layers: &[usize]) {
         .unwrap_err()
     );
     assert!(
-        err.contains("--prefetch-depth 3") && err.contains("trained for depths [1, 2]"),
+        err.contains(&format!("--prefetch-depth {untrained}"))
+            && err.contains(&format!("trained for depths [{}]", depths.replace(',', ", "))),
         "{err}"
     );
 
