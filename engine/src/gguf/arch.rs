@@ -423,9 +423,10 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
 }
 
 /// glm4moe's MoE and attention keys as `config.json` has them: the router as llama.cpp's
-/// metadata describes it (sigmoid gating required; groups only where `expert_group_count` says,
-/// which GLM's converter never writes; `expert_weights_scale` 0 or absent is no scaling), the
-/// shared experts and leading dense layers; q/k/v biases and q/k norms where the file has them.
+/// metadata describes it (sigmoid gating required; groups where `expert_group_count` says, as
+/// the converter copies `n_group` / `topk_group`; `expert_weights_scale` 0 or absent is no
+/// scaling), the shared experts and leading dense layers; q/k/v biases and q/k norms where the
+/// file has them.
 fn glm4_moe(
     m: &Meta<'_>,
     files: &[GgufFile],

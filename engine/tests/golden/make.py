@@ -77,8 +77,8 @@ VARIANTS = {
     # transformers on the weights its own convert_moe_packed_tensors dequantises (what it runs
     # on a CPU without MXFP4 kernels), the swiglu limit the hub's 7.0.
     "gpt_oss_mxfp4": "gpt_oss",
-    # glm4_moe as llama.cpp's glm4moe holds it (make_gguf.py): one expert group (GLM's converter
-    # writes no group count; GLM-4.5's configs have n_group 1), no multi-token-prediction layer,
+    # glm4_moe as llama.cpp's glm4moe holds it (make_gguf.py): one expert group (as GLM-4.5's
+    # own configs have it: n_group 1), no multi-token-prediction layer,
     # and GLM's special tokens in the tokenizer (the converter's GLM vocabulary asks for them).
     "glm4_moe_gguf": "glm4_moe",
 }
