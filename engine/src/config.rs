@@ -148,6 +148,9 @@ pub struct MlaConfig {
     /// The softmax scale: `1/√(qk_nope_head_dim + qk_rope_head_dim)`, times
     /// `mscale(factor, mscale_all_dim)²` under a scaled rope with `mscale_all_dim`.
     pub softmax_scale: f32,
+    /// Epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them with its
+    /// RMSNorm's default 1e-6, not the config's `rms_norm_eps`; llama.cpp with the file's.
+    pub latent_norm_eps: f32,
 }
 
 impl MlaConfig {
@@ -861,6 +864,7 @@ fn mla_shape(f: &Fields<'_>, d: &MlaDefaults) -> Result<MlaConfig> {
         v_head_dim: at_least_one("v_head_dim", d.v_head_dim)?,
         rope_interleave: f.bool_or("rope_interleave", true)?,
         softmax_scale: 0.0,
+        latent_norm_eps: crate::deepseek_v3::LATENT_NORM_EPS,
     })
 }
 

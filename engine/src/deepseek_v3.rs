@@ -7,6 +7,11 @@
 //! rotary key of `Dr` values shared by every head; `kv_b_proj` expands the latent into each
 //! head's non-rotary key (`Dn`) and value (`Dv`).
 //!
+//! llama.cpp's GGUF files (`deepseek2`) store `kv_b_proj` split per head into `k_b`
+//! (`[Hq, R, Dn]`, the key rows transposed) and `v_b` (`[Hq, Dv, R]`): there the absorption is
+//! two matrix products per head, computed as llama.cpp computes them (the activations rounded to
+//! each weight's type).
+//!
 //! The KV cache keeps what transformers' cache keeps: per position the normalised latent
 //! (`LayerKv::k`, `[S, R]`) and the rotated shared key (`LayerKv::v`, `[S, Dr]`) — `R + Dr`
 //! values per position and layer (576 for DeepSeek-V3, against 40,960 for expanded keys and
@@ -28,9 +33,18 @@ use crate::kernels::{dot, linear, rms_norm, rms_norm_rows, softmax};
 use crate::rope::RopeTables;
 use crate::weights::{Weight, WeightIndex};
 
-/// The epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them with
-/// `DeepseekV3RMSNorm`'s default, not the config's `rms_norm_eps`.
+/// The epsilon of `q_a_layernorm` and `kv_a_layernorm` in transformers: `DeepseekV3RMSNorm`'s
+/// default, not the config's `rms_norm_eps` ([`MlaConfig::latent_norm_eps`]).
 pub const LATENT_NORM_EPS: f32 = 1e-6;
+
+/// `kv_b_proj`, as the checkpoint stores it.
+#[derive(Debug, Clone)]
+enum KvB {
+    /// `[Hq·(Dn+Dv), R]`: per head `Dn` key rows, then `Dv` value rows (Hugging Face).
+    Joint(Weight),
+    /// llama.cpp's split: `k_b` `[Hq, R, Dn]` and `v_b` `[Hq, Dv, R]`.
+    Split { k_b: Weight, v_b: Weight },
+}
 
 /// How the queries are projected.
 #[derive(Debug, Clone)]
@@ -56,8 +70,7 @@ pub struct MlaAttention {
     kv_a_bias: Option<Vec<f32>>,
     /// `[R]`.
     kv_norm: Vec<f32>,
-    /// `[Hq·(Dn+Dv), R]`: per head `Dn` key rows, then `Dv` value rows.
-    kv_b: Weight,
+    kv_b: KvB,
     /// `[H, Hq·Dv]`.
     o_proj: Weight,
     o_bias: Option<Vec<f32>>,
@@ -99,10 +112,17 @@ impl MlaAttention {
             kv_a: get("kv_a_proj_with_mqa.weight", &[r + dr, h])?,
             kv_a_bias: bias("kv_a_proj_with_mqa.bias", r + dr)?,
             kv_norm: vec("kv_a_layernorm.weight", r)?,
-            kv_b: get(
-                "kv_b_proj.weight",
-                &[heads * (shape.qk_nope_head_dim + shape.v_head_dim), r],
-            )?,
+            kv_b: if w.contains(&format!("{p}k_b_proj.weight")) {
+                KvB::Split {
+                    k_b: get("k_b_proj.weight", &[heads, r, shape.qk_nope_head_dim])?,
+                    v_b: get("v_b_proj.weight", &[heads, shape.v_head_dim, r])?,
+                }
+            } else {
+                KvB::Joint(get(
+                    "kv_b_proj.weight",
+                    &[heads * (shape.qk_nope_head_dim + shape.v_head_dim), r],
+                )?)
+            },
             o_proj: get("o_proj.weight", &[h, heads * shape.v_head_dim])?,
             o_bias: bias("o_proj.bias", h)?,
             heads,
@@ -143,7 +163,7 @@ impl MlaAttention {
             QueryProj::Direct(w) => linear(x, w, None),
             QueryProj::LowRank { a, a_bias, norm, b } => {
                 let mut qa = linear(x, a, a_bias.as_deref()); // (T, Q)
-                rms_norm_rows(&mut qa, norm, LATENT_NORM_EPS);
+                rms_norm_rows(&mut qa, norm, m.latent_norm_eps);
                 linear(qa.view(), b, None)
             }
         }; // (T, Hq·(Dn+Dr))
@@ -163,7 +183,7 @@ impl MlaAttention {
             let row = ckv.row(ti);
             let row = row.as_slice().expect("standard layout");
             let mut latent = row[..r].to_vec();
-            rms_norm(&mut latent, &self.kv_norm, LATENT_NORM_EPS);
+            rms_norm(&mut latent, &self.kv_norm, m.latent_norm_eps);
             kv.k.extend_from_slice(&latent);
             let mut k_rot = row[r..].to_vec();
             self.rotate(&mut k_rot, rope, ti);
@@ -194,45 +214,71 @@ impl MlaAttention {
         let (hq, dq) = (self.heads, m.qk_head_dim());
         let scale = m.softmax_scale;
         let head = |h: usize| -> Vec<f32> {
-            // This head's key rows `[Dn, R]` and value rows `[Dv, R]` of kv_b_proj, in f32.
-            let mut w_uk = vec![0.0f32; dn * r];
-            let mut w_uv = vec![0.0f32; dv * r];
-            let base = h * (dn + dv) * r;
-            self.kv_b.read_f32(base, &mut w_uk);
-            self.kv_b.read_f32(base + dn * r, &mut w_uv);
-            let mut out = vec![0.0f32; t * dv];
-            let mut q_lat = vec![0.0f32; r];
-            let mut o_lat = vec![0.0f32; r];
+            // The queries in the latent's space (W_ukᵀ q_nope), `[T, R]`; and what turns an
+            // attention-weighted latent into this head's values.
+            let (q_lats, w_uv) = match &self.kv_b {
+                KvB::Joint(kv_b) => {
+                    // This head's key rows `[Dn, R]` and value rows `[Dv, R]`, in f32.
+                    let mut w_uk = vec![0.0f32; dn * r];
+                    let mut w_uv = vec![0.0f32; dv * r];
+                    let base = h * (dn + dv) * r;
+                    kv_b.read_f32(base, &mut w_uk);
+                    kv_b.read_f32(base + dn * r, &mut w_uv);
+                    let mut q_lats = vec![0.0f32; t * r];
+                    for (ti, q_lat) in q_lats.chunks_mut(r).enumerate() {
+                        let q_nope = &q[ti * hq * dq + h * dq..][..dn];
+                        for (j, &qj) in q_nope.iter().enumerate() {
+                            for (ql, wk) in q_lat.iter_mut().zip(&w_uk[j * r..(j + 1) * r]) {
+                                *ql += qj * wk;
+                            }
+                        }
+                    }
+                    (q_lats, Some(w_uv))
+                }
+                KvB::Split { k_b, .. } => {
+                    let q_nope = Array2::from_shape_fn((t, dn), |(ti, j)| q[ti * hq * dq + h * dq + j]);
+                    let q_lats = linear(q_nope.view(), &k_b.index(h), None); // (T, R)
+                    (q_lats.into_raw_vec_and_offset().0, None)
+                }
+            };
+            let mut o_lats = vec![0.0f32; t * r];
             let mut scores = Vec::new();
             for ti in 0..t {
                 let p = positions[ti];
-                let qh = &q[ti * hq * dq + h * dq..][..dq];
-                let (q_nope, q_rot) = qh.split_at(dn);
-                // W_ukᵀ q_nope: the query in the latent's space.
-                q_lat.iter_mut().for_each(|v| *v = 0.0);
-                for (j, &qj) in q_nope.iter().enumerate() {
-                    for (ql, wk) in q_lat.iter_mut().zip(&w_uk[j * r..(j + 1) * r]) {
-                        *ql += qj * wk;
-                    }
-                }
+                let q_rot = &q[ti * hq * dq + h * dq + dn..][..dr];
+                let q_lat = &q_lats[ti * r..(ti + 1) * r];
                 scores.clear();
                 scores.extend((0..=p).map(|s| {
                     let latent = &kv.k[s * r..(s + 1) * r];
                     let k_rot = &kv.v[s * dr..(s + 1) * dr];
-                    (dot(&q_lat, latent) + dot(q_rot, k_rot)) * scale
+                    (dot(q_lat, latent) + dot(q_rot, k_rot)) * scale
                 }));
                 softmax(&mut scores);
-                o_lat.iter_mut().for_each(|v| *v = 0.0);
+                let o_lat = &mut o_lats[ti * r..(ti + 1) * r];
                 for (s, &a) in scores.iter().enumerate() {
                     for (o, c) in o_lat.iter_mut().zip(&kv.k[s * r..(s + 1) * r]) {
                         *o += a * c;
                     }
                 }
-                for (i, o) in out[ti * dv..(ti + 1) * dv].iter_mut().enumerate() {
-                    *o = dot(&w_uv[i * r..(i + 1) * r], &o_lat);
-                }
             }
-            out
+            match (&self.kv_b, w_uv) {
+                (_, Some(w_uv)) => {
+                    let mut out = vec![0.0f32; t * dv];
+                    for (o_lat, out) in o_lats.chunks(r).zip(out.chunks_mut(dv)) {
+                        for (i, o) in out.iter_mut().enumerate() {
+                            *o = dot(&w_uv[i * r..(i + 1) * r], o_lat);
+                        }
+                    }
+                    out
+                }
+                (KvB::Split { v_b, .. }, None) => {
+                    let o_lats = Array2::from_shape_vec((t, r), o_lats).expect("shape");
+                    linear(o_lats.view(), &v_b.index(h), None)
+                        .into_raw_vec_and_offset()
+                        .0
+                }
+                (KvB::Joint(_), None) => unreachable!("joint kv_b has its value rows"),
+            }
         };
         let work = (t * (positions[t - 1] + 1) + dn + dv) * r;
         let per_head: Vec<Vec<f32>> = if work * hq >= 1 << 16 {
@@ -257,7 +303,8 @@ mod tests {
 
     /// The absorbed attention equals the expanded one (keys and values built per head from the
     /// latent, as transformers builds them) on random weights, for a prefill and then one
-    /// decode position, with and without interleaved rotary pairs.
+    /// decode position, with and without interleaved rotary pairs, with `kv_b_proj` joint (the
+    /// Hugging Face layout) and split into llama.cpp's `k_b` / `v_b`.
     #[test]
     fn absorbed_attention_equals_expanded() {
         let (hidden, heads, r, dn, dr, dv) = (16, 3, 8, 6, 4, 5);
@@ -272,7 +319,7 @@ mod tests {
                 })
                 .collect()
         };
-        for interleave in [false, true] {
+        for (interleave, split) in [(false, false), (true, false), (true, true)] {
             let shape = MlaConfig {
                 q_lora_rank: None,
                 kv_lora_rank: r,
@@ -281,16 +328,46 @@ mod tests {
                 v_head_dim: dv,
                 rope_interleave: interleave,
                 softmax_scale: 0.37,
+                latent_norm_eps: LATENT_NORM_EPS,
             };
             let w = |rows: usize, cols: usize, rnd: &mut dyn FnMut(usize) -> Vec<f32>| {
                 Weight::from_f32(&rnd(rows * cols), vec![rows, cols])
             };
+            let q = QueryProj::Direct(w(heads * (dn + dr), hidden, &mut rnd));
+            let kv_a = w(r + dr, hidden, &mut rnd);
+            let kv_norm: Vec<f32> = rnd(r).iter().map(|v| 1.0 + v).collect();
+            let kv_b = rnd(heads * (dn + dv) * r);
+            // llama.cpp's split: k_b[h] = this head's key rows transposed, v_b[h] its value rows.
+            let kv_b_split = KvB::Split {
+                k_b: Weight::from_f32(
+                    &(0..heads * r * dn)
+                        .map(|x| {
+                            let (h, i, j) = (x / (r * dn), x / dn % r, x % dn);
+                            kv_b[(h * (dn + dv) + j) * r + i]
+                        })
+                        .collect::<Vec<f32>>(),
+                    vec![heads, r, dn],
+                ),
+                v_b: Weight::from_f32(
+                    &(0..heads * dv * r)
+                        .map(|x| {
+                            let (h, i, j) = (x / (dv * r), x / r % dv, x % r);
+                            kv_b[(h * (dn + dv) + dn + i) * r + j]
+                        })
+                        .collect::<Vec<f32>>(),
+                    vec![heads, dv, r],
+                ),
+            };
             let att = MlaAttention {
-                q: QueryProj::Direct(w(heads * (dn + dr), hidden, &mut rnd)),
-                kv_a: w(r + dr, hidden, &mut rnd),
+                q,
+                kv_a,
                 kv_a_bias: None,
-                kv_norm: rnd(r).iter().map(|v| 1.0 + v).collect(),
-                kv_b: w(heads * (dn + dv), r, &mut rnd),
+                kv_norm,
+                kv_b: if split {
+                    kv_b_split
+                } else {
+                    KvB::Joint(Weight::from_f32(&kv_b, vec![heads * (dn + dv), r]))
+                },
                 o_proj: w(hidden, heads * dv, &mut rnd),
                 o_bias: None,
                 heads,
@@ -329,7 +406,6 @@ mod tests {
             };
             let q = linear(x.view(), qw, None);
             let ckv = linear(x.view(), &att.kv_a, None);
-            let kv_b = att.kv_b.to_f32_vec();
             let mut want = Array2::<f32>::zeros((5, heads * dv));
             for h in 0..heads {
                 let mut keys = Vec::new();
@@ -367,7 +443,7 @@ mod tests {
                 for (g, w) in got.iter().zip(want.row(ti)) {
                     assert!(
                         (g - w).abs() < 1e-5,
-                        "interleave {interleave}, token {ti}: {g} vs {w}"
+                        "interleave {interleave}, split {split}, token {ti}: {g} vs {w}"
                     );
                 }
             }

@@ -272,6 +272,17 @@ fn unrunnable_gguf_checkpoints_get_one_line_errors() {
         e.contains("glm4moe.expert_gating_func") && e.contains("expected 2 (sigmoid)"),
         "{e}"
     );
+    // deepseek2: softmax gating (DeepSeek-V2's router), which the engine does not run.
+    let ds = std::fs::read(dir().join("deepseek_v3_gguf-q8_0.gguf")).unwrap();
+    let mut b = ds.clone();
+    let at = value_type_at(&b, "deepseek2.expert_gating_func");
+    assert_eq!(u32::from_le_bytes(b[at..at + 4].try_into().unwrap()), 4, "UINT32");
+    b[at + 4..at + 8].copy_from_slice(&1u32.to_le_bytes());
+    let e = open("ds-gating.gguf", &b);
+    assert!(
+        e.contains("deepseek2.expert_gating_func") && e.contains("softmax gating (DeepSeek-V2)"),
+        "{e}"
+    );
     // A missing split.
     let p = tmp.path().join("model-00001-of-00002.gguf");
     std::fs::write(&p, &mix).unwrap();
@@ -308,6 +319,67 @@ fn glm4moe_config_is_the_fixtures() {
         assert!(!c.shared_expert_gated, "{file}");
         assert_eq!(c.moe_intermediate_size, want.moe_intermediate_size, "{file}");
         assert_eq!(c.intermediate_size, want.intermediate_size, "{file}");
+    }
+}
+
+/// deepseek2 files (llama.cpp's converter on the deepseek_v3_gguf fixture): the latent
+/// attention shape, yarn and its softmax scale, the grouped sigmoid router, shared expert and
+/// dense first layer come back from `deepseek2.*` metadata as the fixture's own config has
+/// them; `kv_b_proj` is read split (`attn_k_b` / `attn_v_b`); the latent norms take the file's
+/// epsilon (llama.cpp's).
+#[test]
+fn deepseek2_config_is_the_fixtures() {
+    use shadowmoe_engine::Checkpoint;
+    let src = Checkpoint::open_dir(&common::fixture_dir("deepseek_v3_gguf")).unwrap();
+    let want = &src.config;
+    for file in [
+        "deepseek_v3_gguf-f32",
+        "deepseek_v3_gguf-bf16",
+        "deepseek_v3_gguf-q8_0",
+        "deepseek_v3_gguf-q4_k_m",
+    ] {
+        let path = dir().join(format!("{file}.gguf"));
+        let ckpt = Checkpoint::open(path.to_str().unwrap()).unwrap();
+        let c = &ckpt.config;
+        assert_eq!(c.arch, want.arch, "{file}");
+        assert_eq!(c.num_key_value_heads, want.num_attention_heads, "{file}");
+        let (m, w) = (c.mla.unwrap(), want.mla.unwrap());
+        assert_eq!(
+            (
+                m.q_lora_rank,
+                m.kv_lora_rank,
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim
+            ),
+            (
+                w.q_lora_rank,
+                w.kv_lora_rank,
+                w.qk_nope_head_dim,
+                w.qk_rope_head_dim,
+                w.v_head_dim
+            ),
+            "{file}"
+        );
+        assert!(m.rope_interleave, "{file}");
+        assert!((m.softmax_scale - w.softmax_scale).abs() < 1e-6, "{file}");
+        assert_eq!(m.latent_norm_eps, c.rms_norm_eps, "{file}");
+        assert_eq!(c.rope.scaling, want.rope.scaling, "{file}");
+        assert_eq!(c.routing, want.routing, "{file}");
+        assert_eq!(c.norm_topk_prob, want.norm_topk_prob, "{file}");
+        assert_eq!(c.mlp_kinds, want.mlp_kinds, "{file}");
+        assert_eq!(
+            c.shared_expert_intermediate_size, want.shared_expert_intermediate_size,
+            "{file}"
+        );
+        assert!(
+            ckpt.weights.contains("model.layers.1.self_attn.k_b_proj.weight"),
+            "{file}"
+        );
+        assert!(
+            !ckpt.weights.contains("model.layers.1.self_attn.kv_b_proj.weight"),
+            "{file}"
+        );
     }
 }
 

@@ -148,13 +148,15 @@ fn qwen3_moe_matches_transformers() {
 }
 
 /// The checkpoints the GGUF goldens were converted from (no dense layer, default rope; one at
-/// hidden 256 for the K types; qwen3_next as llama.cpp's qwen3next holds it) are themselves
-/// transformers' functions.
+/// hidden 256 for the K types; qwen3_next, glm4_moe and deepseek_v3 as llama.cpp's qwen3next,
+/// glm4moe and deepseek2 hold them) are themselves transformers' functions.
 #[test]
 fn gguf_source_checkpoints_match_transformers() {
     check_dir(&fixture_dir("qwen3_moe_gguf"), "qwen3_moe");
     check_dir(&fixture_dir("qwen3_moe_wide"), "qwen3_moe");
     check_dir(&fixture_dir("qwen3_next_gguf"), "qwen3_next");
+    check_dir(&fixture_dir("glm4_moe_gguf"), "glm4_moe");
+    check_dir(&fixture_dir("deepseek_v3_gguf"), "deepseek_v3");
 }
 
 #[test]

@@ -41,13 +41,15 @@ use crate::error::{EngineError, Result};
 use crate::weights::{DType, WeightIndex};
 
 /// The families the engine runs, by `general.architecture`.
-const ARCHS: [(&str, &str); 6] = [
+const ARCHS: [(&str, &str); 7] = [
     ("llama", "mixtral"),
     ("qwen3moe", "qwen3_moe"),
     ("qwen2moe", "qwen2_moe"),
     ("olmoe", "olmoe"),
     ("qwen3next", "qwen3_next"),
     ("glm4moe", "glm4_moe"),
+    // DeepSeek-V3/R1, Kimi-K2 and GLM-4.7-Flash: llama.cpp converts all of them to deepseek2.
+    ("deepseek2", "deepseek_v3"),
 ];
 
 /// An opened GGUF checkpoint (one file, or every split of one).
@@ -134,6 +136,11 @@ pub fn open(path: &Path) -> Result<GgufCheckpoint> {
     // llama.cpp multiplies by its norm weights as stored: qwen3next's converter stored its
     // zero-centred norms as `1 + w` (as mlx_lm's sanitize does).
     config.norm_zero_centred = false;
+    // llama.cpp's latent norms take the file's epsilon (transformers' a fixed 1e-6).
+    let eps = config.rms_norm_eps;
+    if let Some(mla) = &mut config.mla {
+        mla.latent_norm_eps = eps;
+    }
     let permute = arch == "llama";
     let mut tensors = Vec::new();
     for (fi, f) in files.iter().enumerate() {
@@ -218,13 +225,18 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
     let find = |name: &str| files.iter().find_map(|f| f.tensor(name));
     let heads = m.u64("attention.head_count")?;
     let hidden = m.u64("embedding_length")?;
+    // deepseek2: latent attention, whose shape has its own keys (key_length and value_length
+    // describe llama.cpp's MQA view of the latent cache).
+    let mla = model_type == "deepseek_v3";
     let head_dim = match m.u64_opt("attention.key_length")? {
+        _ if mla => 0,
         Some(k) => k,
         None if heads > 0 => hidden / heads,
         None => 0,
     };
     if let Some(v) = m.u64_opt("attention.value_length")?
         && v != head_dim
+        && !mla
     {
         return Err(EngineError::field(
             &f.path,
@@ -253,6 +265,7 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
         partial_rotary = Some(factor);
     } else if let Some(r) = m.u64_opt("rope.dimension_count")?
         && r != head_dim
+        && !mla
     {
         return Err(EngineError::field(
             &f.path,
@@ -263,10 +276,11 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
             ),
         ));
     }
-    // Rotary scaling: none, or linear (positions divided by the factor).
+    // Rotary scaling: none, linear (positions divided by the factor), or for deepseek2 yarn.
     let scaling = m.key("rope.scaling.type");
     let rope_scaling = match f.get(&scaling).map(|v| (v, v.as_str())) {
         None | Some((_, Some("none"))) => None,
+        Some((_, Some("yarn"))) if mla => Some(deepseek2_yarn(m)?),
         Some((_, Some("linear"))) => {
             let factor = m.f64_opt("rope.scaling.factor")?.ok_or_else(|| {
                 EngineError::field(
@@ -337,7 +351,9 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
         "num_key_value_heads",
         json!(m.u64_opt("attention.head_count_kv")?.unwrap_or(heads)),
     );
-    put("head_dim", json!(head_dim));
+    if !mla {
+        put("head_dim", json!(head_dim));
+    }
     if let Some(eps) = m.f64_opt("attention.layer_norm_rms_epsilon")? {
         put("rms_norm_eps", json!(eps));
     }
@@ -377,6 +393,11 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
         }
         "glm4_moe" => {
             for (k, v) in glm4_moe(m, files, expert_ffn, ffn)? {
+                put(&k, v);
+            }
+        }
+        "deepseek_v3" => {
+            for (k, v) in deepseek2(m, heads, layers, vocab, expert_ffn, ffn)? {
                 put(&k, v);
             }
         }
@@ -480,6 +501,116 @@ fn glm4_moe(
     // The multi-token-prediction block is not run (block_count counts it).
     out.push(("num_nextn_predict_layers", json!(0)));
     Ok(out.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+/// deepseek2's latent attention and router as `config.json` (deepseek_v3) keys. The file
+/// holds llama.cpp's view: one key/value head (the latent), key_length_mla / value_length_mla
+/// the per-head widths, rope.dimension_count the rotary part, q_lora_rank absent without a
+/// query bottleneck; rotary pairs interleaved (llama.cpp's deepseek2 rope), as DeepSeek's
+/// own checkpoints store them. The router: sigmoid gating required (absent, llama.cpp takes
+/// softmax but for GLM-4.7-Flash's shape — 47 or 48 layers, 154,880 tokens —, where it takes
+/// sigmoid: so here), groups from `expert_group_count`, `expert_weights_scale` 0 or absent is
+/// no scaling.
+fn deepseek2(
+    m: &Meta<'_>,
+    heads: u64,
+    layers: u64,
+    vocab: u64,
+    expert_ffn: Option<u64>,
+    ffn: Option<u64>,
+) -> Result<Vec<(String, Json)>> {
+    let path = &m.f.path;
+    let rope = m.u64("rope.dimension_count")?;
+    let k_mla = m.u64("attention.key_length_mla")?;
+    if rope == 0 || !rope.is_multiple_of(2) || k_mla <= rope {
+        return Err(EngineError::field(
+            path,
+            m.key("attention.key_length_mla"),
+            format!(
+                "{k_mla} with {rope} rotary values (rope.dimension_count): expected more than the rotary part, which must be even"
+            ),
+        ));
+    }
+    let glm_flash = matches!(layers, 47 | 48) && vocab == 154_880;
+    match m.u64_opt("expert_gating_func")? {
+        Some(2) => {}
+        None if glm_flash => {}
+        other => {
+            return Err(EngineError::field(
+                path,
+                m.key("expert_gating_func"),
+                format!(
+                    "{}: expected 2 (sigmoid, DeepSeek-V3's router); softmax gating (DeepSeek-V2) is not supported",
+                    other.map_or("absent (llama.cpp takes softmax)".into(), |g| g.to_string())
+                ),
+            ));
+        }
+    }
+    let groups = m.u64_opt("expert_group_count")?.filter(|&g| g > 1).unwrap_or(1);
+    let groups_used = if groups > 1 {
+        m.u64_opt("expert_group_used_count")?.unwrap_or(groups)
+    } else {
+        1
+    };
+    let scale = m
+        .f64_opt("expert_weights_scale")?
+        .filter(|&s| s != 0.0)
+        .unwrap_or(1.0);
+    let q_lora = m.u64_opt("attention.q_lora_rank")?.filter(|&q| q > 0);
+    let out = vec![
+        ("num_key_value_heads", json!(heads)),
+        ("q_lora_rank", json!(q_lora)),
+        ("kv_lora_rank", json!(m.u64("attention.kv_lora_rank")?)),
+        ("qk_rope_head_dim", json!(rope)),
+        ("qk_nope_head_dim", json!(k_mla - rope)),
+        ("v_head_dim", json!(m.u64("attention.value_length_mla")?)),
+        ("rope_interleave", json!(true)),
+        ("moe_intermediate_size", json!(expert_ffn.or(ffn))),
+        ("intermediate_size", json!(ffn.or(expert_ffn))),
+        (
+            "n_shared_experts",
+            json!(m.u64_opt("expert_shared_count")?.unwrap_or(0)),
+        ),
+        (
+            "first_k_dense_replace",
+            json!(m.u64_opt("leading_dense_block_count")?.unwrap_or(0)),
+        ),
+        ("moe_layer_freq", json!(1)),
+        ("scoring_func", json!("sigmoid")),
+        ("topk_method", json!("noaux_tc")),
+        ("n_group", json!(groups)),
+        ("topk_group", json!(groups_used)),
+        (
+            "norm_topk_prob",
+            json!(m.bool_opt("expert_weights_norm")?.unwrap_or(false)),
+        ),
+        ("routed_scaling_factor", json!(scale)),
+        ("num_nextn_predict_layers", json!(0)),
+    ];
+    Ok(out.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+/// deepseek2's yarn as transformers' `rope_scaling` reads it: the factor, the original context,
+/// beta_fast / beta_slow (llama.cpp's defaults 32 / 1), and DeepSeek's mscale from the file's
+/// `yarn_log_multiplier` (the converter writes 0.1 × mscale_all_dim; the file does not carry
+/// mscale, which llama.cpp takes equal to it, as DeepSeek-V3's and Kimi-K2's configs have it).
+fn deepseek2_yarn(m: &Meta<'_>) -> Result<Json> {
+    let need = |k: &str| -> Result<f64> {
+        m.f64_opt(k)?
+            .ok_or_else(|| EngineError::field(&m.f.path, m.key(k), "missing (yarn rotary scaling needs it)"))
+    };
+    let factor = need("rope.scaling.factor")?;
+    let original = m.u64("rope.scaling.original_context_length")?;
+    let mscale = need("rope.scaling.yarn_log_multiplier")? / 0.1;
+    Ok(json!({
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "beta_fast": m.f64_opt("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+        "beta_slow": m.f64_opt("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+        "mscale": mscale,
+        "mscale_all_dim": mscale,
+    }))
 }
 
 /// qwen3next's Gated DeltaNet shape and layer pattern as `config.json` keys: the `ssm.*`
@@ -599,11 +730,30 @@ const GLM4MOE: [(&str, &str); 5] = [
     ("ffn_down_shexp.weight", "mlp.shared_experts.down_proj.weight"),
 ];
 
+/// deepseek2's own block tensor names: its latent attention (`kv_b_proj` split per head into
+/// `attn_k_b` and `attn_v_b`, or whole in older files), the router's selection bias, the
+/// (plural) shared experts.
+const DEEPSEEK2: [(&str, &str); 12] = [
+    ("attn_q_a.weight", "self_attn.q_a_proj.weight"),
+    ("attn_q_a_norm.weight", "self_attn.q_a_layernorm.weight"),
+    ("attn_q_b.weight", "self_attn.q_b_proj.weight"),
+    ("attn_kv_a_mqa.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    ("attn_kv_a_norm.weight", "self_attn.kv_a_layernorm.weight"),
+    ("attn_k_b.weight", "self_attn.k_b_proj.weight"),
+    ("attn_v_b.weight", "self_attn.v_b_proj.weight"),
+    ("attn_kv_b.weight", "self_attn.kv_b_proj.weight"),
+    ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
+    ("ffn_gate_shexp.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn_up_shexp.weight", "mlp.shared_experts.up_proj.weight"),
+    ("ffn_down_shexp.weight", "mlp.shared_experts.down_proj.weight"),
+];
+
 /// Whole block-tensor names an architecture renames beyond [`STEMS`].
 fn own_names(arch: &str) -> &'static [(&'static str, &'static str)] {
     match arch {
         "qwen3next" => &QWEN3NEXT,
         "glm4moe" => &GLM4MOE,
+        "deepseek2" => &DEEPSEEK2,
         _ => &[],
     }
 }

@@ -32,9 +32,10 @@ Usage (pinned versions: see requirements.txt beside this file):
 
 The last makes only the named fixtures. qwen3_moe_gguf, qwen3_moe_wide and qwen3_next_gguf
 (VARIANTS) are the configurations that make_gguf.py converts for llama.cpp; they, deepseek_v3,
-deepseek_v3_noqlora, glm4_moe and glm4_moe_lite were made with torch 2.11 and transformers 5.23
-(their golden.json says which versions), the others with the pinned versions:
-    python engine/tests/golden/make.py --out engine/tests/golden --arch deepseek_v3,deepseek_v3_noqlora,glm4_moe,glm4_moe_lite
+deepseek_v3_noqlora, gpt_oss, gpt_oss_mxfp4, glm4_moe, glm4_moe_lite, glm4_moe_gguf and
+deepseek_v3_gguf were made with torch 2.11 and transformers 5.23 (their golden.json says which
+versions), the others with the pinned versions:
+    python engine/tests/golden/make.py --out engine/tests/golden --arch deepseek_v3,deepseek_v3_noqlora,gpt_oss,gpt_oss_mxfp4,glm4_moe,glm4_moe_lite,glm4_moe_gguf,deepseek_v3_gguf
 """
 
 import argparse
@@ -81,6 +82,12 @@ VARIANTS = {
     # own configs have it: n_group 1), no multi-token-prediction layer,
     # and GLM's special tokens in the tokenizer (the converter's GLM vocabulary asks for them).
     "glm4_moe_gguf": "glm4_moe",
+    # deepseek_v3 as DeepSeek-V3's and Kimi-K2's own configs have it, which is what llama.cpp's
+    # deepseek2 conversion keeps: scoring_func "sigmoid" and topk_method "noaux_tc" spelled out
+    # (without them the converter writes no gating function and llama.cpp takes softmax),
+    # yarn's mscale equal to mscale_all_dim (the file carries only the latter), rms_norm_eps
+    # 1e-6 (llama.cpp's latent norms take the file's epsilon, transformers' 1e-6).
+    "deepseek_v3_gguf": "deepseek_v3",
 }
 FIXTURES = ARCHS + list(VARIANTS)
 # The order that numbers each fixture's weight generator: fixtures added later come last, so
@@ -101,6 +108,7 @@ SEED_ORDER = [
     "glm4_moe",
     "glm4_moe_lite",
     "glm4_moe_gguf",
+    "deepseek_v3_gguf",
 ]
 assert sorted(SEED_ORDER) == sorted(FIXTURES)
 GENERATE = 16
@@ -209,6 +217,11 @@ def arch_config(arch, s, vocab):
             ),
         )
         return c, torch.float32
+    if arch == "deepseek_v3_gguf":
+        c, dtype = arch_config("deepseek_v3", s, vocab)
+        c["rope_parameters"] = dict(c["rope_parameters"], mscale=1.0, mscale_all_dim=1.0)
+        c.update(scoring_func="sigmoid", topk_method="noaux_tc", rms_norm_eps=1e-6)
+        return c, dtype
     if arch == "glm4_moe_gguf":
         c, dtype = arch_config("glm4_moe", s, vocab)
         c.update(n_group=1, topk_group=1, num_nextn_predict_layers=0)
@@ -648,6 +661,11 @@ def make_fixture(arch, out_dir, seed, size):
     write_golden(model, hf_tok, out, meta)
 
 
+def finite_or_none(x):
+    """JSON has no infinity: a margin that does not exist is null."""
+    return x if math.isfinite(x) else None
+
+
 def write_golden(model, hf_tok, out, extra_meta):
     """Runs the loaded `model` on PROMPT and writes golden.safetensors and golden.json to `out`;
     returns the smallest gap between the k-th and (k+1)-th router probability."""
@@ -695,8 +713,9 @@ def write_golden(model, hf_tok, out, extra_meta):
             "grouped_routing": {
                 "prompt_selections": sum(len(d) for d, _, _ in prompt_grouped),
                 "prompt_selections_differing_from_plain_top_k": sum(sum(d) for d, _, _ in prompt_grouped),
-                "min_group_margin": min(gm for _, gm, _ in rec.grouped),
-                "min_expert_margin_within_kept_groups": min(em for _, _, em in rec.grouped),
+                # None where every group is kept (one group): no group margin.
+                "min_group_margin": finite_or_none(min(gm for _, gm, _ in rec.grouped)),
+                "min_expert_margin_within_kept_groups": finite_or_none(min(em for _, _, em in rec.grouped)),
             }
         }
     router_experts = torch.stack([c[0] for c in prompt_calls]).to(torch.int64)

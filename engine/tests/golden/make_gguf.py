@@ -125,6 +125,10 @@ FIXTURES = [
     # GLM-4.5 (llama.cpp's glm4moe): partial rotary, q/k norms, q/k/v biases, the sigmoid router
     # with its selection bias, a shared expert and a dense first layer.
     ("glm4_moe_gguf", ["bf16", "q8_0"], [Q4_K_M]),
+    # DeepSeek-V3 (llama.cpp's deepseek2): latent attention with its kv_b_proj split into
+    # attn_k_b (transposed) and attn_v_b, yarn rope with DeepSeek's mscale, grouped sigmoid
+    # routing with its selection bias, a shared expert, a dense first layer.
+    ("deepseek_v3_gguf", ["f32", "bf16", "q8_0"], [Q4_K_M]),
 ]
 # Extra converter arguments per (fixture, output type); "f16" also covers the f16 file that
 # llama-quantize reads. Qwen3-Next checkpoints carry a multi-token-prediction block (`mtp.*`,
