@@ -195,6 +195,10 @@ pub enum RoutingRule {
 pub struct ClampedSwiglu {
     pub alpha: f32,
     pub limit: f32,
+    /// The experts' matrices computed as llama.cpp computes them (GGUF files: activations
+    /// rounded to each block type's format) rather than on f32 activations (transformers'
+    /// arithmetic on the dequantised hub MXFP4 weights).
+    pub ggml: bool,
 }
 
 /// Shape of qwen3_next's Gated DeltaNet layers (`linear_*` keys of its config).
@@ -806,6 +810,7 @@ fn clamped_swiglu(f: &Fields<'_>) -> Result<ClampedSwiglu> {
     Ok(ClampedSwiglu {
         alpha: out[0],
         limit: out[1],
+        ggml: false,
     })
 }
 

@@ -38,7 +38,15 @@ const PACKED: usize = 16;
 
 /// `down(clamped_swiglu(gate(x) + b_g, up(x) + b_u)) + b_d` for `x` of `[T, H]`.
 pub fn expert_forward(w: &ExpertWeights, b: &ExpertBiases, x: ArrayView2<'_, f32>) -> Array2<f32> {
-    let ClampedSwiglu { alpha, limit } = b.swiglu;
+    let ClampedSwiglu { alpha, limit, ggml } = b.swiglu;
+    // GGUF files: as llama.cpp computes them; the hub's: on f32 activations.
+    let expert_linear = |x: ArrayView2<'_, f32>, w: &Weight, bias: &[f32]| {
+        if ggml {
+            linear(x, w, Some(bias))
+        } else {
+            expert_linear(x, w, bias)
+        }
+    };
     let mut g = expert_linear(x, &w.gate, &b.gate.to_f32_vec()); // (T, I)
     let u = expert_linear(x, &w.up, &b.up.to_f32_vec()); // (T, I)
     g.zip_mut_with(&u, |g, &u| {
@@ -389,6 +397,7 @@ mod tests {
             swiglu: ClampedSwiglu {
                 alpha: 1.702,
                 limit: 7.0,
+                ggml: false,
             },
         };
         let x = ndarray::array![[2.0f32], [9.0], [-9.0]];

@@ -686,10 +686,46 @@ pub fn expert_file(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Re
     Ok(expert_tensor_refs(cfg, w, l, e)?[0].file)
 }
 
+/// gpt_oss's expert biases where its experts are stacked as llama.cpp's converter writes them
+/// (`switch_mlp.{gate,up,down}_proj.bias`, `[E, I]`, `[E, I]`, `[E, H]`, the matrices already
+/// de-interleaved): expert `e`'s three rows. None for other families, and for gpt_oss's hub
+/// layouts (rearranged by [`crate::gpt_oss`]).
+pub fn stacked_expert_biases(
+    cfg: &ModelConfig,
+    w: &WeightIndex,
+    l: usize,
+    e: usize,
+) -> Result<Option<[Piece; 3]>> {
+    if cfg.clamped_swiglu.is_none() {
+        return Ok(None);
+    }
+    let sw = format!("{}switch_mlp.", moe_prefix(cfg, w, l));
+    let gate = format!("{sw}gate_proj.weight");
+    if !w.contains(&gate) && !w.has_unsupported(&gate) {
+        return Ok(None);
+    }
+    let (h, i, n) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
+    let piece = |name: &str, width: usize| -> Result<Piece> {
+        let en = w.entry_checked(&format!("{sw}{name}.bias"), &[n, width])?;
+        Ok(Piece {
+            file: en.file,
+            offset: en.offset as u64 + (e * en.dtype.nbytes(&[width])) as u64,
+            dtype: en.dtype,
+            shape: [1, width],
+        })
+    };
+    Ok(Some([
+        piece("gate_proj", i)?,
+        piece("up_proj", i)?,
+        piece("down_proj", h)?,
+    ]))
+}
+
 /// Expert `e` of layer `l` as views into the memory-mapped checkpoint (no copy); gpt_oss's
-/// rearranged into its own memory ([`crate::gpt_oss::expert_weights`]).
+/// hub layouts rearranged into its own memory ([`crate::gpt_oss::expert_weights`]).
 pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) -> Result<ExpertWeights> {
-    if cfg.clamped_swiglu.is_some() {
+    let stacked_biases = stacked_expert_biases(cfg, w, l, e)?;
+    if cfg.clamped_swiglu.is_some() && stacked_biases.is_none() {
         return crate::gpt_oss::expert_weights(cfg, w, l, e);
     }
     let [g, u, d] = expert_tensor_refs(cfg, w, l, e)?;
@@ -705,11 +741,30 @@ pub fn expert_weights(cfg: &ModelConfig, w: &WeightIndex, l: usize, e: usize) ->
             },
         )
     };
+    let biases = match (stacked_biases, cfg.clamped_swiglu) {
+        (Some(b), Some(swiglu)) => {
+            let v = |p: &Piece| {
+                Weight::new(
+                    w.file_map(p.file).clone(),
+                    p.offset as usize,
+                    p.dtype,
+                    p.shape.to_vec(),
+                )
+            };
+            Some(Box::new(ExpertBiases {
+                gate: v(&b[0]),
+                up: v(&b[1]),
+                down: v(&b[2]),
+                swiglu,
+            }))
+        }
+        _ => None,
+    };
     Ok(ExpertWeights {
         gate: view(g),
         up: view(u),
         down: view(d),
-        biases: None,
+        biases,
     })
 }
 

@@ -383,6 +383,39 @@ fn deepseek2_config_is_the_fixtures() {
     }
 }
 
+/// gpt-oss files (llama.cpp's converter on the gpt_oss_gguf and gpt_oss_mxfp4 fixtures): the
+/// sliding/full layer pattern, the window, the sinks, biases and clamped SwiGLU come back from
+/// `gpt-oss.*` metadata as the fixtures' configs have them; yarn as llama.cpp computes it
+/// (truncated correction range); the experts computed as llama.cpp computes them.
+#[test]
+fn gpt_oss_config_is_the_fixtures() {
+    use shadowmoe_engine::Checkpoint;
+    for (fixture, files) in [
+        ("gpt_oss_gguf", ["gpt_oss_gguf-f32", "gpt_oss_gguf-q8_0"]),
+        ("gpt_oss_mxfp4", ["gpt_oss_mxfp4-f32", "gpt_oss_mxfp4-q8_0"]),
+    ] {
+        let src = Checkpoint::open_dir(&common::fixture_dir(fixture)).unwrap();
+        let want = &src.config;
+        for file in files {
+            let path = dir().join(format!("{file}.gguf"));
+            let c = Checkpoint::open(path.to_str().unwrap()).unwrap().config;
+            assert_eq!(c.arch, want.arch, "{file}");
+            assert_eq!(c.head_dim, want.head_dim, "{file}");
+            assert_eq!(c.sliding_windows, want.sliding_windows, "{file}");
+            assert!(c.attention_sinks && c.qkv_bias && c.o_bias, "{file}");
+            assert_eq!(c.routing, want.routing, "{file}");
+            let (s, w) = (c.clamped_swiglu.unwrap(), want.clamped_swiglu.unwrap());
+            assert_eq!((s.alpha, s.limit), (w.alpha, w.limit), "{file}");
+            assert!(
+                s.ggml && !w.ggml,
+                "{file}: llama.cpp's arithmetic for the GGUF's experts"
+            );
+            assert_eq!(c.rope.theta, want.rope.theta, "{file}");
+            assert_eq!(c.moe_intermediate_size, want.moe_intermediate_size, "{file}");
+        }
+    }
+}
+
 /// qwen3next files (llama.cpp's converter on the qwen3_next_gguf fixture): the configuration
 /// from `qwen3next.*` metadata is the fixture's own, whether or not the file carries the
 /// multi-token-prediction block (the q8_0 file does: block_count 5, nextn_predict_layers 1),

@@ -238,12 +238,14 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
 /// their float sums differ from llama.cpp's only in summation order, and no 8-bit activation
 /// rounds differently. (qwen3_next_gguf-bf16 has one position, 34, where a bf16 activation
 /// rounds the other way: 1.9e-4 there, at most 5e-7 at the others.)
-const EXACT: [&str; 9] = [
+const EXACT: [&str; 11] = [
     "mixtral-f32",
     "mixtral-bf16",
     "mixtral-q4_k_m",
     "glm4_moe_gguf-q4_k_m",
     "deepseek_v3_gguf-f32",
+    "gpt_oss_gguf-f32",
+    "gpt_oss_mxfp4-f32",
     "qwen3_moe_gguf-q8_0",
     "qwen3_moe_gguf-q4_k_m",
     "qwen3_moe_wide-q4_k_m",

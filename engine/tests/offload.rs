@@ -660,6 +660,7 @@ fn sync_cache_is_exact_on_gguf_files() {
         ("qwen3_next_gguf-q8_0", true),
         ("glm4_moe_gguf-q8_0", true),
         ("deepseek_v3_gguf-q4_k_m", false),
+        ("gpt_oss_mxfp4-q8_0", true),
     ] {
         let path = dir.join(format!("{name}.gguf"));
         let ckpt = Checkpoint::open(path.to_str().unwrap()).unwrap();

@@ -114,6 +114,12 @@ fn pipeline_runs_on_a_gguf_file() {
         "qwen3_moe",
         &[0, 1, 2, 3],
     );
+    // gpt-oss as llama.cpp users hold it: MXFP4 experts stacked with their biases.
+    pipeline(
+        &root().join("engine/tests/golden/gguf/gpt_oss_mxfp4-q8_0.gguf"),
+        "gpt_oss",
+        &[0, 1, 2, 3],
+    );
 }
 
 fn pipeline(model: &Path, arch: &str, moe_layers: &[usize]) {

@@ -41,7 +41,7 @@ use crate::error::{EngineError, Result};
 use crate::weights::{DType, WeightIndex};
 
 /// The families the engine runs, by `general.architecture`.
-const ARCHS: [(&str, &str); 7] = [
+const ARCHS: [(&str, &str); 8] = [
     ("llama", "mixtral"),
     ("qwen3moe", "qwen3_moe"),
     ("qwen2moe", "qwen2_moe"),
@@ -50,6 +50,7 @@ const ARCHS: [(&str, &str); 7] = [
     ("glm4moe", "glm4_moe"),
     // DeepSeek-V3/R1, Kimi-K2 and GLM-4.7-Flash: llama.cpp converts all of them to deepseek2.
     ("deepseek2", "deepseek_v3"),
+    ("gpt-oss", "gpt_oss"),
 ];
 
 /// An opened GGUF checkpoint (one file, or every split of one).
@@ -140,6 +141,10 @@ pub fn open(path: &Path) -> Result<GgufCheckpoint> {
     let eps = config.rms_norm_eps;
     if let Some(mla) = &mut config.mla {
         mla.latent_norm_eps = eps;
+    }
+    // gpt-oss's experts as llama.cpp computes them (its MXFP4 on Q8_0 activations).
+    if let Some(swiglu) = &mut config.clamped_swiglu {
+        swiglu.ggml = true;
     }
     let permute = arch == "llama";
     let mut tensors = Vec::new();
@@ -281,6 +286,7 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
     let rope_scaling = match f.get(&scaling).map(|v| (v, v.as_str())) {
         None | Some((_, Some("none"))) => None,
         Some((_, Some("yarn"))) if mla => Some(deepseek2_yarn(m)?),
+        Some((_, Some("yarn"))) if model_type == "gpt_oss" => Some(gpt_oss_yarn(m)?),
         Some((_, Some("linear"))) => {
             let factor = m.f64_opt("rope.scaling.factor")?.ok_or_else(|| {
                 EngineError::field(
@@ -400,6 +406,27 @@ fn config_of(m: &Meta<'_>, model_type: &str, files: &[GgufFile]) -> Result<Map<S
             for (k, v) in deepseek2(m, heads, layers, vocab, expert_ffn, ffn)? {
                 put(&k, v);
             }
+        }
+        // llama.cpp's gpt-oss: the experts' width, sliding attention on even layers (its swa
+        // pattern 2, transformers' layer_types), biases everywhere, and the clamped SwiGLU at
+        // the alpha and limit llama.cpp fixes (1.702, 7.0; the file carries neither).
+        "gpt_oss" => {
+            put("intermediate_size", json!(expert_ffn.or(ffn)));
+            let window = m.u64("attention.sliding_window")?;
+            put("sliding_window", json!(window));
+            let types: Vec<&str> = (0..layers)
+                .map(|l| {
+                    if l % 2 == 0 {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            put("layer_types", json!(types));
+            put("attention_bias", json!(true));
+            put("swiglu_alpha", json!(1.702));
+            put("swiglu_limit", json!(7.0));
         }
         "qwen3_next" => {
             put("moe_intermediate_size", json!(expert_ffn.or(ffn)));
@@ -613,6 +640,23 @@ fn deepseek2_yarn(m: &Meta<'_>) -> Result<Json> {
     }))
 }
 
+/// gpt-oss's yarn as llama.cpp computes it: ggml's correction range is rounded to whole
+/// dimensions (transformers' `truncate: true`; gpt-oss's own config says false, and llama.cpp
+/// moves its logits by up to 0.017 on the fixture for it, measured).
+fn gpt_oss_yarn(m: &Meta<'_>) -> Result<Json> {
+    let factor = m.f64_opt("rope.scaling.factor")?.ok_or_else(|| {
+        EngineError::field(&m.f.path, m.key("rope.scaling.factor"), "missing (yarn needs it)")
+    })?;
+    Ok(json!({
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": m.u64("rope.scaling.original_context_length")?,
+        "beta_fast": m.f64_opt("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+        "beta_slow": m.f64_opt("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+        "truncate": true,
+    }))
+}
+
 /// qwen3next's Gated DeltaNet shape and layer pattern as `config.json` keys: the `ssm.*`
 /// metadata (group count = key heads, time-step rank = value heads, state size = key head
 /// width, inner size = value heads × value head width, conv kernel) and which layers are
@@ -748,12 +792,22 @@ const DEEPSEEK2: [(&str, &str); 12] = [
     ("ffn_down_shexp.weight", "mlp.shared_experts.down_proj.weight"),
 ];
 
+/// gpt-oss's own block tensor names: its router (with its bias), its attention sinks, its
+/// post-attention norm. Stacked experts and their biases are [`STEMS`]'.
+const GPT_OSS: [(&str, &str); 4] = [
+    ("ffn_gate_inp.weight", "mlp.router.weight"),
+    ("ffn_gate_inp.bias", "mlp.router.bias"),
+    ("attn_sinks.weight", "self_attn.sinks"),
+    ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+];
+
 /// Whole block-tensor names an architecture renames beyond [`STEMS`].
 fn own_names(arch: &str) -> &'static [(&'static str, &'static str)] {
     match arch {
         "qwen3next" => &QWEN3NEXT,
         "glm4moe" => &GLM4MOE,
         "deepseek2" => &DEEPSEEK2,
+        "gpt-oss" => &GPT_OSS,
         _ => &[],
     }
 }

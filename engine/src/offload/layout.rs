@@ -195,8 +195,12 @@ pub(super) fn layout_rearranged(raw: crate::gpt_oss::RawExpert) -> ExpertLayout 
 /// Extents of the three matrices (and of quantised ones' scales and biases), merged where
 /// they touch, laid out in the slot so that each extent's first byte keeps its offset modulo
 /// [`ALIGN`](super::ALIGN) (what an O_DIRECT read needs).
-pub(super) fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
-    // Pieces: per matrix its words, then a quantised one's scales and biases.
+pub(super) fn layout_from_refs(
+    refs: &[TensorRef; 3],
+    biases: Option<&[crate::moe::Piece; 3]>,
+) -> ExpertLayout {
+    // Pieces: per matrix its words, then a quantised one's scales and biases; then gpt_oss's
+    // expert biases.
     let mut pieces: Vec<(usize, u64, u64)> = Vec::new();
     let mut index = [[0usize; 3]; 3]; // [matrix][role 0 words / 1 scales / 2 biases]
     for (i, r) in refs.iter().enumerate() {
@@ -208,6 +212,10 @@ pub(super) fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
             index[i][2] = pieces.len();
             pieces.push((q.biases.file, q.biases.offset, q.biases.nbytes()));
         }
+    }
+    let first_bias = pieces.len();
+    if let Some(b) = biases {
+        pieces.extend(b.iter().map(|p| (p.file, p.offset, p.nbytes())));
     }
     let (extents, at) = extents_of(&pieces);
     let parts = std::array::from_fn(|i| Part {
@@ -228,10 +236,17 @@ pub(super) fn layout_from_refs(refs: &[TensorRef; 3]) -> ExpertLayout {
             },
         }),
     });
+    let biases = biases.map(|b| {
+        std::array::from_fn(|k| SlotPiece {
+            dtype: b[k].dtype,
+            shape: b[k].shape,
+            slot_offset: at[first_bias + k],
+        })
+    });
     ExpertLayout {
         extents,
         parts,
-        biases: None,
+        biases,
         rearrange: None,
         checksum: None,
     }
@@ -258,7 +273,7 @@ mod tests {
         let down = r(0, 5000, [4, 8]); // 64 bytes
         let gate = r(0, 5064, [8, 4]);
         let up = r(0, 5128, [8, 4]);
-        let l = layout_from_refs(&[gate, up, down]);
+        let l = layout_from_refs(&[gate, up, down], None);
         assert_eq!(l.extents.len(), 1);
         assert_eq!(l.extents[0].offset, 5000);
         assert_eq!(l.extents[0].len, 192);
@@ -269,7 +284,10 @@ mod tests {
 
     #[test]
     fn separate_extents_get_separate_pages() {
-        let l = layout_from_refs(&[r(0, 100, [8, 4]), r(1, 9000, [8, 4]), r(0, 50_000, [4, 8])]);
+        let l = layout_from_refs(
+            &[r(0, 100, [8, 4]), r(1, 9000, [8, 4]), r(0, 50_000, [4, 8])],
+            None,
+        );
         assert_eq!(l.extents.len(), 3);
         for x in &l.extents {
             assert_eq!(x.slot_offset % ALIGN, x.offset as usize % ALIGN);

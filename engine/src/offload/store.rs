@@ -187,7 +187,8 @@ impl ExpertStore {
         let mut used_files: Vec<usize> = Vec::new();
         for l in cfg.moe_layers() {
             for e in 0..cfg.num_experts {
-                if cfg.clamped_swiglu.is_some() {
+                let biases = crate::moe::stacked_expert_biases(cfg, w, l, e)?;
+                if cfg.clamped_swiglu.is_some() && biases.is_none() {
                     let raw = crate::gpt_oss::raw_expert(cfg, w, l, e)?;
                     for p in &raw.pieces {
                         if !used_files.contains(&p.file) {
@@ -206,7 +207,15 @@ impl ExpertStore {
                         }
                     }
                 }
-                layouts.insert(ExpertKey::new(l, e as u32), layout_from_refs(&refs));
+                for b in biases.iter().flatten() {
+                    if !used_files.contains(&b.file) {
+                        used_files.push(b.file);
+                    }
+                }
+                layouts.insert(
+                    ExpertKey::new(l, e as u32),
+                    layout_from_refs(&refs, biases.as_ref()),
+                );
             }
         }
         // Store file i = weight-index file used_files[i].

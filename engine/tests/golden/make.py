@@ -88,6 +88,9 @@ VARIANTS = {
     # yarn's mscale equal to mscale_all_dim (the file carries only the latter), rms_norm_eps
     # 1e-6 (llama.cpp's latent norms take the file's epsilon, transformers' 1e-6).
     "deepseek_v3_gguf": "deepseek_v3",
+    # gpt_oss with bf16 experts as llama.cpp's gpt-oss holds it: the SwiGLU limit the hub's 7.0
+    # (llama.cpp fixes alpha 1.702 and limit 7.0; the file carries neither).
+    "gpt_oss_gguf": "gpt_oss",
 }
 FIXTURES = ARCHS + list(VARIANTS)
 # The order that numbers each fixture's weight generator: fixtures added later come last, so
@@ -109,6 +112,7 @@ SEED_ORDER = [
     "glm4_moe_lite",
     "glm4_moe_gguf",
     "deepseek_v3_gguf",
+    "gpt_oss_gguf",
 ]
 assert sorted(SEED_ORDER) == sorted(FIXTURES)
 GENERATE = 16
@@ -422,7 +426,7 @@ def arch_config(arch, s, vocab):
             rope_parameters=dict(rope_type="default", rope_theta=10_000.0),
             tie_word_embeddings=False,
         ), torch.float32
-    if arch in ("gpt_oss", "gpt_oss_mxfp4"):
+    if arch in ("gpt_oss", "gpt_oss_mxfp4", "gpt_oss_gguf"):
         # Attention sinks, q/k/v/o biases, GQA, head_dim × heads ≠ hidden, sliding and full
         # attention alternating (a window shorter than the prompt), the hub's yarn rope
         # (factor 32, truncate false, its attention factor); a router with a bias, softmax over
@@ -437,7 +441,7 @@ def arch_config(arch, s, vocab):
             num_experts_per_tok=4,
             intermediate_size=w,
             sliding_window=5,
-            swiglu_limit=7.0 if arch == "gpt_oss_mxfp4" else 1.0,
+            swiglu_limit=1.0 if arch == "gpt_oss" else 7.0,
             attention_bias=True,
             rope_parameters=dict(
                 rope_type="yarn",

@@ -129,6 +129,11 @@ FIXTURES = [
     # attn_k_b (transposed) and attn_v_b, yarn rope with DeepSeek's mscale, grouped sigmoid
     # routing with its selection bias, a shared expert, a dense first layer.
     ("deepseek_v3_gguf", ["f32", "bf16", "q8_0"], [Q4_K_M]),
+    # gpt-oss (llama.cpp's gpt-oss): attention sinks, sliding and full layers, the biased router,
+    # experts de-interleaved by the converter with their biases; from bf16 experts, and from the
+    # hub's MXFP4 experts, which the converter repacks into ggml's MXFP4 as they are.
+    ("gpt_oss_gguf", ["f32", "q8_0"], []),
+    ("gpt_oss_mxfp4", ["f32", "q8_0"], []),
 ]
 # Extra converter arguments per (fixture, output type); "f16" also covers the f16 file that
 # llama-quantize reads. Qwen3-Next checkpoints carry a multi-token-prediction block (`mtp.*`,
@@ -222,7 +227,9 @@ def hf_copy(src, work):
     if tied:
         c["tie_word_embeddings"] = False
     json.dump(c, open(cfg_path, "w"), indent=2)
-    unfuse_experts(dst, untie=tied)
+    # gpt_oss's converter reads transformers' fused, interleaved experts as they are.
+    if c.get("model_type") != "gpt_oss":
+        unfuse_experts(dst, untie=tied)
     if c.get("model_type") == "qwen3_next":
         add_mtp(dst, c)
     return dst
