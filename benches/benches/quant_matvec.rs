@@ -7,10 +7,21 @@
 //! expert-compute tok/s of Qwen3-Coder-Next (48 MoE layers × top-10 experts per token), the
 //! ratio against bf16, and this machine's memory-read bandwidth measured in the same run.
 //!
-//!     cargo bench -p shadowmoe-benches --bench quant_matvec
+//! Then gpt-oss-20b's experts (gate, up and down all `[2880, 2880]`) at 1 and 8 tokens: MXFP4
+//! (ggml's `block_mxfp4`, f32 activations) through the engine's kernel (`linear_mxfp4`, at the
+//! detected vector level and, where that is AVX-512, at AVX2 too), through the path it replaced
+//! (each row dequantised into a buffer, then one f32 dot product per token: the baseline), and
+//! bf16 through `linear`, all with the expert's biases; µs per expert, GB/s of weights and the
+//! ratios against the baseline and bf16.
+//!
+//!     cargo bench --profile dev -p shadowmoe-benches --bench quant_matvec
+//!
+//! (`dev` is the workspace's optimised profile: our crates at opt-level 3, see Cargo.toml.)
 //!
 //! Environment: `SHADOWMOE_BENCH_REPEAT` (runs per row, median; default 5),
-//! `SHADOWMOE_BENCH_EXPERTS` (distinct experts cycled; default 192).
+//! `SHADOWMOE_BENCH_EXPERTS` (distinct experts cycled; default 192),
+//! `SHADOWMOE_BENCH_GPT_OSS_EXPERTS` (distinct gpt-oss experts cycled; default 8: 106 MB of
+//! MXFP4, 398 MB of bf16).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,7 +30,8 @@ use std::time::Instant;
 
 use ndarray::Array2;
 use shadowmoe_benches::{env_or, memory_read_gbs};
-use shadowmoe_engine::kernels::linear;
+use shadowmoe_engine::ggml::BlockType;
+use shadowmoe_engine::kernels::{Simd, linear, linear_mxfp4};
 use shadowmoe_engine::quant::QuantSpec;
 use shadowmoe_engine::weights::{AlignedBytes, DType, QuantParts, Weight};
 
@@ -127,6 +139,154 @@ fn time_experts(set: &[Expert], repeat: usize) -> f64 {
     runs[runs.len() / 2]
 }
 
+/// gpt-oss-20b: hidden size and expert width.
+const GPT_OSS: usize = 2880;
+
+/// An MXFP4 matrix of random nibbles, scales 2^-9 .. 2^-1 (E8M0 bytes 118..126, the range
+/// trained weights use).
+fn mxfp4_weight(rows: usize, cols: usize, seed: u64) -> Weight {
+    let mut b = random_bytes(rows * cols / 32 * 17, seed);
+    for block in b.as_mut_slice().chunks_exact_mut(17) {
+        block[0] = 118 + block[0] % 8;
+    }
+    Weight::new(Arc::new(b), 0, DType::Block(BlockType::MXFP4), vec![rows, cols])
+}
+
+/// How a gpt-oss expert's matrices are computed.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    /// `linear` (bf16 weights).
+    Linear,
+    /// `linear_mxfp4` at this vector level.
+    Mxfp4(Simd),
+    /// What `gpt_oss::expert_linear` did before `linear_mxfp4`: each row dequantised into a
+    /// fresh buffer, one f32 dot product per token, rows in parallel.
+    Dequantise,
+}
+
+fn dequantise_then_dot(x: ndarray::ArrayView2<'_, f32>, w: &Weight, bias: &[f32]) -> Array2<f32> {
+    use rayon::prelude::*;
+    let DType::Block(ty) = w.dtype() else {
+        unreachable!("an MXFP4 weight")
+    };
+    let x = x.as_standard_layout();
+    let (t, k) = x.dim();
+    let n = w.shape()[0];
+    let xs = x.as_slice().unwrap();
+    let rb = ty.row_bytes(k);
+    let mut yt = vec![0.0f32; n * t];
+    let row = |(r, out): (usize, &mut [f32])| {
+        let mut deq = vec![0.0f32; k];
+        ty.dequantize(&w.bytes()[r * rb..(r + 1) * rb], &mut deq);
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = shadowmoe_engine::kernels::dot(&deq, &xs[i * k..(i + 1) * k]) + bias[r];
+        }
+    };
+    if n * t * k >= 1 << 16 {
+        yt.par_chunks_mut(t).enumerate().for_each(row);
+    } else {
+        yt.chunks_mut(t).enumerate().for_each(row);
+    }
+    Array2::from_shape_fn((t, n), |(i, r)| yt[r * t + i])
+}
+
+/// Seconds per gpt-oss expert (its three `[2880, 2880]` matrices with biases, on `t` tokens),
+/// median of `repeat` passes over all of `set`.
+fn time_gpt_oss(set: &[Expert], path: Path, t: usize, repeat: usize) -> f64 {
+    let x = Array2::from_shape_fn((t, GPT_OSS), |(i, j)| {
+        ((j * 37 + i * 11) % 101) as f32 / 50.0 - 1.0
+    });
+    let bias = vec![0.01f32; GPT_OSS];
+    let before = Simd::detected();
+    if let Path::Mxfp4(simd) = path {
+        simd.set();
+    }
+    let run = |w: &Weight| match path {
+        Path::Linear => linear(x.view(), w, Some(&bias)),
+        Path::Mxfp4(_) => linear_mxfp4(x.view(), w, Some(&bias)),
+        Path::Dequantise => dequantise_then_dot(x.view(), w, &bias),
+    };
+    let mut runs = Vec::new();
+    for _ in 0..repeat + 1 {
+        let start = Instant::now();
+        for e in set {
+            std::hint::black_box(run(&e.gate));
+            std::hint::black_box(run(&e.up));
+            std::hint::black_box(run(&e.down));
+        }
+        runs.push(start.elapsed().as_secs_f64() / set.len() as f64);
+    }
+    before.set();
+    runs.remove(0); // the first pass warms the pool and the page tables
+    runs.sort_by(f64::total_cmp);
+    runs[runs.len() / 2]
+}
+
+/// The gpt-oss-20b table: per thread count and token count, the baseline (dequantise, then
+/// dot), the MXFP4 kernel at each level, bf16.
+fn gpt_oss_table(repeat: usize, counts: &[usize]) {
+    let n: usize = env_or("SHADOWMOE_BENCH_GPT_OSS_EXPERTS", 8);
+    let make = |f: fn(usize, usize, u64) -> Weight| -> Vec<Expert> {
+        (0..n as u64)
+            .map(|i| Expert {
+                gate: f(GPT_OSS, GPT_OSS, 100 + i * 3),
+                up: f(GPT_OSS, GPT_OSS, 100 + i * 3 + 1),
+                down: f(GPT_OSS, GPT_OSS, 100 + i * 3 + 2),
+            })
+            .collect()
+    };
+    let (mx, bf) = (make(mxfp4_weight), make(bf16_weight));
+    let best = Simd::supported();
+    let mut rows = vec![("mxfp4 dequant+dot", Path::Dequantise, &mx)];
+    rows.push((
+        if best == Simd::Avx512 {
+            "mxfp4 avx512"
+        } else {
+            "mxfp4 kernel"
+        },
+        Path::Mxfp4(best),
+        &mx,
+    ));
+    if best == Simd::Avx512 {
+        rows.push(("mxfp4 avx2", Path::Mxfp4(Simd::Avx2), &mx));
+    }
+    rows.push(("bf16", Path::Linear, &bf));
+    println!();
+    println!(
+        "gpt-oss-20b experts (gate, up, down [{GPT_OSS}, {GPT_OSS}], biases), {n} distinct experts cycled, median of {repeat}"
+    );
+    println!();
+    println!(
+        "{:>7} {:>6} {:>18} {:>13} {:>11} {:>9} {:>12} {:>9}",
+        "threads", "tokens", "path", "bytes/expert", "µs/expert", "GB/s", "vs baseline", "vs bf16"
+    );
+    for &threads in counts {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for t in [1, 8] {
+                let secs: Vec<f64> = rows
+                    .iter()
+                    .map(|(_, path, set)| time_gpt_oss(set, *path, t, repeat))
+                    .collect();
+                let bf16_secs = secs[secs.len() - 1];
+                for ((name, _, set), s) in rows.iter().zip(&secs) {
+                    let bytes = set[0].bytes();
+                    println!(
+                        "{threads:>7} {t:>6} {name:>18} {bytes:>13} {:>11.1} {:>9.2} {:>11.2}x {:>8.2}x",
+                        s * 1e6,
+                        bytes as f64 / s / 1e9,
+                        secs[0] / s,
+                        bf16_secs / s
+                    );
+                }
+            }
+        });
+    }
+}
+
 fn main() {
     let repeat: usize = env_or("SHADOWMOE_BENCH_REPEAT", 5);
     let n: usize = env_or("SHADOWMOE_BENCH_EXPERTS", 192);
@@ -148,7 +308,7 @@ fn main() {
     if cores > 1 {
         counts.push(cores);
     }
-    for threads in counts {
+    for &threads in &counts {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -172,4 +332,5 @@ fn main() {
             println!("{threads:>7} memory read {mem:.2} GB/s (same threads, same run)");
         });
     }
+    gpt_oss_table(repeat, &counts);
 }

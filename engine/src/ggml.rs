@@ -326,11 +326,11 @@ fn q8_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// MXFP4's values (twice the FP4 E2M1 values; the scale is halved to match).
-const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+pub(crate) const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
 /// `2^(e - 128)`: half of the E8M0 scale `2^(e - 127)`, as a float (subnormal for e < 2).
 #[inline(always)]
-fn e8m0_half(e: u8) -> f32 {
+pub(crate) fn e8m0_half(e: u8) -> f32 {
     let bits = if e < 2 {
         0x0020_0000u32 << e
     } else {

@@ -28,7 +28,7 @@ use ndarray::{Array2, ArrayView2};
 use crate::config::{ClampedSwiglu, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::ggml::BlockType;
-use crate::kernels::{linear, sigmoid};
+use crate::kernels::{linear, linear_mxfp4, sigmoid};
 use crate::moe::{ExpertBiases, ExpertWeights, moe_prefix};
 use crate::weights::{AlignedBytes, DType, Weight, WeightIndex};
 
@@ -58,14 +58,17 @@ pub fn expert_forward(w: &ExpertWeights, b: &ExpertBiases, x: ArrayView2<'_, f32
 }
 
 /// `x · wᵀ + bias` (`[T, K]` by `[N, K]`). MXFP4 matrices are computed on their blocks with
-/// the activations in f32 — each block dequantised once (exact: E2M1 × 2^e is an f32) and
-/// dotted with every token — which is transformers' arithmetic on the dequantised weights;
-/// ggml's kernel would first round the activations to Q8_0, as llama.cpp does, and move this
-/// fixture's logits by 0.55 (measured). Float matrices go through [`linear`].
+/// the activations in f32 ([`linear_mxfp4`]: each weight exactly its dequantised value, an
+/// E2M1 value × 2^e), which is transformers' arithmetic on the dequantised weights; ggml's
+/// kernel would first round the activations to Q8_0, as llama.cpp does, and move this fixture's
+/// logits by 0.55 (measured). Other ggml blocks are dequantised a row at a time and dotted
+/// with every token; float matrices go through [`linear`].
 fn expert_linear(x: ArrayView2<'_, f32>, w: &Weight, bias: &[f32]) -> Array2<f32> {
     use rayon::prelude::*;
-    let DType::Block(ty) = w.dtype() else {
-        return linear(x, w, Some(bias));
+    let ty = match w.dtype() {
+        DType::Block(BlockType::MXFP4) => return linear_mxfp4(x, w, Some(bias)),
+        DType::Block(ty) => ty,
+        _ => return linear(x, w, Some(bias)),
     };
     let x = x.as_standard_layout();
     let (t, k) = x.dim();

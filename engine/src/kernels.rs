@@ -13,6 +13,9 @@ use crate::weights::{DType, QuantParts, Weight};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod mxfp4;
+
+pub use mxfp4::{linear_mxfp4, mxfp4_rows_on};
 
 /// Rows of W converted and multiplied together: x[t] stays in L1 across the block.
 const ROW_BLOCK: usize = 16;
