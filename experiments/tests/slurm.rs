@@ -388,6 +388,35 @@ fn job_scripts_merge_to_the_one_process_result_and_bad_shards_are_refused() {
         ),
         "--on-miss",
     );
+    // ... and what needs the inputs: a trace that is not there, a trace from another model, a
+    // prefetch depth past the model's MoE layers.
+    let with = |flag: &str, value: &str| -> Vec<String> {
+        let mut v = sweep_args(&one, &never);
+        let at = v.iter().position(|x| x == flag).unwrap();
+        v[at + 1] = value.to_string();
+        v
+    };
+    refused(
+        cmd(
+            SWEEP,
+            &with("--trace", "/no/such/trace.parquet"),
+            &["--slurm", "2"],
+        ),
+        "/no/such/trace.parquet",
+    );
+    let olmoe = root().join("engine/tests/golden/olmoe");
+    refused(
+        cmd(
+            SWEEP,
+            &with("--model", olmoe.to_str().unwrap()),
+            &["--slurm", "2"],
+        ),
+        "was collected from another model",
+    );
+    refused(
+        cmd(SWEEP, &with("--prefetch-depth", "0,9"), &["--slurm", "2"]),
+        "--prefetch-depth",
+    );
     assert!(
         !never.exists(),
         "a job array was written for a sweep that cannot run"

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use shadowmoe_experiments::calibrate::CalibrateArgs;
 use shadowmoe_experiments::slurm::{Kind, SlurmArgs, report, write_job};
-use shadowmoe_experiments::sweep::{SweepArgs, check_flags, merge, out_dir, run};
+use shadowmoe_experiments::sweep::{SweepArgs, merge, out_dir, preflight, run};
 
 /// Sweep capacity, pinning, prefetch depth and span, predictor, policy and miss handling.
 #[derive(Parser, Debug)]
@@ -60,7 +60,7 @@ fn main() {
             }
             (None, Some(args)) => {
                 if let Some(plan) = cli.slurm.plan(args.shard.as_deref())? {
-                    check_flags(&args)?;
+                    preflight(&args)?;
                     let out = out_dir(&args);
                     let (script, job) = write_job(Kind::BenchSweep, &plan, &out)?;
                     eprintln!(

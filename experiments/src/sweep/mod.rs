@@ -365,6 +365,71 @@ pub fn check_flags(a: &SweepArgs) -> Result<()> {
     Ok(())
 }
 
+/// What [`run`] refuses about the configurations before any work, given the model: a live
+/// sweep asking for the future, configurations that can never prefetch (they would report "no
+/// gain"), pinning profiles that cannot be read. `sim_without_hidden`: for a sim sweep,
+/// whether its trace lacks hidden states; None for a live one.
+fn check_combos(all: &[Combo], ids: &ModelIds<'_>, sim_without_hidden: Option<bool>) -> Result<()> {
+    if sim_without_hidden.is_none()
+        && let Some(c) = all
+            .iter()
+            .find(|c| c.policy == "belady" || c.predictor == "oracle")
+    {
+        bail!(
+            "--mode live: `{}` needs the future, which only a trace has (use --mode sim)",
+            if c.policy == "belady" {
+                "--policy belady"
+            } else {
+                "--predictor oracle"
+            }
+        );
+    }
+    check_prefetch(all, ids.moe_layers.len(), sim_without_hidden)?;
+    for c in all {
+        pins(&c.pinning, c.capacity, ids)?;
+    }
+    Ok(())
+}
+
+/// Everything a sweep's tasks would refuse, checked once before `--slurm` writes the job
+/// script: the flags, the trace (sim; and that it comes from --model when both are given) or
+/// the checkpoint's configuration (live: no weights are read), and the configurations against
+/// the model. A bad value then fails here, in one line, not in every task of the array.
+pub fn preflight(a: &SweepArgs) -> Result<()> {
+    check_flags(a)?;
+    let (sha, moe_layers, num_experts, sim_without_hidden) = if a.mode == "sim" {
+        let path = a.trace.as_ref().context("--mode sim needs --trace")?;
+        let m = shadowmoe_trace::Trace::open(path)?.manifest;
+        if let Some(model) = &a.model {
+            let ckpt =
+                shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
+            if ckpt.config_sha256()? != m.config_sha256 {
+                bail!(
+                    "--trace: {} was collected from another model than --model {model}",
+                    path.display()
+                );
+            }
+        }
+        let hidden = m.hidden_layers.is_empty();
+        (m.config_sha256, m.moe_layers, m.num_experts, Some(hidden))
+    } else {
+        let model = a.model.as_ref().context("--mode live needs --model")?;
+        let ckpt = shadowmoe_engine::Checkpoint::open(model).with_context(|| format!("--model {model}"))?;
+        (
+            ckpt.config_sha256()?,
+            ckpt.config.moe_layers(),
+            ckpt.config.num_experts,
+            None,
+        )
+    };
+    let ids = ModelIds {
+        config_sha256: &sha,
+        moe_layers: &moe_layers,
+        num_experts,
+    };
+    check_combos(&combos(a, num_experts)?, &ids, sim_without_hidden)
+}
+
 /// Runs a sweep; returns the run folder.
 pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     let backend: shadowmoe_predictor::BackendChoice = a
@@ -401,33 +466,14 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
         num_experts,
     };
     let all = combos(a, num_experts)?;
-    if matches!(source, Source::Live(_))
-        && let Some(c) = all
-            .iter()
-            .find(|c| c.policy == "belady" || c.predictor == "oracle")
-    {
-        bail!(
-            "--mode live: `{}` needs the future, which only a trace has (use --mode sim)",
-            if c.policy == "belady" {
-                "--policy belady"
-            } else {
-                "--predictor oracle"
-            }
-        );
-    }
-    // A configuration that can never prefetch would report "no gain": refused here.
-    check_prefetch(
+    check_combos(
         &all,
-        moe_layers.len(),
+        &ids,
         match &source {
             Source::Sim { trace, .. } => Some(trace.manifest.hidden_layers.is_empty()),
             Source::Live(_) => None,
         },
     )?;
-    // Profiles are read before any work: a bad --pinning fails here, not in every row.
-    for c in &all {
-        pins(&c.pinning, c.capacity, &ids)?;
-    }
     let mine: Vec<Combo> = all
         .iter()
         .enumerate()
