@@ -17,7 +17,14 @@
 #   5. the same on quantised files (QUANTS, default "Q8_0 Q4_K_M", made by llama-quantize from
 #      the bf16 file): both engines read the very same GGUF file.
 # PREPARE_ONLY=1 stops after step 3 (build, convert: nothing timed), so that the timed part can
-# run later on a quiet machine.
+# run later on a quiet machine. SAME_GGUF=1 also times shadowmoe on the converted file itself
+# (what step 4 gives llama.cpp), beside the quantised ones.
+#
+# gpt-oss: `python benches/make_gpt_oss_shaped.py --out DIR` writes a checkpoint at gpt-oss-20b's
+# widths with the hub's MXFP4 experts (4 layers, random weights); then
+#   QUANTS="" SAME_GGUF=1 bash benches/llama_cpp_compare.sh DIR
+# times shadowmoe on the hub files (MXFP4 on f32 activations, transformers' arithmetic) and on
+# the converted GGUF (MXFP4 on Q8_0 activations, llama.cpp's), and llama.cpp on that GGUF.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SHADOWMOE_LLAMA_DIR:-$HOME/.cache/shadowmoe/llama}
@@ -102,6 +109,7 @@ EOF
     [ -f "$qg" ] || "$QUANTIZE" "$gguf" "$qg" "$q" > "$CACHE/quantize-$name-$q.log" 2>&1
     quants+=("$qg")
   done
+  [ "${SAME_GGUF:-0}" = 1 ] && quants+=("$gguf")
   [ "${PREPARE_ONLY:-0}" = 1 ] && { echo "prepared $gguf ${quants[*]}"; continue; }
   echo
   # Both engines' files in the page cache before anything is timed (the bench's warm-up pass
