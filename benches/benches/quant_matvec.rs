@@ -14,6 +14,13 @@
 //! bf16 through `linear`, all with the expert's biases; µs per expert, GB/s of weights and the
 //! ratios against the baseline and bf16.
 //!
+//! Then the same experts as GGUF files hold them, computed as llama.cpp computes them (each
+//! token's activations rounded to Q8_0, integer dot products per 32-value block): MXFP4 (as
+//! gpt-oss's GGUF files ship their experts) and Q8_0, each through the scalar reference
+//! (`SHADOWMOE_SIMD=portable`'s path), the AVX2 kernels and the AVX-512 VNNI kernels (all give
+//! the same bits), at 1 and 8 tokens; µs per expert, GB/s and the ratio against the scalar
+//! reference of the same type.
+//!
 //!     cargo bench --profile dev -p shadowmoe-benches --bench quant_matvec
 //!
 //! (`dev` is the workspace's optimised profile: our crates at opt-level 3, see Cargo.toml.)
@@ -162,6 +169,9 @@ enum Path {
     /// What `gpt_oss::expert_linear` did before `linear_mxfp4`: each row dequantised into a
     /// fresh buffer, one f32 dot product per token, rows in parallel.
     Dequantise,
+    /// `linear` on ggml blocks (Q8_0 activations, integer dots) at this vector level
+    /// (`Portable`: the scalar reference).
+    Ggml(Simd),
 }
 
 fn dequantise_then_dot(x: ndarray::ArrayView2<'_, f32>, w: &Weight, bias: &[f32]) -> Array2<f32> {
@@ -198,11 +208,11 @@ fn time_gpt_oss(set: &[Expert], path: Path, t: usize, repeat: usize) -> f64 {
     });
     let bias = vec![0.01f32; GPT_OSS];
     let before = Simd::detected();
-    if let Path::Mxfp4(simd) = path {
+    if let Path::Mxfp4(simd) | Path::Ggml(simd) = path {
         simd.set();
     }
     let run = |w: &Weight| match path {
-        Path::Linear => linear(x.view(), w, Some(&bias)),
+        Path::Linear | Path::Ggml(_) => linear(x.view(), w, Some(&bias)),
         Path::Mxfp4(_) => linear_mxfp4(x.view(), w, Some(&bias)),
         Path::Dequantise => dequantise_then_dot(x.view(), w, &bias),
     };
@@ -287,6 +297,72 @@ fn gpt_oss_table(repeat: usize, counts: &[usize]) {
     }
 }
 
+/// A Q8_0 matrix (ggml's `block_q8_0`): random values, f16 scales of magnitude at most 1/128.
+fn q8_0_weight(rows: usize, cols: usize, seed: u64) -> Weight {
+    let mut b = random_bytes(rows * cols / 32 * 34, seed);
+    for block in b.as_mut_slice().chunks_exact_mut(34) {
+        let d = half::f16::from_f32(f32::from(block[0]) / 16384.0 - 1.0 / 128.0);
+        block[..2].copy_from_slice(&d.to_bits().to_le_bytes());
+    }
+    Weight::new(Arc::new(b), 0, DType::Block(BlockType::Q8_0), vec![rows, cols])
+}
+
+/// The GGUF table: gpt-oss-20b's expert shape in MXFP4 and Q8_0 blocks on Q8_0 activations,
+/// per thread count and token count, at each vector level against the scalar reference.
+fn gguf_table(repeat: usize, counts: &[usize]) {
+    let n: usize = env_or("SHADOWMOE_BENCH_GPT_OSS_EXPERTS", 8);
+    let make = |f: fn(usize, usize, u64) -> Weight| -> Vec<Expert> {
+        (0..n as u64)
+            .map(|i| Expert {
+                gate: f(GPT_OSS, GPT_OSS, 200 + i * 3),
+                up: f(GPT_OSS, GPT_OSS, 200 + i * 3 + 1),
+                down: f(GPT_OSS, GPT_OSS, 200 + i * 3 + 2),
+            })
+            .collect()
+    };
+    let (mx, q8) = (make(mxfp4_weight), make(q8_0_weight));
+    let mut levels = vec![("scalar", Simd::Portable)];
+    if Simd::supported() != Simd::Portable {
+        levels.push(("avx2", Simd::Avx2));
+    }
+    if Simd::supported() == Simd::Avx512 {
+        levels.push(("avx512", Simd::Avx512));
+    }
+    println!();
+    println!(
+        "GGUF blocks on Q8_0 activations (llama.cpp's computation), gpt-oss-20b expert shape (gate, up, down [{GPT_OSS}, {GPT_OSS}], biases), {n} distinct experts cycled, median of {repeat}"
+    );
+    println!();
+    println!(
+        "{:>7} {:>6} {:>6} {:>7} {:>13} {:>11} {:>9} {:>11}",
+        "threads", "tokens", "type", "level", "bytes/expert", "µs/expert", "GB/s", "vs scalar"
+    );
+    for &threads in counts {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for t in [1, 8] {
+                for (ty, set) in [("MXFP4", &mx), ("Q8_0", &q8)] {
+                    let bytes = set[0].bytes();
+                    let mut scalar = None;
+                    for &(level, simd) in &levels {
+                        let s = time_gpt_oss(set, Path::Ggml(simd), t, repeat);
+                        let base = *scalar.get_or_insert(s);
+                        println!(
+                            "{threads:>7} {t:>6} {ty:>6} {level:>7} {bytes:>13} {:>11.1} {:>9.2} {:>10.2}x",
+                            s * 1e6,
+                            bytes as f64 / s / 1e9,
+                            base / s
+                        );
+                    }
+                }
+            }
+        });
+    }
+}
+
 fn main() {
     let repeat: usize = env_or("SHADOWMOE_BENCH_REPEAT", 5);
     let n: usize = env_or("SHADOWMOE_BENCH_EXPERTS", 192);
@@ -333,4 +409,5 @@ fn main() {
         });
     }
     gpt_oss_table(repeat, &counts);
+    gguf_table(repeat, &counts);
 }

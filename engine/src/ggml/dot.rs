@@ -411,4 +411,113 @@ mod tests {
             );
         }
     }
+
+    /// The 32-value kernels (Q8_0, Q4_0, Q5_0 and the table types MXFP4 and IQ4_NL) at every
+    /// vector level against the scalar reference, bit for bit: rows of 1 to 19 blocks (the
+    /// eight-block groups, the four-block group and the one-by-one tail in every mix), several
+    /// rows, 1 to 9 tokens (the kernels' chunks of four and what is left), and every E8M0 scale
+    /// byte (subnormal halves at 0 and 1, overflow to infinity near 255: a NaN must meet a NaN).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn block32_kernels_equal_the_reference_for_every_shape() {
+        use super::super::x86::{avx2, avx512};
+        type Kernels = unsafe fn(BlockType, &[u8], usize, usize, &[Acts], &mut [f32]) -> bool;
+        let levels: [(&str, bool, Kernels); 2] = [
+            ("AVX-512", avx512::supported(), avx512::dot_rows),
+            ("AVX2", avx2::supported(), avx2::dot_rows),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let types = [
+            BlockType::Q8_0,
+            BlockType::Q4_0,
+            BlockType::Q5_0,
+            BlockType::MXFP4,
+            BlockType::IQ4_NL,
+        ];
+        let (mut exponent, mut seen) = (0u8, [false; 256]);
+        for ty in types {
+            for blocks in 1..=19usize {
+                let (k, rows, t) = (32 * blocks, 3usize, 1 + blocks % 9);
+                let rb = ty.row_bytes(k);
+                let mut w: Vec<u8> = (0..rows * rb).map(|_| next() as u8).collect();
+                for b in w.chunks_exact_mut(ty.block_bytes()) {
+                    for &o in ty.f16_fields() {
+                        let v = (next() % 2001) as f32 / 1000.0 - 1.0;
+                        b[o..o + 2].copy_from_slice(&half::f16::from_f32(v * 0.05).to_bits().to_le_bytes());
+                    }
+                    if ty == BlockType::MXFP4 {
+                        // Mostly trained weights' exponents, and every byte along the way.
+                        b[0] = if next() % 2 == 0 {
+                            exponent = exponent.wrapping_add(1);
+                            exponent
+                        } else {
+                            118 + (next() % 9) as u8
+                        };
+                        seen[usize::from(b[0])] = true;
+                    }
+                }
+                let x: Vec<f32> = (0..t * k)
+                    .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                    .collect();
+                let acts = super::super::quantize_tokens(ty, &x, t, k);
+                let want: Vec<f32> = (0..rows * t)
+                    .map(|o| dot_scalar(ty, &w[(o / t) * rb..(o / t + 1) * rb], &acts[o % t]))
+                    .collect();
+                for (name, _, kernels) in levels.into_iter().filter(|l| l.1) {
+                    let mut got = vec![0.0f32; rows * t];
+                    // SAFETY: supported() says the CPU has the instructions.
+                    assert!(
+                        unsafe { kernels(ty, &w, rows, rb, &acts, &mut got) },
+                        "{ty:?}: {name} has a kernel"
+                    );
+                    for (o, (g, r)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            g.to_bits() == r.to_bits() || (g.is_nan() && r.is_nan()),
+                            "{ty:?} {name}: {blocks} blocks, row {} token {}: {g} vs scalar {r}",
+                            o / t,
+                            o % t
+                        );
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "every scale byte met");
+        // Rows of 13 MXFP4 blocks (a group of eight, of four, and one alone) that all share one
+        // scale byte, for every byte: a wrong scale cannot hide under larger blocks' terms.
+        let (ty, k) = (BlockType::MXFP4, 13 * 32);
+        let x: Vec<f32> = (0..2 * k)
+            .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let acts = super::super::quantize_tokens(ty, &x, 2, k);
+        let mut w: Vec<u8> = (0..256 * ty.row_bytes(k)).map(|_| next() as u8).collect();
+        for (r, row) in w.chunks_exact_mut(ty.row_bytes(k)).enumerate() {
+            for b in row.chunks_exact_mut(17) {
+                b[0] = r as u8;
+            }
+        }
+        for (name, _, kernels) in levels.into_iter().filter(|l| l.1) {
+            let mut got = vec![0.0f32; 256 * 2];
+            // SAFETY: supported() says the CPU has the instructions.
+            assert!(unsafe { kernels(ty, &w, 256, ty.row_bytes(k), &acts, &mut got) });
+            for (o, g) in got.iter().enumerate() {
+                let r = dot_scalar(
+                    ty,
+                    &w[(o / 2) * ty.row_bytes(k)..(o / 2 + 1) * ty.row_bytes(k)],
+                    &acts[o % 2],
+                );
+                assert!(
+                    g.to_bits() == r.to_bits() || (g.is_nan() && r.is_nan()),
+                    "MXFP4 {name}: scale byte {} token {}: {g} vs scalar {r}",
+                    o / 2,
+                    o % 2
+                );
+            }
+        }
+    }
 }

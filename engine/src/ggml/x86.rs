@@ -1,7 +1,9 @@
 //! The integer dot products of [`super::dot`] on x86 vector units, written once and compiled
 //! twice: for AVX-512 VNNI (`vpdpbusd`: 32 byte products a 256-bit instruction) and for AVX2
 //! (`vpmaddubsw` + `vpmaddwd`: the same integer sums in two instructions), for the types Q8_0
-//! and Q4_K_M files are made of: Q8_0, Q4_0, Q5_0, Q4_K and Q6_K.
+//! and Q4_K_M files are made of (Q8_0, Q4_0, Q5_0, Q4_K and Q6_K) and the two table types,
+//! MXFP4 (gpt-oss's experts) and IQ4_NL, whose nibbles become their values by a byte shuffle
+//! on the 16-entry table (`vpshufb`), as ggml's own kernels do.
 //!
 //! Only the integer sums are vectorised: they are exact, and each block's float arithmetic is
 //! the scalar reference's, in the same order, so every result is bit for bit what
@@ -37,6 +39,8 @@ macro_rules! integer_kernels {
                     BlockType::Q8_0 => by_rows::<Q8_0>(w, rows, row_bytes, a, out),
                     BlockType::Q4_0 => by_rows::<Q4_0>(w, rows, row_bytes, a, out),
                     BlockType::Q5_0 => by_rows::<Q5_0>(w, rows, row_bytes, a, out),
+                    BlockType::MXFP4 => by_rows::<Mxfp4>(w, rows, row_bytes, a, out),
+                    BlockType::IQ4_NL => by_rows::<Iq4Nl>(w, rows, row_bytes, a, out),
                     BlockType::Q4_K => by_rows::<Q4K>(w, rows, row_bytes, a, out),
                     BlockType::Q6_K => by_rows::<Q6K>(w, rows, row_bytes, a, out),
                     _ => return false,
@@ -118,11 +122,13 @@ macro_rules! integer_kernels {
 
         /// A 32-value type: its block bytes, the offset its values carry, and how a block's 32 weights
         /// become the bytes vpdpbusd multiplies (`signed`: they are signed and go through |w| and the
-        /// sign moved onto the activations).
+        /// sign moved onto the activations). The scale is the block's first field: an f16, or
+        /// (`E8M0`) MXFP4's exponent byte, read as [`super::super::e8m0_half`] reads it.
         trait Block32 {
             const BB: usize;
             const OFFSET: i32;
             const SIGNED: bool;
+            const E8M0: bool = false;
             /// # Safety
             /// `b` points at a whole block; the CPU has the features of this file.
             unsafe fn weights(b: *const u8) -> __m256i;
@@ -175,6 +181,82 @@ macro_rules! integer_kernels {
             }
         }
 
+        /// A block's 16 nibble bytes at `p` as their 32 values in `table` (low nibbles first, then
+        /// high): one byte shuffle, the table in both 128-bit halves.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn lookup16(table: __m128i, p: *const u8) -> __m256i {
+            // SAFETY: the caller's 16 readable bytes.
+            unsafe { _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table), nibbles16(p)) }
+        }
+
+        /// MXFP4: the table's values plus 12 (0..=24, unsigned, so no sign moves onto the
+        /// activations; 12 · Σx comes off each block's sum), scale an E8M0 byte.
+        struct Mxfp4;
+        impl Block32 for Mxfp4 {
+            const BB: usize = 17;
+            const OFFSET: i32 = 12;
+            const SIGNED: bool = false;
+            const E8M0: bool = true;
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn weights(b: *const u8) -> __m256i {
+                // SAFETY: the 16-byte table, and 16 nibble bytes after the scale byte.
+                unsafe {
+                    let values = _mm_loadu_si128(super::super::MXFP4_VALUES.as_ptr().cast::<__m128i>());
+                    lookup16(_mm_add_epi8(values, _mm_set1_epi8(12)), b.add(1))
+                }
+            }
+        }
+
+        /// IQ4_NL: the table's values as they are (signed, up to 127 in magnitude: with an offset
+        /// they would overflow vpmaddubsw's 16-bit pairs), scale an f16.
+        struct Iq4Nl;
+        impl Block32 for Iq4Nl {
+            const BB: usize = 18;
+            const OFFSET: i32 = 0;
+            const SIGNED: bool = true;
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn weights(b: *const u8) -> __m256i {
+                // SAFETY: the 16-byte table, and 16 nibble bytes after the scale.
+                unsafe {
+                    let values = _mm_loadu_si128(super::super::IQ4_NL_VALUES.as_ptr().cast::<__m128i>());
+                    lookup16(values, b.add(2))
+                }
+            }
+        }
+
+        /// Eight blocks' scale fields (f16 bits, or E8M0 bytes) as floats, bit for bit the
+        /// reference's: `_mm256_cvtph_ps`, or `2^(e - 128)` built in the exponent field (e ≥ 2)
+        /// and as the subnormal `2^21 << e` below.
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn scales8<B: Block32>(fields: [i16; 8]) -> __m256 {
+            let v = _mm_setr_epi16(
+                fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], fields[6], fields[7],
+            );
+            if !B::E8M0 {
+                return _mm256_cvtph_ps(v);
+            }
+            let e = _mm256_cvtepu16_epi32(v);
+            let normal = _mm256_slli_epi32::<23>(_mm256_sub_epi32(e, _mm256_set1_epi32(1)));
+            let subnormal = _mm256_sllv_epi32(_mm256_set1_epi32(0x0020_0000), e);
+            let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
+            _mm256_castsi256_ps(_mm256_blendv_epi8(normal, subnormal, small))
+        }
+
+        /// One block's scale, as [`scales8`] gives it.
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn scale1<B: Block32>(b: &[u8]) -> f32 {
+            if B::E8M0 {
+                super::super::e8m0_half(b[0])
+            } else {
+                half(b, 0)
+            }
+        }
+
         impl<B: Block32> Kernel for B {
             #[target_feature(enable = $features)]
             #[inline]
@@ -200,7 +282,7 @@ macro_rules! integer_kernels {
         }
 
         /// Blocks `i .. i + G` of a row at `rp`: each token's eight partial integer sums per block
-        /// (weights unpacked once for all tokens), and the blocks' f16 scale bits.
+        /// (weights unpacked once for all tokens), and the blocks' scale fields.
         ///
         /// # Safety
         /// The blocks are inside the row and their activations inside each token's; the CPU has the
@@ -218,7 +300,11 @@ macro_rules! integer_kernels {
                 // SAFETY: the caller's: block i + j is inside the row, its activations in each token's.
                 unsafe {
                     let b = rp.add((i + j) * B::BB);
-                    dws[j] = std::ptr::read_unaligned(b.cast::<i16>());
+                    dws[j] = if B::E8M0 {
+                        i16::from(*b)
+                    } else {
+                        std::ptr::read_unaligned(b.cast::<i16>())
+                    };
                     let w = B::weights(b);
                     let wu = if B::SIGNED { _mm256_abs_epi8(w) } else { w };
                     for (t, pt) in p.iter_mut().enumerate() {
@@ -252,9 +338,7 @@ macro_rules! integer_kernels {
             while i + 8 <= n {
                 // SAFETY: blocks i .. i + 8 are inside the row, their activations in each token's.
                 let (p, dws) = unsafe { partials::<B, T, 8>(rp, &a, i) };
-                let dw = _mm256_cvtph_ps(_mm_setr_epi16(
-                    dws[0], dws[1], dws[2], dws[3], dws[4], dws[5], dws[6], dws[7],
-                ));
+                let dw = scales8::<B>(dws);
                 for (t, pt) in p.iter().enumerate() {
                     let mut s = sums8(pt);
                     // SAFETY (both loads): blocks i .. i + 8 have their activation sums and scales.
@@ -277,7 +361,8 @@ macro_rules! integer_kernels {
             if i + 4 <= n {
                 // SAFETY: blocks i .. i + 4 are inside the row, their activations in each token's.
                 let (p, dws) = unsafe { partials::<B, T, 4>(rp, &a, i) };
-                let dw = _mm_cvtph_ps(_mm_setr_epi16(dws[0], dws[1], dws[2], dws[3], 0, 0, 0, 0));
+                // (dws[4..] are zero: their lanes are dropped.)
+                let dw = _mm256_castps256_ps128(scales8::<B>(dws));
                 for (t, pt) in p.iter().enumerate() {
                     // Four blocks' eight partial sums to four sums.
                     let h = _mm256_hadd_epi32(
@@ -316,7 +401,7 @@ macro_rules! integer_kernels {
                             hsum(dot_u8_i8(w, x))
                         }
                     } - B::OFFSET * a[t].sums[b];
-                    acc.add(b, s as f32 * (half(&row[b * B::BB..], 0) * a[t].d[b]));
+                    acc.add(b, s as f32 * (scale1::<B>(&row[b * B::BB..]) * a[t].d[b]));
                 }
                 out[t] = acc.total();
             }
@@ -556,7 +641,8 @@ pub(crate) mod avx2 {
 
     /// Σ w·x over 32 unsigned `w` and signed `x`, as 8 partial sums: pairs of products in 16
     /// bits, then pairs of pairs in 32. Exact here: every `w` these kernels pass is at most 128
-    /// and every `x` at most 127 in magnitude, so a pair stays within i16 (2·128·127 < 32767).
+    /// (IQ4_NL's |values| at most 127, MXFP4's offset values at most 24) and every `x` at most
+    /// 127 in magnitude, so a pair stays within i16 (2·128·127 < 32767).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256i {
