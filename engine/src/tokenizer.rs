@@ -187,15 +187,24 @@ impl Tokenizer {
             .get("tokenizer.ggml.pre")
             .and_then(G::as_str)
             .unwrap_or("default");
-        let regex = match pre {
-            "qwen2" | "deepseek-r1-qwen" | "olmo" | "dbrx" | "smaug-bpe" => QWEN2_SPLIT,
-            "llama3" | "llama-bpe" | "llama-v3" => LLAMA3_SPLIT,
-            "gpt2" | "default" | "gpt-2" | "mpt" | "olmo2" => GPT2_SPLIT,
+        // llama.cpp's pre-tokenizers by name: the regexes each applies in turn (every piece split
+        // again by the next), and whether whole pieces found in the vocabulary skip the merges.
+        let (regexes, ignore_merges): (&[&str], bool) = match pre {
+            "qwen2" | "deepseek-r1-qwen" | "olmo" | "dbrx" | "smaug-bpe" => (&[QWEN2_SPLIT], false),
+            "llama3" | "llama-bpe" | "llama-v3" => (&[LLAMA3_SPLIT], false),
+            "gpt2" | "default" | "gpt-2" | "mpt" | "olmo2" => (&[GPT2_SPLIT], false),
+            // GLM-4.5/4.6/4.7: llama3's split, whole words first.
+            "glm4" | "glm5" => (&[LLAMA3_SPLIT], true),
+            "chatglm-bpe" => (&[LLAMA3_SPLIT], false),
+            // gpt-oss (and Llama 4): o200k's split, case runs within words.
+            "gpt-4o" | "llama4" => (&[GPT4O_SPLIT], false),
+            // DeepSeek-V3/R1: digits in threes, CJK runs, then the rest.
+            "deepseek-v3" => (&DEEPSEEK3_SPLITS, false),
             other => {
                 return Err(bad(
                     "tokenizer.ggml.pre",
                     format!(
-                        "pre-tokenizer `{other}` is not one the engine builds (qwen2, llama3, gpt2); give --tokenizer DIR"
+                        "pre-tokenizer `{other}` is not one the engine builds (qwen2, llama3, gpt2, glm4, gpt-4o, deepseek-v3); give --tokenizer DIR"
                     ),
                 ));
             }
@@ -243,15 +252,20 @@ impl Tokenizer {
             "padding": null,
             "added_tokens": added,
             "normalizer": null,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
-            ]},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": regexes
+                .iter()
+                .map(|r| serde_json::json!(
+                    {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}
+                ))
+                .chain(std::iter::once(serde_json::json!(
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+                )))
+                .collect::<Vec<_>>()},
             "post_processor": post,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
         });
         let inner: tokenizers::Tokenizer =
             json.to_string()
@@ -377,6 +391,12 @@ impl Tokenizer {
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const DEEPSEEK3_SPLITS: [&str; 3] = [
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
+];
 
 /// Turns generated ids into text pieces as they arrive, holding back incomplete UTF-8.
 #[derive(Debug, Default)]

@@ -440,3 +440,43 @@ fn float_gguf_files_match_transformers() {
         }
     }
 }
+
+/// llama.cpp's pre-tokenizers the engine builds from `tokenizer.ggml.pre` — qwen2, llama3,
+/// gpt-2, glm4 (GLM-4.5/4.7), gpt-4o (gpt-oss), deepseek-v3 (DeepSeek-V3/R1) — on a vocabulary
+/// whose merges cross every boundary a split rule draws (make_gguf.py `pretok_golden`: the
+/// pre-tokenizers give different ids on most texts): the engine's ids are llama.cpp's, text by
+/// text.
+#[test]
+fn pre_tokenizers_split_as_llama_cpp_does() {
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("pretok.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = golden["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let ids = golden["ids"].as_object().unwrap();
+    assert_eq!(ids.len(), 6, "{:?}", ids.keys());
+    for (pre, want) in ids {
+        let file = shadowmoe_engine::gguf::GgufFile::open(&dir().join(format!("pretok-{pre}.gguf"))).unwrap();
+        let tok = shadowmoe_engine::tokenizer::Tokenizer::from_gguf(&file).unwrap();
+        for (text, want) in texts.iter().zip(want.as_array().unwrap()) {
+            let want: Vec<u32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(tok.encode_with(text, false).unwrap(), want, "{pre}: {text:?}");
+        }
+        // With special tokens: BOS first, as the file's add_bos_token asks.
+        let want: Vec<u32> = golden["ids_add_special"][pre.as_str()]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(texts[0]).unwrap(), want, "{pre}: with BOS");
+    }
+}

@@ -801,6 +801,89 @@ def reference(llama, convert, work, have_llama):
         print(f"  llama.cpp greedy: {gen}")
 
 
+# --only pretok: llama.cpp's pre-tokenizers the engine builds, each on one vocabulary made to
+# tell them apart — byte-level BPE trained on the texts without any split rule, so that its
+# merges cross spaces, digits, case and script boundaries, which each pre-tokenizer then allows
+# or not — in the glm4_moe_gguf fixture's metadata (`tokenizer.ggml.*` replaced, no tensors),
+# and llama.cpp's token ids for PRETOK_TEXTS under each.
+PRETOKENIZERS = ["qwen2", "llama3", "gpt-2", "glm4", "gpt-4o", "deepseek-v3"]
+PRETOK_TEXTS = [
+    "Hello World, DON'T stop: we've 1234567 apples; it's 12.5% off!",
+    "CamelCaseWords and ALLCAPS words, mixedUP iPhone McDonald's",
+    "東京タワー と カタカナ ひらがな 漢字123 한국어 中文，标点。",
+    "naïve café — émigré's  spaces\t\ttabs\n\n  indented\n}\r\nend",
+    "def route(hidden, gate, k):\n    return topk(softmax(gate @ hidden), k)  # 3 x 4",
+    "The expert cache keeps 12 experts on disk — naïve café 東京!\nWhy?",
+]
+
+
+def pretok_golden(src_gguf, out_dir):
+    """Metadata-only copies of `src_gguf` with `tokenizer.ggml.pre` set to each of
+    PRETOKENIZERS (out_dir/pretok-<name>.gguf), and pretok.json: llama.cpp's ids for every text
+    under each (no BOS, special tokens not parsed), and of the first text with BOS as the file
+    asks (add_bos_token true)."""
+    import llama_cpp
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from llama_cpp import Llama
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[gMASK]", "<|user|>", "<|observation|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(PRETOK_TEXTS * 8, trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    assert [i for _, i in vocab] == list(range(len(tokens)))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if t in specials else 1 for t in tokens]
+    replaced = {
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": tokens.index("<|endoftext|>"),
+        "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"),
+    }
+
+    r = GGUFReader(src_gguf)
+    arch = r.fields["general.architecture"].contents()
+    golden = {"made_by": "engine/tests/golden/make_gguf.py --only pretok", "source": os.path.basename(src_gguf),
+              "llama_cpp_python": llama_cpp.__version__, "texts": PRETOK_TEXTS, "ids": {}}
+    for pre in PRETOKENIZERS:
+        path = os.path.join(out_dir, f"pretok-{pre}.gguf")
+        w = GGUFWriter(path, arch)
+        for name, field in r.fields.items():
+            if (name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.ggml.add_bos_token")
+                    or name.startswith("tokenizer.ggml.") and name.endswith("_token_id")):
+                continue
+            value = pre if name == "tokenizer.ggml.pre" else replaced.get(name, field.contents())
+            vtype = field.types[0]
+            if vtype == GGUFValueType.ARRAY:
+                w.add_key_value(name, value, vtype, sub_type=field.types[-1])
+            else:
+                w.add_key_value(name, value, vtype)
+        w.add_bos_token_id(replaced["tokenizer.ggml.bos_token_id"])
+        # BOS asked for (llama.cpp adds it under every pre-tokenizer here, GLM's too: the
+        # file's bos_token_id stands).
+        w.add_add_bos_token(True)
+        w.add_eos_token_id(replaced["tokenizer.ggml.eos_token_id"])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        llm = Llama(model_path=path, vocab_only=True, verbose=False)
+        golden["ids"][pre] = [llm.tokenize(t.encode(), add_bos=False, special=False) for t in PRETOK_TEXTS]
+        golden.setdefault("ids_add_special", {})[pre] = llm.tokenize(PRETOK_TEXTS[0].encode(), add_bos=True, special=False)
+        del llm
+        print(f"{path}: {[len(x) for x in golden['ids'][pre]]} tokens")
+    with open(os.path.join(out_dir, "pretok.json"), "w") as f:
+        json.dump(golden, f, indent=1, ensure_ascii=False)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", required=True)
@@ -827,6 +910,8 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     if only is None or "dequant" in only:
         dequant_golden(a.out)
+    if (only is None or "pretok" in only) and have_llama:
+        pretok_golden(os.path.join(a.out, "glm4_moe_gguf-q8_0.gguf"), a.out)
     with tempfile.TemporaryDirectory() as work:
         convert = patched_converter(a.llama_cpp, work)
         for arch, types, quants in FIXTURES:
