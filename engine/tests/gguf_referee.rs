@@ -449,7 +449,7 @@ fn float_gguf_files_match_transformers() {
 #[test]
 fn pre_tokenizers_split_as_llama_cpp_does() {
     let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("pretok.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir().join("pretok/pretok.json")).unwrap()).unwrap();
     let texts: Vec<&str> = golden["texts"]
         .as_array()
         .unwrap()
@@ -459,7 +459,7 @@ fn pre_tokenizers_split_as_llama_cpp_does() {
     let ids = golden["ids"].as_object().unwrap();
     assert_eq!(ids.len(), 6, "{:?}", ids.keys());
     for (pre, want) in ids {
-        let file = shadowmoe_engine::gguf::GgufFile::open(&dir().join(format!("pretok-{pre}.gguf"))).unwrap();
+        let file = shadowmoe_engine::gguf::GgufFile::open(&dir().join(format!("pretok/{pre}.gguf"))).unwrap();
         let tok = shadowmoe_engine::tokenizer::Tokenizer::from_gguf(&file).unwrap();
         for (text, want) in texts.iter().zip(want.as_array().unwrap()) {
             let want: Vec<u32> = want

@@ -821,7 +821,7 @@ PRETOK_TEXTS = [
 
 def pretok_golden(src_gguf, out_dir):
     """Metadata-only copies of `src_gguf` with `tokenizer.ggml.pre` set to each of
-    PRETOKENIZERS (out_dir/pretok-<name>.gguf), and pretok.json: llama.cpp's ids for every text
+    PRETOKENIZERS (out_dir/pretok/<name>.gguf), and pretok/pretok.json: llama.cpp's ids for every text
     under each (no BOS, special tokens not parsed), and of the first text with BOS as the file
     asks (add_bos_token true)."""
     import llama_cpp
@@ -856,7 +856,8 @@ def pretok_golden(src_gguf, out_dir):
     golden = {"made_by": "engine/tests/golden/make_gguf.py --only pretok", "source": os.path.basename(src_gguf),
               "llama_cpp_python": llama_cpp.__version__, "texts": PRETOK_TEXTS, "ids": {}}
     for pre in PRETOKENIZERS:
-        path = os.path.join(out_dir, f"pretok-{pre}.gguf")
+        os.makedirs(os.path.join(out_dir, "pretok"), exist_ok=True)
+        path = os.path.join(out_dir, "pretok", f"{pre}.gguf")
         w = GGUFWriter(path, arch)
         for name, field in r.fields.items():
             if (name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.ggml.add_bos_token")
@@ -882,7 +883,7 @@ def pretok_golden(src_gguf, out_dir):
         golden.setdefault("ids_add_special", {})[pre] = llm.tokenize(PRETOK_TEXTS[0].encode(), add_bos=True, special=False)
         del llm
         print(f"{path}: {[len(x) for x in golden['ids'][pre]]} tokens")
-    with open(os.path.join(out_dir, "pretok.json"), "w") as f:
+    with open(os.path.join(out_dir, "pretok", "pretok.json"), "w") as f:
         json.dump(golden, f, indent=1, ensure_ascii=False)
 
 
