@@ -200,11 +200,14 @@ impl Tokenizer {
             "gpt-4o" | "llama4" => (&[GPT4O_SPLIT], false),
             // DeepSeek-V3/R1: digits in threes, CJK runs, then the rest.
             "deepseek-v3" => (&DEEPSEEK3_SPLITS, false),
+            // Kimi-K2: llama.cpp's own split (its code, not the tiktoken pattern it names):
+            // Han runs apart, other letters in whole runs, digits in threes.
+            "kimi-k2" => (&[KIMI_K2_SPLIT], false),
             other => {
                 return Err(bad(
                     "tokenizer.ggml.pre",
                     format!(
-                        "pre-tokenizer `{other}` is not one the engine builds (qwen2, llama3, gpt2, glm4, gpt-4o, deepseek-v3); give --tokenizer DIR"
+                        "pre-tokenizer `{other}` is not one the engine builds (qwen2, llama3, gpt2, glm4, gpt-4o, deepseek-v3, kimi-k2); give --tokenizer DIR"
                     ),
                 ));
             }
@@ -392,6 +395,7 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const KIMI_K2_SPLIT: &str = r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{L}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const DEEPSEEK3_SPLITS: [&str; 3] = [
     r"\p{N}{1,3}",
     r"[一-龥぀-ゟ゠-ヿ]+",

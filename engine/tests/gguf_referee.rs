@@ -442,7 +442,8 @@ fn float_gguf_files_match_transformers() {
 }
 
 /// llama.cpp's pre-tokenizers the engine builds from `tokenizer.ggml.pre` — qwen2, llama3,
-/// gpt-2, glm4 (GLM-4.5/4.7), gpt-4o (gpt-oss), deepseek-v3 (DeepSeek-V3/R1) — on a vocabulary
+/// gpt-2, glm4 (GLM-4.5/4.7), gpt-4o (gpt-oss), deepseek-v3 (DeepSeek-V3/R1), kimi-k2 — on a
+/// vocabulary
 /// whose merges cross every boundary a split rule draws (make_gguf.py `pretok_golden`: the
 /// pre-tokenizers give different ids on most texts): the engine's ids are llama.cpp's, text by
 /// text.
@@ -457,7 +458,7 @@ fn pre_tokenizers_split_as_llama_cpp_does() {
         .map(|t| t.as_str().unwrap())
         .collect();
     let ids = golden["ids"].as_object().unwrap();
-    assert_eq!(ids.len(), 6, "{:?}", ids.keys());
+    assert_eq!(ids.len(), 7, "{:?}", ids.keys());
     for (pre, want) in ids {
         let file = shadowmoe_engine::gguf::GgufFile::open(&dir().join(format!("pretok/{pre}.gguf"))).unwrap();
         let tok = shadowmoe_engine::tokenizer::Tokenizer::from_gguf(&file).unwrap();

@@ -806,12 +806,10 @@ def reference(llama, convert, work, have_llama):
 # merges cross spaces, digits, case and script boundaries, which each pre-tokenizer then allows
 # or not — in the glm4_moe_gguf fixture's metadata (`tokenizer.ggml.*` replaced, no tensors),
 # and llama.cpp's token ids for PRETOK_TEXTS under each.
-# (Kimi-K2's `kimi-k2` is not here: llama.cpp splits it with its own code, which the tiktoken
-# pattern it comes from does not reproduce on CamelCase words.)
-PRETOKENIZERS = ["qwen2", "llama3", "gpt-2", "glm4", "gpt-4o", "deepseek-v3"]
+PRETOKENIZERS = ["qwen2", "llama3", "gpt-2", "glm4", "gpt-4o", "deepseek-v3", "kimi-k2"]
 PRETOK_TEXTS = [
     "Hello World, DON'T stop: we've 1234567 apples; it's 12.5% off!",
-    "CamelCaseWords and ALLCAPS words, mixedUP iPhone McDonald's",
+    "CamelCaseWords and ALLCAPS words, mixedUP iPhone McDonald's 中文English混合Text",
     "東京タワー と カタカナ ひらがな 漢字123 한국어 中文，标点。",
     "naïve café — émigré's  spaces\t\ttabs\n\n  indented\n}\r\nend",
     "def route(hidden, gate, k):\n    return topk(softmax(gate @ hidden), k)  # 3 x 4",
