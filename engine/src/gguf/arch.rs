@@ -494,6 +494,18 @@ fn glm4_moe(
             ));
         }
     }
+    let mut out = deepseek_moe(m, expert_ffn, ffn)?;
+    out.push(("attention_bias".into(), json!(find("blk.0.attn_q.bias"))));
+    out.push(("use_qk_norm".into(), json!(find("blk.0.attn_q_norm.weight"))));
+    Ok(out)
+}
+
+/// DeepSeek's MoE keys, as glm4moe and deepseek2 files describe them: expert widths, shared
+/// experts, leading dense blocks, renormalisation, the weights' scale (`expert_weights_scale`
+/// 0 or absent: none, as llama.cpp), groups where `expert_group_count` says (the converter
+/// copies `n_group` / `topk_group`); the multi-token-prediction block not run (block_count
+/// counts it).
+fn deepseek_moe(m: &Meta<'_>, expert_ffn: Option<u64>, ffn: Option<u64>) -> Result<Vec<(String, Json)>> {
     let scale = m
         .f64_opt("expert_weights_scale")?
         .filter(|&s| s != 0.0)
@@ -504,7 +516,7 @@ fn glm4_moe(
     } else {
         1
     };
-    let mut out = vec![
+    let out = vec![
         ("moe_intermediate_size", json!(expert_ffn.or(ffn))),
         ("intermediate_size", json!(ffn.or(expert_ffn))),
         (
@@ -522,11 +534,8 @@ fn glm4_moe(
         ("routed_scaling_factor", json!(scale)),
         ("n_group", json!(groups)),
         ("topk_group", json!(groups_used)),
-        ("attention_bias", json!(find("blk.0.attn_q.bias"))),
-        ("use_qk_norm", json!(find("blk.0.attn_q_norm.weight"))),
+        ("num_nextn_predict_layers", json!(0)),
     ];
-    // The multi-token-prediction block is not run (block_count counts it).
-    out.push(("num_nextn_predict_layers", json!(0)));
     Ok(out.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
@@ -573,48 +582,24 @@ fn deepseek2(
             ));
         }
     }
-    let groups = m.u64_opt("expert_group_count")?.filter(|&g| g > 1).unwrap_or(1);
-    let groups_used = if groups > 1 {
-        m.u64_opt("expert_group_used_count")?.unwrap_or(groups)
-    } else {
-        1
-    };
-    let scale = m
-        .f64_opt("expert_weights_scale")?
-        .filter(|&s| s != 0.0)
-        .unwrap_or(1.0);
     let q_lora = m.u64_opt("attention.q_lora_rank")?.filter(|&q| q > 0);
-    let out = vec![
-        ("num_key_value_heads", json!(heads)),
-        ("q_lora_rank", json!(q_lora)),
-        ("kv_lora_rank", json!(m.u64("attention.kv_lora_rank")?)),
-        ("qk_rope_head_dim", json!(rope)),
-        ("qk_nope_head_dim", json!(k_mla - rope)),
-        ("v_head_dim", json!(m.u64("attention.value_length_mla")?)),
-        ("rope_interleave", json!(true)),
-        ("moe_intermediate_size", json!(expert_ffn.or(ffn))),
-        ("intermediate_size", json!(ffn.or(expert_ffn))),
-        (
-            "n_shared_experts",
-            json!(m.u64_opt("expert_shared_count")?.unwrap_or(0)),
-        ),
-        (
-            "first_k_dense_replace",
-            json!(m.u64_opt("leading_dense_block_count")?.unwrap_or(0)),
-        ),
-        ("moe_layer_freq", json!(1)),
-        ("scoring_func", json!("sigmoid")),
-        ("topk_method", json!("noaux_tc")),
-        ("n_group", json!(groups)),
-        ("topk_group", json!(groups_used)),
-        (
-            "norm_topk_prob",
-            json!(m.bool_opt("expert_weights_norm")?.unwrap_or(false)),
-        ),
-        ("routed_scaling_factor", json!(scale)),
-        ("num_nextn_predict_layers", json!(0)),
-    ];
-    Ok(out.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    let mut out = deepseek_moe(m, expert_ffn, ffn)?;
+    out.extend(
+        [
+            ("num_key_value_heads", json!(heads)),
+            ("q_lora_rank", json!(q_lora)),
+            ("kv_lora_rank", json!(m.u64("attention.kv_lora_rank")?)),
+            ("qk_rope_head_dim", json!(rope)),
+            ("qk_nope_head_dim", json!(k_mla - rope)),
+            ("v_head_dim", json!(m.u64("attention.value_length_mla")?)),
+            ("rope_interleave", json!(true)),
+            ("moe_layer_freq", json!(1)),
+            ("scoring_func", json!("sigmoid")),
+            ("topk_method", json!("noaux_tc")),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    Ok(out)
 }
 
 /// deepseek2's yarn as transformers' `rope_scaling` reads it: the factor, the original context,
