@@ -11,8 +11,9 @@
 //!
 //! The tile loop is written once, over [`Isa`], and compiled three times: AVX-512 (a block is
 //! two 16-lane vectors, looked up with `vpermps` in a register holding the 16 values already
-//! scaled), AVX2 (four 8-lane vectors: the nibbles looked up as bytes with `pshufb`, widened,
-//! scaled) and portable code. A tile is a few rows × up to 4 tokens, so a block is decoded
+//! scaled), AVX2 (four 8-lane vectors: the nibbles looked up as bytes with `pshufb` and
+//! widened, unscaled; each block's partial sum is multiplied by its scale once) and portable
+//! code. A tile is a few rows × up to 4 tokens, so a block is decoded
 //! once for every token of the tile (prefill).
 //!
 //! Each (row, token) sum is accumulated in the same order whatever the tile it falls in, so one
@@ -368,16 +369,20 @@ impl Isa for Avx512 {
     }
 }
 
-/// AVX2: a block is four 8-lane vectors, each (row, token) two accumulators (values 0..8 and
-/// 16..24 into the first, 8..16 and 24..32 into the second); 4 rows × 1 token, 2 × 2 or 1 × 3–4
-/// (6–8 of the 16 registers).
+/// AVX2: a block is four 8-lane vectors of its unscaled values (`MXFP4_VALUES`, small integers:
+/// looked up as bytes with `pshufb`, widened, converted, all exact) and a fifth holding the
+/// block's scale 2^(s − 128). Each (row, token) sum takes the block's 32 products unscaled into
+/// one 8-lane partial, then adds the partial times the scale into one accumulator: one
+/// multiply per block and token instead of one per weight. The weights are the same values as
+/// the other levels' (a partial times a power of two is exact, short of underflow), only the
+/// order of the additions differs. 4 rows × 1 token, 2 × 2 or 1 × 3–4.
 #[cfg(target_arch = "x86_64")]
 struct Avx2;
 
 #[cfg(target_arch = "x86_64")]
 impl Isa for Avx2 {
-    type Block = [std::arch::x86_64::__m256; 4];
-    type Acc = [std::arch::x86_64::__m256; 2];
+    type Block = [std::arch::x86_64::__m256; 5];
+    type Acc = std::arch::x86_64::__m256;
     const ROWS: [usize; 4] = [4, 2, 1, 1];
 
     #[inline(always)]
@@ -392,13 +397,14 @@ impl Isa for Avx2 {
             let m = _mm_set1_epi8(0x0F);
             let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m));
             let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16::<4>(q), m));
-            // Eight i8 values widened to f32 (exact), times the scale (exact).
-            let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
+            // Eight i8 values widened to f32 (exact), left unscaled.
+            let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
             [
                 f(lo),
                 f(_mm_unpackhi_epi64(lo, lo)),
                 f(hi),
                 f(_mm_unpackhi_epi64(hi, hi)),
+                d,
             ]
         }
     }
@@ -406,7 +412,7 @@ impl Isa for Avx2 {
     #[inline(always)]
     unsafe fn zero() -> Self::Acc {
         // SAFETY: the caller's AVX2.
-        unsafe { [std::arch::x86_64::_mm256_setzero_ps(); 2] }
+        unsafe { std::arch::x86_64::_mm256_setzero_ps() }
     }
 
     #[inline(always)]
@@ -414,18 +420,18 @@ impl Isa for Avx2 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's 32 readable values and AVX2 with FMA.
         unsafe {
-            acc[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[0]);
-            acc[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc[1]);
-            acc[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[0]);
-            acc[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), acc[1]);
+            let p = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+            let p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), p);
+            let p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), p);
+            let p = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), p);
+            *acc = _mm256_fmadd_ps(p, w[4], *acc);
         }
     }
 
     #[inline(always)]
     unsafe fn sum(acc: Self::Acc) -> f32 {
-        use std::arch::x86_64::*;
         // SAFETY: the caller's AVX2.
-        unsafe { super::hsum(_mm256_add_ps(acc[0], acc[1])) }
+        unsafe { super::hsum(acc) }
     }
 }
 
@@ -483,10 +489,13 @@ mod tests {
     /// sum, on random blocks with scales 2^-27 .. 2^33 (bytes 100..160), odd row counts and
     /// 1..7 tokens. The weights are the same exact f32 values in every kernel, so they differ
     /// only in the order of the additions, and each order's rounding error is at most
-    /// `(additions in a chain + reduction depth + 1) · 2^-24 · Σ|w·x|`: `k/32 + 6` for the
-    /// portable code (a product rounded, k/32 additions a lane, 5 levels over 32 lanes), at
-    /// most `k/16 + 5` for the vector ones (fused products, k/16 additions a lane on AVX2, one
-    /// add of two accumulators, 3–4 levels). Two kernels may differ by the sum of theirs.
+    /// `(roundings a product passes through) · 2^-24 · Σ|w·x|`: `k/32 + 6` for the portable
+    /// code (the product, k/32 additions a lane, 5 levels over 32 lanes), `k/32 + 5` on
+    /// AVX-512 (fused products, k/32 additions a lane, one add of two accumulators, 4 levels),
+    /// `k/32 + 7` on AVX2 (within a block the first product rounded and 3 fused additions into
+    /// the block's partial, its multiplication by the power-of-two scale exact, then k/32
+    /// fused additions of partials a lane and 3 levels over 8 lanes): at most `k/32 + 7` for
+    /// the vector ones. Two kernels may differ by the sum of theirs.
     #[test]
     fn every_level_matches_the_portable_code_within_its_rounding() {
         let u = f64::from(f32::EPSILON) / 2.0;
@@ -519,7 +528,7 @@ mod tests {
                     for r in 0..rows {
                         for i in 0..t {
                             let mag: f64 = terms(r, i).map(f64::abs).sum();
-                            let bound = ((k / 32 + 6) + (k / 16 + 5)) as f64 * u * mag;
+                            let bound = ((k / 32 + 6) + (k / 32 + 7)) as f64 * u * mag;
                             let (g, p) = (got[r * t + i], want[r * t + i]);
                             assert!(
                                 (f64::from(g) - f64::from(p)).abs() <= bound,
