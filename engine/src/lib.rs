@@ -19,6 +19,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub mod clock;
 pub mod config;
 pub mod deepseek_v3;
 pub mod error;

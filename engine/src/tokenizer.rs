@@ -363,6 +363,10 @@ impl Tokenizer {
         env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // transformers' template environment: the current UTC time, formatted as Python does.
+        env.add_function("strftime_now", |fmt: String| -> String {
+            crate::clock::Civil::from_unix(crate::clock::unix_now()).strftime(&fmt)
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {

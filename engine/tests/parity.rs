@@ -433,3 +433,37 @@ fn reference_model_matches_transformers() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/reference/checkpoint");
     check_dir(&dir, "qwen3_moe");
 }
+
+/// Chat templates get transformers' `strftime_now` (Llama 3.x's and gpt-oss's templates print
+/// the date with it): today's UTC date as `date -u` prints it.
+#[test]
+fn chat_templates_get_strftime_now() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture_dir("qwen3_moe").join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        tmp.path().join("chat_template.jinja"),
+        "Current date: {{ strftime_now('%Y-%m-%d') }} ({{ strftime_now('%A %-d %B') }})\n{{ messages[0]['content'] }}",
+    )
+    .unwrap();
+    let tok = shadowmoe_engine::Tokenizer::open(tmp.path()).unwrap();
+    let date = |fmt: &str| {
+        let out = std::process::Command::new("date")
+            .args(["-u", fmt])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let before = (date("+%Y-%m-%d"), date("+%A %-d %B"));
+    let text = tok
+        .render_chat(&[shadowmoe_engine::ChatMessage::user("hi")], false)
+        .unwrap();
+    let after = (date("+%Y-%m-%d"), date("+%A %-d %B"));
+    let want = |(d, long): (String, String)| format!("Current date: {d} ({long})\nhi");
+    assert!(
+        text == want(before.clone()) || text == want(after),
+        "{text:?} vs {:?}",
+        want(before)
+    );
+}
