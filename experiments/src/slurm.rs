@@ -69,8 +69,8 @@ impl Kind {
         match self {
             // A collection resumes from its last complete request.
             Kind::TraceCollect => "--out \"$SHARD/traces.parquet\" --resume",
-            // A sweep shard has no partial state worth keeping: an unfinished one runs again.
-            Kind::BenchSweep => "--out \"$SHARD\" --replace",
+            // A sweep shard continues from the rows it finished (rows.partial/).
+            Kind::BenchSweep => "--out \"$SHARD\" --resume",
         }
     }
 }
@@ -178,7 +178,7 @@ pub fn script(kind: Kind, plan: &SlurmPlan, exe: &Path, cwd: &Path, args: &[Stri
         "#   resubmit only tasks 1 and 3:    sbatch --array=1,3 {out_q}/slurm.sh   ({})\n",
         match kind {
             Kind::TraceCollect => "a shard resumes from its last complete request",
-            Kind::BenchSweep => "an unfinished shard runs again",
+            Kind::BenchSweep => "a shard resumes from its finished rows",
         }
     );
     s += &format!("#   when every task has finished:   {cmd} merge {out_q}\n#\n");

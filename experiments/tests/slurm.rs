@@ -252,7 +252,7 @@ fn job_scripts_merge_to_the_one_process_result_and_bad_shards_are_refused() {
     ));
     let script = std::fs::read_to_string(sweep.join("slurm.sh")).unwrap();
     assert!(script.contains("#SBATCH --time=10\n"), "{script}");
-    assert!(script.contains("--out \"$SHARD\" --replace"), "{script}");
+    assert!(script.contains("--out \"$SHARD\" --resume"), "{script}");
     run_tasks_here(&sweep, 4);
     let sweep_pristine = shards_copy(&sweep, &t.join("sweep-pristine"));
     ok(merge(SWEEP, &sweep));

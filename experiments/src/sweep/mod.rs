@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use polars::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shadowmoe_engine::offload::cache::{Budget, CacheStats};
 use shadowmoe_engine::offload::{MissMode, PolicyKind};
 use shadowmoe_engine::predict::{PredictorTiming, PrefetchSpan};
@@ -19,9 +19,11 @@ use crate::args::{parse_list, parse_shard};
 use crate::sim::{SimConfig, simulate};
 
 mod merge;
+mod partial;
 mod rows;
 mod source;
 pub use merge::merge;
+use partial::Partial;
 use rows::{Row, RunIds, csv, frame, summary};
 use source::{ModelIds, PredictorInputs, Source, open_source, pin_spec, pins, predictor};
 
@@ -142,10 +144,15 @@ pub struct SweepArgs {
     /// Replace the sweep already in --out (its results, manifest, summary and figures).
     #[arg(long)]
     pub replace: bool,
+    /// Continue the sweep in --out that an earlier run of the same command left unfinished: the
+    /// rows it kept (`rows.partial/`) are read back, not run again. A finished sweep is left as
+    /// it is.
+    #[arg(long, conflicts_with = "replace")]
+    pub resume: bool,
 }
 
 /// One configuration.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Combo {
     pub capacity: usize,
     pub pinning: String,
@@ -296,11 +303,12 @@ pub fn out_dir(a: &SweepArgs) -> PathBuf {
 }
 
 /// The arguments that decide a sweep's rows, for its manifest: every flag but where it is
-/// written (`--out`, `--replace`), which share it runs (`--shard`) and the thread count.
+/// written (`--out`, `--replace`, `--resume`), which share it runs (`--shard`) and the thread
+/// count.
 fn args_json(a: &SweepArgs) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(a)?;
     if let Some(m) = v.as_object_mut() {
-        for k in ["out", "replace", "shard", "threads"] {
+        for k in ["out", "replace", "resume", "shard", "threads"] {
             m.remove(k);
         }
     }
@@ -474,14 +482,51 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
             Source::Live(_) => None,
         },
     )?;
-    let mine: Vec<Combo> = all
+    // Each configuration of this shard with its index among all of them (its rows' name in
+    // rows.partial/).
+    let mine: Vec<(usize, Combo)> = all
         .iter()
         .enumerate()
         .filter(|(i, _)| i % sn == si)
-        .map(|(_, c)| c.clone())
+        .map(|(i, c)| (i, c.clone()))
         .collect();
     let out = out_dir(a);
-    if out.join("results.parquet").exists() {
+    // What decides the rows: a resume must match it.
+    let with_shard = |mut args: serde_json::Value, shard: serde_json::Value| {
+        if let Some(m) = args.as_object_mut() {
+            m.insert("shard".into(), shard);
+        }
+        args
+    };
+    let key = with_shard(args_json(a)?, format!("{si}/{sn}").into());
+    let unfinished = out.join(partial::DIR).exists();
+    if a.resume && !unfinished && out.join("results.parquet").exists() {
+        let manifest = out.join("manifest.json");
+        let was = std::fs::read_to_string(&manifest)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .with_context(|| {
+                format!(
+                    "--resume: {} holds results.parquet but no readable manifest.json (pass --replace to run it again)",
+                    out.display()
+                )
+            })?;
+        let was = with_shard(was["args"].clone(), was["shard"].clone());
+        partial::check_same(&was, &key, &manifest)?;
+        eprintln!(
+            "--resume: the sweep in {} is already complete; nothing to run",
+            out.display()
+        );
+        return Ok(out);
+    }
+    if unfinished && !a.resume && !a.replace {
+        bail!(
+            "--out: {} holds an unfinished sweep ({}/); pass --resume to continue it, or --replace to start over",
+            out.display(),
+            partial::DIR
+        );
+    }
+    if out.join("results.parquet").exists() && !(a.resume && unfinished) {
         if !a.replace {
             bail!(
                 "--out: {} already holds a sweep (results.parquet); choose another folder, or pass --replace to overwrite it",
@@ -498,6 +543,7 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     let probe = out.join(".write-test");
     std::fs::write(&probe, b"").with_context(|| format!("--out: {} is not writable", out.display()))?;
     std::fs::remove_file(&probe)?;
+    let kept = Partial::open(&out, &key, a.resume)?;
 
     let k = a.prefetch_k.unwrap_or(top_k);
     let timing: PredictorTiming = if a.deterministic {
@@ -525,10 +571,17 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
     };
     let layers = moe_layers.len() as f64;
     let mut rows = Vec::new();
+    let mut resumed = 0;
     // Repeats go round-robin over the configurations, so that a slow spell of this shared
     // machine falls on all of them rather than on one configuration's repeats.
     for rep in 0..repeats {
-        for c in &mine {
+        for (index, c) in &mine {
+            if let Some(row) = kept.load(rep, *index)? {
+                rows.push(row);
+                resumed += 1;
+                bar.inc(1);
+                continue;
+            }
             let mut row = Row::new(c, &a.mode, rep);
             row.predictor_timing = if c.prefetch_depth > 0 {
                 format!("{timing:?}").to_lowercase()
@@ -671,11 +724,19 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
             if !row.error.is_empty() {
                 tracing::warn!("{c:?}: {}", row.error);
             }
+            kept.store(rep, *index, &row)?;
             rows.push(row);
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
+    if resumed > 0 {
+        eprintln!(
+            "--resume: {resumed} of {} rows read back from {}",
+            rows.len(),
+            out.join(partial::DIR).display()
+        );
+    }
     let trace_name = match &source {
         Source::Sim { .. } => a
             .trace
@@ -709,6 +770,8 @@ pub fn run(a: &SweepArgs, progress: bool) -> Result<PathBuf> {
         "rows": rows.len(),
     });
     write_run(&out, &mut df, &summary(&rows), &manifest)?;
+    // Last: while this folder exists the final files may be incomplete.
+    kept.remove()?;
     // Rows are written either way (their `error` column says why), but a sweep of which no
     // configuration ran is a failure, not a result.
     if let Some(first) = rows.first()

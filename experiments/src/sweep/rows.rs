@@ -4,32 +4,45 @@
 use super::*;
 use shadowmoe_engine::predict::PredictStats;
 
-/// One result row.
-#[derive(Debug, Clone, Serialize)]
+/// One result row. Its serde form is how a running sweep keeps finished rows on disk
+/// (`rows.partial/`, read back by `--resume`): floats as their IEEE-754 bits, so NaN, the
+/// infinities and every last digit come back exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Row {
     pub(super) combo: Combo,
     pub(super) mode: String,
     pub(super) repeat: usize,
+    #[serde(with = "bits")]
     pub(super) hit_rate: f64,
+    #[serde(with = "bits")]
     pub(super) hit_rate_prefill: f64,
+    #[serde(with = "bits")]
     pub(super) hit_rate_decode: f64,
     pub(super) cold_misses: u64,
     pub(super) capacity_misses: u64,
     pub(super) demand_loads: u64,
     pub(super) evictions: u64,
     pub(super) bytes_read: u64,
+    #[serde(with = "bits")]
     pub(super) stall_secs: f64,
+    #[serde(with = "bits")]
     pub(super) est_decode_tok_s: f64,
+    #[serde(with = "bits")]
     pub(super) fallback_rate: f64,
     pub(super) prefetch_issued: u64,
     pub(super) prefetch_used: u64,
     pub(super) prefetch_late: u64,
     pub(super) prefetch_wasted: u64,
+    #[serde(with = "bits")]
     pub(super) prefetch_precision: f64,
     /// Per decode token, milliseconds: all, and its compute, stall and predictor parts.
+    #[serde(with = "bits")]
     pub(super) decode_ms_per_token: f64,
+    #[serde(with = "bits")]
     pub(super) compute_ms_per_token: f64,
+    #[serde(with = "bits")]
     pub(super) stall_ms_per_token: f64,
+    #[serde(with = "bits")]
     pub(super) predictor_ms_per_token: f64,
     /// capacity × MoE layers × expert bytes.
     pub(super) modelled_cache_bytes: u64,
@@ -38,8 +51,10 @@ pub(super) struct Row {
     /// `async` or `inline` (empty without prefetching).
     pub(super) predictor_timing: String,
     /// Bytes read per decode token.
+    #[serde(with = "bits")]
     pub(super) bytes_per_token: f64,
     /// The predictor's own time per decode token, wherever it runs (its thread, when async).
+    #[serde(with = "bits")]
     pub(super) predictor_busy_ms_per_token: f64,
     pub(super) predictor_calls: u64,
     /// Predictions that arrived after their target layer had routed (dropped).
@@ -49,25 +64,67 @@ pub(super) struct Row {
     pub(super) prefetch_cancelled: u64,
     // Live only.
     /// Median and 95th percentile of one load's read time on its I/O worker, ms.
+    #[serde(with = "opt_bits")]
     pub(super) read_ms_p50: Option<f64>,
+    #[serde(with = "opt_bits")]
     pub(super) read_ms_p95: Option<f64>,
     /// Bytes over the summed read time of the loads: each read's own throughput, GB/s.
+    #[serde(with = "opt_bits")]
     pub(super) read_gbps: Option<f64>,
     // Both modes.
     /// Reads that landed during decode: mean reads in flight while the disk was busy, and
     /// their bytes over that busy time (the aggregate throughput they got), GB/s.
+    #[serde(with = "opt_bits")]
     pub(super) decode_reads_in_flight: Option<f64>,
+    #[serde(with = "opt_bits")]
     pub(super) decode_disk_gbps: Option<f64>,
+    #[serde(with = "opt_bits")]
     pub(super) decode_tok_s: Option<f64>,
+    #[serde(with = "opt_bits")]
     pub(super) prefill_tok_s: Option<f64>,
     pub(super) peak_rss_bytes: Option<u64>,
     pub(super) modelled_total_bytes: Option<u64>,
+    #[serde(with = "opt_bits")]
     pub(super) top1_agreement: Option<f64>,
+    #[serde(with = "opt_bits")]
     pub(super) kl_divergence: Option<f64>,
+    #[serde(with = "opt_bits")]
     pub(super) perplexity: Option<f64>,
+    #[serde(with = "opt_bits")]
     pub(super) perplexity_exact: Option<f64>,
+    #[serde(with = "opt_bits")]
     pub(super) repetition: Option<f64>,
     pub(super) error: String,
+}
+
+/// `f64` as its bits (JSON has no NaN or infinity, and a decimal form is one more place for a
+/// value to drift).
+mod bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(v.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        u64::deserialize(d).map(f64::from_bits)
+    }
+}
+
+/// `Option<f64>` as its bits, `null` for `None`.
+mod opt_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(x) => s.serialize_some(&x.to_bits()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Option::<u64>::deserialize(d).map(|v| v.map(f64::from_bits))
+    }
 }
 
 impl Row {
