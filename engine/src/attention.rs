@@ -272,20 +272,31 @@ impl Attention {
             }
             out
         };
-        let work = t * (positions[t - 1] + 1) * dh;
-        let per_head: Vec<Vec<f32>> = if work * hq >= 1 << 16 {
-            (0..hq).into_par_iter().map(head).collect()
-        } else {
-            (0..hq).map(head).collect()
-        };
-        let mut out = vec![0.0f32; t * hq * dh];
-        for (h, ho) in per_head.iter().enumerate() {
-            for ti in 0..t {
-                out[ti * hq * dh + h * dh..][..dh].copy_from_slice(&ho[ti * dh..(ti + 1) * dh]);
-            }
-        }
-        out
+        heads_to_rows(hq, t, dh, t * (positions[t - 1] + 1) * dh, head)
     }
+}
+
+/// Runs `head(h)` for each of `hq` heads — in parallel when `work` (per head) makes it worth
+/// it — each giving its `[T, d]` output, and lays them out as rows `[T, hq·d]`.
+pub(crate) fn heads_to_rows(
+    hq: usize,
+    t: usize,
+    d: usize,
+    work: usize,
+    head: impl Fn(usize) -> Vec<f32> + Sync + Send,
+) -> Vec<f32> {
+    let per_head: Vec<Vec<f32>> = if work * hq >= 1 << 16 {
+        (0..hq).into_par_iter().map(head).collect()
+    } else {
+        (0..hq).map(head).collect()
+    };
+    let mut out = vec![0.0f32; t * hq * d];
+    for (h, ho) in per_head.iter().enumerate() {
+        for ti in 0..t {
+            out[ti * hq * d + h * d..][..d].copy_from_slice(&ho[ti * d..(ti + 1) * d]);
+        }
+    }
+    out
 }
 
 /// Softmax over `scores` and one more logit, `sink`, whose share is dropped (gpt_oss's

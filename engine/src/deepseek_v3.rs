@@ -24,9 +24,8 @@
 //! kv_lora_rank, `Dn` qk_nope_head_dim, `Dr` qk_rope_head_dim, `Dv` v_head_dim.
 
 use ndarray::{Array2, ArrayView2};
-use rayon::prelude::*;
 
-use crate::attention::LayerKv;
+use crate::attention::{LayerKv, heads_to_rows};
 use crate::config::{MlaConfig, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::{dot, linear, rms_norm, rms_norm_rows, softmax};
@@ -281,18 +280,7 @@ impl MlaAttention {
             }
         };
         let work = (t * (positions[t - 1] + 1) + dn + dv) * r;
-        let per_head: Vec<Vec<f32>> = if work * hq >= 1 << 16 {
-            (0..hq).into_par_iter().map(head).collect()
-        } else {
-            (0..hq).map(head).collect()
-        };
-        let mut out = vec![0.0f32; t * hq * dv];
-        for (h, ho) in per_head.iter().enumerate() {
-            for ti in 0..t {
-                out[ti * hq * dv + h * dv..][..dv].copy_from_slice(&ho[ti * dv..(ti + 1) * dv]);
-            }
-        }
-        out
+        heads_to_rows(hq, t, dv, work, head)
     }
 }
 
