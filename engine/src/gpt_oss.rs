@@ -57,39 +57,16 @@ pub fn expert_forward(w: &ExpertWeights, b: &ExpertBiases, x: ArrayView2<'_, f32
     expert_linear(g.view(), &w.down, &b.down.to_f32_vec()) // (T, H)
 }
 
-/// `x · wᵀ + bias` (`[T, K]` by `[N, K]`). MXFP4 matrices are computed on their blocks with
-/// the activations in f32 ([`linear_mxfp4`]: each weight exactly its dequantised value, an
+/// `x · wᵀ + bias` (`[T, K]` by `[N, K]`) for the hub's experts: MXFP4 matrices on their blocks
+/// with the activations in f32 ([`linear_mxfp4`]: each weight exactly its dequantised value, an
 /// E2M1 value × 2^e), which is transformers' arithmetic on the dequantised weights; ggml's
 /// kernel would first round the activations to Q8_0, as llama.cpp does, and move this fixture's
-/// logits by 0.55 (measured). Other ggml blocks are dequantised a row at a time and dotted
-/// with every token; float matrices go through [`linear`].
+/// logits by 0.55 (measured). Float matrices go through [`linear`].
 fn expert_linear(x: ArrayView2<'_, f32>, w: &Weight, bias: &[f32]) -> Array2<f32> {
-    use rayon::prelude::*;
-    let ty = match w.dtype() {
-        DType::Block(BlockType::MXFP4) => return linear_mxfp4(x, w, Some(bias)),
-        DType::Block(ty) => ty,
-        _ => return linear(x, w, Some(bias)),
-    };
-    let x = x.as_standard_layout();
-    let (t, k) = x.dim();
-    let n = w.shape()[0];
-    let xs = x.as_slice().expect("standard layout");
-    let rb = ty.row_bytes(k);
-    // yt[r * t + i] = row r · token i.
-    let mut yt = vec![0.0f32; n * t];
-    let row = |(r, out): (usize, &mut [f32])| {
-        let mut deq = vec![0.0f32; k];
-        ty.dequantize(&w.bytes()[r * rb..(r + 1) * rb], &mut deq);
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = crate::kernels::dot(&deq, &xs[i * k..(i + 1) * k]) + bias[r];
-        }
-    };
-    if n * t * k >= 1 << 16 {
-        yt.par_chunks_mut(t).enumerate().for_each(row);
-    } else {
-        yt.chunks_mut(t).enumerate().for_each(row);
+    match w.dtype() {
+        DType::Block(BlockType::MXFP4) => linear_mxfp4(x, w, Some(bias)),
+        _ => linear(x, w, Some(bias)),
     }
-    Array2::from_shape_fn((t, n), |(i, r)| yt[r * t + i])
 }
 
 /// Where one tensor of an expert lies in the checkpoint's files, as stored.
