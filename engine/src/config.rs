@@ -448,6 +448,18 @@ impl Fields<'_> {
         }
     }
 
+    /// A per-layer list under `key` has `len` entries: one per layer, or a one-line error.
+    fn one_per_layer(&self, key: &str, len: usize, layers: usize) -> Result<()> {
+        if len != layers {
+            return Err(EngineError::field(
+                self.path,
+                key,
+                format!("has {len} entries, expected num_hidden_layers = {layers}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// An integer or a list of integers (`eos_token_id`).
     fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
         match self.lookup(&[key]) {
@@ -1046,16 +1058,7 @@ fn mlp_kinds(f: &Fields<'_>, arch: Arch, layers: usize, experts: usize) -> Resul
                 .map(|l| if l == 0 { MlpKind::Dense } else { MlpKind::Moe })
                 .collect()),
             Some((k, Value::Array(items))) => {
-                if items.len() != layers {
-                    return Err(EngineError::field(
-                        f.path,
-                        k,
-                        format!(
-                            "has {} entries, expected num_hidden_layers = {layers}",
-                            items.len()
-                        ),
-                    ));
-                }
+                f.one_per_layer(k, items.len(), layers)?;
                 items
                     .iter()
                     .enumerate()
@@ -1117,16 +1120,7 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
         // qwen3_next's layer_types name its token mixers; it has no sliding windows.
         (Arch::Qwen3Next | Arch::DeepseekV3 | Arch::Glm4Moe | Arch::Glm4MoeLite, _) => vec![false; layers],
         (_, Some(types)) if arch == Arch::Qwen2Moe || use_sliding => {
-            if types.len() != layers {
-                return Err(EngineError::field(
-                    f.path,
-                    "layer_types",
-                    format!(
-                        "has {} entries, expected num_hidden_layers = {layers}",
-                        types.len()
-                    ),
-                ));
-            }
+            f.one_per_layer("layer_types", types.len(), layers)?;
             types.iter().map(|t| t == "sliding_attention").collect()
         }
         (Arch::Qwen2Moe, None) => {
@@ -1142,16 +1136,7 @@ fn sliding_windows(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<Vec<Opti
         (Arch::GptOss, types) => {
             let sliding: Vec<bool> = match types {
                 Some(types) => {
-                    if types.len() != layers {
-                        return Err(EngineError::field(
-                            f.path,
-                            "layer_types",
-                            format!(
-                                "has {} entries, expected num_hidden_layers = {layers}",
-                                types.len()
-                            ),
-                        ));
-                    }
+                    f.one_per_layer("layer_types", types.len(), layers)?;
                     types
                         .iter()
                         .map(|t| match t.as_str() {
@@ -1197,16 +1182,7 @@ fn mixers(f: &Fields<'_>, arch: Arch, layers: usize) -> Result<(Vec<Mixer>, Opti
     }
     let mixers: Vec<Mixer> = match f.lookup(&["layer_types"]) {
         Some((k, Value::Array(items))) => {
-            if items.len() != layers {
-                return Err(EngineError::field(
-                    f.path,
-                    k,
-                    format!(
-                        "has {} entries, expected num_hidden_layers = {layers}",
-                        items.len()
-                    ),
-                ));
-            }
+            f.one_per_layer(k, items.len(), layers)?;
             items
                 .iter()
                 .enumerate()
