@@ -615,7 +615,7 @@ impl WeightIndex {
     /// `name` as the files spell it (llama.cpp's name for a GGUF checkpoint).
     pub fn stored_name(&self, name: &str) -> String {
         if let Some(arch) = self.gguf
-            && let Some(g) = crate::gguf::arch::gguf_name(arch, name)
+            && let Some(g) = crate::gguf::names::gguf_name(arch, name)
         {
             return format!("{g}` (`{name}");
         }

@@ -8,6 +8,7 @@
 //! This is the container; [`arch`] reads a checkpoint out of it.
 
 pub mod arch;
+pub mod names;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
